@@ -1,0 +1,328 @@
+"""The user-facing LLaVA model: load, call, prune, generate, save.
+
+``LlavaModel`` holds a frozen config, a param pytree and (optionally) the HF processor. Its compute lives in
+pure functions of (params, arrays) with the pruner as a static argument, jitted once per instance:
+
+  vision (+ CLS-attention taps) -> pruner (pure array function) -> projector -> merge -> LLaMA prefill -> decode
+
+Host-side work (validation, placeholder bookkeeping) runs in NumPy before anything is traced.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmprune import _checks
+from vlmprune.config import LlavaConfig
+from vlmprune.models.llama import KVCache
+from vlmprune.models.llava import Llava
+from vlmprune.sequence import SequencePlan, plan_sequence
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+FORMAT_FILE = "vlmprune.json"
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    """logits float32 (B, L, V) over the assembled sequence; mask bool (B, L) real positions."""
+
+    logits: jax.Array
+    mask: jax.Array
+
+
+def _dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+# ----------------------------------------------------------------------------------------------- pure core
+
+
+def _visual_tokens(module: Llava, params, pixel_values, pruner):
+    """Encode images and apply the pruner. Returns (tokens (NI, K, D_llm), valid bool (NI, K), enc dict)."""
+    req = pruner.vision_request(module.config) if pruner is not None else {}
+    enc = module.apply(
+        {"params": params}, pixel_values, method=Llava.encode,
+        cls_attention_layers=req.get("cls_attention_layers", ()), key_layers=req.get("key_layers", ()),
+        post_layernorm=req.get("post_layernorm", False),
+    )
+    project = functools.partial(module.apply, {"params": params}, method=Llava.project)
+    if pruner is None:
+        tokens = project(enc["features"])
+        valid = jnp.ones(tokens.shape[:2], bool)
+    else:
+        tokens, valid = pruner.apply(enc, project)
+    return tokens, valid, enc
+
+
+def _assemble(module: Llava, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner):
+    """Build (embeds (B, L', D), mask (B, L'), positions (B, L')) from the host plan."""
+    tokens, valid, _ = _visual_tokens(module, params, pixel_values, pruner)
+    d = tokens.shape[-1]
+    flat_tok = tokens.reshape(-1, d)
+    flat_valid = valid.reshape(-1)
+    text_emb = module.apply({"params": params}, input_ids, method=Llava.embed)
+    is_vis = vis_src >= 0
+    rows = jnp.arange(input_ids.shape[0])[:, None]
+    t_emb = text_emb[rows, jnp.maximum(text_src, 0)]
+    v_emb = flat_tok[jnp.maximum(vis_src, 0)].astype(t_emb.dtype)
+    embeds = jnp.where(is_vis[..., None], v_emb, t_emb)
+    mask = jnp.where(is_vis, flat_valid[jnp.maximum(vis_src, 0)], text_mask)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+    return embeds, mask, positions
+
+
+def _forward(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, *, pruner):
+    embeds, mask, positions = _assemble(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner)
+    logits, _ = module.apply({"params": params}, embeds, positions, mask, None, method=Llava.prefill)
+    return ModelOutput(logits=logits, mask=mask)
+
+
+def _prefill(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, *, pruner, max_len):
+    """Prefill into a fresh cache of ``max_len`` slots. Returns (last logits (B, V), cache, next positions (B,))."""
+    embeds, mask, positions = _assemble(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner)
+    b = embeds.shape[0]
+    cache = KVCache.zeros(module.config.text, b, max_len, embeds.dtype)
+    logits, cache = module.apply({"params": params}, embeds, positions, mask, cache, method=Llava.prefill)
+    n = mask.shape[1]
+    last = n - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # last real slot of every row
+    last_logits = logits[jnp.arange(b), last]
+    return last_logits, cache, jnp.sum(mask, axis=1, dtype=jnp.int32)
+
+
+def sample_token(logits, key, *, do_sample: bool, temperature, top_p):
+    """logits float32 (B, V) -> int32 (B,). Greedy, or temperature + nucleus (top-p) sampling as HF does."""
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)  # ascending, as HF's TopPLogitsWarper
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cum <= (1 - top_p)
+    remove_sorted = remove_sorted.at[:, -1].set(False)  # keep at least the most likely token
+    threshold = jnp.max(jnp.where(remove_sorted, sorted_logits, -jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits <= threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _decode(module, params, first_logits, cache, next_pos, key, temperature, top_p, *,
+            start_slot: int, max_new_tokens: int, do_sample: bool, eos_ids: tuple, pad_id: int):
+    """Generate ``max_new_tokens`` tokens with a ``lax.while_loop``; rows are padded with pad_id after EOS."""
+    b = first_logits.shape[0]
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    key, sub = jax.random.split(key)
+    tok = sample_token(first_logits, sub, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, eos)
+
+    def cond(state):
+        t, _, _, done, _, _, _ = state
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        t, tok, out, done, cache, pos, key = state
+        logits, cache = module.apply(
+            {"params": params}, tok[:, None], pos[:, None], cache, start_slot + t - 1, method=Llava.decode_step
+        )
+        key, sub = jax.random.split(key)
+        nxt = sample_token(logits[:, 0], sub, do_sample=do_sample, temperature=temperature, top_p=top_p)
+        nxt = jnp.where(done, pad_id, nxt)
+        out = out.at[:, t].set(nxt)
+        done = done | jnp.isin(nxt, eos)
+        return t + 1, nxt, out, done, cache, pos + 1, key
+
+    state = (jnp.int32(1), tok, out, done, cache, next_pos, key)
+    _, _, out, _, _, _, _ = jax.lax.while_loop(cond, body, state)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the model
+
+
+class LlavaModel:
+    """A loaded LLaVA model. Create it with ``vlmprune.load(path)``.
+
+    Attributes:
+      config: frozen ``LlavaConfig``.
+      params: param pytree (nested dicts of jax arrays).
+      processor: the checkpoint's HF processor (``AutoProcessor``) when it ships one, else None.
+    """
+
+    def __init__(self, config: LlavaConfig, params, *, dtype="float32", processor=None, hf_config=None):
+        self.config = config
+        self.params = params
+        self.dtype = _dtype(dtype)
+        self.processor = processor
+        self.hf_config = hf_config
+        self.module = Llava(config, dtype=self.dtype)
+        m = self.module
+        self._forward_jit = jax.jit(functools.partial(_forward, m), static_argnames=("pruner",))
+        self._prefill_jit = jax.jit(functools.partial(_prefill, m), static_argnames=("pruner", "max_len"))
+        self._decode_jit = jax.jit(
+            functools.partial(_decode, m),
+            static_argnames=("start_slot", "max_new_tokens", "do_sample", "eos_ids", "pad_id"),
+        )
+        self._vision_jit = jax.jit(
+            functools.partial(m.apply, method=Llava.encode),
+            static_argnames=("cls_attention_layers", "key_layers", "hidden_state_layers", "output_hidden_states",
+                             "post_layernorm"),
+        )
+
+    # ---- validation and planning (host side, before any compile)
+
+    def _check_pixels(self, pixel_values) -> np.ndarray | jax.Array:
+        v = self.config.vision
+        if pixel_values is None:
+            raise ValueError("pixel_values is required (one image per <image> placeholder)")
+        shape = tuple(getattr(pixel_values, "shape", ()))
+        want = (v.num_channels, v.image_size, v.image_size)
+        if len(shape) != 4 or shape[1:] != want:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {want[0]}, {want[1]}, {want[2]}) for this vision "
+                f"tower (image_size={v.image_size}), got {shape}; preprocess images with the model's processor"
+            )
+        _checks.check_finite("pixel_values", pixel_values)
+        return pixel_values
+
+    def _plan(self, input_ids, attention_mask, pixel_values, pruner) -> SequencePlan:
+        if self.config.model_type != "llava":
+            raise NotImplementedError("LLaVA-NeXT (anyres) forward is not implemented yet")
+        pixel_values = self._check_pixels(pixel_values)
+        tokens = self.config.tokens_per_image
+        slots = tokens if pruner is None else pruner.num_slots(self.config)
+        return plan_sequence(
+            np.asarray(input_ids), None if attention_mask is None else np.asarray(attention_mask),
+            image_token_id=self.config.image_token_id, tokens_per_image=tokens,
+            num_images=pixel_values.shape[0], slots=slots,
+        )
+
+    def _args(self, input_ids, pixel_values, plan: SequencePlan):
+        return (
+            jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values, self.dtype),
+            jnp.asarray(plan.text_src), jnp.asarray(plan.vis_src), jnp.asarray(plan.text_mask),
+        )
+
+    def _check_pruner(self, pruner):
+        if pruner is None:
+            return None
+        if not hasattr(pruner, "apply") or not hasattr(pruner, "num_slots"):
+            raise TypeError(f"pruner must be a vlmprune pruner (e.g. vlmprune.prune.VisPruner(...)), got {pruner!r}")
+        pruner.validate(self.config)
+        return pruner
+
+    # ---- public API
+
+    def __call__(self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None) -> ModelOutput:
+        """Logits over the assembled (optionally pruned) sequence.
+
+        Args:
+          input_ids: int (B, L), HF processor convention (image placeholder expanded per visual token).
+          pixel_values: float (NI, C, S, S), one image per placeholder run, in order.
+          attention_mask: (B, L) 1 for real tokens (left padding), default all ones.
+          image_sizes: accepted for API symmetry with LLaVA-NeXT; unused for LLaVA-1.5.
+          pruner: a model-facing pruner (``vlmprune.prune.get(name, ...)``) or None.
+
+        Returns:
+          ModelOutput(logits float32 (B, L', V), mask bool (B, L')), L' = L when not pruning.
+        """
+        del image_sizes
+        pruner = self._check_pruner(pruner)
+        plan = self._plan(input_ids, attention_mask, pixel_values, pruner)
+        return self._forward_jit(self.params, *self._args(input_ids, pixel_values, plan), pruner=pruner)
+
+    def vision(self, pixel_values, *, cls_attention_layers=(), key_layers=(), hidden_state_layers=(),
+               output_hidden_states=False, post_layernorm=False) -> dict:
+        """What a pruning method consumes: see ``Llava.encode`` (features, cls_attn, keys, hidden_states)."""
+        pixel_values = self._check_pixels(pixel_values)
+        return self._vision_jit(
+            {"params": self.params}, jnp.asarray(pixel_values, self.dtype),
+            cls_attention_layers=tuple(cls_attention_layers), key_layers=tuple(key_layers),
+            hidden_state_layers=tuple(hidden_state_layers), output_hidden_states=output_hidden_states,
+            post_layernorm=post_layernorm,
+        )
+
+    def prefill(self, input_ids, pixel_values, *, attention_mask=None, pruner=None, max_new_tokens=32):
+        """Prefill step of generation: (last logits (B, V), cache, next positions (B,), plan)."""
+        pruner = self._check_pruner(pruner)
+        _checks.check_int("max_new_tokens", max_new_tokens, lo=1)
+        plan = self._plan(input_ids, attention_mask, pixel_values, pruner)
+        max_len = plan.length + max_new_tokens
+        rope_type = dict(self.config.text.rope_scaling).get("rope_type", "default")
+        if rope_type == "dynamic" and max_len > self.config.text.max_position_embeddings:
+            raise ValueError(f"sequence of {max_len} tokens exceeds max_position_embeddings "
+                             f"({self.config.text.max_position_embeddings}) of a dynamic-RoPE model")
+        out = self._prefill_jit(self.params, *self._args(input_ids, pixel_values, plan), pruner=pruner, max_len=max_len)
+        return (*out, plan)
+
+    def generate(self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None,
+                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 seed: int = 0) -> np.ndarray:
+        """New token ids int32 (B, max_new_tokens), padded with the pad id after EOS.
+
+        Batches use left padding (``attention_mask``). Greedy by default; ``do_sample`` enables temperature and
+        nucleus sampling with a ``jax.random`` key from ``seed``.
+        """
+        del image_sizes
+        _checks.check_float("temperature", temperature, lo=0.0, lo_open=True)
+        _checks.check_float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
+        logits, cache, next_pos, plan = self.prefill(
+            input_ids, pixel_values, attention_mask=attention_mask, pruner=pruner, max_new_tokens=max_new_tokens
+        )
+        out = self._decode_jit(
+            self.params, logits, cache, next_pos, jax.random.PRNGKey(seed), jnp.float32(temperature),
+            jnp.float32(top_p), start_slot=plan.length + 1, max_new_tokens=int(max_new_tokens),
+            do_sample=bool(do_sample), eos_ids=self.config.eos_token_ids, pad_id=self.config.pad_token_id,
+        )
+        return np.asarray(out)
+
+    def compile_counts(self) -> dict[str, int]:
+        """How many programs each jitted entry point has compiled (for tests and diagnostics)."""
+        return {
+            "forward": self._forward_jit._cache_size(),
+            "prefill": self._prefill_jit._cache_size(),
+            "decode": self._decode_jit._cache_size(),
+            "vision": self._vision_jit._cache_size(),
+        }
+
+    def save(self, directory: str) -> None:
+        """Write params with orbax plus the HF config (and processor) so ``vlmprune.load`` restores it."""
+        from vlmprune.checkpoint import save_model
+
+        save_model(self, directory)
+
+
+def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
+    """Load a HF LLaVA directory (safetensors) or a directory written by ``LlavaModel.save``.
+
+    Args:
+      path: directory with ``config.json`` and ``*.safetensors`` (llava-hf layout, old or new key prefixes),
+        or a vlmprune (orbax) checkpoint directory.
+      dtype: "float32", "bfloat16" or "float16" for params and activations.
+
+    Raises:
+      FileNotFoundError / ValueError / CheckpointError naming every problem with the files.
+    """
+    from vlmprune.checkpoint import load_model
+
+    if mesh is not None:
+        raise NotImplementedError("sharded loading (mesh=...) is not implemented yet")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory (expected a HF LLaVA checkpoint or a vlmprune checkpoint)")
+    return load_model(path, dtype=_dtype(dtype))
+
+
+def hf_config_dict(model: LlavaModel) -> dict:
+    return json.loads(model.hf_config.to_json_string()) if model.hf_config is not None else {}
+
+
+__all__ = ["LlavaModel", "ModelOutput", "load"]

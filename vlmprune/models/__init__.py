@@ -1,0 +1,1 @@
+"""Flax (linen) modules: CLIP vision/text towers, LLaMA decoder, LLaVA assembly."""

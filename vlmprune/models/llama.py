@@ -1,0 +1,307 @@
+"""LLaMA / Mistral decoder (flax.linen) with a preallocated KV cache, matching HF ``LlamaForCausalLM``.
+
+Layout conventions:
+  * the cache holds ``k`` and ``v`` of shape (layers, B, S, kv_heads, head_dim); slot ``s`` of a row is the
+    ``s``-th position of the assembled (possibly padded) sequence;
+  * ``key_mask`` (B, S) marks slots holding real tokens; padding slots (left padding, masked pruning slots) are
+    never attended to;
+  * RoPE positions are passed explicitly (B, T): they count only real tokens, so a pruned or padded sequence
+    gets exactly the contiguous positions HF computes from ``cumsum(attention_mask) - 1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 32064
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int = 128
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: tuple = ()  # sorted (key, value) items of HF's rope parameters other than rope_theta
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_hf(cls, c) -> "LlamaConfig":
+        rope = dict(getattr(c, "rope_parameters", None) or {})
+        legacy = getattr(c, "rope_scaling", None)
+        if not rope and legacy:
+            rope = dict(legacy)
+        theta = rope.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
+        if rope.get("type") and not rope.get("rope_type"):
+            rope["rope_type"] = rope.pop("type")
+        rope.pop("type", None)
+        if rope.get("rope_type", "default") == "default":
+            rope = {}
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return cls(
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=c.rms_norm_eps,
+            max_position_embeddings=c.max_position_embeddings,
+            rope_theta=float(theta),
+            rope_scaling=tuple(sorted((k, _freeze(v)) for k, v in rope.items())),
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            attention_bias=bool(getattr(c, "attention_bias", False)),
+            mlp_bias=bool(getattr(c, "mlp_bias", False)),
+            hidden_act=getattr(c, "hidden_act", "silu"),
+        )
+
+    def rope(self) -> tuple[np.ndarray, float]:
+        """(inv_freq float32 (head_dim/2,), attention_scaling) for this config's RoPE variant."""
+        return rope_frequencies(self.head_dim, self.rope_theta, dict(self.rope_scaling), self.max_position_embeddings)
+
+
+def _freeze(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+def rope_frequencies(dim: int, theta: float, scaling: dict, max_positions: int) -> tuple[np.ndarray, float]:
+    """Inverse RoPE frequencies for HF's rope types "default", "linear", "dynamic", "llama3" and "yarn".
+
+    Computed in float32 like HF. "dynamic" (NTK) equals the default inside ``max_position_embeddings``;
+    the model refuses sequences beyond that for this type (see ``LlamaForCausalLM``).
+    """
+    kind = scaling.get("rope_type", "default")
+    inv = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    if kind in ("default", "dynamic"):
+        return inv, 1.0
+    if kind == "linear":
+        return (inv / np.float32(scaling["factor"])).astype(np.float32), 1.0
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        low_wl, high_wl = old / low, old / high
+        wavelen = 2 * math.pi / inv
+        out = np.where(wavelen > low_wl, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, out).astype(np.float32), 1.0
+    if kind == "yarn":
+        factor = scaling["factor"]
+        old = scaling.get("original_max_position_embeddings") or max_positions
+        beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+        mscale = scaling.get("attention_factor")
+        if mscale is None:
+            mscale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+        def corr(rot):
+            return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+        lo = math.floor(corr(beta_fast)) if scaling.get("truncate", True) else corr(beta_fast)
+        hi = math.ceil(corr(beta_slow)) if scaling.get("truncate", True) else corr(beta_slow)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1)
+        extra = 1 - ramp
+        pos = theta ** (np.arange(0, dim, 2).astype(np.float32) / dim)
+        inv_e, inv_i = 1.0 / pos, 1.0 / (factor * pos)
+        return (inv_i * (1 - extra) + inv_e * extra).astype(np.float32), float(mscale)
+    raise ValueError(f"unsupported rope_type {kind!r} (supported: default, linear, dynamic, llama3, yarn)")
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated cache. k, v: (layers, B, S, kv_heads, head_dim); key_mask: bool (B, S) real slots."""
+
+    k: Array
+    v: Array
+    key_mask: Array
+
+    @classmethod
+    def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), key_mask=jnp.zeros((batch, max_len), bool))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.size * self.k.dtype.itemsize * 2)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return w.astype(self.dtype) * xf.astype(self.dtype)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array, scaling: float) -> Array:
+    """x: (B, T, H, D); positions: int (B, T). HF's rotate_half convention."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = (jnp.cos(emb) * scaling).astype(x.dtype)[:, :, None, :]
+    sin = (jnp.sin(emb) * scaling).astype(x.dtype)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rot * sin
+
+
+class LlamaAttention(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, *, mask, kv=None, write_at=None, rope=None):
+        """x (B,T,D); positions (B,T); mask bool (B,1,T,S_att).
+
+        kv: None (attend to this call's own keys, prefill) or (k_cache, v_cache, layer) with the full caches
+        (layers,B,S,KVH,hd): the new keys are written at (layer, :, write_at) in place and the layer's whole
+        cache is attended. Returns (out, (k, v), q): the updated full caches, or this call's keys.
+        """
+        c = self.cfg
+        b, t, _ = x.shape
+        dense = lambda n, name: nn.Dense(n, use_bias=c.attention_bias, dtype=self.dtype, name=name)  # noqa: E731
+        q = dense(c.num_attention_heads * c.head_dim, "q_proj")(x).reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = dense(c.num_key_value_heads * c.head_dim, "k_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = dense(c.num_key_value_heads * c.head_dim, "v_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        inv_freq, scaling = rope
+        q = apply_rope(q, positions, inv_freq, scaling)
+        k = apply_rope(k, positions, inv_freq, scaling)
+        if kv is None:
+            k_all, v_all = k, v
+        else:
+            kc, vc, li = kv
+            kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype)[None], (li, 0, write_at, 0, 0))
+            vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype)[None], (li, 0, write_at, 0, 0))
+            k_all, v_all = kc[li], vc[li]
+            k, v = kc, vc
+        out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
+        out = nn.Dense(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, name="o_proj")(
+            out.reshape(b, t, c.num_attention_heads * c.head_dim)
+        )
+        return out, (k, v), q
+
+
+class LlamaMLP(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.cfg
+        dense = lambda n, name: nn.Dense(n, use_bias=c.mlp_bias, dtype=self.dtype, name=name)  # noqa: E731
+        h = jax.nn.silu(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(x)
+        return dense(c.hidden_size, "down_proj")(h)
+
+
+class LlamaDecoderLayer(nn.Module):
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, positions, *, mask, kv=None, write_at=None, rope=None):
+        h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
+        h, kv_out, q = LlamaAttention(self.cfg, self.dtype, name="self_attn")(
+            h, positions, mask=mask, kv=kv, write_at=write_at, rope=rope
+        )
+        x = x + h
+        h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        return x + LlamaMLP(self.cfg, self.dtype, name="mlp")(h), kv_out, q
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder + LM head. Param tree: embed_tokens, layers_{i}, norm, lm_head (absent when tied)."""
+
+    cfg: LlamaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        c = self.cfg
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype)
+        self.layers = [LlamaDecoderLayer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype)
+
+    def embed(self, input_ids: Array) -> Array:
+        """int (B, T) -> (B, T, D)."""
+        return self.embed_tokens(input_ids)
+
+    def logits(self, h: Array) -> Array:
+        """Final hidden (B, T, D) -> float32 logits (B, T, V)."""
+        h = self.norm(h)
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def _rope(self):
+        inv, scale = self.cfg.rope()
+        return jnp.asarray(inv), scale
+
+    def __call__(self, inputs_embeds: Array, positions: Array, key_mask: Array, cache: KVCache | None = None):
+        """Prefill: run the whole sequence and (optionally) fill the cache from slot 0.
+
+        inputs_embeds (B, T, D); positions int32 (B, T); key_mask bool (B, T) real tokens.
+        Returns (logits float32 (B, T, V), cache).
+        """
+        t = inputs_embeds.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None, None] & key_mask[:, None, None, :]
+        # A fully masked query row (padding) would give NaN in some backends; let it see itself.
+        mask = mask | jnp.eye(t, dtype=bool)[None, None]
+        rope = self._rope()
+        x = inputs_embeds
+        ks, vs = [], []
+        for layer in self.layers:
+            x, (k, v), _ = layer(x, positions, mask=mask, rope=rope)
+            ks.append(k)
+            vs.append(v)
+        logits = self.logits(x)
+        if cache is not None:
+            k = jnp.stack(ks).astype(cache.k.dtype)
+            v = jnp.stack(vs).astype(cache.v.dtype)
+            cache = KVCache(
+                k=jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, 0)),
+                v=jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, 0, 0)),
+                key_mask=jax.lax.dynamic_update_slice(cache.key_mask, key_mask, (0, 0)),
+            )
+        return logits, cache
+
+    def decode_step(self, token_embeds: Array, positions: Array, cache: KVCache, slot: Array):
+        """One token per row. token_embeds (B, 1, D); positions (B, 1); slot: int32 scalar cache index.
+
+        Returns (logits float32 (B, 1, V), cache with the token written at ``slot``).
+        """
+        b = token_embeds.shape[0]
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((b, 1), bool), (0, slot))
+        mask = key_mask[:, None, None, :]
+        rope = self._rope()
+        x = token_embeds
+        k, v = cache.k, cache.v
+        for i, layer in enumerate(self.layers):
+            x, (k, v), _ = layer(x, positions, mask=mask, kv=(k, v, i), write_at=slot, rope=rope)
+        return self.logits(x), KVCache(k=k, v=v, key_mask=key_mask)

@@ -1,0 +1,477 @@
+"""HERO: visual-token early dropping for high-resolution LVLMs (Li et al., arXiv 2509.13067). ``algorithms.md`` §4.
+
+One LLaVA-NeXT anyres image = a squashed global thumbnail (tile 0) plus ``K = cols * rows`` local tiles. HERO
+(§4.3, exactly as the authors' code at ``41cc334``):
+
+1. Patch scores by a *double softmax*: the CLS-query attention rows (already probabilities over 577 keys, CLS
+   column dropped without renormalising) go through another softmax over the N patches, per layer and head; then
+   the mean over heads, then the mean over layers. Thumbnail: the *high* layers, ``g (N,)``; tiles: the *low*
+   layers, ``s (K, N)``.
+2. Tile saliency ``sim = softmax_K(cos(z_t, z_0) / T_cls)`` from last-layer CLS vectors ``z``.
+3. Task relevance ``clip = softmax_K(cos(u_t, v) / T_clip)`` from a full CLIP model's image/text embeddings.
+4. Density ``d = (cnt / N) / (Σ (cnt / N) + 1e-6)`` from the valid (non-padding) token count of each tile
+   (host-side rule: :func:`vlmprune.prune.anyres.hero_valid_mask`).
+5. ``fused = 0.2 d + 0.8 (alpha sim + (1 - alpha) clip)``.
+6. Budgets: thumbnail ``N_global = int(N * R)`` (static); tile t ``b_t = min(trunc(fused_t * N_local), cnt_t)``
+   with ``N_local = int(K * N * R)`` (static); nothing is redistributed, so ``Σ b_t <= N_local``.
+7. Thumbnail keeps its ``N_global`` best ``g``; tile t keeps its ``b_t`` best ``s_t`` among valid tokens only.
+8. Packing (§4.3-9): thumbnail kept tokens (raster), then for every stitched-grid row the kept tokens of that row
+   left to right across the tiles, then one ``image_newline`` — for *every* row, padding rows included.
+
+Static vs traced: the grid (through the shapes K and, for packing, ``grid_cols_rows``), ``keep_ratio`` (so
+``N_global``, ``N_local``), ``alpha``, the temperatures and ``tokens_per_side`` are static Python values (changing
+one recompiles); scores, budgets, masks and the packed length are traced. Everything is float32, as the golden run.
+
+Tie rule: equal scores go to the lower token index (``lax.top_k`` order); ``torch.topk`` leaves it unspecified, so
+parity is defined on tie-free float32 inputs (§4.6: fp16 scores tie heavily after the double softmax).
+
+Zero budgets: a tile with ``b_t = 0`` (truncation) or ``cnt_t = 0`` (all padding) keeps nothing; its row of
+``valid`` is all False. The thumbnail always keeps exactly ``N_global``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmprune import _checks
+from vlmprune.prune.hired import _top_budget_selection
+from vlmprune.prune.selection import Selection
+
+#: HERO's hard-coded density weight (§4.3-6).
+DENSITY_WEIGHT = 0.2
+#: Fill value of ``HeroPackOrder.tile`` / ``.patch`` in slots past the packed length.
+PACK_PAD = -2
+#: ``HeroPackOrder.tile`` value of an ``image_newline`` slot.
+PACK_NEWLINE = -1
+
+
+@flax.struct.dataclass
+class HeroSelection(Selection):
+    """A :class:`Selection` over the ``1 + K`` tiles (row 0 = thumbnail) plus HERO's budgets and scores.
+
+    All fields may carry extra leading batch dims (``...``) in the batched form.
+
+    Attributes:
+      indices: int32 (..., 1+K, K_max), ascending kept indices per tile; fill value N in invalid slots.
+      valid: bool (..., 1+K, K_max); row t has exactly ``budgets[..., t]`` True slots.
+      budgets: int32 (..., 1+K). ``N_global`` for the thumbnail, ``b_t`` for tiles 1..K.
+      valid_counts: int32 (..., K). Valid (non-padding) tokens per tile, ``cnt``.
+      global_scores: float32 (..., N). Thumbnail double-softmax scores ``g``.
+      sub_scores: float32 (..., K, N). Tile double-softmax scores ``s``.
+      similarity: float32 (..., K). CLS saliency softmax ``sim``.
+      clip: float32 (..., K). CLIP text-relevance softmax.
+      density: float32 (..., K). Normalised valid-token density ``d``.
+      fused: float32 (..., K). Fused tile score.
+    """
+
+    budgets: jax.Array
+    valid_counts: jax.Array
+    global_scores: jax.Array
+    sub_scores: jax.Array
+    similarity: jax.Array
+    clip: jax.Array
+    density: jax.Array
+    fused: jax.Array
+
+
+@flax.struct.dataclass
+class HeroPackOrder:
+    """The packed visual block of one image (§4.3-9) under a static maximum length ``V_max``.
+
+    Slot ``v < length`` holds, in LLM order: a thumbnail token (``tile == 0``), a sub-tile token (``tile`` in 1..K)
+    or an ``image_newline`` (``tile == -1``). Slots ``v >= length`` are padding (``valid`` False, ``tile`` and
+    ``patch`` = :data:`PACK_PAD`, ``layout_index`` = F).
+
+    Attributes:
+      tile: int32 (..., V_max). Tile id, -1 for a newline.
+      patch: int32 (..., V_max). Raster patch index within the tile; for a newline, the stitched-grid row it closes.
+      layout_index: int32 (..., V_max). Position in the full layout of length ``F = N + Hg * (Wg + 1)``:
+        thumbnail token j at j, grid token (y, x) at ``N + y * (Wg + 1) + x``, the newline of row y at
+        ``N + y * (Wg + 1) + Wg``; F for padding. :func:`hero_pack_features` gathers with it.
+      valid: bool (..., V_max).
+      length: int32 (...). Number of valid slots, ``N_global + Σ b_t + Hg``.
+    """
+
+    tile: jax.Array
+    patch: jax.Array
+    layout_index: jax.Array
+    valid: jax.Array
+    length: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host-side static sizes.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hero_budget_sizes(num_local_tiles: int, keep_ratio: float, num_tokens: int = 576) -> tuple[int, int]:
+    """``(N_global, N_local) = (int(N * R), int(K * N * R))`` in Python float64 (§4.3-7).
+
+    E.g. R = 0.3: N_global = 172, and N_local = 518 for K = 3.
+    """
+    where = "hero_budget_sizes"
+    k = _checks.check_int("num_local_tiles", num_local_tiles, lo=1, where=where)
+    n = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
+    r = _checks.check_float("keep_ratio", keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=where)
+    return int(n * r), int(k * n * r)
+
+
+def hero_max_keep(num_local_tiles: int, keep_ratio: float, num_tokens: int = 576) -> int:
+    """Static slot count ``K_max = max(N_global, min(N, N_local))`` of a :class:`HeroSelection`."""
+    n_global, n_local = hero_budget_sizes(num_local_tiles, keep_ratio, num_tokens)
+    return max(n_global, min(num_tokens, n_local))
+
+
+def hero_max_visual_len(grid_cols_rows: Sequence[int], keep_ratio: float, tokens_per_side: int = 24) -> int:
+    """Tight static bound on the packed visual length: ``N_global + min(N_local, K * N) + Hg``."""
+    cols, rows = _check_grid(grid_cols_rows, "hero_max_visual_len")
+    s = _checks.check_int("tokens_per_side", tokens_per_side, lo=1, where="hero_max_visual_len")
+    k, n = cols * rows, s * s
+    n_global, n_local = hero_budget_sizes(k, keep_ratio, n)
+    return n_global + min(n_local, k * n) + rows * s
+
+
+def hero_layout_length(grid_cols_rows: Sequence[int], tokens_per_side: int = 24) -> int:
+    """Length ``F = N + Hg * (Wg + 1)`` of the full (unpruned) layout, newlines included."""
+    cols, rows = _check_grid(grid_cols_rows, "hero_layout_length")
+    s = _checks.check_int("tokens_per_side", tokens_per_side, lo=1, where="hero_layout_length")
+    return s * s + rows * s * (cols * s + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Traced core.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    """``x / max(||x||_2, 1e-12)`` row-wise (torch ``F.normalize``); elementwise so no matmul precision mode applies."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, 1e-12)
+
+
+def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, *, n_global, n_local, alpha, t_cls, t_clip):
+    f32 = jnp.float32
+    thumb_attn, tile_attn = thumb_attn.astype(f32), tile_attn.astype(f32)
+    cls_last, img_emb, txt_emb = cls_last.astype(f32), img_emb.astype(f32), txt_emb.astype(f32)
+    k, n = valid.shape
+
+    # §4.3-1 double softmax: softmax over the N patch entries per (layer, head), mean over heads, then over layers.
+    g = jnp.mean(jnp.mean(jax.nn.softmax(thumb_attn, axis=-1), axis=1), axis=0)  # (N,)
+    s = jnp.mean(jnp.mean(jax.nn.softmax(tile_attn, axis=-1), axis=2), axis=1)  # (K, N)
+
+    # §4.3-2 saliency: cosine of each tile's last-layer CLS with the thumbnail's, softmax over tiles at T_cls.
+    c = _l2_normalize(cls_last)
+    sim = jax.nn.softmax(jnp.sum(c[1:] * c[0], axis=-1) / t_cls)  # (K,)
+    # §4.3-3 relevance: full-CLIP image/text cosine; T_clip replaces CLIP's logit scale.
+    u, v = _l2_normalize(img_emb), _l2_normalize(txt_emb)
+    clip = jax.nn.softmax(jnp.sum(u * v[0], axis=-1) / t_clip)  # (K,)
+
+    # §4.3-5 density, float32.
+    cnt = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # (K,)
+    d = cnt.astype(f32) / n
+    d = d / (jnp.sum(d) + 1e-6)
+
+    # §4.3-6/7 fused score and budgets: float32 product truncated toward zero (fused >= 0, so floor == trunc),
+    # clamped to the valid count; remainders are lost (no redistribution).
+    fused = DENSITY_WEIGHT * d + (1 - DENSITY_WEIGHT) * (alpha * sim + (1 - alpha) * clip)
+    b = jnp.minimum(jnp.floor(fused * jnp.asarray(n_local, f32)).astype(jnp.int32), cnt)
+
+    # §4.3-8 selection. Thumbnail: static top-N_global, no validity mask. Tiles: valid tokens only; b <= cnt, so a
+    # -inf (padding) entry is never inside a tile's budget.
+    scores = jnp.concatenate([g[None], jnp.where(valid, s, -jnp.inf)], axis=0)  # (1+K, N)
+    budgets = jnp.concatenate([jnp.full((1,), n_global, jnp.int32), b])
+    indices, kept = _top_budget_selection(scores, budgets, max(n_global, min(n, n_local)))
+
+    return HeroSelection(
+        indices=indices,
+        valid=kept,
+        budgets=budgets,
+        valid_counts=cnt,
+        global_scores=g,
+        sub_scores=s,
+        similarity=sim,
+        clip=clip,
+        density=d,
+        fused=fused,
+    )
+
+
+_STATIC = ("n_global", "n_local", "alpha", "t_cls", "t_clip")
+_hero_core = jax.jit(_hero_impl, static_argnames=_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _hero_batched_core(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, **static):
+    return jax.vmap(functools.partial(_hero_impl, **static))(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_grid(grid, where: str) -> tuple[int, int]:
+    try:
+        cols, rows = grid
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: grid_cols_rows must be a (cols, rows) pair of ints, got {grid!r}") from None
+    return (
+        _checks.check_int("grid cols", cols, lo=1, where=where),
+        _checks.check_int("grid rows", rows, lo=1, where=where),
+    )
+
+
+def _check_float_array(name, x, where):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{where}: {name} must be floating point, got {x.dtype}")
+    _checks.check_finite(name, x, where=where)
+
+
+def _validate(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, keep_ratio, alpha, t_cls, t_clip,
+              tokens_per_side, *, batch: bool, where: str):
+    lead = 1 if batch else 0
+    bdim = "B, " if batch else ""
+    arrays = {
+        "thumb_attn": (thumb_attn, 3, f"({bdim}n_high, H, N)"),
+        "tile_attn": (tile_attn, 4, f"({bdim}K, n_low, H, N)"),
+        "cls_last": (cls_last, 2, f"({bdim}1+K, D)"),
+        "clip_image_embeds": (img_emb, 2, f"({bdim}K, E)"),
+        "clip_text_embeds": (txt_emb, 2, f"({bdim}1, E)"),
+        "valid": (valid, 2, f"({bdim}K, N)"),
+    }
+    for name, (x, rank, dims) in arrays.items():
+        _checks.check_rank(name, x, rank + lead, where=where, dims=dims)
+        if any(d < 1 for d in x.shape):
+            raise ValueError(f"{where}: {name} has an empty dimension, shape {tuple(x.shape)} {dims}")
+    if batch:
+        bsz = thumb_attn.shape[0]
+        _checks.check_dims_equal(
+            [(f"{name} batch dim", x.shape[0], "thumb_attn batch dim", bsz) for name, (x, _, _) in arrays.items()],
+            where=where,
+        )
+    th, ta, cl, ie, te, va = (x.shape[lead:] for x in (thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid))
+    k = ta[0]
+    _checks.check_dims_equal(
+        [
+            ("tile_attn heads", ta[2], "thumb_attn heads", th[1]),
+            ("tile_attn N", ta[3], "thumb_attn N", th[2]),
+            ("cls_last rows", cl[0], "1 + K (tile_attn)", 1 + k),
+            ("clip_image_embeds rows", ie[0], "K (tile_attn)", k),
+            ("clip_text_embeds rows", te[0], "1", 1),
+            ("clip_text_embeds E", te[1], "clip_image_embeds E", ie[1]),
+            ("valid rows", va[0], "K (tile_attn)", k),
+            ("valid N", va[1], "thumb_attn N", th[2]),
+        ],
+        where=where,
+    )
+    s = _checks.check_int("tokens_per_side", tokens_per_side, lo=1, where=where)
+    if th[2] != s * s:
+        raise ValueError(
+            f"{where}: N = {th[2]} is not a {s}x{s} token grid (HERO's geometry is CLIP-336: 576 = 24x24 per tile)"
+        )
+    if valid.dtype != jnp.bool_:
+        raise ValueError(f"{where}: valid must be bool, got {valid.dtype}")
+    for name, (x, _, _) in arrays.items():
+        if name != "valid":
+            _check_float_array(name, x, where)
+    keep_ratio = _checks.check_float("keep_ratio", keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=where)
+    alpha = _checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
+    t_cls = _checks.check_float("t_cls", t_cls, lo=0.0, lo_open=True, where=where)
+    t_clip = _checks.check_float("t_clip", t_clip, lo=0.0, lo_open=True, where=where)
+    n_global, n_local = hero_budget_sizes(k, keep_ratio, th[2])
+    return dict(n_global=n_global, n_local=n_local, alpha=alpha, t_cls=t_cls, t_clip=t_clip)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public API.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hero(
+    thumb_attn: jax.Array,
+    tile_attn: jax.Array,
+    cls_last: jax.Array,
+    clip_image_embeds: jax.Array,
+    clip_text_embeds: jax.Array,
+    valid: jax.Array,
+    *,
+    keep_ratio: float,
+    alpha: float,
+    t_cls: float,
+    t_clip: float,
+    tokens_per_side: int = 24,
+) -> HeroSelection:
+    """HERO token selection for ONE anyres image (``algorithms.md`` §4.3 / §4.5).
+
+    Args:
+      thumb_attn: float (n_high, H, N). The thumbnail's CLS-query attention rows of the ``high_layers`` maps,
+        per head, patch keys only (probabilities over all N+1 keys; not renormalised).
+      tile_attn: float (K, n_low, H, N). The same for sub-tiles 1..K (index t-1) and the ``low_layers`` maps.
+      cls_last: float (1+K, D). Last encoder layer's CLS state (before ``post_layernorm``), thumbnail first.
+      clip_image_embeds: float (K, E). Full-CLIP projected image embeddings of the sub-tiles.
+      clip_text_embeds: float (1, E). Full-CLIP projected text embedding of the instruction.
+      valid: bool (K, N). Non-padding tokens per tile, from :func:`vlmprune.prune.anyres.hero_valid_mask`.
+      keep_ratio: ``R`` in (0, 1]; ``N_global = int(N R)``, ``N_local = int(K N R)`` (static).
+      alpha: in [0, 1], saliency vs relevance weight (static).
+      t_cls, t_clip: softmax temperatures > 0 (static).
+      tokens_per_side: tokens along a tile side; N must equal its square (24 -> 576, the only geometry HERO
+        supports as written).
+
+    Returns:
+      :class:`HeroSelection`: ``indices``/``valid`` (1+K, K_max) with ``K_max = hero_max_keep(K, R, N)``; ``.mask(N)``
+      is the (1+K, N) keep mask, row 0 the thumbnail; ``budgets`` (1+K,) and the intermediate scores.
+      All computation in float32.
+
+    Raises:
+      ValueError: wrong ranks, mismatched K/H/N/E, N not ``tokens_per_side**2``, ``valid`` not bool, non-float or
+        (concrete) non-finite inputs, ``keep_ratio`` outside (0, 1], ``alpha`` outside [0, 1], temperatures <= 0.
+    """
+    static = _validate(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid,
+                       keep_ratio, alpha, t_cls, t_clip, tokens_per_side, batch=False, where="hero")
+    return _hero_core(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid, **static)
+
+
+def hero_batched(
+    thumb_attn: jax.Array,
+    tile_attn: jax.Array,
+    cls_last: jax.Array,
+    clip_image_embeds: jax.Array,
+    clip_text_embeds: jax.Array,
+    valid: jax.Array,
+    *,
+    keep_ratio: float,
+    alpha: float,
+    t_cls: float,
+    t_clip: float,
+    tokens_per_side: int = 24,
+) -> HeroSelection:
+    """:func:`hero` over a batch of images with the same grid (same K), vmapped in one compiled call.
+
+    Every argument of :func:`hero` gains a leading batch dim B (``valid`` is (B, K, N): each image has its own
+    padding). Images of different grids must be bucketed by grid (§4.5). Returns a :class:`HeroSelection` with
+    leading dim B, equal item for item to :func:`hero`.
+    """
+    static = _validate(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid,
+                       keep_ratio, alpha, t_cls, t_clip, tokens_per_side, batch=True, where="hero_batched")
+    return _hero_batched_core(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid, **static)
+
+
+def _layout_tables(cols: int, rows: int, s: int) -> tuple[np.ndarray, np.ndarray]:
+    """Static (tile, patch) of every full-layout position, plus one trailing PACK_PAD entry; int32 (F + 1,)."""
+    n, hg, wg = s * s, rows * s, cols * s
+    y, x = np.meshgrid(np.arange(hg), np.arange(wg + 1), indexing="ij")  # x == wg is the newline column
+    grid_tile = np.where(x < wg, 1 + (y // s) * cols + np.minimum(x, wg - 1) // s, PACK_NEWLINE)
+    grid_patch = np.where(x < wg, (y % s) * s + x % s, y)
+    tile = np.concatenate([np.zeros(n), grid_tile.ravel(), [PACK_PAD]]).astype(np.int32)
+    patch = np.concatenate([np.arange(n), grid_patch.ravel(), [PACK_PAD]]).astype(np.int32)
+    return tile, patch
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "max_len", "tokens_per_side"))
+def _pack_core(mask, *, grid, max_len, tokens_per_side):
+    cols, rows = grid
+    s = tokens_per_side
+    hg, wg = rows * s, cols * s
+    tile_tab, patch_tab = _layout_tables(cols, rows, s)
+    f = tile_tab.shape[0] - 1
+
+    def one(m):
+        # Tiles row-major -> stitched (Hg, Wg) grid; a newline column closes every row (§4.5 full layout).
+        grid_keep = m[1:].reshape(rows, cols, s, s).transpose(0, 2, 1, 3).reshape(hg, wg)
+        rows_nl = jnp.concatenate([grid_keep, jnp.ones((hg, 1), bool)], axis=1)
+        full = jnp.concatenate([m[0], rows_nl.reshape(-1)])  # (F,)
+        (src,) = jnp.nonzero(full, size=max_len, fill_value=f)  # ascending = LLM order (§1.5 P3)
+        src = src.astype(jnp.int32)
+        return HeroPackOrder(
+            tile=jnp.asarray(tile_tab)[src],
+            patch=jnp.asarray(patch_tab)[src],
+            layout_index=src,
+            valid=src < f,
+            length=jnp.minimum(jnp.sum(full, dtype=jnp.int32), max_len),
+        )
+
+    lead = mask.shape[:-2]
+    flat = mask.reshape((-1,) + mask.shape[-2:])
+    out = jax.vmap(one)(flat)
+    return jax.tree_util.tree_map(lambda a: a.reshape(lead + a.shape[1:]), out)
+
+
+def hero_pack_order(
+    mask: jax.Array, grid_cols_rows: Sequence[int], *, max_len: int | None = None, tokens_per_side: int = 24
+) -> HeroPackOrder:
+    """The packed visual block order of HERO / LLaVA-NeXT with a newline after every stitched row (§4.3-9).
+
+    Args:
+      mask: bool (..., 1+K, N) keep mask, row 0 the thumbnail (e.g. ``HeroSelection.mask(N)``); any leading dims.
+      grid_cols_rows: static ``(cols, rows)``, ``cols * rows == K``.
+      max_len: static slot count ``V_max``. Default: the full layout length F (always enough);
+        :func:`hero_max_visual_len` gives the tight bound for a keep ratio. If the mask keeps more than
+        ``max_len`` positions the block is truncated and ``length`` is capped at ``max_len``.
+      tokens_per_side: tokens along a tile side (N = its square).
+
+    Returns:
+      :class:`HeroPackOrder`: the first ``length`` slots are ``N_global`` thumbnail tokens, then per grid row
+      y = 0..Hg-1 the kept tokens of that row (grid column ``x = 24 c + i`` ascending) and one newline.
+    """
+    where = "hero_pack_order"
+    cols, rows = _check_grid(grid_cols_rows, where)
+    s = _checks.check_int("tokens_per_side", tokens_per_side, lo=1, where=where)
+    shape = getattr(mask, "shape", None)
+    if shape is None or len(shape) < 2:
+        raise ValueError(f"{where}: mask must be an array of shape (..., 1+K, N), got {shape}")
+    if shape[-2:] != (1 + cols * rows, s * s):
+        raise ValueError(
+            f"{where}: mask shape {tuple(shape)} does not match (..., 1+K, N) = (..., {1 + cols * rows}, {s * s}) "
+            f"for grid {cols}x{rows}"
+        )
+    if mask.dtype != jnp.bool_:
+        raise ValueError(f"{where}: mask must be bool, got {mask.dtype}")
+    f = hero_layout_length((cols, rows), s)
+    max_len = f if max_len is None else _checks.check_int("max_len", max_len, lo=0, hi=f, where=where)
+    return _pack_core(jnp.asarray(mask), grid=(cols, rows), max_len=max_len, tokens_per_side=s)
+
+
+def hero_pack_features(
+    features: jax.Array, image_newline: jax.Array, order: HeroPackOrder, grid_cols_rows: Sequence[int]
+) -> jax.Array:
+    """Gather the packed visual block ``(V_max, C)`` from per-tile features, zeros in padding slots.
+
+    Args:
+      features: (1+K, N, C) projected tile features, thumbnail first (unpruned).
+      image_newline: (C,) the LLaVA-NeXT ``image_newline`` embedding.
+      order: :class:`HeroPackOrder` of this image (no batch dims).
+      grid_cols_rows: static ``(cols, rows)``.
+    """
+    where = "hero_pack_features"
+    cols, rows = _check_grid(grid_cols_rows, where)
+    _checks.check_rank("features", features, 3, where=where, dims="(1+K, N, C)")
+    _checks.check_rank("image_newline", image_newline, 1, where=where, dims="(C,)")
+    k1, n, c = features.shape
+    s = math.isqrt(n)
+    if s * s != n or k1 != 1 + cols * rows:
+        raise ValueError(f"{where}: features {tuple(features.shape)} do not match grid {cols}x{rows} (1+K, s*s, C)")
+    _checks.check_dims_equal([("image_newline C", image_newline.shape[0], "features C", c)], where=where)
+    if order.layout_index.ndim != 1:
+        raise ValueError(f"{where}: order must describe one image (1-D fields), got {order.layout_index.shape}")
+    return _gather_layout(features, image_newline, order.layout_index, grid=(cols, rows))
+
+
+@functools.partial(jax.jit, static_argnames=("grid",))
+def _gather_layout(features, image_newline, layout_index, *, grid):
+    cols, rows = grid
+    _, n, c = features.shape
+    s = math.isqrt(n)
+    hg, wg = rows * s, cols * s
+    x_grid = features[1:].reshape(rows, cols, s, s, c).transpose(0, 2, 1, 3, 4).reshape(hg, wg, c)
+    nl = jnp.broadcast_to(image_newline.astype(features.dtype), (hg, 1, c))
+    full = jnp.concatenate(
+        [features[0], jnp.concatenate([x_grid, nl], axis=1).reshape(-1, c), jnp.zeros((1, c), features.dtype)]
+    )  # (F + 1, C); row F is the zero row read by padding slots
+    return full[layout_index]

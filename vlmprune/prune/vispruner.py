@@ -1,0 +1,297 @@
+"""VisPruner (algorithms.md §2) and FasterVLM (§5.1): CLS-attention pruning before the LLM.
+
+Both methods look only at the vision tower: the CLS query row of one CLIP layer's attention (``cls_attn``,
+per head, patch columns) and, for VisPruner, that layer's patch features. They return a ``Selection`` of
+exactly ``num_keep`` patch indices per image tile, ascending (raster order, §1.3), all valid.
+
+VisPruner in one paragraph (§2.2): average the CLS attention over heads, keep the ``T_imp = int(T * ratio)``
+most-attended tokens ("important"), then shrink the remaining list to ``T_div = T - T_imp`` "diverse" tokens
+by repeated ToMe-style bipartite rounds. Each round splits the current list into A (even positions) and
+B (odd positions), scores every A token by its highest cosine similarity to any B token and deletes the
+``r <= 8`` most redundant A tokens. The number of rounds and every round's size depend only on
+``(N, T, ratio)``, so the loop is unrolled in Python at trace time (§1.5-P5) and all shapes are static.
+
+Tie-breaking. Every sort here is a *stable* descending sort: among equal scores the lower index (or the
+earlier list position) comes first, and ``lax.top_k`` (FasterVLM) follows the same rule. The original uses
+``torch.argsort(descending=True)``, whose tie order is unspecified, so index parity is only guaranteed on
+tie-free scores (§1.2, §7).
+
+Where the original crashes (§2.2, "Crash condition") we generalise; see :func:`vispruner_plan`. On every
+configuration the original runs, the plan is the original's and the output is identical.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from vlmprune import _checks
+from vlmprune.prune.selection import Selection, from_indices
+
+# §2.2 step 4: `r = min(8, R - T_div)`: a round deletes at most this many A tokens.
+MAX_REMOVALS_PER_ROUND = 8
+
+
+# --------------------------------------------------------------------------------------------------------
+# Static plan
+# --------------------------------------------------------------------------------------------------------
+
+
+class DedupRound(NamedTuple):
+    """One dedup round: the residual list holds ``size`` tokens and ``removed`` of them are deleted."""
+
+    size: int
+    removed: int
+
+
+class VisPrunerPlan(NamedTuple):
+    """Everything about a VisPruner call that is fixed by ``(N, T, ratio)``.
+
+    Attributes:
+      num_important: ``T_imp = int(T * ratio)`` (Python truncation, as in the original).
+      num_diverse: ``T_div = T - T_imp``.
+      rounds: the dedup rounds in order; empty when ``T_div == 0`` or nothing needs removing.
+      matches_original: True when the original code runs on this configuration, i.e. every round has an
+        even residual count and removes at most half of it. Our output is then the original's, index for
+        index (on tie-free inputs). False means the original raises and the generalisation below applies.
+    """
+
+    num_important: int
+    num_diverse: int
+    rounds: tuple[DedupRound, ...]
+    matches_original: bool
+
+
+def vispruner_plan(num_tokens: int, num_keep: int, important_ratio: float) -> VisPrunerPlan:
+    """The static round structure of VisPruner's dedup loop (§2.2 step 4), generalised past its crashes.
+
+    The original loop is ``r = min(8, R - T_div); stop if r <= 0; A = res[0::2]; B = res[1::2]; ...``.
+    It raises in two situations (§2.2 "Crash condition"):
+
+    * **odd residual count R** (odd ``N - T_imp``, e.g. N = 576, T = 58, ratio = 0.5): the index tensors that
+      gather the surviving A tokens have widths ``R//2 - r`` and ``ceil(R/2) - r`` and cannot broadcast.
+      Generalisation: A holds the ``ceil(R/2)`` even positions and B the ``floor(R/2)`` odd positions,
+      exactly as the slices ``res[0::2]`` / ``res[1::2]`` already do; the round proceeds normally.
+      (Where the two widths do broadcast because ``R//2 - r == 1``, the original computes exactly this.)
+    * **r larger than A** (small diverse budgets, e.g. N = 576, T = 8, ratio = 0.5 ends with R = 12, r = 8):
+      Generalisation: ``r`` is capped at ``len(A) = ceil(R/2)``, so the round deletes all of A and keeps B;
+      the removals it could not make are simply made by the following rounds (each round recomputes
+      ``r = min(8, R - T_div)`` from the new R), so the loop still ends with exactly ``T_div`` tokens.
+
+    Both rules leave every round the original can run untouched, so parity holds wherever the original
+    works. Every round removes at least one token, so the plan always ends at ``R == T_div``.
+
+    Args:
+      num_tokens: N, patch tokens per tile.
+      num_keep: T, tokens to keep, 1 <= T <= N.
+      important_ratio: fraction of T chosen by attention, in [0, 1].
+
+    Returns:
+      The :class:`VisPrunerPlan`.
+    """
+    num_important = int(num_keep * important_ratio)  # §2.1: Python int() truncation, e.g. int(20*0.3) == 6
+    num_diverse = num_keep - num_important
+    rounds = []
+    matches_original = True
+    size = num_tokens - num_important
+    while num_diverse > 0:  # the `T_div > 0` guard of commit d7da3a3 (§2.7)
+        removed = min(MAX_REMOVALS_PER_ROUND, size - num_diverse)
+        if removed <= 0:
+            break
+        half_a = math.ceil(size / 2)
+        if size % 2 or removed > size // 2:
+            matches_original = False
+        removed = min(removed, half_a)  # generalisation: cap at len(A)
+        rounds.append(DedupRound(size, removed))
+        size -= removed
+    return VisPrunerPlan(num_important, num_diverse, tuple(rounds), matches_original)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation helpers (shared with baselines.py)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_num_keep(num_keep, num_tokens: int, where: str) -> int:
+    """num_keep must be a Python int in [1, N]; the message names both."""
+    num_keep = _checks.check_int("num_keep", num_keep, where=where)
+    if not 1 <= num_keep <= num_tokens:
+        raise ValueError(f"{where}: num_keep must be in [1, N={num_tokens}], got {num_keep}")
+    return num_keep
+
+
+def _check_head_attention(name: str, attn, where: str) -> None:
+    """A (B, H, N) attention array with finite values (checked only when concrete)."""
+    _checks.check_rank(name, attn, 3, where=where, dims="(B, H, N)")
+    _checks.check_finite(name, attn, where=where)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Numerical building blocks
+# --------------------------------------------------------------------------------------------------------
+
+
+def _argsort_descending(x: jax.Array) -> jax.Array:
+    """Stable descending argsort along the last axis: equal values keep their order (lower index first)."""
+    return jnp.argsort(x, axis=-1, descending=True, stable=True)
+
+
+def head_mean(attn: jax.Array) -> jax.Array:
+    """Mean over heads of a (..., H, N) attention array -> (..., N), in the input dtype (§2.2 step 1).
+
+    ``jnp.mean`` accumulates low-precision floats in float32 and rounds the result back, like torch.
+    """
+    return jnp.mean(attn, axis=-2)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Row-wise ``x / ||x||_2`` over the last axis, result in x's dtype (§2.2 step 3).
+
+    The norm is accumulated in float32 and rounded to x's dtype before the division, as torch does for
+    half-precision inputs; for float32 inputs (the golden runs) everything is plain float32.
+    """
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
+    return x / norm.astype(x.dtype)
+
+
+def _similarity(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b.T`` for (M, C) and (P, C) -> (M, P), accumulated in float32 and rounded to a's dtype.
+
+    ``precision=HIGHEST`` keeps float32 products exact on accelerators (no TF32/bf16 passes); a float16
+    input then rounds its float32 accumulator to float16 like a cuBLAS half GEMM.
+    """
+    out = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    return out.astype(a.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------
+# VisPruner
+# --------------------------------------------------------------------------------------------------------
+
+
+def _dedup_round(residual: jax.Array, normalized: jax.Array, removed: int) -> jax.Array:
+    """One bipartite dedup round on one tile (§2.2 step 4).
+
+    Args:
+      residual: int32 (R,). Current residual list (token indices); its *order* matters.
+      normalized: (N, C). L2-normalised features of the tile.
+      removed: static r, 1 <= r <= ceil(R/2).
+
+    Returns:
+      int32 (R - r,). The surviving A tokens in descending order of their best similarity (the order the
+      original's argsort leaves them in), followed by all B tokens in list order.
+    """
+    side_a, side_b = residual[0::2], residual[1::2]  # even / odd *positions* of the current list
+    if removed == side_a.shape[0]:
+        return side_b  # every A token goes (only via the generalisation cap); the ranking is irrelevant
+    best = jnp.max(_similarity(normalized[side_a], normalized[side_b]), axis=1)  # (ceil(R/2),)
+    survivors = _argsort_descending(best)[removed:]  # drop the r A tokens most similar to some B token
+    return jnp.concatenate([side_a[survivors], side_b])
+
+
+def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPlan) -> jax.Array:
+    """VisPruner on one tile: features (N, C), cls_attn (H, N) -> kept indices int32 (T,), unsorted."""
+    order = _argsort_descending(head_mean(cls_attn)).astype(jnp.int32)  # (N,) descending attention
+    important = order[: plan.num_important]
+    if plan.num_diverse == 0:
+        return important
+    residual = order[plan.num_important :]  # (R0,), still in descending-attention order
+    normalized = l2_normalize(features)
+    for rnd in plan.rounds:  # unrolled at trace time (§1.5-P5); each round has static shapes
+        chex.assert_shape(residual, (rnd.size,))
+        residual = _dedup_round(residual, normalized, rnd.removed)
+    return jnp.concatenate([important, residual])
+
+
+@functools.partial(jax.jit, static_argnames=("num_keep", "important_ratio"))
+def _vispruner_jit(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float) -> Selection:
+    plan = vispruner_plan(features.shape[1], num_keep, important_ratio)
+    kept = jax.vmap(lambda f, a: _vispruner_tile(f, a, plan))(features, cls_attn)
+    chex.assert_shape(kept, (features.shape[0], num_keep))
+    return from_indices(kept, features.shape[1])
+
+
+def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float) -> Selection:
+    """VisPruner token selection (algorithms.md §2.2), batched over tiles/images.
+
+    Args:
+      features: float (B, N, C). Patch features of the scoring layer (CLS removed), pre-projector. Their
+        dtype sets the dtype of the normalisation and of the similarity matmul: float32 reproduces the
+        golden runs; pass float16 to emulate the original's fp16 features (§2.1).
+      cls_attn: float (B, H, N). CLS-query attention row per head, patch columns only
+        (``attentions[l][:, :, 0, 1:]``). Averaged over heads in its own dtype (fp32 in the original).
+      num_keep: static Python int T, 1 <= T <= N. Tokens kept per tile.
+      important_ratio: static Python float in [0, 1]; ``T_imp = int(T * ratio)`` tokens are chosen by
+        attention, the rest by the dedup rounds.
+
+    Returns:
+      ``Selection`` with indices int32 (B, T), ascending, and valid all True: exactly T distinct tokens per
+      tile, always including the T_imp most-attended ones.
+
+    Notes:
+      * Ties (equal attention or equal best-similarity) resolve to the lower index / earlier list position;
+        the original's tie order is unspecified (module docstring).
+      * Configurations where the original raises (odd ``N - T_imp``, or a round asked to delete more than half
+        the residual list) follow the documented generalisation of :func:`vispruner_plan`.
+      * Validation runs in Python before tracing; the NaN/inf check is skipped for traced inputs.
+      * Compiled once per (shapes, dtypes, num_keep, important_ratio).
+
+    Raises:
+      ValueError: wrong ranks, mismatched B or N, num_keep outside [1, N], ratio outside [0, 1],
+        NaN/inf in concrete inputs.
+    """
+    where = "vispruner"
+    _checks.check_rank("features", features, 3, where=where, dims="(B, N, C)")
+    _check_head_attention("cls_attn", cls_attn, where)
+    batch, num_tokens, _ = features.shape
+    _checks.check_dims_equal(
+        [
+            ("features batch", batch, "cls_attn batch", cls_attn.shape[0]),
+            ("features tokens N", num_tokens, "cls_attn tokens N", cls_attn.shape[2]),
+        ],
+        where=where,
+    )
+    num_keep = _check_num_keep(num_keep, num_tokens, where)
+    important_ratio = _checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=where)
+    _checks.check_finite("features", features, where=where)
+    return _vispruner_jit(features, cls_attn, num_keep=num_keep, important_ratio=important_ratio)
+
+
+# --------------------------------------------------------------------------------------------------------
+# FasterVLM (and the shared "top-k of head-mean attention" core)
+# --------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("num_keep",))
+def _head_mean_top_k(attn: jax.Array, *, num_keep: int) -> Selection:
+    """Top-k of the head-mean attention, attn (B, H, N) -> Selection (B, k); ties: lower index first."""
+    _, top = jax.lax.top_k(head_mean(attn), num_keep)
+    return from_indices(top, attn.shape[-1])
+
+
+def fastervlm(cls_attn: jax.Array, *, num_keep: int) -> Selection:
+    """FasterVLM token selection (algorithms.md §5.1): top-T of head-mean CLS attention.
+
+    Equal to ``vispruner(..., important_ratio=1.0)`` (same tie rule: lower index first). The original casts
+    the attention to float16 before averaging and ranking; pass ``cls_attn.astype(jnp.float16)`` to
+    emulate that (expect many ties, §1.2).
+
+    Args:
+      cls_attn: float (B, H, N). CLS-query attention row per head, patch columns only.
+      num_keep: static Python int T, 1 <= T <= N.
+
+    Returns:
+      ``Selection`` with indices int32 (B, T) ascending, valid all True.
+
+    Raises:
+      ValueError: wrong rank, num_keep outside [1, N], NaN/inf in a concrete input.
+    """
+    where = "fastervlm"
+    _check_head_attention("cls_attn", cls_attn, where)
+    num_keep = _check_num_keep(num_keep, cls_attn.shape[2], where)
+    return _head_mean_top_k(cls_attn, num_keep=num_keep)

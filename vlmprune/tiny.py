@@ -1,0 +1,190 @@
+"""Tiny random-weight LLaVA checkpoints in the real Hugging Face format, built offline.
+
+Used by the demo (``vlmprune demo``), the notebooks and the tests. Nothing here is special-cased by the
+loader: the directory it writes (``config.json``, ``model.safetensors``, tokenizer and processor files) is read
+through the same code path as a real ``llava-hf/*`` checkpoint.
+
+* ``build_tokenizer`` trains a small byte-level BPE tokenizer on an embedded text, with LLaMA's special tokens
+  (<unk>=0, <s>=1, </s>=2) plus ``<image>`` and ``<pad>``, and the LLaVA-1.5 (vicuna) chat template.
+* ``tiny_llava_config`` returns a HF ``LlavaConfig`` with small towers (overridable).
+* ``write_random_llava`` writes seeded random weights with NumPy in the HF key layout (no torch needed);
+  tests build the same directories with ``transformers.LlavaForConditionalGeneration.save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+CORPUS = """
+A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful,
+detailed, and polite answers to the human's questions. USER: ASSISTANT: What is in the image? Describe the
+picture in detail. How many objects are there? What colour is the sign? Is there a cat on the table? Yes. No.
+The image shows a red square, a blue circle and a green triangle on a white background. Where is the dog?
+What is written on the red sign? Answer the question using a single word or phrase. zero one two three four
+five six seven eight nine ten left right top bottom middle small large bright dark
+"""
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'][0]['text'] if "
+    "message['content'] is not string else message['content'] }} {% elif message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} {% else %}ASSISTANT: {{ message['content'] if message['content'] is string else "
+    "message['content'][0]['text'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 384):
+    """A LLaMA-style fast tokenizer trained offline on ``CORPUS``. Special ids: unk 0, bos 1, eos 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", padding_side="left",
+        chat_template=CHAT_TEMPLATE,
+    )
+    fast.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
+    return fast
+
+
+def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, **overrides):
+    """A small HF ``LlavaConfig`` (CLIP 2-4 layers, LLaMA 2 layers). Keyword overrides:
+    vision_* / text_* prefixed fields go to the sub-configs; others to LlavaConfig."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=56, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
+    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id)
+    top = dict(image_token_index=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
+               projector_hidden_act="gelu", image_seq_length=16, pad_token_id=pad_token_id)
+    for k, v in overrides.items():
+        if k.startswith("vision_") and k not in top:
+            vision[k[len("vision_"):]] = v
+        elif k.startswith("text_"):
+            text[k[len("text_"):]] = v
+        else:
+            top[k] = v
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text), **top)
+    n = (vision["image_size"] // vision["patch_size"]) ** 2
+    cfg.image_seq_length = n if top["vision_feature_select_strategy"] == "default" else n + 1
+    return cfg
+
+
+def build_processor(tokenizer, hf_config):
+    """LlavaProcessor with a CLIP image processor sized for the config's vision tower."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    size = hf_config.vision_config.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=hf_config.vision_config.patch_size,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )
+
+
+def random_llava_tensors(hf_config, seed: int = 0, std: float = 0.05) -> dict[str, np.ndarray]:
+    """Seeded random weights under HF's (>= 4.52) LLaVA key names, float32."""
+    rng = np.random.default_rng(seed)
+    v, t = hf_config.vision_config, hf_config.text_config
+    out: dict[str, np.ndarray] = {}
+
+    def w(name, *shape, ones=False, zeros=False):
+        if ones:
+            out[name] = np.ones(shape, np.float32)
+        elif zeros:
+            out[name] = np.zeros(shape, np.float32)
+        else:
+            out[name] = (rng.standard_normal(shape) * std).astype(np.float32)
+
+    vp = "model.vision_tower.vision_model."
+    d, n_pos = v.hidden_size, (v.image_size // v.patch_size) ** 2 + 1
+    w(vp + "embeddings.class_embedding", d)
+    w(vp + "embeddings.patch_embedding.weight", d, v.num_channels, v.patch_size, v.patch_size)
+    w(vp + "embeddings.position_embedding.weight", n_pos, d)
+    for ln in ("pre_layrnorm", "post_layernorm"):
+        w(vp + ln + ".weight", d, ones=True)
+        w(vp + ln + ".bias", d, zeros=True)
+    for i in range(v.num_hidden_layers):
+        p = f"{vp}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            w(p + f"self_attn.{proj}.weight", d, d)
+            w(p + f"self_attn.{proj}.bias", d)
+        for ln in ("layer_norm1", "layer_norm2"):
+            w(p + ln + ".weight", d, ones=True)
+            w(p + ln + ".bias", d, zeros=True)
+        w(p + "mlp.fc1.weight", v.intermediate_size, d)
+        w(p + "mlp.fc1.bias", v.intermediate_size)
+        w(p + "mlp.fc2.weight", d, v.intermediate_size)
+        w(p + "mlp.fc2.bias", d)
+    h = t.hidden_size
+    w("model.multi_modal_projector.linear_1.weight", h, d)
+    w("model.multi_modal_projector.linear_1.bias", h)
+    w("model.multi_modal_projector.linear_2.weight", h, h)
+    w("model.multi_modal_projector.linear_2.bias", h)
+    lp = "model.language_model."
+    hd = getattr(t, "head_dim", None) or h // t.num_attention_heads
+    kvh = t.num_key_value_heads or t.num_attention_heads
+    w(lp + "embed_tokens.weight", t.vocab_size, h)
+    w(lp + "norm.weight", h, ones=True)
+    for i in range(t.num_hidden_layers):
+        p = f"{lp}layers.{i}."
+        w(p + "self_attn.q_proj.weight", t.num_attention_heads * hd, h)
+        w(p + "self_attn.k_proj.weight", kvh * hd, h)
+        w(p + "self_attn.v_proj.weight", kvh * hd, h)
+        w(p + "self_attn.o_proj.weight", h, t.num_attention_heads * hd)
+        w(p + "mlp.gate_proj.weight", t.intermediate_size, h)
+        w(p + "mlp.up_proj.weight", t.intermediate_size, h)
+        w(p + "mlp.down_proj.weight", h, t.intermediate_size)
+        w(p + "input_layernorm.weight", h, ones=True)
+        w(p + "post_attention_layernorm.weight", h, ones=True)
+    w("lm_head.weight", t.vocab_size, h)
+    return out
+
+
+def write_random_llava(directory: str, *, seed: int = 0, **overrides) -> str:
+    """Write a complete tiny HF LLaVA-1.5 directory (weights, config, tokenizer, processor). Returns the path."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    tok = build_tokenizer()
+    image_id = tok.convert_tokens_to_ids("<image>")
+    cfg = tiny_llava_config(len(tok), image_id, tok.pad_token_id, **overrides)
+    save_file(random_llava_tensors(cfg, seed), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(directory)
+    build_processor(tok, cfg).save_pretrained(directory)
+    with open(os.path.join(directory, "README.md"), "w") as f:
+        f.write("Random-weight tiny LLaVA-1.5 built offline by vlmprune (seed %d). Its text is meaningless.\n" % seed)
+    return directory
+
+
+def demo_image(path: str | None = None):
+    """The image shipped with the package (``vlmprune/assets/demo.png``) as a PIL image."""
+    from PIL import Image
+
+    if path is None:
+        path = os.path.join(os.path.dirname(__file__), "assets", "demo.png")
+    return Image.open(path).convert("RGB")
+
+
+def config_json(directory: str) -> dict:
+    with open(os.path.join(directory, "config.json")) as f:
+        return json.load(f)

@@ -1,0 +1,178 @@
+"""HF safetensors -> Flax params through one table of ``regex -> (param path, transform)``.
+
+Both llava-hf key layouts are accepted: the pre-4.52 ``language_model.model.*`` / ``vision_tower.*`` /
+``multi_modal_projector.*`` and the newer ``model.language_model.*`` / ``model.vision_tower.*``. Every missing,
+unexpected or mis-shaped tensor (and every unreadable file) is collected and reported in one error.
+The param tree's shapes come from ``jax.eval_shape`` so nothing is allocated twice.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from vlmprune.safetensors_io import iter_tensors, list_files
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: lists every problem found."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        head = f"{source}: {len(problems)} problem(s) loading the checkpoint:"
+        super().__init__("\n  - ".join([head, *problems]))
+
+
+def _t(w):  # torch Linear (out, in) -> flax Dense kernel (in, out)
+    return w.T
+
+
+def _conv(w):  # patch conv (D, C, p, p) -> Dense kernel (C*p*p, D)
+    return w.reshape(w.shape[0], -1).T
+
+
+def _id(w):
+    return w
+
+
+def _clip_rules(src: str, dst: str) -> list[tuple[str, str, Callable]]:
+    """Rules for one CLIP transformer under HF prefix ``src`` and param prefix ``dst``."""
+    s = re.escape(src)
+    layer = rf"{s}encoder\.layers\.(\d+)\."
+    return [
+        (rf"{s}embeddings\.patch_embedding\.weight", f"{dst}/patch_embedding/kernel", _conv),
+        (rf"{s}embeddings\.class_embedding", f"{dst}/class_embedding", _id),
+        (rf"{s}embeddings\.position_embedding\.weight", f"{dst}/position_embedding", _id),
+        (rf"{s}embeddings\.token_embedding\.weight", f"{dst}/token_embedding/embedding", _id),
+        (rf"{s}(pre_layrnorm|post_layernorm|final_layer_norm)\.weight", dst + r"/\1/scale", _id),
+        (rf"{s}(pre_layrnorm|post_layernorm|final_layer_norm)\.bias", dst + r"/\1/bias", _id),
+        (layer + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight", dst + r"/layers_\1/self_attn/\2/kernel", _t),
+        (layer + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", dst + r"/layers_\1/self_attn/\2/bias", _id),
+        (layer + r"(layer_norm1|layer_norm2)\.weight", dst + r"/layers_\1/\2/scale", _id),
+        (layer + r"(layer_norm1|layer_norm2)\.bias", dst + r"/layers_\1/\2/bias", _id),
+        (layer + r"mlp\.(fc1|fc2)\.weight", dst + r"/layers_\1/\2/kernel", _t),
+        (layer + r"mlp\.(fc1|fc2)\.bias", dst + r"/layers_\1/\2/bias", _id),
+    ]
+
+
+_LLAMA = r"model\.language_model\."
+LLAVA_RULES: list[tuple[str, str, Callable]] = [
+    *_clip_rules("model.vision_tower.vision_model.", "vision_tower"),
+    (r"model\.multi_modal_projector\.(linear_1|linear_2)\.weight", r"multi_modal_projector/\1/kernel", _t),
+    (r"model\.multi_modal_projector\.(linear_1|linear_2)\.bias", r"multi_modal_projector/\1/bias", _id),
+    (r"model\.image_newline", "image_newline", _id),
+    (_LLAMA + r"embed_tokens\.weight", "language_model/embed_tokens/embedding", _id),
+    (_LLAMA + r"norm\.weight", "language_model/norm/weight", _id),
+    (_LLAMA + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
+     r"language_model/layers_\1/self_attn/\2/kernel", _t),
+    (_LLAMA + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.bias",
+     r"language_model/layers_\1/self_attn/\2/bias", _id),
+    (_LLAMA + r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"language_model/layers_\1/mlp/\2/kernel", _t),
+    (_LLAMA + r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.bias", r"language_model/layers_\1/mlp/\2/bias", _id),
+    (_LLAMA + r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+     r"language_model/layers_\1/\2/weight", _id),
+    (r"lm_head\.weight", "language_model/lm_head/kernel", _t),
+]
+
+# Old (pre-4.52) llava-hf prefixes -> new ones.
+LLAVA_RENAMES = [
+    (r"^language_model\.model\.", "model.language_model."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^vision_tower\.", "model.vision_tower."),
+    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    (r"^image_newline$", "model.image_newline"),
+    # transformers 5.x flattens CLIPVisionModel and saves "vision_tower.embeddings.*" (no "vision_model.").
+    (r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model."),
+]
+
+CLIP_RULES: list[tuple[str, str, Callable]] = [
+    *_clip_rules("vision_model.", "vision_model"),
+    *_clip_rules("text_model.", "text_model"),
+    (r"visual_projection\.weight", "visual_projection/kernel", _t),
+    (r"text_projection\.weight", "text_projection/kernel", _t),
+]
+
+# Buffers some checkpoints carry that have no parameter counterpart.
+IGNORED = [r".*rotary_emb\.inv_freq$", r".*embeddings\.position_ids$", r"^logit_scale$"]
+
+
+def load_params(
+    directory: str,
+    abstract_params: dict,
+    rules: list[tuple[str, str, Callable]],
+    *,
+    renames: list[tuple[str, str]] = (),
+    dtype=jnp.float32,
+    tied: tuple[str, str] | None = None,
+) -> dict:
+    """Read a HF safetensors directory into a param pytree shaped like ``abstract_params``.
+
+    Args:
+      directory: HF checkpoint directory (single file or sharded with ``model.safetensors.index.json``).
+      abstract_params: pytree of ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape(module.init, ...)``).
+      rules: (regex over the normalised HF key, param path template with ``\\1`` groups, numpy transform).
+      renames: (regex, replacement) applied to every HF key first (old layouts -> new).
+      dtype: floating dtype of the result.
+      tied: (target, source) param paths: fill target with source.T when the checkpoint lacks it.
+
+    Raises:
+      CheckpointError: listing every missing, unexpected or mis-shaped tensor and unreadable file.
+    """
+    expected = {"/".join(k): v for k, v in flatten_dict(abstract_params).items()}
+    compiled = [(re.compile(p + "$"), t, f) for p, t, f in rules]
+    ignored = [re.compile(p) for p in IGNORED]
+    out: dict[str, np.ndarray] = {}
+    problems: list[str] = []
+    files = list_files(directory)
+    for key, f in iter_tensors(files, problems):
+        norm = key
+        for pat, rep in renames:
+            norm = re.sub(pat, rep, norm)
+        if any(p.match(norm) for p in ignored):
+            continue
+        for pat, tmpl, fn in compiled:
+            m = pat.match(norm)
+            if m:
+                target = m.expand(tmpl)
+                break
+        else:
+            problems.append(f"unexpected tensor {key!r} {list(f.shape(key))} in {f.path.rsplit('/', 1)[-1]}")
+            continue
+        if target not in expected:
+            problems.append(f"unexpected tensor {key!r} (maps to {target!r}, which this model config does not have)")
+            continue
+        arr = fn(f.get(key))
+        want = tuple(expected[target].shape)
+        if arr.shape != want:
+            problems.append(f"shape mismatch for {key!r}: checkpoint {list(f.shape(key))} (as {list(arr.shape)}) "
+                            f"but the config expects {list(want)} at {target!r}")
+            continue
+        if target in out:
+            problems.append(f"duplicate tensor for {target!r} (key {key!r})")
+            continue
+        out[target] = arr
+    if tied is not None:
+        tgt, src = tied
+        if tgt in expected and tgt not in out and src in out:
+            out[tgt] = out[src].T
+    missing = sorted(set(expected) - set(out))
+    for m in missing:
+        problems.append(f"missing tensor for parameter {m!r} {list(expected[m].shape)}")
+    if problems:
+        raise CheckpointError(directory, problems)
+    flat = {}
+    for k, v in out.items():
+        want_dtype = dtype if jnp.issubdtype(expected[k].dtype, jnp.floating) else expected[k].dtype
+        flat[tuple(k.split("/"))] = jnp.asarray(v, dtype=want_dtype)
+    return unflatten_dict(flat)
+
+
+def abstract_params(module, *args) -> dict:
+    """Param shapes without allocating: ``jax.eval_shape`` of ``module.init``."""
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args))
+    return shapes["params"]
