@@ -127,6 +127,7 @@ def load_params(
     compiled = [(re.compile(p + "$"), t, f) for p, t, f in rules]
     ignored = [re.compile(p) for p in IGNORED]
     out: dict[str, np.ndarray] = {}
+    seen: set[str] = set()  # targets present in the checkpoint, even if mis-shaped
     problems: list[str] = []
     files = list_files(directory)
     for key, f in iter_tensors(files, problems):
@@ -146,6 +147,7 @@ def load_params(
         if target not in expected:
             problems.append(f"unexpected tensor {key!r} (maps to {target!r}, which this model config does not have)")
             continue
+        seen.add(target)
         arr = fn(f.get(key))
         want = tuple(expected[target].shape)
         if arr.shape != want:
@@ -160,7 +162,7 @@ def load_params(
         tgt, src = tied
         if tgt in expected and tgt not in out and src in out:
             out[tgt] = out[src].T
-    missing = sorted(set(expected) - set(out))
+    missing = sorted(set(expected) - set(out) - seen)
     for m in missing:
         problems.append(f"missing tensor for parameter {m!r} {list(expected[m].shape)}")
     if problems:

@@ -114,7 +114,7 @@ class CLIPAttention(nn.Module):
         """x: (B, T, D). causal_mask: bool (B, 1, T, T) or None. Returns (out (B,T,D), cls_attn, raw_keys).
 
         cls_attn: (B, H, T) float32 softmax probabilities of the CLS query (row 0) over all T keys, or None.
-        raw_keys: (B, T, D) output of k_proj (before any scaling), or None.
+        raw_keys: ((B, T, D) output of k_proj, (B, D) CLS row of q_proj), both before any scaling, or None.
         """
         b, t, d = x.shape
         hd = d // self.num_heads
@@ -133,7 +133,7 @@ class CLIPAttention(nn.Module):
             # One query row per head: (B, H, T). HF scales q before the matmul; so do we.
             logits = jnp.einsum("bhd,bthd->bht", (q4[:, 0] * scale).astype(jnp.float32), k4.astype(jnp.float32))
             cls_attn = jax.nn.softmax(logits, axis=-1)
-        return out, cls_attn, (k_raw if keys else None)
+        return out, cls_attn, ((k_raw, q[:, 0]) if keys else None)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -191,14 +191,16 @@ class CLIPVisionTransformer(nn.Module):
             i = output of encoder layer i-1; negative allowed) whose states to return.
           cls_attention_layers: encoder layer indices (0-based, negative allowed) whose CLS-query attention row
             to return, patch columns only.
-          key_layers: encoder layer indices whose raw ``k_proj`` outputs to return.
+          key_layers: encoder layer indices whose raw ``k_proj`` outputs (all tokens) and ``q_proj`` output (CLS
+            row) to return; VisionZip and PruMerge(+) score and merge with them.
           num_layers: run only the first ``num_layers`` encoder layers (default: as many as the requests need).
           output_hidden_states: return every hidden state (for parity tests).
           post_layernorm: also return ``pooled`` = post_layernorm(CLS of the last layer run).
 
         Returns a dict with
           ``hidden_states``: {hf_index: (B, 1+P, D)} for the requested indices (all if output_hidden_states),
-          ``cls_attn``: {layer: float32 (B, H, P)}, ``keys``: {layer: (B, 1+P, D)}, and ``pooled`` (B, D).
+          ``cls_attn``: {layer: float32 (B, H, P)}, ``keys``: {layer: (B, 1+P, D)}, ``cls_query``: {layer: (B, D)},
+          and ``pooled`` (B, D).
         """
         c = self.config
         L = c.num_hidden_layers
@@ -223,7 +225,7 @@ class CLIPVisionTransformer(nn.Module):
         x = x + pos.astype(self.dtype)[None]
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="pre_layrnorm")(x)
 
-        hidden, cls_attn, keys = {}, {}, {}
+        hidden, cls_attn, keys, cls_query = {}, {}, {}, {}
         if output_hidden_states or 0 in hs_idx:
             hidden[0] = x
         for i in range(L):
@@ -240,11 +242,11 @@ class CLIPVisionTransformer(nn.Module):
             if a is not None:
                 cls_attn[i] = a[:, :, 1:]
             if k is not None:
-                keys[i] = k
+                keys[i], cls_query[i] = k
             if output_hidden_states or (i + 1) in hs_idx:
                 hidden[i + 1] = x
         post = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")
-        out = {"hidden_states": hidden, "cls_attn": cls_attn, "keys": keys}
+        out = {"hidden_states": hidden, "cls_attn": cls_attn, "keys": keys, "cls_query": cls_query}
         if post_layernorm or self.is_initializing():
             out["pooled"] = post(x[:, 0])
         return out

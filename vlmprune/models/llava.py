@@ -75,8 +75,8 @@ class Llava(nn.Module):
 
         pixel_values (NI, C, S, S) -> dict with ``features`` (NI, N, C_vis) (the layer ``vision_feature_layer``,
         CLS dropped for the "default" strategy), ``cls_attn`` {layer: float32 (NI, H, P)}, ``keys``
-        {layer: (NI, 1+P, C_vis)}, ``hidden_states`` {hf_index: (NI, 1+P, C_vis)} (the feature layer's
-        full state is always included under its index).
+        {layer: (NI, 1+P, C_vis)}, ``cls_query`` {layer: (NI, C_vis)}, ``hidden_states``
+        {hf_index: (NI, 1+P, C_vis)}, and ``feature_hidden`` (NI, 1+P, C_vis) (the feature layer with CLS).
         """
         c = self.config
         L = c.vision.num_hidden_layers
@@ -90,6 +90,7 @@ class Llava(nn.Module):
             post_layernorm=post_layernorm,
         )
         h = out["hidden_states"][feat_idx]
+        out["feature_hidden"] = h
         out["features"] = h[:, 1:] if c.vision_feature_select_strategy == "default" else h
         return out
 

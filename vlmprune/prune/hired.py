@@ -299,8 +299,8 @@ def hired(
       k_sp: reference variant only: size of the spatial top-K map on the thumbnail. ``None`` = ``int(N*(1-alpha))``
         (snapshot ``502d6dd``, 288 for alpha 0.5); :data:`HIRED_K_SP_TOP100` for commit ``c5978a5``.
       variant: ``"reference"`` (authors' code, band counts) or ``"paper"`` (Algorithm 1, attention mass per tile).
-      grid: ``(cols, rows)`` of the tiles, required for ``variant="paper"`` (``cols * rows == T - 1``); rejected
-        for the reference variant, which does not use the layout (§3.7).
+      grid: ``(cols, rows)`` of the tiles, required for ``variant="paper"`` when ``T > 1`` (``cols * rows == T - 1``);
+        rejected for the reference variant, which does not use the layout (§3.7).
 
     Returns:
       :class:`HiredSelection` with ``indices``/``valid`` of shape (T, K_max), ``K_max = hired_max_keep(T, N, ...)``,
@@ -316,10 +316,15 @@ def hired(
     t, _, n = shallow_cls_attn.shape
     budget_rate, alpha, k_sp = _check_config(budget_rate, alpha, k_sp, variant, n, where)
     if variant == "paper":
-        if grid is None:
-            raise ValueError(f"{where}: variant='paper' needs grid=(cols, rows)")
         _check_square(n, where)
-        cols, rows = _check_grid(grid, t, where) if t > 1 else (0, 0)
+        if t == 1:  # base image only: no tiles, no layout
+            if grid is not None:
+                raise ValueError(f"{where}: grid must be None for a single partition (T = 1, no tiles)")
+            cols, rows = 0, 0
+        elif grid is None:
+            raise ValueError(f"{where}: variant='paper' needs grid=(cols, rows)")
+        else:
+            cols, rows = _check_grid(grid, t, where)
     else:
         if grid is not None:
             raise ValueError(f"{where}: grid is only used by variant='paper'")

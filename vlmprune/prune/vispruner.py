@@ -159,14 +159,72 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     return x / norm.astype(x.dtype)
 
 
-def _similarity(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b.T`` for (M, C) and (P, C) -> (M, P), accumulated in float32 and rounded to a's dtype.
+# Width of the feature chunks summed by one float32 matmul in `_compensated_gram`.
+_GRAM_CHUNK = 8
 
-    ``precision=HIGHEST`` keeps float32 products exact on accelerators (no TF32/bf16 passes); a float16
-    input then rounds its float32 accumulator to float16 like a cuBLAS half GEMM.
+
+def _compensated_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``x @ x.T`` for float32 x (N, C) as an unevaluated sum ``hi + lo`` of two float32 (N, N) arrays.
+
+    Why: the dedup ranking sorts the *whole* A list every round and the sorted order decides the next
+    round's even/odd split, so two best-similarities a few float32 ulps apart can change the result. A
+    plain float32 matmul is off by up to ~10 ulps here and its rounding depends on the BLAS kernel (the
+    original's MKL/cuBLAS rounding cannot be reproduced). Ranking by the (almost) exact dot product instead
+    agrees with the original whenever the original's own rounding does not reorder two values, which is
+    what lets the float32 golden masks be matched.
+
+    How: float32 matmuls over chunks of ``_GRAM_CHUNK`` features (each accurate to ~1e-10 for unit rows),
+    summed with the error-free TwoSum; total error ~2e-9 absolute for unit-norm rows, well under one
+    float32 ulp of typical similarities. ``(hi, lo)`` is renormalised so ``|lo| <= ulp(hi) / 2`` and
+    comparing pairs lexicographically compares their values.
     """
-    out = jnp.matmul(a, b.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-    return out.astype(a.dtype)
+    n, c = x.shape
+    x = jnp.pad(x, ((0, 0), (0, (-c) % _GRAM_CHUNK)))
+    chunks = x.reshape(n, -1, _GRAM_CHUNK).transpose(1, 0, 2)  # (C / chunk, N, chunk)
+
+    def add_chunk(carry, chunk):
+        hi, lo = carry
+        part = jnp.matmul(chunk, chunk.T, precision=jax.lax.Precision.HIGHEST)
+        total = hi + part
+        back = total - hi
+        error = (hi - (total - back)) + (part - back)  # TwoSum: hi + part == total + error exactly
+        return (total, lo + error), None
+
+    zeros = jnp.zeros((n, n), x.dtype)
+    (hi, lo), _ = jax.lax.scan(add_chunk, (zeros, zeros), chunks)
+    total = hi + lo
+    lo = lo - (total - hi)  # FastTwoSum renormalisation
+    return total, jnp.where(lo == 0, jnp.zeros_like(lo), lo)  # -0.0 -> +0.0 so equal values compare equal
+
+
+def similarity_matrix(normalized: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cosine similarities of L2-normalised rows (N, C) as a pair ``(hi, lo)`` of (N, N) arrays.
+
+    float32 input: ``hi + lo`` is the (almost) exact dot product (see ``_compensated_gram``).
+    Lower precision (float16/bfloat16, the original's fp16 features): the dot product is accumulated in
+    float32 and rounded to the input dtype, like a cuBLAS half GEMM; ``lo`` is zero. Expect many ties.
+    """
+    if normalized.dtype == jnp.float32:
+        return _compensated_gram(normalized)
+    out = jnp.matmul(
+        normalized, normalized.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+    )
+    hi = out.astype(normalized.dtype).astype(jnp.promote_types(normalized.dtype, jnp.float32))
+    return hi, jnp.zeros_like(hi)
+
+
+def _pair_max(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Row-wise maximum of ``hi + lo`` over the last axis, (M, P) -> two (M,) arrays (lexicographic)."""
+    best_hi = jnp.max(hi, axis=-1)
+    best_lo = jnp.max(jnp.where(hi == best_hi[..., None], lo, -jnp.inf), axis=-1)
+    return best_hi, best_lo
+
+
+def _pair_argsort_descending(hi: jax.Array, lo: jax.Array) -> jax.Array:
+    """Stable descending argsort of ``hi + lo`` (1-D pairs): ties keep list order (earlier first)."""
+    position = jnp.arange(hi.shape[-1], dtype=jnp.int32)
+    *_, order = jax.lax.sort((-hi, -lo, position), num_keys=2, is_stable=True)
+    return order
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -174,12 +232,12 @@ def _similarity(a: jax.Array, b: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _dedup_round(residual: jax.Array, normalized: jax.Array, removed: int) -> jax.Array:
+def _dedup_round(residual: jax.Array, sim: tuple[jax.Array, jax.Array], removed: int) -> jax.Array:
     """One bipartite dedup round on one tile (§2.2 step 4).
 
     Args:
       residual: int32 (R,). Current residual list (token indices); its *order* matters.
-      normalized: (N, C). L2-normalised features of the tile.
+      sim: the tile's (N, N) cosine-similarity pair from :func:`similarity_matrix`.
       removed: static r, 1 <= r <= ceil(R/2).
 
     Returns:
@@ -189,8 +247,9 @@ def _dedup_round(residual: jax.Array, normalized: jax.Array, removed: int) -> ja
     side_a, side_b = residual[0::2], residual[1::2]  # even / odd *positions* of the current list
     if removed == side_a.shape[0]:
         return side_b  # every A token goes (only via the generalisation cap); the ranking is irrelevant
-    best = jnp.max(_similarity(normalized[side_a], normalized[side_b]), axis=1)  # (ceil(R/2),)
-    survivors = _argsort_descending(best)[removed:]  # drop the r A tokens most similar to some B token
+    rows, cols = side_a[:, None], side_b[None, :]
+    best = _pair_max(sim[0][rows, cols], sim[1][rows, cols])  # each A token's most similar B token
+    survivors = _pair_argsort_descending(*best)[removed:]  # drop the r most redundant A tokens
     return jnp.concatenate([side_a[survivors], side_b])
 
 
@@ -201,10 +260,10 @@ def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPla
     if plan.num_diverse == 0:
         return important
     residual = order[plan.num_important :]  # (R0,), still in descending-attention order
-    normalized = l2_normalize(features)
+    sim = similarity_matrix(l2_normalize(features))  # all pairs once; rounds read sub-blocks
     for rnd in plan.rounds:  # unrolled at trace time (§1.5-P5); each round has static shapes
         chex.assert_shape(residual, (rnd.size,))
-        residual = _dedup_round(residual, normalized, rnd.removed)
+        residual = _dedup_round(residual, sim, rnd.removed)
     return jnp.concatenate([important, residual])
 
 

@@ -1,0 +1,344 @@
+"""Model-facing pruners: frozen (hashable) configs that connect the pure selection functions to the model.
+
+A pruner tells the vision tower which taps it needs (``vision_request``: CLS-attention rows and key/query
+projections of named layers, nothing else), says how many visual slots it produces per image (``num_slots``,
+a static maximum), and maps the encoder outputs to the tokens the LLM receives (``apply``). The model never
+knows which method ran.
+
+Layer indices are CLIP encoder layers, 0-based (negative allowed). ``None`` means "the layer that produced
+LLaVA's features" (``vision_feature_layer``; layer 22 of CLIP-L/14-336 for LLaVA-1.5's -2), which is the layer
+VisPruner, FasterVLM and HiRED's selection stage read in the originals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from vlmprune import _checks
+from vlmprune.prune.selection import Selection, gather_tokens
+
+Array = jax.Array
+
+
+def feature_layer(cfg) -> int:
+    """Encoder layer (0-based) whose output is LLaVA's feature layer."""
+    n = cfg.vision.num_hidden_layers
+    idx = cfg.vision_feature_layer % (n + 1) - 1
+    if idx < 0:
+        raise ValueError("vision_feature_layer selects the embeddings; there is no attention layer to score with")
+    return idx
+
+
+def resolve_layer(layer: int | None, cfg, name: str) -> int:
+    n = cfg.vision.num_hidden_layers
+    if layer is None:
+        return feature_layer(cfg)
+    if not -n <= layer < n:
+        raise ValueError(f"{name}={layer} is out of range for a vision tower with {n} layers")
+    return layer % n
+
+
+@dataclasses.dataclass(frozen=True)
+class Pruner:
+    """Base class. Subclasses set ``name`` and implement ``num_slots`` and ``apply``."""
+
+    name: ClassVar[str] = "base"
+    #: True for methods that run inside the LLM (FastV); the model then calls ``apply_llm`` instead.
+    inside_llm: ClassVar[bool] = False
+
+    def vision_request(self, cfg) -> dict:
+        return {}
+
+    def num_slots(self, cfg) -> int:
+        raise NotImplementedError
+
+    def validate(self, cfg) -> None:
+        """Raise ValueError (before any compile) when this pruner cannot run on ``cfg``."""
+        if cfg.model_type != "llava":
+            raise NotImplementedError(f"{self.name} on {cfg.model_type} is not implemented yet")
+        if cfg.vision_feature_select_strategy != "default":
+            raise ValueError(
+                f"{self.name}: pruning selects patch tokens and needs vision_feature_select_strategy='default' "
+                f"(this checkpoint uses {cfg.vision_feature_select_strategy!r}, which also feeds the CLS token)"
+            )
+        n = cfg.tokens_per_image
+        self._check(n, cfg)
+        # vision_request resolves and range-checks the layers.
+        self.vision_request(cfg)
+
+    def _check(self, num_tokens: int, cfg) -> None:
+        pass
+
+    def apply(self, enc: dict, project: Callable[[Array], Array]) -> tuple[Array, Array]:
+        """enc: ``Llava.encode`` outputs; project: features -> LLM embeddings.
+
+        Returns (tokens (NI, K, D_llm), valid bool (NI, K)), K = ``num_slots``.
+        """
+        raise NotImplementedError
+
+
+def _selected(enc, project, sel: Selection):
+    return project(gather_tokens(enc["features"], sel)), sel.valid
+
+
+def _check_keep(name: str, num_keep, n: int) -> int:
+    return _checks.check_int("num_keep", num_keep, lo=1, hi=n, where=name)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisPruner(Pruner):
+    """VisPruner (ICCV'25): T·ratio tokens by CLS attention, the rest by similarity-based dedup."""
+
+    num_keep: int = 64
+    important_ratio: float = 0.5
+    layer: int | None = None
+    name: ClassVar[str] = "vispruner"
+
+    def vision_request(self, cfg):
+        return {"cls_attention_layers": (resolve_layer(self.layer, cfg, "layer"),)}
+
+    def num_slots(self, cfg):
+        return self.num_keep
+
+    def _check(self, n, cfg):
+        _check_keep(self.name, self.num_keep, n)
+        _checks.check_float("important_ratio", self.important_ratio, lo=0.0, hi=1.0, where=self.name)
+
+    def apply(self, enc, project):
+        from vlmprune.prune.vispruner import vispruner
+
+        (layer,) = enc["cls_attn"].keys()
+        sel = vispruner(enc["features"], enc["cls_attn"][layer], num_keep=self.num_keep,
+                        important_ratio=self.important_ratio)
+        return _selected(enc, project, sel)
+
+
+@dataclasses.dataclass(frozen=True)
+class FasterVLM(Pruner):
+    """FasterVLM: top-T tokens by head-mean CLS attention (VisPruner with ratio 1)."""
+
+    num_keep: int = 64
+    layer: int | None = None
+    name: ClassVar[str] = "fastervlm"
+
+    def vision_request(self, cfg):
+        return {"cls_attention_layers": (resolve_layer(self.layer, cfg, "layer"),)}
+
+    def num_slots(self, cfg):
+        return self.num_keep
+
+    def _check(self, n, cfg):
+        _check_keep(self.name, self.num_keep, n)
+
+    def apply(self, enc, project):
+        from vlmprune.prune.vispruner import fastervlm
+
+        (layer,) = enc["cls_attn"].keys()
+        return _selected(enc, project, fastervlm(enc["cls_attn"][layer], num_keep=self.num_keep))
+
+
+@dataclasses.dataclass(frozen=True)
+class HiRED(Pruner):
+    """HiRED (AAAI'25). On LLaVA-1.5 (one partition) each image keeps ``min(N, int(N·budget_rate))`` tokens by
+    head-summed deep-layer CLS attention; alpha and the shallow layer only matter for tiled (NeXT) inputs."""
+
+    budget_rate: float = 0.2
+    alpha: float = 0.5
+    shallow_layer: int = 0
+    deep_layer: int | None = None
+    name: ClassVar[str] = "hired"
+
+    def vision_request(self, cfg):
+        return {"cls_attention_layers": (resolve_layer(self.deep_layer, cfg, "deep_layer"),)}
+
+    def num_slots(self, cfg):
+        n = cfg.tokens_per_image
+        return min(n, int(n * self.budget_rate))
+
+    def _check(self, n, cfg):
+        _checks.check_float("budget_rate", self.budget_rate, lo=0.0, hi=1.0, lo_open=True, where=self.name)
+        _checks.check_float("alpha", self.alpha, lo=0.0, hi=1.0, where=self.name)
+        resolve_layer(self.shallow_layer, cfg, "shallow_layer")
+        if self.num_slots(cfg) < 1:
+            raise ValueError(f"hired: budget_rate={self.budget_rate} keeps int({n}·rate) = 0 tokens per image")
+
+    def apply(self, enc, project):
+        from vlmprune.prune.hired import hired_single
+
+        (layer,) = enc["cls_attn"].keys()
+        return _selected(enc, project, hired_single(enc["cls_attn"][layer], budget_rate=self.budget_rate))
+
+
+@dataclasses.dataclass(frozen=True)
+class HERO(Pruner):
+    """HERO needs LLaVA-NeXT tiles (the original cannot run on single-image LLaVA-1.5: K = 0 tiles)."""
+
+    keep_ratio: float = 0.2
+    alpha: float = 0.5
+    t_cls: float = 0.1
+    t_clip: float = 0.1
+    low_layers: tuple[int, ...] = tuple(range(1, 12))
+    high_layers: tuple[int, ...] = tuple(range(12, 24))
+    clip_path: str | None = None
+    name: ClassVar[str] = "hero"
+
+    def validate(self, cfg):
+        raise ValueError("hero: HERO allocates budgets across LLaVA-NeXT tiles; LLaVA-1.5 has a single image and "
+                         "no tiles (the original crashes there too). Use a LLaVA-NeXT checkpoint.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomKeep(Pruner):
+    """Uniformly random subset of ``num_keep`` tokens per image (seeded)."""
+
+    num_keep: int = 64
+    seed: int = 0
+    name: ClassVar[str] = "random"
+
+    def num_slots(self, cfg):
+        return self.num_keep
+
+    def _check(self, n, cfg):
+        _check_keep(self.name, self.num_keep, n)
+
+    def apply(self, enc, project):
+        from vlmprune.prune.baselines import random_keep
+
+        f = enc["features"]
+        sel = random_keep(jax.random.PRNGKey(self.seed), f.shape[1], num_keep=self.num_keep, batch=f.shape[0])
+        return _selected(enc, project, sel)
+
+
+@dataclasses.dataclass(frozen=True)
+class Uniform(Pruner):
+    """Spatially even grid of ``num_keep`` tokens."""
+
+    num_keep: int = 64
+    name: ClassVar[str] = "uniform"
+
+    def num_slots(self, cfg):
+        return self.num_keep
+
+    def _check(self, n, cfg):
+        _check_keep(self.name, self.num_keep, n)
+
+    def apply(self, enc, project):
+        from vlmprune.prune.baselines import uniform
+
+        f = enc["features"]
+        sel = uniform(f.shape[1], num_keep=self.num_keep)
+        idx = jnp.broadcast_to(sel.indices, (f.shape[0], self.num_keep))
+        return _selected(enc, project, Selection(indices=idx, valid=jnp.ones(idx.shape, bool)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DivPrune(Pruner):
+    """DivPrune (CVPR'25): max-min diverse subset of the post-projector embeddings."""
+
+    num_keep: int = 64
+    name: ClassVar[str] = "divprune"
+
+    def num_slots(self, cfg):
+        return self.num_keep
+
+    def _check(self, n, cfg):
+        _check_keep(self.name, self.num_keep, n)
+
+    def apply(self, enc, project):
+        from vlmprune.prune.baselines import divprune
+
+        emb = project(enc["features"])
+        sel = divprune(emb, num_keep=self.num_keep)
+        return gather_tokens(emb, sel), sel.valid
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionZip(Pruner):
+    """VisionZip (CVPR'25): CLS + dominant tokens by attention, plus merged contextual tokens."""
+
+    dominant: int = 54
+    contextual: int = 10
+    layer: int | None = None
+    name: ClassVar[str] = "visionzip"
+
+    def vision_request(self, cfg):
+        layer = resolve_layer(self.layer, cfg, "layer")
+        return {"cls_attention_layers": (layer,), "key_layers": (layer,)}
+
+    def num_slots(self, cfg):
+        return self.dominant + self.contextual
+
+    def _check(self, n, cfg):
+        _checks.check_int("dominant", self.dominant, lo=2, hi=n, where=self.name)
+        _checks.check_int("contextual", self.contextual, lo=0, hi=n + 1 - self.dominant, where=self.name)
+
+    def apply(self, enc, project):
+        from vlmprune.prune.baselines import visionzip
+
+        (layer,) = enc["cls_attn"].keys()
+        full = enc["feature_hidden"]
+        keys = enc["keys"][layer]
+        nh = enc["cls_attn"][layer].shape[1]
+        keys = keys.reshape(keys.shape[0], keys.shape[1], nh, -1)
+        res = visionzip(full, enc["cls_attn"][layer], keys, dominant=self.dominant, contextual=self.contextual)
+        return project(res.tokens), res.valid
+
+
+@dataclasses.dataclass(frozen=True)
+class PruMergePlus(Pruner):
+    """PruMerge / PruMerge+ (adaptive IQR count, key-similarity merge) on the last layer's single-head attention."""
+
+    plus: bool = True
+    layer: int = -1
+    name: ClassVar[str] = "prumerge_plus"
+
+    def vision_request(self, cfg):
+        return {"key_layers": (resolve_layer(self.layer, cfg, "layer"),)}
+
+    def num_slots(self, cfg):
+        return cfg.tokens_per_image + 1
+
+    def apply(self, enc, project):
+        from vlmprune.prune.baselines import prumerge_plus
+
+        (layer,) = enc["keys"].keys()
+        k = enc["keys"][layer].astype(jnp.float32)  # (B, 1+N, D)
+        q = enc["cls_query"][layer].astype(jnp.float32)  # (B, D)
+        logits = jnp.einsum("bd,btd->bt", q, k) * k.shape[-1] ** -0.5
+        attn = jax.nn.softmax(logits, axis=-1)[:, 1:]
+        res = prumerge_plus(enc["features"], attn, k[:, 1:], plus=self.plus)
+        return project(res.tokens), res.valid
+
+
+REGISTRY: dict[str, type[Pruner]] = {
+    cls.name: cls for cls in (VisPruner, FasterVLM, HiRED, HERO, RandomKeep, Uniform, DivPrune, VisionZip, PruMergePlus)
+}
+
+
+def get(name: str, **kwargs) -> Pruner:
+    """A pruner by registry name with keyword settings, e.g. ``get("vispruner", num_keep=64)``."""
+    key = name.lower().replace("-", "_")
+    if key not in REGISTRY:
+        raise ValueError(f"unknown pruning method {name!r}; available: {sorted(REGISTRY)}")
+    cls = REGISTRY[key]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(kwargs) - fields)
+    if bad:
+        raise ValueError(f"{key} does not take {bad}; its settings are {sorted(fields)}")
+    return cls(**kwargs)
+
+
+def demo_settings(num_tokens: int) -> list[tuple[str, dict]]:
+    """Methods and budgets the demo compares (a quarter of the tokens each)."""
+    k = max(2, num_tokens // 4)
+    return [
+        ("vispruner", dict(num_keep=k, important_ratio=0.5)),
+        ("fastervlm", dict(num_keep=k)),
+        ("hired", dict(budget_rate=0.25)),
+        ("divprune", dict(num_keep=k)),
+        ("random", dict(num_keep=k)),
+    ]
