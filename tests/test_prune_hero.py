@@ -149,6 +149,8 @@ def test_golden_packed_sequence(npz, results, case):
     assert np.all(np.asarray(order.tile)[v:] == PACK_PAD) and np.all(np.asarray(order.patch)[v:] == PACK_PAD)
     assert int((np.asarray(order.tile) == PACK_NEWLINE).sum()) == case["newline_tokens"]
     assert case["llm_seq_len"] == len(case["prefix_ids"]) + v + len(case["suffix_ids"])
+    if i != 0:
+        return
     # default max_len (full layout) gives the same valid prefix
     full = hero_pack_order(sel.mask(N), grid)
     assert full.tile.shape == (hero_layout_length(grid),)

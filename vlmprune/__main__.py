@@ -1,0 +1,3 @@
+from vlmprune.cli import main
+
+raise SystemExit(main())
