@@ -315,6 +315,7 @@ def test_zero_budget_tiles_keep_nothing():
         (lambda a: [a[0][0]] + a[1:], {}, "thumb_attn must have rank 3"),
         (lambda a: [a[0], a[1][0]] + a[2:], {}, "tile_attn must have rank 4"),
         (lambda a: [a[0], a[1][:, :, :2]] + a[2:], {}, "tile_attn heads"),
+        (lambda a: [a[0], a[1][:0], a[2][:1], a[3][:0], a[4], a[5][:0]], {}, "at least one sub-tile"),
         (lambda a: [a[0][..., :575], a[1][..., :575]] + a[2:5] + [a[5][:, :575]], {}, "not a 24x24 token grid"),
         (lambda a: [a[0], a[1], a[2][:2]] + a[3:], {}, "cls_last rows"),
         (lambda a: a[:3] + [a[3][:1]] + a[4:], {}, "clip_image_embeds rows"),

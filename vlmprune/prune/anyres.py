@@ -181,7 +181,9 @@ def grid_to_tiles(grid: np.ndarray, grid_cols_rows: Sequence[int], tokens_per_si
     s = _positive_int("tokens_per_side", tokens_per_side, where)
     grid = np.asarray(grid)
     if grid.shape[:2] != (rows * s, cols * s):
-        raise ValueError(f"{where}: grid shape {grid.shape[:2]} does not match (rows*s, cols*s) = {(rows * s, cols * s)}")
+        raise ValueError(
+            f"{where}: grid shape {grid.shape[:2]} does not match (rows*s, cols*s) = {(rows * s, cols * s)}"
+        )
     rest = grid.shape[2:]
     t = grid.reshape((rows, s, cols, s) + rest)
     t = np.moveaxis(t, 2, 1)  # (rows, cols, s, s, ...)
@@ -195,7 +197,9 @@ def tiles_to_grid(tiles: np.ndarray, grid_cols_rows: Sequence[int], tokens_per_s
     s = _positive_int("tokens_per_side", tokens_per_side, where)
     tiles = np.asarray(tiles)
     if tiles.shape[:2] != (rows * cols, s * s):
-        raise ValueError(f"{where}: tiles shape {tiles.shape[:2]} does not match (cols*rows, s*s) = {(rows * cols, s * s)}")
+        raise ValueError(
+            f"{where}: tiles shape {tiles.shape[:2]} does not match (cols*rows, s*s) = {(rows * cols, s * s)}"
+        )
     rest = tiles.shape[2:]
     t = tiles.reshape((rows, cols, s, s) + rest)
     t = np.moveaxis(t, 1, 2)  # (rows, s, cols, s, ...)

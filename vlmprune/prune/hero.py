@@ -160,7 +160,7 @@ def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, *, n_gl
     f32 = jnp.float32
     thumb_attn, tile_attn = thumb_attn.astype(f32), tile_attn.astype(f32)
     cls_last, img_emb, txt_emb = cls_last.astype(f32), img_emb.astype(f32), txt_emb.astype(f32)
-    k, n = valid.shape
+    n = valid.shape[-1]
 
     # §4.3-1 double softmax: softmax over the N patch entries per (layer, head), mean over heads, then over layers.
     g = jnp.mean(jnp.mean(jax.nn.softmax(thumb_attn, axis=-1), axis=1), axis=0)  # (N,)
@@ -248,6 +248,11 @@ def _validate(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, keep_rat
     }
     for name, (x, rank, dims) in arrays.items():
         _checks.check_rank(name, x, rank + lead, where=where, dims=dims)
+    if tile_attn.shape[lead] == 0:
+        raise ValueError(
+            f"{where}: HERO needs at least one sub-tile (K >= 1); a single LLaVA-1.5 image has none (§4.6)"
+        )
+    for name, (x, rank, dims) in arrays.items():
         if any(d < 1 for d in x.shape):
             raise ValueError(f"{where}: {name} has an empty dimension, shape {tuple(x.shape)} {dims}")
     if batch:

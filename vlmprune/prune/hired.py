@@ -19,12 +19,19 @@ Two Phase-1 variants (§3.2, §3.7):
   * N_sub)``, clamped to ``≤ N``; no redistribution of the truncation remainder.
 * ``variant="paper"`` (Algorithm 1 of the paper): tile i's content score is the raw head-summed shallow attention
   mass over the thumbnail patches that tile i covers spatially (needs the grid ``(cols, rows)``);
-  ``b_i = floor(N_sub * s_i / Σ s)`` computed in float32 in that order, clamped to ``≤ N``.
+  ``b_i = floor(N_sub * s_i / Σ s)`` computed in float32 in that order, clamped to ``≤ N``. ``N_full`` and ``N_sub``
+  are the reference's (the paper's ``N_p0 = floor(alpha * N_budget)`` has no explicit ``min(., N)``, but a
+  partition cannot hold more than N tokens, so the clamp is kept). Tile selection is the same as the reference.
 
 Shapes and static structure. Every partition returns at most ``K_max = max(N_full, min(N, N_sub))`` tokens (a static
 Python int, :func:`hired_max_keep`); the per-tile budgets ``b_t`` are data-dependent, so a :class:`HiredSelection`
 has a static slot count with a masked tail (``valid``) and carries the budgets. Kept indices are ascending (raster
 order), as in the original's boolean-mask packing.
+
+Batching (:func:`hired_batched`): images of different grids are padded to a common ``T_max`` tiles. ``P`` enters the
+budget arithmetic only through Python float truncation, so the split is tabulated on the host for every
+``P = 1..T_max`` (a static table) and each image indexes it with its own *traced* ``num_tiles``: one compilation per
+``(B, T_max, H, N)`` and configuration, whatever the mix of grids. :func:`hired` is the B = 1 case of the same core.
 
 Tie rule: among equal scores the lower token index wins (``lax.top_k`` order), both for the ``K_sp`` spatial map
 and for the per-partition selection. ``torch.topk`` leaves tie order unspecified, so parity with the original is
@@ -219,10 +226,12 @@ def _check_config(budget_rate, alpha, k_sp, variant, num_tokens: int, where: str
     alpha = _checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
     if variant not in VARIANTS:
         raise ValueError(f"{where}: variant must be one of {VARIANTS}, got {variant!r}")
-    if k_sp is None:
+    if variant == "paper":
+        if k_sp is not None:
+            raise ValueError(f"{where}: k_sp is only used by variant='reference'")
+        k_sp = 0  # unused by the paper variant; a fixed value keeps the jit cache key independent of alpha
+    elif k_sp is None:
         k_sp = hired_default_k_sp(num_tokens, alpha)
-    elif variant == "paper":
-        raise ValueError(f"{where}: k_sp is only used by variant='reference'")
     else:
         k_sp = _checks.check_int("k_sp", k_sp, lo=0, hi=num_tokens, where=where)
     return budget_rate, alpha, k_sp

@@ -155,8 +155,10 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     The norm is accumulated in float32 and rounded to x's dtype before the division, as torch does for
     half-precision inputs; for float32 inputs (the golden runs) everything is plain float32.
     """
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
-    return x / norm.astype(x.dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)).astype(x.dtype)
+    # Without the barrier XLA rewrites `x / sqrt(s)` as `x * rsqrt(s)`, which is off by an ulp or so; the
+    # dedup ranking is sensitive to that (see `_compensated_gram`), so keep the true division torch does.
+    return x / jax.lax.optimization_barrier(norm)
 
 
 # Width of the feature chunks summed by one float32 matmul in `_compensated_gram`.
