@@ -51,6 +51,8 @@ def _dtype(dtype) -> Any:
 
 def _visual_tokens(module: Llava, params, pixel_values, pruner):
     """Encode images and apply the pruner. Returns (tokens (NI, K, D_llm), valid bool (NI, K), enc dict)."""
+    if pruner is not None and pruner.inside_llm:
+        pruner = None  # FastV acts inside the LLM (see _assemble), not on the encoder outputs
     req = pruner.vision_request(module.config) if pruner is not None else {}
     enc = module.apply(
         {"params": params}, pixel_values, method=Llava.encode,
@@ -80,25 +82,32 @@ def _assemble(module: Llava, params, input_ids, pixel_values, text_src, vis_src,
     embeds = jnp.where(is_vis[..., None], v_emb, t_emb)
     mask = jnp.where(is_vis, flat_valid[jnp.maximum(vis_src, 0)], text_mask)
     positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-    return embeds, mask, positions
+    fastv = None
+    if pruner is not None and pruner.inside_llm:
+        fastv = pruner.llm_config(module.config, is_vis, tokens.shape[0] // input_ids.shape[0])
+    return embeds, mask, positions, fastv
 
 
 def _forward(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, *, pruner):
-    embeds, mask, positions = _assemble(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner)
-    logits, _ = module.apply({"params": params}, embeds, positions, mask, None, method=Llava.prefill)
+    embeds, mask, positions, fastv = _assemble(
+        module, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner)
+    logits, mask, _ = module.apply({"params": params}, embeds, positions, mask, None, fastv, method=Llava.prefill)
     return ModelOutput(logits=logits, mask=mask)
 
 
 def _prefill(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, *, pruner, max_len):
     """Prefill into a fresh cache of ``max_len`` slots. Returns (last logits (B, V), cache, next positions (B,))."""
-    embeds, mask, positions = _assemble(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner)
+    embeds, mask, positions, fastv = _assemble(
+        module, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner)
     b = embeds.shape[0]
+    next_pos = jnp.sum(mask, axis=1, dtype=jnp.int32)  # positions continue after the real prompt tokens
     cache = KVCache.zeros(module.config.text, b, max_len, embeds.dtype)
-    logits, cache = module.apply({"params": params}, embeds, positions, mask, cache, method=Llava.prefill)
-    n = mask.shape[1]
-    last = n - 1 - jnp.argmax(mask[:, ::-1], axis=1)  # last real slot of every row
+    logits, out_mask, cache = module.apply(
+        {"params": params}, embeds, positions, mask, cache, fastv, method=Llava.prefill)
+    n = out_mask.shape[1]
+    last = n - 1 - jnp.argmax(out_mask[:, ::-1], axis=1)  # last real entry of every row
     last_logits = logits[jnp.arange(b), last]
-    return last_logits, cache, jnp.sum(mask, axis=1, dtype=jnp.int32)
+    return last_logits, cache, next_pos
 
 
 def sample_token(logits, key, *, do_sample: bool, temperature, top_p):

@@ -131,20 +131,70 @@ def rope_frequencies(dim: int, theta: float, scaling: dict, max_positions: int) 
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated cache. k, v: (layers, B, S, kv_heads, head_dim); key_mask: bool (B, S) real slots."""
+    """Preallocated cache. k, v: (layers, B, S, kv_heads, head_dim); key_mask: bool (B, S) real slots.
+
+    ``late_mask`` (B, S) is the key mask of layers >= ``late_from`` (FastV drops visual tokens there); it equals
+    ``key_mask`` when nothing is dropped inside the LLM.
+    """
 
     k: Array
     v: Array
     key_mask: Array
+    late_mask: Array
+    late_from: int = flax.struct.field(pytree_node=False, default=0)
 
     @classmethod
     def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
         shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), key_mask=jnp.zeros((batch, max_len), bool))
+        m = jnp.zeros((batch, max_len), bool)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), key_mask=m, late_mask=m,
+                   late_from=cfg.num_hidden_layers)
 
     @property
     def nbytes(self) -> int:
         return int(self.k.size * self.k.dtype.itemsize * 2)
+
+
+@flax.struct.dataclass
+class FastVConfig:
+    """FastV inside the LLM: after layer ``layer`` keep ``keep`` of the ``num_visual`` visual tokens of each row,
+    chosen by the head-mean attention of the last real token at layer ``layer - 1`` (algorithms.md §5.2).
+    ``visual`` (B, T) marks the visual slots (exactly ``num_visual`` per row)."""
+
+    visual: Array
+    layer: int = flax.struct.field(pytree_node=False, default=2)
+    keep: int = flax.struct.field(pytree_node=False, default=288)
+    num_visual: int = flax.struct.field(pytree_node=False, default=576)
+
+
+def last_token_attention(q: Array, k: Array, key_mask: Array) -> Array:
+    """Head-mean softmax attention of each row's last real query over all keys.
+
+    q (B, T, H, D) with RoPE applied, k (B, T, KVH, D), key_mask bool (B, T) -> float32 (B, T).
+    """
+    b, t, h, d = q.shape
+    last = t - 1 - jnp.argmax(key_mask[:, ::-1], axis=1)
+    ql = q[jnp.arange(b), last].astype(jnp.float32)  # (B, H, D)
+    kk = jnp.repeat(k.astype(jnp.float32), h // k.shape[2], axis=2)  # (B, T, H, D)
+    logits = jnp.einsum("bhd,bthd->bht", ql, kk) * d**-0.5
+    logits = jnp.where(key_mask[:, None, :], logits, -jnp.inf)
+    return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
+
+
+def fastv_keep(scores: Array, visual: Array, *, keep: int, num_visual: int) -> Array:
+    """Slots kept after FastV's layer: all non-visual slots and the ``keep`` best visual ones, ascending.
+
+    scores float (B, T), visual bool (B, T) -> int32 (B, T - num_visual + keep). Ties: lower slot first.
+    """
+    t = scores.shape[1]
+
+    def row(s, vis):
+        (vis_idx,) = jnp.nonzero(vis, size=num_visual)
+        (txt_idx,) = jnp.nonzero(~vis, size=t - num_visual)
+        _, top = jax.lax.top_k(s[vis_idx], keep)
+        return jnp.sort(jnp.concatenate([txt_idx, vis_idx[top]])).astype(jnp.int32)
+
+    return jax.vmap(row)(scores, visual)
 
 
 class RMSNorm(nn.Module):
@@ -262,34 +312,36 @@ class LlamaForCausalLM(nn.Module):
         inv, scale = self.cfg.rope()
         return jnp.asarray(inv), scale
 
-    def __call__(self, inputs_embeds: Array, positions: Array, key_mask: Array, cache: KVCache | None = None):
+    def __call__(self, inputs_embeds: Array, positions: Array, key_mask: Array, cache: KVCache | None = None,
+                 fastv: FastVConfig | None = None):
         """Prefill: run the whole sequence and (optionally) fill the cache from slot 0.
 
         inputs_embeds (B, T, D); positions int32 (B, T); key_mask bool (B, T) real tokens.
-        Returns (logits float32 (B, T, V), cache).
+        fastv: drop visual tokens after a layer (in-place variant: the shorter sequence keeps its original
+          positions; the cache keeps all slots and masks the dropped ones for the later layers).
+        Returns (logits float32 (B, T', V), mask bool (B, T'), cache); T' = T unless FastV dropped tokens.
         """
-        t = inputs_embeds.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None, None] & key_mask[:, None, None, :]
-        # A fully masked query row (padding) would give NaN in some backends; let it see itself.
-        mask = mask | jnp.eye(t, dtype=bool)[None, None]
         rope = self._rope()
         x = inputs_embeds
-        ks, vs = [], []
-        for layer in self.layers:
-            x, (k, v), _ = layer(x, positions, mask=mask, rope=rope)
-            ks.append(k)
-            vs.append(v)
+        b, t = key_mask.shape
+        slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # cache slot of every sequence entry
+        late_from = self.cfg.num_hidden_layers if fastv is None else fastv.layer
+        kv_early, kv_late = [], []
+        full_key_mask = key_mask
+        mask = _prefill_mask(key_mask)
+        for i, layer in enumerate(self.layers):
+            if i == late_from:
+                scores = last_token_attention(q, k, key_mask)
+                keep = fastv_keep(scores, fastv.visual & key_mask, keep=fastv.keep, num_visual=fastv.num_visual)
+                take = lambda a: jnp.take_along_axis(a, keep.reshape(keep.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+                x, positions, key_mask, slots = take(x), take(positions), take(key_mask), keep
+                mask = _prefill_mask(key_mask)
+            x, (k, v), q = layer(x, positions, mask=mask, rope=rope)
+            (kv_early if i < late_from else kv_late).append((k, v))
         logits = self.logits(x)
         if cache is not None:
-            k = jnp.stack(ks).astype(cache.k.dtype)
-            v = jnp.stack(vs).astype(cache.v.dtype)
-            cache = KVCache(
-                k=jax.lax.dynamic_update_slice(cache.k, k, (0, 0, 0, 0, 0)),
-                v=jax.lax.dynamic_update_slice(cache.v, v, (0, 0, 0, 0, 0)),
-                key_mask=jax.lax.dynamic_update_slice(cache.key_mask, key_mask, (0, 0)),
-            )
-        return logits, cache
+            cache = _fill_cache(cache, kv_early, kv_late, slots, full_key_mask, key_mask, late_from)
+        return logits, key_mask, cache
 
     def decode_step(self, token_embeds: Array, positions: Array, cache: KVCache, slot: Array):
         """One token per row. token_embeds (B, 1, D); positions (B, 1); slot: int32 scalar cache index.
@@ -297,11 +349,41 @@ class LlamaForCausalLM(nn.Module):
         Returns (logits float32 (B, 1, V), cache with the token written at ``slot``).
         """
         b = token_embeds.shape[0]
-        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, jnp.ones((b, 1), bool), (0, slot))
-        mask = key_mask[:, None, None, :]
+        one = jnp.ones((b, 1), bool)
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, one, (0, slot))
+        late_mask = jax.lax.dynamic_update_slice(cache.late_mask, one, (0, slot))
         rope = self._rope()
         x = token_embeds
         k, v = cache.k, cache.v
         for i, layer in enumerate(self.layers):
-            x, (k, v), _ = layer(x, positions, mask=mask, kv=(k, v, i), write_at=slot, rope=rope)
-        return self.logits(x), KVCache(k=k, v=v, key_mask=key_mask)
+            m = (key_mask if i < cache.late_from else late_mask)[:, None, None, :]
+            x, (k, v), _ = layer(x, positions, mask=m, kv=(k, v, i), write_at=slot, rope=rope)
+        return self.logits(x), KVCache(k=k, v=v, key_mask=key_mask, late_mask=late_mask, late_from=cache.late_from)
+
+
+def _prefill_mask(key_mask: Array) -> Array:
+    """Causal & key-padding mask (B, 1, T, T); a padding query sees itself so its row is never empty."""
+    t = key_mask.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    return (causal[None, None] & key_mask[:, None, None, :]) | jnp.eye(t, dtype=bool)[None, None]
+
+
+def _fill_cache(cache: KVCache, kv_early, kv_late, slots, full_mask, kept_mask, late_from: int) -> KVCache:
+    """Write prefill keys/values from slot 0: layers < late_from hold every slot; later layers (after FastV)
+    hold only the kept slots ``slots`` (B, T'), and their key mask ``late_mask`` excludes the dropped ones."""
+    b, t = full_mask.shape
+    k, v = cache.k, cache.v
+    rows = jnp.arange(b)[:, None]
+    if kv_early:
+        ke = jnp.stack([a for a, _ in kv_early]).astype(k.dtype)  # (early, B, T, KVH, D)
+        ve = jnp.stack([c for _, c in kv_early]).astype(v.dtype)
+        k = jax.lax.dynamic_update_slice(k, ke, (0, 0, 0, 0, 0))
+        v = jax.lax.dynamic_update_slice(v, ve, (0, 0, 0, 0, 0))
+    if kv_late:
+        kl = jnp.stack([a for a, _ in kv_late]).astype(k.dtype)  # (late, B, T', KVH, D)
+        vl = jnp.stack([c for _, c in kv_late]).astype(v.dtype)
+        k = k.at[late_from:, rows, slots].set(kl)
+        v = v.at[late_from:, rows, slots].set(vl)
+    key_mask = jax.lax.dynamic_update_slice(cache.key_mask, full_mask, (0, 0))
+    late_mask = jnp.zeros_like(cache.key_mask).at[rows, slots].set(kept_mask)
+    return KVCache(k=k, v=v, key_mask=key_mask, late_mask=late_mask, late_from=late_from)

@@ -56,7 +56,7 @@ class Llava(nn.Module):
         x = jnp.concatenate([emb.reshape(text.shape[0], -1, text.shape[-1]), text], axis=1)
         n = x.shape[1]
         pos = jnp.broadcast_to(jnp.arange(n), x.shape[:2])
-        logits, _ = self.language_model(x, pos, jnp.ones(x.shape[:2], bool))
+        logits, _, _ = self.language_model(x, pos, jnp.ones(x.shape[:2], bool))
         if self.config.model_type == "llava_next":
             logits = logits + 0 * self.image_newline.sum()
         return logits
@@ -101,8 +101,8 @@ class Llava(nn.Module):
     def embed(self, input_ids: Array) -> Array:
         return self.language_model.embed(input_ids)
 
-    def prefill(self, embeds, positions, key_mask, cache: KVCache | None):
-        return self.language_model(embeds, positions, key_mask, cache)
+    def prefill(self, embeds, positions, key_mask, cache: KVCache | None, fastv=None):
+        return self.language_model(embeds, positions, key_mask, cache, fastv)
 
     def decode_step(self, token_ids, positions, cache: KVCache, slot):
         return self.language_model.decode_step(self.embed(token_ids), positions, cache, slot)

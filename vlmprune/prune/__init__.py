@@ -11,6 +11,6 @@ from vlmprune.prune.vispruner import fastervlm, vispruner  # noqa: F401
 from vlmprune.prune.hired import hired, hired_batched, hired_single  # noqa: F401
 from vlmprune.prune.hero import hero  # noqa: F401
 from vlmprune.prune.pruners import (  # noqa: F401
-    HERO, REGISTRY, DivPrune, FasterVLM, HiRED, PruMergePlus, Pruner, RandomKeep, Uniform, VisionZip, VisPruner,
+    HERO, REGISTRY, DivPrune, FasterVLM, FastV, HiRED, PruMergePlus, Pruner, RandomKeep, Uniform, VisionZip, VisPruner,
     demo_settings, get,
 )

@@ -314,8 +314,41 @@ class PruMergePlus(Pruner):
         return project(res.tokens), res.valid
 
 
+@dataclasses.dataclass(frozen=True)
+class FastV(Pruner):
+    """FastV (ECCV'24), inside the LLM: after decoder layer ``layer`` keep ``int(keep_ratio·N)`` visual tokens per
+    image, ranked by the head-mean attention of the last prompt token at layer ``layer - 1``. In-place variant
+    (the later layers run on the shorter sequence with the original positions, gaps kept); with a KV cache the
+    selection is made once at prefill and decoding attends to the kept set in the later layers (§5.2)."""
+
+    layer: int = 2
+    keep_ratio: float = 0.5
+    name: ClassVar[str] = "fastv"
+    inside_llm: ClassVar[bool] = True
+
+    def num_slots(self, cfg):
+        return cfg.tokens_per_image  # nothing is removed before the LLM
+
+    def kept_per_image(self, cfg) -> int:
+        return int(self.keep_ratio * cfg.tokens_per_image)
+
+    def _check(self, n, cfg):
+        _checks.check_int("layer", self.layer, lo=1, hi=cfg.text.num_hidden_layers - 1, where=self.name)
+        _checks.check_float("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=self.name)
+        if self.kept_per_image(cfg) < 1:
+            raise ValueError(f"fastv: keep_ratio={self.keep_ratio} keeps int({n}·ratio) = 0 visual tokens")
+
+    def llm_config(self, cfg, visual: Array, images_per_row: int):
+        from vlmprune.models.llama import FastVConfig
+
+        n = cfg.tokens_per_image
+        return FastVConfig(visual=visual, layer=self.layer, keep=self.kept_per_image(cfg) * images_per_row,
+                           num_visual=n * images_per_row)
+
+
 REGISTRY: dict[str, type[Pruner]] = {
-    cls.name: cls for cls in (VisPruner, FasterVLM, HiRED, HERO, RandomKeep, Uniform, DivPrune, VisionZip, PruMergePlus)
+    cls.name: cls
+    for cls in (VisPruner, FasterVLM, HiRED, HERO, RandomKeep, Uniform, DivPrune, VisionZip, PruMergePlus, FastV)
 }
 
 
