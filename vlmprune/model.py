@@ -49,28 +49,64 @@ def _dtype(dtype) -> Any:
 # ----------------------------------------------------------------------------------------------- pure core
 
 
-def _visual_tokens(module: Llava, params, pixel_values, pruner):
-    """Encode images and apply the pruner. Returns (tokens (NI, K, D_llm), valid bool (NI, K), enc dict)."""
+def _visual_tokens(module: Llava, params, pixel_values, pruner, layout=None, stride=None):
+    """Encode images and apply the pruner. Returns (tokens (NI, K, D_llm), valid bool (NI, K)).
+
+    LLaVA-1.5: pixel_values (NI, C, S, S); K = the pruner's slot count (or all tokens).
+    LLaVA-NeXT: pixel_values (NI, T_max, C, S, S) with ``layout`` tables (see ``vlmprune.next_layout``); the
+    per-tile keep mask is laid out in the official order and compacted into ``stride`` slots.
+    """
     if pruner is not None and pruner.inside_llm:
         pruner = None  # FastV acts inside the LLM (see _assemble), not on the encoder outputs
     req = pruner.vision_request(module.config) if pruner is not None else {}
+    pix = pixel_values if layout is None else pixel_values.reshape((-1,) + pixel_values.shape[2:])
     enc = module.apply(
-        {"params": params}, pixel_values, method=Llava.encode,
+        {"params": params}, pix, method=Llava.encode,
         cls_attention_layers=req.get("cls_attention_layers", ()), key_layers=req.get("key_layers", ()),
         post_layernorm=req.get("post_layernorm", False),
     )
     project = functools.partial(module.apply, {"params": params}, method=Llava.project)
+    if layout is not None:
+        return _next_visual_tokens(module, params, enc, project, pruner, layout, stride)
     if pruner is None:
         tokens = project(enc["features"])
-        valid = jnp.ones(tokens.shape[:2], bool)
+        return tokens, jnp.ones(tokens.shape[:2], bool)
+    return pruner.apply(enc, project)
+
+
+def _next_visual_tokens(module, params, enc, project, pruner, layout, stride):
+    """Official LLaVA-NeXT packing of (possibly pruned) tiles; see ``vlmprune.next_layout``."""
+    tile_valid = layout["tile_valid"]  # (NI, T)
+    ni, t = tile_valid.shape
+    n = enc["features"].shape[1]
+    if pruner is None:
+        keep = jnp.ones((ni, t, n), bool)
     else:
-        tokens, valid = pruner.apply(enc, project)
-    return tokens, valid, enc
+        keep = pruner.tile_mask(enc, tile_valid, module.config)
+    keep = (keep & tile_valid[..., None]).reshape(ni, t * n)
+    emb = project(enc["features"]).reshape(ni, t * n, -1)
+    newline = module.apply({"params": params}, method=lambda m: m.image_newline).astype(emb.dtype)
+    table = jnp.concatenate([emb, jnp.broadcast_to(newline, (ni, 1, emb.shape[-1]))], axis=1)
+    token, row = layout["token"], layout["row"]  # (NI, F)
+    is_tok, is_nl = token >= 0, token == -1
+    tok_keep = jnp.take_along_axis(keep, jnp.maximum(token, 0), axis=1) & is_tok
+    n_rows = token.shape[1]  # static bound on the grid-row ids (< F)
+    seg = jnp.where(is_tok & (row >= 0), row, n_rows)
+    row_has = jnp.zeros((ni, n_rows + 1), jnp.int32).at[jnp.arange(ni)[:, None], seg].max(tok_keep.astype(jnp.int32))
+    nl_keep = is_nl & (jnp.take_along_axis(row_has, jnp.maximum(row, 0), axis=1) > 0)
+    keep_layout = tok_keep | nl_keep
+    f = token.shape[1]
+    src = jax.vmap(lambda k: jnp.nonzero(k, size=stride, fill_value=f)[0])(keep_layout)  # ascending = layout order
+    valid = jnp.arange(stride)[None] < jnp.sum(keep_layout, axis=1, keepdims=True)
+    tok_at = jnp.take_along_axis(jnp.concatenate([token, jnp.full((ni, 1), -2, token.dtype)], 1), src, axis=1)
+    idx = jnp.where(tok_at == -1, t * n, jnp.maximum(tok_at, 0))
+    tokens = jnp.take_along_axis(table, idx[..., None], axis=1)
+    return tokens, valid
 
 
-def _assemble(module: Llava, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner):
-    """Build (embeds (B, L', D), mask (B, L'), positions (B, L')) from the host plan."""
-    tokens, valid, _ = _visual_tokens(module, params, pixel_values, pruner)
+def _assemble(module: Llava, params, input_ids, pixel_values, text_src, vis_src, text_mask, layout, pruner, stride):
+    """Build (embeds (B, L', D), mask (B, L'), positions (B, L'), fastv) from the host plan."""
+    tokens, valid = _visual_tokens(module, params, pixel_values, pruner, layout, stride)
     d = tokens.shape[-1]
     flat_tok = tokens.reshape(-1, d)
     flat_valid = valid.reshape(-1)
@@ -88,17 +124,18 @@ def _assemble(module: Llava, params, input_ids, pixel_values, text_src, vis_src,
     return embeds, mask, positions, fastv
 
 
-def _forward(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, *, pruner):
+def _forward(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, layout, *, pruner, stride):
     embeds, mask, positions, fastv = _assemble(
-        module, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner)
+        module, params, input_ids, pixel_values, text_src, vis_src, text_mask, layout, pruner, stride)
     logits, mask, _ = module.apply({"params": params}, embeds, positions, mask, None, fastv, method=Llava.prefill)
     return ModelOutput(logits=logits, mask=mask)
 
 
-def _prefill(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, *, pruner, max_len):
+def _prefill(module, params, input_ids, pixel_values, text_src, vis_src, text_mask, layout, *, pruner, stride,
+             max_len):
     """Prefill into a fresh cache of ``max_len`` slots. Returns (last logits (B, V), cache, next positions (B,))."""
     embeds, mask, positions, fastv = _assemble(
-        module, params, input_ids, pixel_values, text_src, vis_src, text_mask, pruner)
+        module, params, input_ids, pixel_values, text_src, vis_src, text_mask, layout, pruner, stride)
     b = embeds.shape[0]
     next_pos = jnp.sum(mask, axis=1, dtype=jnp.int32)  # positions continue after the real prompt tokens
     cache = KVCache.zeros(module.config.text, b, max_len, embeds.dtype)
@@ -175,8 +212,8 @@ class LlavaModel:
         self.hf_config = hf_config
         self.module = Llava(config, dtype=self.dtype)
         m = self.module
-        self._forward_jit = jax.jit(functools.partial(_forward, m), static_argnames=("pruner",))
-        self._prefill_jit = jax.jit(functools.partial(_prefill, m), static_argnames=("pruner", "max_len"))
+        self._forward_jit = jax.jit(functools.partial(_forward, m), static_argnames=("pruner", "stride"))
+        self._prefill_jit = jax.jit(functools.partial(_prefill, m), static_argnames=("pruner", "stride", "max_len"))
         self._decode_jit = jax.jit(
             functools.partial(_decode, m),
             static_argnames=("start_slot", "max_new_tokens", "do_sample", "eos_ids", "pad_id"),
@@ -189,13 +226,20 @@ class LlavaModel:
 
     # ---- validation and planning (host side, before any compile)
 
-    def _check_pixels(self, pixel_values) -> np.ndarray | jax.Array:
+    def _check_pixels(self, pixel_values):
         v = self.config.vision
         if pixel_values is None:
             raise ValueError("pixel_values is required (one image per <image> placeholder)")
         shape = tuple(getattr(pixel_values, "shape", ()))
         want = (v.num_channels, v.image_size, v.image_size)
-        if len(shape) != 4 or shape[1:] != want:
+        if self.config.model_type == "llava_next":
+            if len(shape) != 5 or shape[2:] != want:
+                raise ValueError(
+                    f"pixel_values must have shape (num_images, num_tiles, {want[0]}, {want[1]}, {want[2]}) for "
+                    f"this LLaVA-NeXT model (tile size {v.image_size}), got {shape}; preprocess images with the "
+                    "model's processor"
+                )
+        elif len(shape) != 4 or shape[1:] != want:
             raise ValueError(
                 f"pixel_values must have shape (num_images, {want[0]}, {want[1]}, {want[2]}) for this vision "
                 f"tower (image_size={v.image_size}), got {shape}; preprocess images with the model's processor"
@@ -203,22 +247,62 @@ class LlavaModel:
         _checks.check_finite("pixel_values", pixel_values)
         return pixel_values
 
-    def _plan(self, input_ids, attention_mask, pixel_values, pruner) -> SequencePlan:
-        if self.config.model_type != "llava":
-            raise NotImplementedError("LLaVA-NeXT (anyres) forward is not implemented yet")
-        pixel_values = self._check_pixels(pixel_values)
-        tokens = self.config.tokens_per_image
-        slots = tokens if pruner is None else pruner.num_slots(self.config)
-        return plan_sequence(
-            np.asarray(input_ids), None if attention_mask is None else np.asarray(attention_mask),
-            image_token_id=self.config.image_token_id, tokens_per_image=tokens,
-            num_images=pixel_values.shape[0], slots=slots,
-        )
+    def _next_layout(self, pixel_values, image_sizes):
+        """Host-side anyres layout for a NeXT batch; pads tiles to the largest grid. Returns (pixels, layout)."""
+        from vlmprune.next_layout import batch_layout, max_tiles
 
-    def _args(self, input_ids, pixel_values, plan: SequencePlan):
+        c = self.config
+        if image_sizes is None:
+            raise ValueError("image_sizes (num_images, 2) as (height, width) is required for LLaVA-NeXT inputs")
+        sizes = np.asarray(image_sizes)
+        ni = pixel_values.shape[0]
+        if sizes.shape != (ni, 2):
+            raise ValueError(f"image_sizes must have shape ({ni}, 2) (one (height, width) per image), got {sizes.shape}")
+        n_side = c.vision.image_size // c.vision.patch_size
+        lay = batch_layout(sizes, c.image_grid_pinpoints, tile_size=c.vision.image_size, tokens_per_side=n_side)
+        t_max = max_tiles(c.image_grid_pinpoints, c.vision.image_size)
+        for i, li in enumerate(lay.layouts):
+            if li.num_tiles > pixel_values.shape[1]:
+                raise ValueError(f"image {i} of size {tuple(sizes[i])} needs {li.num_tiles} tiles "
+                                 f"({li.grid_rows}x{li.grid_cols} grid + base) but pixel_values holds "
+                                 f"{pixel_values.shape[1]}")
+        if pixel_values.shape[1] > t_max:
+            raise ValueError(f"pixel_values holds {pixel_values.shape[1]} tiles per image; the pinpoints allow at "
+                             f"most {t_max}")
+        pix = np.zeros((ni, t_max) + tuple(pixel_values.shape[2:]), np.float32)
+        pix[:, : pixel_values.shape[1]] = np.asarray(pixel_values, np.float32)
+        return pix, lay
+
+    def _plan(self, input_ids, attention_mask, pixel_values, pruner, image_sizes=None):
+        """Validate everything on the host. Returns (plan, pixels, layout arrays or None, stride or None)."""
+        pixel_values = self._check_pixels(pixel_values)
+        c = self.config
+        ids = np.asarray(input_ids)
+        mask = None if attention_mask is None else np.asarray(attention_mask)
+        if c.model_type == "llava":
+            tokens = c.tokens_per_image
+            slots = tokens if pruner is None else pruner.num_slots(c)
+            plan = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=tokens,
+                                 num_images=pixel_values.shape[0], slots=slots)
+            return plan, pixel_values, None, None
+        pix, lay = self._next_layout(pixel_values, image_sizes)
+        full = [li.length for li in lay.layouts]
+        if pruner is None or pruner.inside_llm:
+            slots = full
+        else:
+            slots = [min(f, pruner.max_tokens_next(c, li.num_tiles) + li.num_rows)
+                     for f, li in zip(full, lay.layouts)]
+        stride = max(slots)
+        plan = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=full,
+                             num_images=pix.shape[0], slots=slots, slot_stride=stride)
+        arrays = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row),
+                  "tile_valid": jnp.asarray(lay.tile_valid)}
+        return plan, pix, arrays, stride
+
+    def _args(self, input_ids, pixel_values, plan: SequencePlan, layout):
         return (
             jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values, self.dtype),
-            jnp.asarray(plan.text_src), jnp.asarray(plan.vis_src), jnp.asarray(plan.text_mask),
+            jnp.asarray(plan.text_src), jnp.asarray(plan.vis_src), jnp.asarray(plan.text_mask), layout,
         )
 
     def _check_pruner(self, pruner):
@@ -238,21 +322,23 @@ class LlavaModel:
           input_ids: int (B, L), HF processor convention (image placeholder expanded per visual token).
           pixel_values: float (NI, C, S, S), one image per placeholder run, in order.
           attention_mask: (B, L) 1 for real tokens (left padding), default all ones.
-          image_sizes: accepted for API symmetry with LLaVA-NeXT; unused for LLaVA-1.5.
+          image_sizes: LLaVA-NeXT only: (NI, 2) original (height, width) of each image, as the HF processor
+            returns it; pixel_values is then (NI, tiles, C, S, S).
           pruner: a model-facing pruner (``vlmprune.prune.get(name, ...)``) or None.
 
         Returns:
           ModelOutput(logits float32 (B, L', V), mask bool (B, L')), L' = L when not pruning.
         """
-        del image_sizes
         pruner = self._check_pruner(pruner)
-        plan = self._plan(input_ids, attention_mask, pixel_values, pruner)
-        return self._forward_jit(self.params, *self._args(input_ids, pixel_values, plan), pruner=pruner)
+        plan, pix, layout, stride = self._plan(input_ids, attention_mask, pixel_values, pruner, image_sizes)
+        return self._forward_jit(self.params, *self._args(input_ids, pix, plan, layout), pruner=pruner, stride=stride)
 
     def vision(self, pixel_values, *, cls_attention_layers=(), key_layers=(), hidden_state_layers=(),
                output_hidden_states=False, post_layernorm=False) -> dict:
         """What a pruning method consumes: see ``Llava.encode`` (features, cls_attn, keys, hidden_states)."""
         pixel_values = self._check_pixels(pixel_values)
+        if self.config.model_type == "llava_next":  # (NI, T, C, S, S) -> tiles (NI·T, C, S, S)
+            pixel_values = np.asarray(pixel_values).reshape((-1,) + tuple(pixel_values.shape[2:]))
         return self._vision_jit(
             {"params": self.params}, jnp.asarray(pixel_values, self.dtype),
             cls_attention_layers=tuple(cls_attention_layers), key_layers=tuple(key_layers),
@@ -260,17 +346,19 @@ class LlavaModel:
             post_layernorm=post_layernorm,
         )
 
-    def prefill(self, input_ids, pixel_values, *, attention_mask=None, pruner=None, max_new_tokens=32):
+    def prefill(self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None,
+                max_new_tokens=32):
         """Prefill step of generation: (last logits (B, V), cache, next positions (B,), plan)."""
         pruner = self._check_pruner(pruner)
         _checks.check_int("max_new_tokens", max_new_tokens, lo=1)
-        plan = self._plan(input_ids, attention_mask, pixel_values, pruner)
+        plan, pix, layout, stride = self._plan(input_ids, attention_mask, pixel_values, pruner, image_sizes)
         max_len = plan.length + max_new_tokens
         rope_type = dict(self.config.text.rope_scaling).get("rope_type", "default")
         if rope_type == "dynamic" and max_len > self.config.text.max_position_embeddings:
             raise ValueError(f"sequence of {max_len} tokens exceeds max_position_embeddings "
                              f"({self.config.text.max_position_embeddings}) of a dynamic-RoPE model")
-        out = self._prefill_jit(self.params, *self._args(input_ids, pixel_values, plan), pruner=pruner, max_len=max_len)
+        out = self._prefill_jit(self.params, *self._args(input_ids, pix, plan, layout), pruner=pruner, stride=stride,
+                                max_len=max_len)
         return (*out, plan)
 
     def generate(self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None,
@@ -281,11 +369,11 @@ class LlavaModel:
         Batches use left padding (``attention_mask``). Greedy by default; ``do_sample`` enables temperature and
         nucleus sampling with a ``jax.random`` key from ``seed``.
         """
-        del image_sizes
         _checks.check_float("temperature", temperature, lo=0.0, lo_open=True)
         _checks.check_float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
         logits, cache, next_pos, plan = self.prefill(
-            input_ids, pixel_values, attention_mask=attention_mask, pruner=pruner, max_new_tokens=max_new_tokens
+            input_ids, pixel_values, attention_mask=attention_mask, image_sizes=image_sizes, pruner=pruner,
+            max_new_tokens=max_new_tokens,
         )
         out = self._decode_jit(
             self.params, logits, cache, next_pos, jax.random.PRNGKey(seed), jnp.float32(temperature),

@@ -36,11 +36,18 @@ def plan_sequence(
     attention_mask: np.ndarray | None,
     *,
     image_token_id: int,
-    tokens_per_image: int,
+    tokens_per_image,
     num_images: int,
-    slots: int,
+    slots,
+    slot_stride: int | None = None,
 ) -> SequencePlan:
-    """Validate placeholders and build the plan. Raises ValueError naming the problem."""
+    """Validate placeholders and build the plan. Raises ValueError naming the problem.
+
+    Args:
+      tokens_per_image: placeholder tokens per image: an int (LLaVA-1.5) or one int per image (LLaVA-NeXT).
+      slots: visual slots the model provides per image (int or one per image), at most ``slot_stride`` each.
+      slot_stride: image ``i``'s slots are ``i·slot_stride + j`` in the flattened visual table (default: slots).
+    """
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, length), got shape {ids.shape}")
@@ -53,32 +60,34 @@ def plan_sequence(
     empty = np.where(mask.sum(1) == 0)[0]
     if empty.size:
         raise ValueError(f"row(s) {empty.tolist()} of the batch have no real tokens (empty prompt)")
+    per_img = [int(tokens_per_image)] * num_images if np.isscalar(tokens_per_image) else [int(t) for t in tokens_per_image]
+    per_slots = [int(slots)] * num_images if np.isscalar(slots) else [int(t) for t in slots]
+    stride = slot_stride if slot_stride is not None else (max(per_slots) if per_slots else 0)
     is_img = (ids == image_token_id) & mask
-    total = int(is_img.sum())
-    if total != num_images * tokens_per_image:
+    total, want = int(is_img.sum()), sum(per_img)
+    if total != want:
+        detail = (f"{num_images} x {per_img[0]}" if len(set(per_img)) <= 1 else "+".join(map(str, per_img)))
         raise ValueError(
             f"input_ids hold {total} image placeholder tokens (id {image_token_id}) but {num_images} image(s) "
-            f"need {num_images} x {tokens_per_image} = {num_images * tokens_per_image}; expand the <image> "
-            "placeholder with the model's processor (one id per visual token) and pass one image per placeholder"
+            f"need {detail} = {want}; expand the <image> placeholder with the model's processor (one id per "
+            "visual token) and pass one image per placeholder"
         )
     rows_text, rows_vis = [], []
     img = 0
     for r in range(b):
         text_src, vis_src = [], []
-        pos = np.where(is_img[r])[0]
-        if pos.size % tokens_per_image:
-            raise ValueError(f"row {r}: {pos.size} image tokens is not a multiple of {tokens_per_image} per image")
         j = 0
         while j < n:
             if is_img[r, j]:
-                run = pos[(pos >= j)][:tokens_per_image]
-                if run.size < tokens_per_image or run[-1] - j != tokens_per_image - 1:
-                    raise ValueError(f"row {r}: image placeholder run at position {j} is not {tokens_per_image} "
-                                     "consecutive tokens")
-                text_src.extend([-1] * slots)
-                vis_src.extend(range(img * slots, (img + 1) * slots))
+                need = per_img[img]
+                run = is_img[r, j:j + need]
+                if run.size < need or not run.all():
+                    raise ValueError(f"row {r}: image placeholder run at position {j} is not {need} consecutive "
+                                     f"tokens (image {img})")
+                text_src.extend([-1] * per_slots[img])
+                vis_src.extend(range(img * stride, img * stride + per_slots[img]))
                 img += 1
-                j += tokens_per_image
+                j += need
             else:
                 text_src.append(j)
                 vis_src.append(-1)
@@ -95,4 +104,4 @@ def plan_sequence(
         vis_src[r, length - k:] = rows_vis[r]
         t = np.asarray(rows_text[r])
         text_mask[r, length - k:] = np.where(t >= 0, mask[r, np.maximum(t, 0)], False)
-    return SequencePlan(text_src, vis_src, text_mask, num_images, slots)
+    return SequencePlan(text_src, vis_src, text_mask, num_images, stride)

@@ -188,3 +188,38 @@ def demo_image(path: str | None = None):
 def config_json(directory: str) -> dict:
     with open(os.path.join(directory, "config.json")) as f:
         return json.load(f)
+
+
+def tiny_pinpoints(tile: int) -> list[list[int]]:
+    """LLaVA-v1.6's pinpoints (1x2, 2x1, 2x2, 1x3, 3x1 tiles), scaled to a tile size, as HF (height, width)."""
+    return [[tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile], [tile, 3 * tile], [3 * tile, tile]]
+
+
+def tiny_llava_next_config(vocab_size: int, image_token_id: int, pad_token_id: int, **overrides):
+    """A small HF ``LlavaNextConfig`` (same towers as ``tiny_llava_config``) with pinpoints scaled to the tile."""
+    from transformers import LlavaNextConfig
+
+    base = tiny_llava_config(vocab_size, image_token_id, pad_token_id, **overrides)
+    tile = base.vision_config.image_size
+    return LlavaNextConfig(
+        vision_config=base.vision_config, text_config=base.text_config, image_token_index=image_token_id,
+        vision_feature_layer=base.vision_feature_layer,
+        vision_feature_select_strategy=base.vision_feature_select_strategy,
+        projector_hidden_act="gelu", image_grid_pinpoints=tiny_pinpoints(tile), pad_token_id=pad_token_id,
+    )
+
+
+def build_next_processor(tokenizer, hf_config):
+    """LlavaNextProcessor whose image processor tiles with the config's pinpoints."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    size = hf_config.vision_config.image_size
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_grid_pinpoints=hf_config.image_grid_pinpoints,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=hf_config.vision_config.patch_size,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
+    )

@@ -47,8 +47,10 @@ class Pruner:
     """Base class. Subclasses set ``name`` and implement ``num_slots`` and ``apply``."""
 
     name: ClassVar[str] = "base"
-    #: True for methods that run inside the LLM (FastV); the model then calls ``apply_llm`` instead.
+    #: True for methods that run inside the LLM (FastV); the model then calls ``llm_config`` instead.
     inside_llm: ClassVar[bool] = False
+    #: True for methods with a per-tile form for LLaVA-NeXT (``tile_mask`` and ``max_tokens_next``).
+    supports_next: ClassVar[bool] = False
 
     def vision_request(self, cfg) -> dict:
         return {}
@@ -58,8 +60,8 @@ class Pruner:
 
     def validate(self, cfg) -> None:
         """Raise ValueError (before any compile) when this pruner cannot run on ``cfg``."""
-        if cfg.model_type != "llava":
-            raise NotImplementedError(f"{self.name} on {cfg.model_type} is not implemented yet")
+        if cfg.model_type != "llava" and not self.supports_next:
+            raise NotImplementedError(f"{self.name} on {cfg.model_type} (anyres tiles) is not implemented yet")
         if cfg.vision_feature_select_strategy != "default":
             raise ValueError(
                 f"{self.name}: pruning selects patch tokens and needs vision_feature_select_strategy='default' "
@@ -72,6 +74,14 @@ class Pruner:
 
     def _check(self, num_tokens: int, cfg) -> None:
         pass
+
+    def max_tokens_next(self, cfg, num_tiles: int) -> int:
+        """LLaVA-NeXT: most tokens (newlines excluded) one image with ``num_tiles`` tiles (base included) keeps."""
+        raise NotImplementedError
+
+    def tile_mask(self, enc: dict, tile_valid: Array, cfg) -> Array:
+        """LLaVA-NeXT: keep mask bool (NI, T, N) over every tile's tokens; enc holds the NI·T tiles' outputs."""
+        raise NotImplementedError
 
     def apply(self, enc: dict, project: Callable[[Array], Array]) -> tuple[Array, Array]:
         """enc: ``Llava.encode`` outputs; project: features -> LLM embeddings.
@@ -90,10 +100,25 @@ def _check_keep(name: str, num_keep, n: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class VisPruner(Pruner):
-    """VisPruner (ICCV'25): T·ratio tokens by CLS attention, the rest by similarity-based dedup."""
+class _KeepN(Pruner):
+    """Methods that keep exactly ``num_keep`` tokens per image."""
 
     num_keep: int = 64
+
+    def num_slots(self, cfg):
+        return self.num_keep
+
+    def max_tokens_next(self, cfg, num_tiles):
+        return self.num_keep * num_tiles  # num_keep per tile, base image included
+
+    def _check(self, n, cfg):
+        _check_keep(self.name, self.num_keep, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisPruner(_KeepN):
+    """VisPruner (ICCV'25): T·ratio tokens by CLS attention, the rest by similarity-based dedup."""
+
     important_ratio: float = 0.5
     layer: int | None = None
     name: ClassVar[str] = "vispruner"
@@ -101,44 +126,53 @@ class VisPruner(Pruner):
     def vision_request(self, cfg):
         return {"cls_attention_layers": (resolve_layer(self.layer, cfg, "layer"),)}
 
-    def num_slots(self, cfg):
-        return self.num_keep
-
     def _check(self, n, cfg):
-        _check_keep(self.name, self.num_keep, n)
+        super()._check(n, cfg)
         _checks.check_float("important_ratio", self.important_ratio, lo=0.0, hi=1.0, where=self.name)
 
     def apply(self, enc, project):
         from vlmprune.prune.vispruner import vispruner
 
+        return _selected(enc, project, self._select(enc))
+
+    supports_next: ClassVar[bool] = True
+
+    def _select(self, enc):
+        from vlmprune.prune.vispruner import vispruner
+
         (layer,) = enc["cls_attn"].keys()
-        sel = vispruner(enc["features"], enc["cls_attn"][layer], num_keep=self.num_keep,
-                        important_ratio=self.important_ratio)
-        return _selected(enc, project, sel)
+        return vispruner(enc["features"], enc["cls_attn"][layer], num_keep=self.num_keep,
+                         important_ratio=self.important_ratio)
+
+    def tile_mask(self, enc, tile_valid, cfg):
+        n = enc["features"].shape[1]
+        return self._select(enc).mask(n).reshape(tile_valid.shape + (n,))
 
 
 @dataclasses.dataclass(frozen=True)
-class FasterVLM(Pruner):
+class FasterVLM(_KeepN):
     """FasterVLM: top-T tokens by head-mean CLS attention (VisPruner with ratio 1)."""
 
-    num_keep: int = 64
     layer: int | None = None
     name: ClassVar[str] = "fastervlm"
 
     def vision_request(self, cfg):
         return {"cls_attention_layers": (resolve_layer(self.layer, cfg, "layer"),)}
 
-    def num_slots(self, cfg):
-        return self.num_keep
-
-    def _check(self, n, cfg):
-        _check_keep(self.name, self.num_keep, n)
-
     def apply(self, enc, project):
         from vlmprune.prune.vispruner import fastervlm
 
         (layer,) = enc["cls_attn"].keys()
         return _selected(enc, project, fastervlm(enc["cls_attn"][layer], num_keep=self.num_keep))
+
+    supports_next: ClassVar[bool] = True
+
+    def tile_mask(self, enc, tile_valid, cfg):
+        from vlmprune.prune.vispruner import fastervlm
+
+        (layer,) = enc["cls_attn"].keys()
+        n = enc["features"].shape[1]
+        return fastervlm(enc["cls_attn"][layer], num_keep=self.num_keep).mask(n).reshape(tile_valid.shape + (n,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,12 +186,38 @@ class HiRED(Pruner):
     deep_layer: int | None = None
     name: ClassVar[str] = "hired"
 
+    supports_next: ClassVar[bool] = True
+
     def vision_request(self, cfg):
-        return {"cls_attention_layers": (resolve_layer(self.deep_layer, cfg, "deep_layer"),)}
+        deep = resolve_layer(self.deep_layer, cfg, "deep_layer")
+        if cfg.model_type == "llava_next":
+            return {"cls_attention_layers": tuple(sorted({resolve_layer(self.shallow_layer, cfg, "shallow_layer"),
+                                                          deep}))}
+        return {"cls_attention_layers": (deep,)}
 
     def num_slots(self, cfg):
         n = cfg.tokens_per_image
         return min(n, int(n * self.budget_rate))
+
+    def max_tokens_next(self, cfg, num_tiles):
+        from vlmprune.prune.hired import hired_allocation
+
+        n_budget, n_full, n_sub = hired_allocation(num_tiles, cfg.tokens_per_image, budget_rate=self.budget_rate,
+                                                   alpha=self.alpha)
+        return n_full + n_sub
+
+    def tile_mask(self, enc, tile_valid, cfg):
+        from vlmprune.prune.hired import hired_batched
+
+        shallow_l = resolve_layer(self.shallow_layer, cfg, "shallow_layer")
+        deep_l = resolve_layer(self.deep_layer, cfg, "deep_layer")
+        ni, t = tile_valid.shape
+        n = enc["features"].shape[1]
+        shape = (ni, t) + enc["cls_attn"][deep_l].shape[1:]
+        sel = hired_batched(enc["cls_attn"][shallow_l].reshape(shape), enc["cls_attn"][deep_l].reshape(shape),
+                            jnp.sum(tile_valid, axis=1, dtype=jnp.int32), budget_rate=self.budget_rate,
+                            alpha=self.alpha)
+        return sel.mask(n)
 
     def _check(self, n, cfg):
         _checks.check_float("budget_rate", self.budget_rate, lo=0.0, hi=1.0, lo_open=True, where=self.name)
@@ -192,18 +252,11 @@ class HERO(Pruner):
 
 
 @dataclasses.dataclass(frozen=True)
-class RandomKeep(Pruner):
+class RandomKeep(_KeepN):
     """Uniformly random subset of ``num_keep`` tokens per image (seeded)."""
 
-    num_keep: int = 64
     seed: int = 0
     name: ClassVar[str] = "random"
-
-    def num_slots(self, cfg):
-        return self.num_keep
-
-    def _check(self, n, cfg):
-        _check_keep(self.name, self.num_keep, n)
 
     def apply(self, enc, project):
         from vlmprune.prune.baselines import random_keep
@@ -214,17 +267,10 @@ class RandomKeep(Pruner):
 
 
 @dataclasses.dataclass(frozen=True)
-class Uniform(Pruner):
+class Uniform(_KeepN):
     """Spatially even grid of ``num_keep`` tokens."""
 
-    num_keep: int = 64
     name: ClassVar[str] = "uniform"
-
-    def num_slots(self, cfg):
-        return self.num_keep
-
-    def _check(self, n, cfg):
-        _check_keep(self.name, self.num_keep, n)
 
     def apply(self, enc, project):
         from vlmprune.prune.baselines import uniform
@@ -236,17 +282,10 @@ class Uniform(Pruner):
 
 
 @dataclasses.dataclass(frozen=True)
-class DivPrune(Pruner):
+class DivPrune(_KeepN):
     """DivPrune (CVPR'25): max-min diverse subset of the post-projector embeddings."""
 
-    num_keep: int = 64
     name: ClassVar[str] = "divprune"
-
-    def num_slots(self, cfg):
-        return self.num_keep
-
-    def _check(self, n, cfg):
-        _check_keep(self.name, self.num_keep, n)
 
     def apply(self, enc, project):
         from vlmprune.prune.baselines import divprune

@@ -1,0 +1,167 @@
+"""LLaVA-NeXT (anyres): parity with HF's LlavaNextForConditionalGeneration for every grid of the pinpoint list,
+mixed-grid batches, one compile for all grids, and per-tile pruning in the official layout."""
+
+import chex
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vlmprune
+from vlmprune import prune
+from vlmprune.next_layout import grid_shape
+
+LOGITS_ATOL = 1e-4  # fp32 through the whole stack
+
+# (height, width) of test images -> the grid (rows, cols) they select with the scaled v1.6 pinpoints.
+SIZES = {(40, 90): (1, 2), (90, 40): (2, 1), (100, 100): (2, 2), (30, 120): (1, 3), (120, 30): (3, 1)}
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    from transformers import LlavaNextForConditionalGeneration
+
+    from vlmprune.tiny import build_next_processor, build_tokenizer, tiny_llava_next_config
+
+    d = tmp_path_factory.mktemp("next")
+    tok = build_tokenizer()
+    cfg = tiny_llava_next_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    torch.manual_seed(11)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(d)
+    build_next_processor(tok, cfg).save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def models(next_dir):
+    from transformers import LlavaNextForConditionalGeneration
+
+    hf = LlavaNextForConditionalGeneration.from_pretrained(next_dir, attn_implementation="eager").eval()
+    return vlmprune.load(next_dir), hf
+
+
+def _image(hw, seed):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (hw[0], hw[1], 3), dtype=np.uint8))
+
+
+def _inputs(model, sizes, prompts=None):
+    proc = model.processor
+    prompts = prompts or ["What is in the image?"] * len(sizes)
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+                                      add_generation_prompt=True) for p in prompts]
+    imgs = [_image(s, i) for i, s in enumerate(sizes)]
+    return dict(proc(images=imgs, text=texts, return_tensors="np", padding=True))
+
+
+def test_sizes_select_every_grid(models):
+    model, _ = models
+    c = model.config
+    for hw, grid in SIZES.items():
+        assert grid_shape(hw, c.image_grid_pinpoints, c.vision.image_size) == grid
+
+
+def _hf_logits(hf, x):
+    with torch.no_grad():
+        return hf(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()}).logits.numpy()
+
+
+@pytest.mark.parametrize("hw", sorted(SIZES))
+def test_logits_match_hf_for_every_grid(models, hw):
+    model, hf = models
+    x = _inputs(model, [hw])
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    ref = _hf_logits(hf, x)
+    print(hw, "max |logits - HF|:", np.abs(np.asarray(out.logits) - ref).max())
+    chex.assert_trees_all_close(np.asarray(out.logits), ref, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_mixed_grid_batch_and_generation_match_hf(models):
+    model, hf = models
+    x = _inputs(model, [(100, 100), (30, 120)], ["What is in the image?", "How many objects are there?"])
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    ref = _hf_logits(hf, x)
+    m = x["attention_mask"].astype(bool)
+    chex.assert_trees_all_close(np.asarray(out.logits)[m], ref[m], atol=LOGITS_ATOL, rtol=0)
+    ours = model.generate(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"],
+                          attention_mask=x["attention_mask"], max_new_tokens=10)
+    with torch.no_grad():
+        gen = hf.generate(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()}, max_new_tokens=10,
+                          min_new_tokens=10, do_sample=False, pad_token_id=model.config.pad_token_id)
+    np.testing.assert_array_equal(ours, gen[:, x["input_ids"].shape[1]:].numpy())
+
+
+def test_one_compile_serves_every_grid(models):
+    model, _ = models
+    before = model.compile_counts()["forward"]
+    lens = set()
+    for hw in [(100, 100), (40, 90), (120, 30)]:
+        x = _inputs(model, [hw])
+        lens.add(x["input_ids"].shape[1])
+        model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"])
+    # one program per distinct prompt length (the visual block lengths differ by grid), none per grid itself
+    assert model.compile_counts()["forward"] - before <= len(lens)
+
+
+def test_pruned_next_matches_hf_language_model(models):
+    """VisPruner per tile in the official layout == HF LM fed the same packed, pruned sequence."""
+    model, hf = models
+    pruner = prune.VisPruner(num_keep=8, important_ratio=0.5)
+    x = _inputs(model, [(100, 100)])
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=pruner)
+    pix = torch.from_numpy(x["pixel_values"][0])  # (5, 3, S, S)
+    with torch.no_grad():
+        vo = hf.model.vision_tower(pix, output_hidden_states=True, output_attentions=True)
+        feats, attn = vo.hidden_states[-2][:, 1:], vo.attentions[-2][:, :, 0, 1:]
+        keep = np.asarray(prune.vispruner(feats.numpy(), attn.numpy(), num_keep=8, important_ratio=0.5).mask(16))
+        proj = hf.model.multi_modal_projector(feats)  # (5, 16, D)
+        nl = hf.model.image_newline
+        # official layout: base (raster), then the 8x8 stitched grid row by row + newline for rows keeping a token
+        seq = [proj[0, j] for j in range(16) if keep[0, j]]
+        for y in range(8):
+            row = []
+            for xg in range(8):
+                t, p = 1 + (y // 4) * 2 + xg // 4, (y % 4) * 4 + xg % 4
+                if keep[t, p]:
+                    row.append(proj[t, p])
+            if row:
+                seq.extend(row + [nl])
+        vis = torch.stack(seq)
+        ids = torch.from_numpy(x["input_ids"][0])
+        img = (ids == hf.config.image_token_id).nonzero()[:, 0]
+        text = hf.get_input_embeddings()(ids)
+        embeds = torch.cat([text[: img[0]], vis, text[img[-1] + 1:]])[None]
+        ref = hf(inputs_embeds=embeds).logits.numpy()
+    got = np.asarray(out.logits)[np.asarray(out.mask)]
+    assert got.shape[0] == ref.shape[1]
+    chex.assert_trees_all_close(got, ref[0], atol=LOGITS_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("pruner", [prune.FasterVLM(num_keep=6), prune.HiRED(budget_rate=0.3, shallow_layer=0)])
+def test_other_per_tile_methods_run_on_next(models, pruner):
+    model, _ = models
+    x = _inputs(model, [(90, 40), (100, 100)])
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
+                pruner=pruner)
+    assert np.isfinite(np.asarray(out.logits)).all()
+    full = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    assert np.asarray(out.mask).sum() < np.asarray(full.mask).sum()
+
+
+def test_next_bad_inputs(models):
+    model, _ = models
+    x = _inputs(model, [(100, 100)])
+    with pytest.raises(ValueError, match="image_sizes .* is required"):
+        model(x["input_ids"], x["pixel_values"])
+    with pytest.raises(ValueError, match=r"image_sizes must have shape \(1, 2\)"):
+        model(x["input_ids"], x["pixel_values"], image_sizes=np.array([[100, 100], [50, 50]]))
+    with pytest.raises(ValueError, match="needs 5 tiles"):
+        model(x["input_ids"], x["pixel_values"][:, :3], image_sizes=x["image_sizes"])
+    with pytest.raises(ValueError, match="image placeholder tokens"):
+        model(x["input_ids"], x["pixel_values"], image_sizes=np.array([[30, 120]]))  # wrong size for the prompt
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, num_tiles"):
+        model(x["input_ids"], x["pixel_values"][0], image_sizes=x["image_sizes"])

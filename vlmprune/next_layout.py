@@ -1,0 +1,121 @@
+"""LLaVA-NeXT (anyres) token layout, computed on the host from the image size (NumPy, outside jit).
+
+The official layout, as HF's ``pack_image_features`` builds it: the base image's tokens in raster order, then the
+stitched tile grid ``(rows·n, cols·n)`` unpadded to the image's aspect ratio, row by row, each row followed by one
+``image_newline``. Everything here depends only on the image size and the pinpoints, so the jitted model receives
+it as small integer tables and compiles once for every grid (tiles are padded to the largest grid and masked).
+
+Tables for one image, over its "full layout" of ``F`` entries:
+  * ``token``: index into the image's tile-token table ``(max_tiles · N)`` (tile ``t``, patch ``p`` -> ``t·N + p``),
+    or ``-1`` for a newline;
+  * ``row``: the stitched-grid row an entry belongs to (``-1`` for base-image tokens); a newline is kept when its
+    row keeps at least one token (all rows when nothing is pruned, which reproduces HF exactly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from vlmprune.prune.anyres import select_best_resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLayout:
+    grid_rows: int
+    grid_cols: int
+    top: int
+    bottom: int
+    left: int
+    right: int
+    token: np.ndarray  # int32 (F,)
+    row: np.ndarray  # int32 (F,)
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles including the base image."""
+        return 1 + self.grid_rows * self.grid_cols
+
+    @property
+    def length(self) -> int:
+        return int(self.token.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        return self.bottom - self.top
+
+
+def grid_shape(image_size_hw: Sequence[int], pinpoints, tile_size: int) -> tuple[int, int]:
+    """(rows, cols) of tiles for an image of (height, width), HF's ``get_anyres_image_grid_shape``."""
+    h, w = select_best_resolution(tuple(int(v) for v in image_size_hw), [tuple(p) for p in pinpoints],
+                                  convention="height_width")
+    return h // tile_size, w // tile_size
+
+
+def unpad_crop(image_size_hw: Sequence[int], current_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """HF ``unpad_image`` (transformers >= 4.45: ``int(round(x, 7))``): (top, bottom, left, right) of the kept map."""
+    oh, ow = (int(v) for v in image_size_hw)
+    ch, cw = current_hw
+    if ow / oh > cw / ch:
+        new_h = int(round(oh * (cw / ow), 7))
+        pad = (ch - new_h) // 2
+        return pad, ch - pad, 0, cw
+    new_w = int(round(ow * (ch / oh), 7))
+    pad = (cw - new_w) // 2
+    return 0, ch, pad, cw - pad
+
+
+def image_layout(image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tokens_per_side: int) -> ImageLayout:
+    """The official (HF) layout of one image. Raises ValueError for a non-positive size."""
+    if len(image_size_hw) != 2 or min(int(v) for v in image_size_hw) <= 0:
+        raise ValueError(f"image size must be (height, width) with positive entries, got {tuple(image_size_hw)}")
+    n = tokens_per_side
+    rows, cols = grid_shape(image_size_hw, pinpoints, tile_size)
+    top, bottom, left, right = unpad_crop(image_size_hw, (rows * n, cols * n))
+    base = np.arange(n * n, dtype=np.int32)
+    tok, row = [base], [np.full(n * n, -1, np.int32)]
+    xs = np.arange(left, right)
+    for y in range(top, bottom):
+        tile = 1 + (y // n) * cols + xs // n
+        patch = (y % n) * n + xs % n
+        tok.append((tile * n * n + patch).astype(np.int32))
+        tok.append(np.array([-1], np.int32))
+        row.append(np.full(xs.size + 1, y, np.int32))
+    return ImageLayout(rows, cols, top, bottom, left, right, np.concatenate(tok), np.concatenate(row))
+
+
+def max_tiles(pinpoints, tile_size: int) -> int:
+    """Largest tile count (base image included) over the pinpoint list: the static tile axis."""
+    return 1 + max((h // tile_size) * (w // tile_size) for h, w in pinpoints)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """Padded layout tables for a batch of images (NI images, F_max entries, R_max grid rows)."""
+
+    token: np.ndarray  # int32 (NI, F_max); padding entries -2
+    row: np.ndarray  # int32 (NI, F_max)
+    tile_valid: np.ndarray  # bool (NI, T_max)
+    layouts: tuple[ImageLayout, ...]
+
+    @property
+    def num_rows_max(self) -> int:
+        return max(int(lay.bottom) for lay in self.layouts)
+
+
+def batch_layout(image_sizes_hw, pinpoints, *, tile_size: int, tokens_per_side: int) -> BatchLayout:
+    pinpoints = [tuple(int(v) for v in p) for p in pinpoints]
+    t_max = max_tiles(pinpoints, tile_size)
+    lays = tuple(image_layout(s, pinpoints, tile_size=tile_size, tokens_per_side=tokens_per_side)
+                 for s in np.asarray(image_sizes_hw).tolist())
+    f_max = max(lay.length for lay in lays)
+    token = np.full((len(lays), f_max), -2, np.int32)
+    row = np.full((len(lays), f_max), -1, np.int32)
+    tile_valid = np.zeros((len(lays), t_max), bool)
+    for i, lay in enumerate(lays):
+        token[i, : lay.length] = lay.token
+        row[i, : lay.length] = lay.row
+        tile_valid[i, : lay.num_tiles] = True
+    return BatchLayout(token, row, tile_valid, lays)
