@@ -165,3 +165,68 @@ def test_next_bad_inputs(models):
         model(x["input_ids"], x["pixel_values"], image_sizes=np.array([[30, 120]]))  # wrong size for the prompt
     with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, num_tiles"):
         model(x["input_ids"], x["pixel_values"][0], image_sizes=x["image_sizes"])
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory, models):
+    """A full CLIP (both towers) whose image tower takes the NeXT tiles, with the demo tokenizer."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from vlmprune.tiny import build_tokenizer
+
+    model, _ = models
+    tok = build_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=model.config.vision.image_size, patch_size=14),
+        projection_dim=24,
+    )
+    torch.manual_seed(3)
+    d = tmp_path_factory.mktemp("clip_hero")
+    CLIPModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def test_hero_on_next_equals_per_image_reference(models, tiny_clip_dir):
+    model, _ = models
+    pruner = prune.HERO(keep_ratio=0.3, alpha=0.5, t_cls=0.1, t_clip=0.1, low_layers=(0, 1), high_layers=(1, 2),
+                        clip_path=tiny_clip_dir)
+    sizes = [(100, 100), (30, 120)]
+    x = _inputs(model, sizes, ["What is in the image?", "Is there a cat?"])
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
+                pruner=pruner, text=["What is in the image?", "Is there a cat?"])
+    assert np.isfinite(np.asarray(out.logits)).all()
+    # Reference: the unpadded per-image hero() on the model's own tower outputs and the same CLIP embeddings.
+    from vlmprune.next_layout import image_layout
+    from vlmprune.prune.anyres import hero_valid_mask
+
+    clip = model.auxiliary_clip(tiny_clip_dir)
+    text_emb = np.asarray(clip.text_features(["What is in the image?", "Is there a cat?"]))
+    n_text = int(((x["input_ids"] != model.config.image_token_id) & (x["attention_mask"] == 1)).sum())
+    expected_visual = 0
+    for i, hw in enumerate(sizes):
+        lay = image_layout(hw, model.config.image_grid_pinpoints, tile_size=56, tokens_per_side=4)
+        k = lay.num_tiles - 1
+        pix = x["pixel_values"][i, : lay.num_tiles]
+        enc = model.vision(pix[None], cls_attention_layers=(0, 1, 2), hidden_state_layers=(3,))
+        a = enc["cls_attn"]
+        sel = prune.hero(np.stack([a[1][0], a[2][0]]), np.stack([a[0][1:], a[1][1:]], axis=1),
+                         np.asarray(enc["hidden_states"][3][:, 0]), np.asarray(clip.image_features(pix[1:])),
+                         text_emb[i:i + 1], hero_valid_mask((hw[1], hw[0]), (lay.grid_cols, lay.grid_rows), 4),
+                         keep_ratio=0.3, alpha=0.5, t_cls=0.1, t_clip=0.1, tokens_per_side=4)
+        mask = np.asarray(sel.mask(16))
+        grid = mask[1:].reshape(lay.grid_rows, lay.grid_cols, 4, 4).transpose(0, 2, 1, 3).reshape(
+            lay.grid_rows * 4, lay.grid_cols * 4)[lay.top:lay.bottom, lay.left:lay.right]
+        expected_visual += int(mask.sum()) + int(grid.any(axis=1).sum())
+    assert int(np.asarray(out.mask).sum()) == n_text + expected_visual
+
+
+def test_hero_needs_next_and_clip(mha_dir, models):
+    model, _ = models
+    x = _inputs(model, [(100, 100)])
+    with pytest.raises(ValueError, match="clip_path"):
+        model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=prune.HERO(low_layers=(0,),
+                                                                                                  high_layers=(1,)))

@@ -63,7 +63,7 @@ def _visual_tokens(module: Llava, params, pixel_values, pruner, layout=None, str
     enc = module.apply(
         {"params": params}, pix, method=Llava.encode,
         cls_attention_layers=req.get("cls_attention_layers", ()), key_layers=req.get("key_layers", ()),
-        post_layernorm=req.get("post_layernorm", False),
+        hidden_state_layers=req.get("hidden_state_layers", ()), post_layernorm=req.get("post_layernorm", False),
     )
     project = functools.partial(module.apply, {"params": params}, method=Llava.project)
     if layout is not None:
@@ -82,7 +82,7 @@ def _next_visual_tokens(module, params, enc, project, pruner, layout, stride):
     if pruner is None:
         keep = jnp.ones((ni, t, n), bool)
     else:
-        keep = pruner.tile_mask(enc, tile_valid, module.config)
+        keep = pruner.tile_mask(enc, layout, module.config)
     keep = (keep & tile_valid[..., None]).reshape(ni, t * n)
     emb = project(enc["features"]).reshape(ni, t * n, -1)
     newline = module.apply({"params": params}, method=lambda m: m.image_newline).astype(emb.dtype)
@@ -210,6 +210,7 @@ class LlavaModel:
         self.dtype = _dtype(dtype)
         self.processor = processor
         self.hf_config = hf_config
+        self._aux = {}  # auxiliary models pruners need (HERO's CLIP), keyed by path
         self.module = Llava(config, dtype=self.dtype)
         m = self.module
         self._forward_jit = jax.jit(functools.partial(_forward, m), static_argnames=("pruner", "stride"))
@@ -273,7 +274,7 @@ class LlavaModel:
         pix[:, : pixel_values.shape[1]] = np.asarray(pixel_values, np.float32)
         return pix, lay
 
-    def _plan(self, input_ids, attention_mask, pixel_values, pruner, image_sizes=None):
+    def _plan(self, input_ids, attention_mask, pixel_values, pruner, image_sizes=None, text=None):
         """Validate everything on the host. Returns (plan, pixels, layout arrays or None, stride or None)."""
         pixel_values = self._check_pixels(pixel_values)
         c = self.config
@@ -297,7 +298,45 @@ class LlavaModel:
                              num_images=pix.shape[0], slots=slots, slot_stride=stride)
         arrays = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row),
                   "tile_valid": jnp.asarray(lay.tile_valid)}
+        if pruner is not None:
+            texts = self._image_texts(ids, mask, plan, text)
+            extra = pruner.host_inputs(self, pix, lay.layouts, ids, texts)
+            arrays.update({k: jnp.asarray(v) for k, v in extra.items()})
         return plan, pix, arrays, stride
+
+    def _image_texts(self, ids, mask, plan: SequencePlan, text) -> list[str]:
+        """The instruction text per image, for text-guided pruners (HERO): ``text`` (one string per batch row)
+        or, by default, the row's real tokens after its last image placeholder, decoded without special tokens."""
+        b = ids.shape[0]
+        if text is not None:
+            text = [text] if isinstance(text, str) else list(text)
+            if len(text) != b:
+                raise ValueError(f"text must hold one string per batch row ({b}), got {len(text)}")
+        rows = []
+        for r in range(b):
+            if text is not None:
+                rows.append(text[r])
+                continue
+            if self.processor is None:
+                raise ValueError("this checkpoint has no tokenizer: pass text=[...] for text-guided pruning")
+            m = np.ones(ids.shape[1], bool) if mask is None else np.asarray(mask[r]).astype(bool)
+            img = np.where((ids[r] == self.config.image_token_id) & m)[0]
+            after = ids[r, (img[-1] + 1 if img.size else 0):][m[(img[-1] + 1 if img.size else 0):]]
+            rows.append(self.processor.tokenizer.decode(after, skip_special_tokens=True).strip())
+        out = [""] * plan.num_images
+        for r in range(b):
+            for v in np.unique(plan.vis_src[r][plan.vis_src[r] >= 0] // plan.slots):
+                out[int(v)] = rows[r]
+        return out
+
+    def auxiliary_clip(self, path: str):
+        """A full CLIP model used by a pruner (HERO), loaded once per model instance."""
+        from vlmprune.clip_model import load_clip
+
+        if path not in self._aux:
+            self._aux[path] = load_clip(path, dtype={jnp.float32: "float32", jnp.bfloat16: "bfloat16",
+                                                      jnp.float16: "float16"}[self.dtype])
+        return self._aux[path]
 
     def _args(self, input_ids, pixel_values, plan: SequencePlan, layout):
         return (
@@ -315,7 +354,8 @@ class LlavaModel:
 
     # ---- public API
 
-    def __call__(self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None) -> ModelOutput:
+    def __call__(self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None,
+                 text=None) -> ModelOutput:
         """Logits over the assembled (optionally pruned) sequence.
 
         Args:
@@ -325,12 +365,13 @@ class LlavaModel:
           image_sizes: LLaVA-NeXT only: (NI, 2) original (height, width) of each image, as the HF processor
             returns it; pixel_values is then (NI, tiles, C, S, S).
           pruner: a model-facing pruner (``vlmprune.prune.get(name, ...)``) or None.
+          text: instruction per batch row for text-guided pruners (HERO); default: decoded from the prompt.
 
         Returns:
           ModelOutput(logits float32 (B, L', V), mask bool (B, L')), L' = L when not pruning.
         """
         pruner = self._check_pruner(pruner)
-        plan, pix, layout, stride = self._plan(input_ids, attention_mask, pixel_values, pruner, image_sizes)
+        plan, pix, layout, stride = self._plan(input_ids, attention_mask, pixel_values, pruner, image_sizes, text)
         return self._forward_jit(self.params, *self._args(input_ids, pix, plan, layout), pruner=pruner, stride=stride)
 
     def vision(self, pixel_values, *, cls_attention_layers=(), key_layers=(), hidden_state_layers=(),
@@ -347,11 +388,11 @@ class LlavaModel:
         )
 
     def prefill(self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None,
-                max_new_tokens=32):
+                max_new_tokens=32, text=None):
         """Prefill step of generation: (last logits (B, V), cache, next positions (B,), plan)."""
         pruner = self._check_pruner(pruner)
         _checks.check_int("max_new_tokens", max_new_tokens, lo=1)
-        plan, pix, layout, stride = self._plan(input_ids, attention_mask, pixel_values, pruner, image_sizes)
+        plan, pix, layout, stride = self._plan(input_ids, attention_mask, pixel_values, pruner, image_sizes, text)
         max_len = plan.length + max_new_tokens
         rope_type = dict(self.config.text.rope_scaling).get("rope_type", "default")
         if rope_type == "dynamic" and max_len > self.config.text.max_position_embeddings:
@@ -363,7 +404,7 @@ class LlavaModel:
 
     def generate(self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 seed: int = 0) -> np.ndarray:
+                 seed: int = 0, text=None) -> np.ndarray:
         """New token ids int32 (B, max_new_tokens), padded with the pad id after EOS.
 
         Batches use left padding (``attention_mask``). Greedy by default; ``do_sample`` enables temperature and
@@ -373,7 +414,7 @@ class LlavaModel:
         _checks.check_float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
         logits, cache, next_pos, plan = self.prefill(
             input_ids, pixel_values, attention_mask=attention_mask, image_sizes=image_sizes, pruner=pruner,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens, text=text,
         )
         out = self._decode_jit(
             self.params, logits, cache, next_pos, jax.random.PRNGKey(seed), jnp.float32(temperature),

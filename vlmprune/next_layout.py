@@ -24,6 +24,7 @@ from vlmprune.prune.anyres import select_best_resolution
 
 @dataclasses.dataclass(frozen=True)
 class ImageLayout:
+    image_size_hw: tuple[int, int]
     grid_rows: int
     grid_cols: int
     top: int
@@ -83,7 +84,8 @@ def image_layout(image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tok
         tok.append((tile * n * n + patch).astype(np.int32))
         tok.append(np.array([-1], np.int32))
         row.append(np.full(xs.size + 1, y, np.int32))
-    return ImageLayout(rows, cols, top, bottom, left, right, np.concatenate(tok), np.concatenate(row))
+    size = (int(image_size_hw[0]), int(image_size_hw[1]))
+    return ImageLayout(size, rows, cols, top, bottom, left, right, np.concatenate(tok), np.concatenate(row))
 
 
 def max_tiles(pinpoints, tile_size: int) -> int:

@@ -156,7 +156,10 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(norm, 1e-12)
 
 
-def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, *, n_global, n_local, alpha, t_cls, t_clip):
+def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, present=None, n_local_dyn=None, *,
+               n_global, n_local, alpha, t_cls, t_clip):
+    """present (K,) bool marks real tiles when tiles are padded to a common K (absent tiles take no part in the
+    tile softmaxes and get budget 0); n_local_dyn is then the traced ``int(K_real·N·R)`` (n_local the static max)."""
     f32 = jnp.float32
     thumb_attn, tile_attn = thumb_attn.astype(f32), tile_attn.astype(f32)
     cls_last, img_emb, txt_emb = cls_last.astype(f32), img_emb.astype(f32), txt_emb.astype(f32)
@@ -168,10 +171,11 @@ def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, *, n_gl
 
     # §4.3-2 saliency: cosine of each tile's last-layer CLS with the thumbnail's, softmax over tiles at T_cls.
     c = _l2_normalize(cls_last)
-    sim = jax.nn.softmax(jnp.sum(c[1:] * c[0], axis=-1) / t_cls)  # (K,)
+    mask = (lambda x: x) if present is None else (lambda x: jnp.where(present, x, -jnp.inf))  # noqa: E731
+    sim = jax.nn.softmax(mask(jnp.sum(c[1:] * c[0], axis=-1) / t_cls))  # (K,)
     # §4.3-3 relevance: full-CLIP image/text cosine; T_clip replaces CLIP's logit scale.
     u, v = _l2_normalize(img_emb), _l2_normalize(txt_emb)
-    clip = jax.nn.softmax(jnp.sum(u * v[0], axis=-1) / t_clip)  # (K,)
+    clip = jax.nn.softmax(mask(jnp.sum(u * v[0], axis=-1) / t_clip))  # (K,)
 
     # §4.3-5 density, float32.
     cnt = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # (K,)
@@ -181,7 +185,8 @@ def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, *, n_gl
     # §4.3-6/7 fused score and budgets: float32 product truncated toward zero (fused >= 0, so floor == trunc),
     # clamped to the valid count; remainders are lost (no redistribution).
     fused = DENSITY_WEIGHT * d + (1 - DENSITY_WEIGHT) * (alpha * sim + (1 - alpha) * clip)
-    b = jnp.minimum(jnp.floor(fused * jnp.asarray(n_local, f32)).astype(jnp.int32), cnt)
+    n_local_f = jnp.asarray(n_local, f32) if n_local_dyn is None else n_local_dyn.astype(f32)
+    b = jnp.minimum(jnp.floor(fused * n_local_f).astype(jnp.int32), cnt)
 
     # §4.3-8 selection. Thumbnail: static top-N_global, no validity mask. Tiles: valid tokens only; b <= cnt, so a
     # -inf (padding) entry is never inside a tile's budget.
@@ -204,6 +209,41 @@ def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, *, n_gl
 
 
 _STATIC = ("n_global", "n_local", "alpha", "t_cls", "t_clip")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("table",))
+def _hero_padded_core(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, num_local, *, table, **static):
+    def one(ta, la, cl, ie, te, va, k):
+        present = jnp.arange(va.shape[0]) < k
+        n_local_dyn = jnp.asarray(table, jnp.int32)[k]
+        return _hero_impl(ta, la, cl, ie, te, va & present[:, None], present, n_local_dyn, **static)
+
+    return jax.vmap(one)(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, num_local)
+
+
+def hero_padded(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid, num_local_tiles, *,
+                keep_ratio: float, alpha: float, t_cls: float, t_clip: float) -> "HeroSelection":
+    """HERO for a batch of images of different grids, sub-tiles padded to a common ``K_max``.
+
+    Shapes as :func:`hero` with a leading batch axis B and ``K_max`` sub-tiles: thumb_attn (B, n_high, H, N),
+    tile_attn (B, K_max, n_low, H, N), cls_last (B, 1+K_max, D), clip_image_embeds (B, K_max, E),
+    clip_text_embeds (B, 1, E), valid (B, K_max, N) bool, num_local_tiles int (B,) real sub-tiles per image
+    (traced). Absent tiles are left out of the tile softmaxes and keep nothing; ``N_local = int(K·N·R)`` comes
+    from a host table indexed by each image's K, so an image equals :func:`hero` on its unpadded inputs.
+    Slot count: ``max(N_global, min(N, N_local(K_max)))``.
+    """
+    where = "hero_padded"
+    _checks.check_rank("tile_attn", tile_attn, 5, where=where, dims="(B, K_max, n_low, H, N)")
+    k_max, n = tile_attn.shape[1], tile_attn.shape[-1]
+    keep_ratio = _checks.check_float("keep_ratio", keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=where)
+    alpha = _checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
+    t_cls = _checks.check_float("t_cls", t_cls, lo=0.0, lo_open=True, where=where)
+    t_clip = _checks.check_float("t_clip", t_clip, lo=0.0, lo_open=True, where=where)
+    table = tuple(int(k * n * keep_ratio) for k in range(k_max + 1))
+    n_global, n_local = int(n * keep_ratio), table[-1]
+    return _hero_padded_core(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid,
+                             jnp.asarray(num_local_tiles, jnp.int32), table=table, n_global=n_global,
+                             n_local=n_local, alpha=alpha, t_cls=t_cls, t_clip=t_clip)
 _hero_core = jax.jit(_hero_impl, static_argnames=_STATIC)
 
 

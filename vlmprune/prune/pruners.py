@@ -17,6 +17,7 @@ from typing import Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlmprune import _checks
 from vlmprune.prune.selection import Selection, gather_tokens
@@ -79,9 +80,14 @@ class Pruner:
         """LLaVA-NeXT: most tokens (newlines excluded) one image with ``num_tiles`` tiles (base included) keeps."""
         raise NotImplementedError
 
-    def tile_mask(self, enc: dict, tile_valid: Array, cfg) -> Array:
-        """LLaVA-NeXT: keep mask bool (NI, T, N) over every tile's tokens; enc holds the NI·T tiles' outputs."""
+    def tile_mask(self, enc: dict, layout: dict, cfg) -> Array:
+        """LLaVA-NeXT: keep mask bool (NI, T, N) over every tile's tokens; enc holds the NI·T tiles' outputs,
+        layout the host tables (``tile_valid`` (NI, T) and any ``host_inputs``)."""
         raise NotImplementedError
+
+    def host_inputs(self, model, pixel_values, layouts, input_ids, text) -> dict:
+        """Extra arrays computed on the host before the jitted forward (HERO's CLIP scores); default none."""
+        return {}
 
     def apply(self, enc: dict, project: Callable[[Array], Array]) -> tuple[Array, Array]:
         """enc: ``Llava.encode`` outputs; project: features -> LLM embeddings.
@@ -144,9 +150,9 @@ class VisPruner(_KeepN):
         return vispruner(enc["features"], enc["cls_attn"][layer], num_keep=self.num_keep,
                          important_ratio=self.important_ratio)
 
-    def tile_mask(self, enc, tile_valid, cfg):
+    def tile_mask(self, enc, layout, cfg):
         n = enc["features"].shape[1]
-        return self._select(enc).mask(n).reshape(tile_valid.shape + (n,))
+        return self._select(enc).mask(n).reshape(layout["tile_valid"].shape + (n,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,12 +173,13 @@ class FasterVLM(_KeepN):
 
     supports_next: ClassVar[bool] = True
 
-    def tile_mask(self, enc, tile_valid, cfg):
+    def tile_mask(self, enc, layout, cfg):
         from vlmprune.prune.vispruner import fastervlm
 
         (layer,) = enc["cls_attn"].keys()
         n = enc["features"].shape[1]
-        return fastervlm(enc["cls_attn"][layer], num_keep=self.num_keep).mask(n).reshape(tile_valid.shape + (n,))
+        sel = fastervlm(enc["cls_attn"][layer], num_keep=self.num_keep)
+        return sel.mask(n).reshape(layout["tile_valid"].shape + (n,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,9 +213,10 @@ class HiRED(Pruner):
                                                    alpha=self.alpha)
         return n_full + n_sub
 
-    def tile_mask(self, enc, tile_valid, cfg):
+    def tile_mask(self, enc, layout, cfg):
         from vlmprune.prune.hired import hired_batched
 
+        tile_valid = layout["tile_valid"]
         shallow_l = resolve_layer(self.shallow_layer, cfg, "shallow_layer")
         deep_l = resolve_layer(self.deep_layer, cfg, "deep_layer")
         ni, t = tile_valid.shape
@@ -235,7 +243,14 @@ class HiRED(Pruner):
 
 @dataclasses.dataclass(frozen=True)
 class HERO(Pruner):
-    """HERO needs LLaVA-NeXT tiles (the original cannot run on single-image LLaVA-1.5: K = 0 tiles)."""
+    """HERO (arXiv 2509.13067) on LLaVA-NeXT: per-tile budgets from CLS saliency, CLIP text relevance and density;
+    the thumbnail keeps its ``high_layers`` picks, each tile its ``low_layers`` picks (algorithms.md §4).
+
+    ``clip_path`` names a full HF CLIP checkpoint (both towers; CLIP-L/14-336 for LLaVA-v1.6) whose image tower
+    sees the same preprocessed tiles and whose text tower embeds the instruction. The defaults of the layer
+    lists, temperatures, alpha and R are ours (the authors publish none; §4.7): set them explicitly to reproduce a
+    run. The original crashes on LLaVA-1.5 (no tiles); so does this pruner, with a clear error.
+    """
 
     keep_ratio: float = 0.2
     alpha: float = 0.5
@@ -245,10 +260,83 @@ class HERO(Pruner):
     high_layers: tuple[int, ...] = tuple(range(12, 24))
     clip_path: str | None = None
     name: ClassVar[str] = "hero"
+    supports_next: ClassVar[bool] = True
 
     def validate(self, cfg):
-        raise ValueError("hero: HERO allocates budgets across LLaVA-NeXT tiles; LLaVA-1.5 has a single image and "
-                         "no tiles (the original crashes there too). Use a LLaVA-NeXT checkpoint.")
+        if cfg.model_type != "llava_next":
+            raise ValueError("hero: HERO allocates budgets across LLaVA-NeXT tiles; LLaVA-1.5 has a single image "
+                             "and no tiles (the original crashes there too). Use a LLaVA-NeXT checkpoint.")
+        if self.clip_path is None:
+            raise ValueError("hero: clip_path (a full HF CLIP checkpoint, e.g. openai/clip-vit-large-patch14-336 "
+                             "downloaded locally) is required for the text-relevance score")
+        super().validate(cfg)
+
+    def _check(self, n, cfg):
+        _checks.check_float("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=self.name)
+        _checks.check_float("alpha", self.alpha, lo=0.0, hi=1.0, where=self.name)
+        _checks.check_float("t_cls", self.t_cls, lo=0.0, lo_open=True, where=self.name)
+        _checks.check_float("t_clip", self.t_clip, lo=0.0, lo_open=True, where=self.name)
+        if not self.low_layers or not self.high_layers:
+            raise ValueError("hero: low_layers and high_layers must be non-empty")
+        side = int(round(n**0.5))
+        if side * side != n:
+            raise ValueError(f"hero: tiles must have a square token grid, got {n} tokens")
+
+    def _layers(self, cfg):
+        low = tuple(resolve_layer(l, cfg, "low_layers") for l in self.low_layers)
+        high = tuple(resolve_layer(l, cfg, "high_layers") for l in self.high_layers)
+        return low, high
+
+    def vision_request(self, cfg):
+        low, high = self._layers(cfg)
+        return {"cls_attention_layers": tuple(sorted(set(low) | set(high))),
+                "hidden_state_layers": (cfg.vision.num_hidden_layers,)}
+
+    def num_slots(self, cfg):
+        raise ValueError("hero: LLaVA-NeXT only")
+
+    def max_tokens_next(self, cfg, num_tiles):
+        n, k = cfg.tokens_per_image, num_tiles - 1
+        return int(n * self.keep_ratio) + min(int(k * n * self.keep_ratio), k * n)
+
+    def host_inputs(self, model, pixel_values, layouts, input_ids, text) -> dict:
+        """CLIP image embeddings of the sub-tiles, CLIP text embedding of each image's instruction, and HERO's
+        own valid-token masks (§4.3 step 4, from the image size in (width, height))."""
+        from vlmprune.prune.anyres import hero_valid_mask
+
+        clip = model.auxiliary_clip(self.clip_path)
+        ni, t = pixel_values.shape[:2]
+        n = model.config.tokens_per_image
+        side = int(round(n**0.5))
+        if clip.module.vision.image_size != pixel_values.shape[-1]:
+            raise ValueError(f"hero: CLIP checkpoint image size {clip.module.vision.image_size} differs from the "
+                             f"tile size {pixel_values.shape[-1]}")
+        img = np.asarray(clip.image_features(pixel_values[:, 1:].reshape((-1,) + pixel_values.shape[2:])))
+        img = img.reshape(ni, t - 1, -1)
+        txt = np.asarray(clip.text_features(list(text)))[:, None]  # (NI, 1, E)
+        valid = np.zeros((ni, t - 1, n), bool)
+        for i, lay in enumerate(layouts):
+            k = lay.grid_rows * lay.grid_cols
+            h, w = lay.image_size_hw
+            valid[i, :k] = hero_valid_mask((w, h), (lay.grid_cols, lay.grid_rows), tokens_per_side=side)
+        return {"clip_image": img, "clip_text": txt, "hero_valid": valid}
+
+    def tile_mask(self, enc, layout, cfg):
+        from vlmprune.prune.hero import hero_padded
+
+        low, high = self._layers(cfg)
+        tile_valid = layout["tile_valid"]
+        ni, t = tile_valid.shape
+        n = enc["features"].shape[1]
+        attn = {l: a.reshape((ni, t) + a.shape[1:]) for l, a in enc["cls_attn"].items()}
+        thumb = jnp.stack([attn[l][:, 0] for l in high], axis=1)  # (NI, n_high, H, N)
+        tiles = jnp.stack([attn[l][:, 1:] for l in low], axis=2)  # (NI, K_max, n_low, H, N)
+        last = enc["hidden_states"][cfg.vision.num_hidden_layers]
+        cls_last = last[:, 0].reshape(ni, t, -1)
+        sel = hero_padded(thumb, tiles, cls_last, layout["clip_image"], layout["clip_text"], layout["hero_valid"],
+                          jnp.sum(tile_valid, axis=1, dtype=jnp.int32) - 1, keep_ratio=self.keep_ratio,
+                          alpha=self.alpha, t_cls=self.t_cls, t_clip=self.t_clip)
+        return sel.mask(n)
 
 
 @dataclasses.dataclass(frozen=True)
