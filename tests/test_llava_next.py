@@ -144,7 +144,7 @@ def test_pruned_next_matches_hf_language_model(models):
 @pytest.mark.parametrize("pruner", [prune.FasterVLM(num_keep=6), prune.HiRED(budget_rate=0.3, shallow_layer=0)])
 def test_other_per_tile_methods_run_on_next(models, pruner):
     model, _ = models
-    x = _inputs(model, [(90, 40), (100, 100)])
+    x = _inputs(model, [(90, 40), (100, 100)])  # 1 and 4 sub-tiles... and a 2-tile grid: N=16 splits evenly
     out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
                 pruner=pruner)
     assert np.isfinite(np.asarray(out.logits)).all()
@@ -230,3 +230,93 @@ def test_hero_needs_next_and_clip(mha_dir, models):
     with pytest.raises(ValueError, match="clip_path"):
         model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=prune.HERO(low_layers=(0,),
                                                                                                   high_layers=(1,)))
+
+
+def _reference_sequence(hf, x, keep, style):
+    """Packed visual block built independently in torch: HF's own unpad_image for the crop, explicit loops."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    pix = torch.from_numpy(x["pixel_values"][0])
+    size = [int(v) for v in x["image_sizes"][0]]
+    rows, cols = get_anyres_image_grid_shape(size, hf.config.image_grid_pinpoints, hf.config.vision_config.image_size)
+    with torch.no_grad():
+        feats = hf.model.vision_tower(pix, output_hidden_states=True).hidden_states[-2][:, 1:]
+        proj = hf.model.multi_modal_projector(feats)
+    nl = hf.model.image_newline
+    n = 4
+    grid_idx = torch.arange(rows * n * cols * n).reshape(1, rows * n, cols * n).float()
+    if style == "cropped":
+        kept_rows = unpad_image(grid_idx, size)[0].long()
+    else:
+        kept_rows = grid_idx[0].long()
+    seq = [proj[0, j] for j in range(16) if keep[0, j]]
+    for r in kept_rows:
+        row = []
+        for g in r.tolist():
+            y, xg = divmod(g, cols * n)
+            t, p = 1 + (y // n) * cols + xg // n, (y % n) * n + xg % n
+            if keep[t, p]:
+                row.append(proj[t, p])
+        seq.extend(row)
+        if style == "uncropped_newlines":
+            seq.append(nl)
+    with torch.no_grad():
+        vis = torch.stack(seq)
+        ids = torch.from_numpy(x["input_ids"][0])
+        img = (ids == hf.config.image_token_id).nonzero()[:, 0]
+        text = hf.get_input_embeddings()(ids)
+        embeds = torch.cat([text[: img[0]], vis, text[img[-1] + 1:]])[None]
+        return hf(inputs_embeds=embeds).logits.numpy()[0], len(seq)
+
+
+@pytest.mark.parametrize("hw", [(100, 100), (30, 120)])
+def test_reference_layouts_match_hf_language_model(models, hw):
+    from vlmprune.next_layout import reference_processor
+
+    model, hf = models
+    # VisPruner's own layout: fixed 2x2 canvas (reference processor), no unpad, no newline, exactly 5·T tokens.
+    vp = prune.VisPruner(num_keep=6, important_ratio=0.5, layout="reference")
+    ref_model_proc = model.processor
+    model.processor = reference_processor(ref_model_proc, model.config.vision.image_size)
+    try:
+        x = _inputs(model, [hw])
+    finally:
+        model.processor = ref_model_proc
+    assert x["pixel_values"].shape[1] == 5
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=vp)
+    pix = torch.from_numpy(x["pixel_values"][0])
+    with torch.no_grad():
+        vo = hf.model.vision_tower(pix, output_hidden_states=True, output_attentions=True)
+    keep = np.asarray(prune.vispruner(vo.hidden_states[-2][:, 1:].numpy(), vo.attentions[-2][:, :, 0, 1:].numpy(),
+                                      num_keep=6, important_ratio=0.5).mask(16))
+    hf_ref = hf.config.image_grid_pinpoints
+    hf.config.image_grid_pinpoints = [[112, 112]]
+    try:
+        ref, n_vis = _reference_sequence(hf, x, keep, "uncropped")
+    finally:
+        hf.config.image_grid_pinpoints = hf_ref
+    assert n_vis == 5 * 6
+    got = np.asarray(out.logits)[np.asarray(out.mask)]
+    chex.assert_trees_all_close(got, ref, atol=LOGITS_ATOL, rtol=0)
+
+    # HiRED's own layout: unpadded, no newline. (Its band allocation needs N % sub-tiles == 0: 16 tokens per tile
+    # here, so 3-tile grids are refused with a clear error.)
+    x = _inputs(model, [hw])
+    if hw == (30, 120):
+        with pytest.raises(ValueError, match="raster bands"):
+            model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=prune.HiRED(layout="reference"))
+        return
+    hr = prune.HiRED(budget_rate=0.3, alpha=0.5, shallow_layer=0, layout="reference")
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=hr)
+    k = int(x["image_sizes"].shape[0])
+    t = 1 + {(100, 100): 4, (30, 120): 3}[hw]
+    with torch.no_grad():
+        vo = hf.model.vision_tower(torch.from_numpy(x["pixel_values"][0][:t]), output_hidden_states=True,
+                                   output_attentions=True)
+    sel = prune.hired(vo.attentions[0][:, :, 0, 1:].numpy(), vo.attentions[-2][:, :, 0, 1:].numpy(),
+                      budget_rate=0.3, alpha=0.5)
+    keep = np.asarray(sel.mask(16))
+    ref, _ = _reference_sequence(hf, x, keep, "cropped")
+    got = np.asarray(out.logits)[np.asarray(out.mask)]
+    assert k == 1
+    chex.assert_trees_all_close(got, ref, atol=LOGITS_ATOL, rtol=0)

@@ -88,18 +88,18 @@ def _next_visual_tokens(module, params, enc, project, pruner, layout, stride):
     newline = module.apply({"params": params}, method=lambda m: m.image_newline).astype(emb.dtype)
     table = jnp.concatenate([emb, jnp.broadcast_to(newline, (ni, 1, emb.shape[-1]))], axis=1)
     token, row = layout["token"], layout["row"]  # (NI, F)
-    is_tok, is_nl = token >= 0, token == -1
+    is_tok, is_nl = token >= 0, token == -1  # -1: newline kept with its row; -3: newline always kept
     tok_keep = jnp.take_along_axis(keep, jnp.maximum(token, 0), axis=1) & is_tok
     n_rows = token.shape[1]  # static bound on the grid-row ids (< F)
     seg = jnp.where(is_tok & (row >= 0), row, n_rows)
     row_has = jnp.zeros((ni, n_rows + 1), jnp.int32).at[jnp.arange(ni)[:, None], seg].max(tok_keep.astype(jnp.int32))
-    nl_keep = is_nl & (jnp.take_along_axis(row_has, jnp.maximum(row, 0), axis=1) > 0)
+    nl_keep = (is_nl & (jnp.take_along_axis(row_has, jnp.maximum(row, 0), axis=1) > 0)) | (token == -3)
     keep_layout = tok_keep | nl_keep
     f = token.shape[1]
     src = jax.vmap(lambda k: jnp.nonzero(k, size=stride, fill_value=f)[0])(keep_layout)  # ascending = layout order
     valid = jnp.arange(stride)[None] < jnp.sum(keep_layout, axis=1, keepdims=True)
     tok_at = jnp.take_along_axis(jnp.concatenate([token, jnp.full((ni, 1), -2, token.dtype)], 1), src, axis=1)
-    idx = jnp.where(tok_at == -1, t * n, jnp.maximum(tok_at, 0))
+    idx = jnp.where((tok_at == -1) | (tok_at == -3), t * n, jnp.maximum(tok_at, 0))
     tokens = jnp.take_along_axis(table, idx[..., None], axis=1)
     return tokens, valid
 
@@ -248,11 +248,16 @@ class LlavaModel:
         _checks.check_finite("pixel_values", pixel_values)
         return pixel_values
 
-    def _next_layout(self, pixel_values, image_sizes):
-        """Host-side anyres layout for a NeXT batch; pads tiles to the largest grid. Returns (pixels, layout)."""
+    def _next_layout(self, pixel_values, image_sizes, pruner=None):
+        """Host-side anyres layout for a NeXT batch; pads tiles to the largest grid.
+
+        Returns (pixels (NI, T_max, C, S, S), layout in the pruner's style, placeholder counts per image)."""
         from vlmprune.next_layout import batch_layout, max_tiles
 
         c = self.config
+        style, pins = "official", c.image_grid_pinpoints
+        if pruner is not None and hasattr(pruner, "next_layout_style"):
+            style, pins = pruner.next_layout_style(c)
         if image_sizes is None:
             raise ValueError("image_sizes (num_images, 2) as (height, width) is required for LLaVA-NeXT inputs")
         sizes = np.asarray(image_sizes)
@@ -260,7 +265,9 @@ class LlavaModel:
         if sizes.shape != (ni, 2):
             raise ValueError(f"image_sizes must have shape ({ni}, 2) (one (height, width) per image), got {sizes.shape}")
         n_side = c.vision.image_size // c.vision.patch_size
-        lay = batch_layout(sizes, c.image_grid_pinpoints, tile_size=c.vision.image_size, tokens_per_side=n_side)
+        geo = dict(tile_size=c.vision.image_size, tokens_per_side=n_side)
+        lay = batch_layout(sizes, pins, style=style, **geo)
+        official = lay if style == "official" else batch_layout(sizes, pins, **geo)
         t_max = max_tiles(c.image_grid_pinpoints, c.vision.image_size)
         for i, li in enumerate(lay.layouts):
             if li.num_tiles > pixel_values.shape[1]:
@@ -272,7 +279,7 @@ class LlavaModel:
                              f"most {t_max}")
         pix = np.zeros((ni, t_max) + tuple(pixel_values.shape[2:]), np.float32)
         pix[:, : pixel_values.shape[1]] = np.asarray(pixel_values, np.float32)
-        return pix, lay
+        return pix, lay, [li.length for li in official.layouts]
 
     def _plan(self, input_ids, attention_mask, pixel_values, pruner, image_sizes=None, text=None):
         """Validate everything on the host. Returns (plan, pixels, layout arrays or None, stride or None)."""
@@ -286,15 +293,14 @@ class LlavaModel:
             plan = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=tokens,
                                  num_images=pixel_values.shape[0], slots=slots)
             return plan, pixel_values, None, None
-        pix, lay = self._next_layout(pixel_values, image_sizes)
-        full = [li.length for li in lay.layouts]
+        pix, lay, placeholders = self._next_layout(pixel_values, image_sizes, pruner)
         if pruner is None or pruner.inside_llm:
-            slots = full
+            slots = [li.length for li in lay.layouts]
         else:
-            slots = [min(f, pruner.max_tokens_next(c, li.num_tiles) + li.num_rows)
-                     for f, li in zip(full, lay.layouts)]
+            slots = [min(li.length, pruner.max_tokens_next(c, li.num_tiles) + int((li.token < 0).sum()))
+                     for li in lay.layouts]
         stride = max(slots)
-        plan = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=full,
+        plan = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=placeholders,
                              num_images=pix.shape[0], slots=slots, slot_stride=stride)
         arrays = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row),
                   "tile_valid": jnp.asarray(lay.tile_valid)}

@@ -7,7 +7,7 @@ it as small integer tables and compiles once for every grid (tiles are padded to
 
 Tables for one image, over its "full layout" of ``F`` entries:
   * ``token``: index into the image's tile-token table ``(max_tiles · N)`` (tile ``t``, patch ``p`` -> ``t·N + p``),
-    or ``-1`` for a newline;
+    ``-1`` for a newline kept when its row keeps a token, ``-3`` for a newline that is always kept;
   * ``row``: the stitched-grid row an entry belongs to (``-1`` for base-image tokens); a newline is kept when its
     row keeps at least one token (all rows when nothing is pruned, which reproduces HF exactly).
 """
@@ -68,13 +68,28 @@ def unpad_crop(image_size_hw: Sequence[int], current_hw: tuple[int, int]) -> tup
     return 0, ch, pad, cw - pad
 
 
-def image_layout(image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tokens_per_side: int) -> ImageLayout:
-    """The official (HF) layout of one image. Raises ValueError for a non-positive size."""
+# Layout styles. "official": HF's pack_image_features (unpad crop, a newline after every kept row; a row with no
+# kept token loses its newline too). The papers' own layouts (algorithms.md §1.4), for like-for-like comparisons:
+#   "uncropped": VisPruner / FasterVLM — no unpad, no newline (their 672x672 canvas: see reference_pinpoints);
+#   "cropped": HiRED — unpadded, no newline;
+#   "uncropped_newlines": HERO — no crop, a newline closes every stitched row, kept or not.
+STYLES = ("official", "uncropped", "cropped", "uncropped_newlines")
+
+
+def image_layout(image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tokens_per_side: int,
+                 style: str = "official") -> ImageLayout:
+    """The layout of one image in ``style`` (see STYLES). Raises ValueError for a non-positive size."""
     if len(image_size_hw) != 2 or min(int(v) for v in image_size_hw) <= 0:
         raise ValueError(f"image size must be (height, width) with positive entries, got {tuple(image_size_hw)}")
+    if style not in STYLES:
+        raise ValueError(f"unknown layout style {style!r}; one of {STYLES}")
     n = tokens_per_side
     rows, cols = grid_shape(image_size_hw, pinpoints, tile_size)
-    top, bottom, left, right = unpad_crop(image_size_hw, (rows * n, cols * n))
+    if style in ("official", "cropped"):
+        top, bottom, left, right = unpad_crop(image_size_hw, (rows * n, cols * n))
+    else:
+        top, bottom, left, right = 0, rows * n, 0, cols * n
+    newline = {"official": [-1], "cropped": [], "uncropped": [], "uncropped_newlines": [-3]}[style]
     base = np.arange(n * n, dtype=np.int32)
     tok, row = [base], [np.full(n * n, -1, np.int32)]
     xs = np.arange(left, right)
@@ -82,8 +97,8 @@ def image_layout(image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tok
         tile = 1 + (y // n) * cols + xs // n
         patch = (y % n) * n + xs % n
         tok.append((tile * n * n + patch).astype(np.int32))
-        tok.append(np.array([-1], np.int32))
-        row.append(np.full(xs.size + 1, y, np.int32))
+        tok.append(np.array(newline, np.int32))
+        row.append(np.full(xs.size + len(newline), y, np.int32))
     size = (int(image_size_hw[0]), int(image_size_hw[1]))
     return ImageLayout(size, rows, cols, top, bottom, left, right, np.concatenate(tok), np.concatenate(row))
 
@@ -107,10 +122,26 @@ class BatchLayout:
         return max(int(lay.bottom) for lay in self.layouts)
 
 
-def batch_layout(image_sizes_hw, pinpoints, *, tile_size: int, tokens_per_side: int) -> BatchLayout:
+def reference_pinpoints(tile_size: int) -> list[list[int]]:
+    """VisPruner's (and FasterVLM's evaluation) fixed 2x2 canvas, e.g. [[672, 672]] for 336-px tiles: preprocess
+    with a processor using these pinpoints to get the papers' exactly-5·T layout (``reference_processor``)."""
+    return [[2 * tile_size, 2 * tile_size]]
+
+
+def reference_processor(processor, tile_size: int):
+    """A copy of a LLaVA-NeXT HF processor whose image processor uses ``reference_pinpoints``."""
+    import copy
+
+    proc = copy.deepcopy(processor)
+    proc.image_processor.image_grid_pinpoints = reference_pinpoints(tile_size)
+    return proc
+
+
+def batch_layout(image_sizes_hw, pinpoints, *, tile_size: int, tokens_per_side: int,
+                 style: str = "official") -> BatchLayout:
     pinpoints = [tuple(int(v) for v in p) for p in pinpoints]
     t_max = max_tiles(pinpoints, tile_size)
-    lays = tuple(image_layout(s, pinpoints, tile_size=tile_size, tokens_per_side=tokens_per_side)
+    lays = tuple(image_layout(s, pinpoints, tile_size=tile_size, tokens_per_side=tokens_per_side, style=style)
                  for s in np.asarray(image_sizes_hw).tolist())
     f_max = max(lay.length for lay in lays)
     token = np.full((len(lays), f_max), -2, np.int32)

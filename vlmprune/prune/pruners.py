@@ -68,6 +68,8 @@ class Pruner:
                 f"{self.name}: pruning selects patch tokens and needs vision_feature_select_strategy='default' "
                 f"(this checkpoint uses {cfg.vision_feature_select_strategy!r}, which also feeds the CLS token)"
             )
+        if getattr(self, "layout", "official") not in LAYOUTS:
+            raise ValueError(f"{self.name}: layout must be one of {LAYOUTS}, got {self.layout!r}")
         n = cfg.tokens_per_image
         self._check(n, cfg)
         # vision_request resolves and range-checks the layers.
@@ -97,6 +99,29 @@ class Pruner:
         raise NotImplementedError
 
 
+LAYOUTS = ("official", "reference")
+
+
+class _NextLayout:
+    """LLaVA-NeXT packing: ``layout="official"`` (HF's: unpadded, a newline after every row that keeps a token) or
+    ``"reference"``, the method paper's own layout (algorithms.md §1.4), for like-for-like comparisons."""
+
+    #: layout style of the method's own paper, see ``vlmprune.next_layout.STYLES``
+    reference_style: ClassVar[str] = "official"
+    #: True when the paper forces VisPruner's fixed 2x2 canvas (672x672 for 336-px tiles)
+    reference_fixed_canvas: ClassVar[bool] = False
+
+    def next_layout_style(self, cfg):
+        from vlmprune.next_layout import reference_pinpoints
+
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"{self.name}: layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.layout == "official":
+            return "official", cfg.image_grid_pinpoints
+        pins = reference_pinpoints(cfg.vision.image_size) if self.reference_fixed_canvas else cfg.image_grid_pinpoints
+        return self.reference_style, pins
+
+
 def _selected(enc, project, sel: Selection):
     return project(gather_tokens(enc["features"], sel)), sel.valid
 
@@ -122,11 +147,19 @@ class _KeepN(Pruner):
 
 
 @dataclasses.dataclass(frozen=True)
-class VisPruner(_KeepN):
-    """VisPruner (ICCV'25): T·ratio tokens by CLS attention, the rest by similarity-based dedup."""
+class VisPruner(_NextLayout, _KeepN):
+    """VisPruner (ICCV'25): T·ratio tokens by CLS attention, the rest by similarity-based dedup.
+
+    On LLaVA-NeXT ``num_keep`` applies per tile (base image included). ``layout="reference"``: the paper's fixed
+    672x672 canvas (2x2 tiles), no unpad, no newline, exactly 5·T tokens; preprocess with
+    ``vlmprune.next_layout.reference_processor``.
+    """
 
     important_ratio: float = 0.5
     layer: int | None = None
+    layout: str = "official"
+    reference_style: ClassVar[str] = "uncropped"
+    reference_fixed_canvas: ClassVar[bool] = True
     name: ClassVar[str] = "vispruner"
 
     def vision_request(self, cfg):
@@ -156,10 +189,13 @@ class VisPruner(_KeepN):
 
 
 @dataclasses.dataclass(frozen=True)
-class FasterVLM(_KeepN):
-    """FasterVLM: top-T tokens by head-mean CLS attention (VisPruner with ratio 1)."""
+class FasterVLM(_NextLayout, _KeepN):
+    """FasterVLM: top-T tokens by head-mean CLS attention (VisPruner with ratio 1). NeXT layouts as VisPruner."""
 
     layer: int | None = None
+    layout: str = "official"
+    reference_style: ClassVar[str] = "uncropped"
+    reference_fixed_canvas: ClassVar[bool] = True
     name: ClassVar[str] = "fastervlm"
 
     def vision_request(self, cfg):
@@ -183,7 +219,7 @@ class FasterVLM(_KeepN):
 
 
 @dataclasses.dataclass(frozen=True)
-class HiRED(Pruner):
+class HiRED(_NextLayout, Pruner):
     """HiRED (AAAI'25). On LLaVA-1.5 (one partition) each image keeps ``min(N, int(N·budget_rate))`` tokens by
     head-summed deep-layer CLS attention; alpha and the shallow layer only matter for tiled (NeXT) inputs."""
 
@@ -191,7 +227,9 @@ class HiRED(Pruner):
     alpha: float = 0.5
     shallow_layer: int = 0
     deep_layer: int | None = None
+    layout: str = "official"
     name: ClassVar[str] = "hired"
+    reference_style: ClassVar[str] = "cropped"  # unpadded, no newline (its fork hard-codes image_newline=None)
 
     supports_next: ClassVar[bool] = True
 
@@ -209,8 +247,12 @@ class HiRED(Pruner):
     def max_tokens_next(self, cfg, num_tiles):
         from vlmprune.prune.hired import hired_allocation
 
-        n_budget, n_full, n_sub = hired_allocation(num_tiles, cfg.tokens_per_image, budget_rate=self.budget_rate,
-                                                   alpha=self.alpha)
+        n = cfg.tokens_per_image
+        if num_tiles > 2 and n % (num_tiles - 1):
+            raise ValueError(f"hired: an image with {num_tiles - 1} sub-tiles splits the thumbnail's {n} tokens into "
+                             f"{num_tiles - 1} raster bands (the original's allocation), which needs N divisible by "
+                             f"{num_tiles - 1}")
+        n_budget, n_full, n_sub = hired_allocation(num_tiles, n, budget_rate=self.budget_rate, alpha=self.alpha)
         return n_full + n_sub
 
     def tile_mask(self, enc, layout, cfg):
@@ -242,7 +284,7 @@ class HiRED(Pruner):
 
 
 @dataclasses.dataclass(frozen=True)
-class HERO(Pruner):
+class HERO(_NextLayout, Pruner):
     """HERO (arXiv 2509.13067) on LLaVA-NeXT: per-tile budgets from CLS saliency, CLIP text relevance and density;
     the thumbnail keeps its ``high_layers`` picks, each tile its ``low_layers`` picks (algorithms.md §4).
 
@@ -259,7 +301,9 @@ class HERO(Pruner):
     low_layers: tuple[int, ...] = tuple(range(1, 12))
     high_layers: tuple[int, ...] = tuple(range(12, 24))
     clip_path: str | None = None
+    layout: str = "official"
     name: ClassVar[str] = "hero"
+    reference_style: ClassVar[str] = "uncropped_newlines"  # no crop; a newline closes every stitched row
     supports_next: ClassVar[bool] = True
 
     def validate(self, cfg):

@@ -9,12 +9,21 @@ most-attended tokens ("important"), then shrink the remaining list to ``T_div = 
 by repeated ToMe-style bipartite rounds. Each round splits the current list into A (even positions) and
 B (odd positions), scores every A token by its highest cosine similarity to any B token and deletes the
 ``r <= 8`` most redundant A tokens. The number of rounds and every round's size depend only on
-``(N, T, ratio)``, so the loop is unrolled in Python at trace time (§1.5-P5) and all shapes are static.
+``(N, T, ratio)``: the schedule is computed in Python (:func:`vispruner_plan`) and the rounds run under
+``lax.scan`` on a fixed-length buffer (see :func:`_dedup_rounds` for why not a Python unroll), so every shape
+is static and the output has exactly T tokens.
 
 Tie-breaking. Every sort here is a *stable* descending sort: among equal scores the lower index (or the
 earlier list position) comes first, and ``lax.top_k`` (FasterVLM) follows the same rule. The original uses
-``torch.argsort(descending=True)``, whose tie order is unspecified, so index parity is only guaranteed on
-tie-free scores (§1.2, §7).
+``torch.argsort(descending=True)``, whose tie order is unspecified (on CPU, libstdc++'s introsort for more
+than 16 elements), so index parity is only guaranteed where scores do not tie (§1.2, §7).
+
+Numerics. Each round's sort order feeds the next round's even/odd split, so VisPruner is sensitive to
+single-ulp differences in the cosine similarities. For float32 features the similarities are therefore
+computed nearly exactly (:func:`similarity_matrix`); the result then equals the original's wherever the
+original's own float32 rounding does not reorder two similarities. With near-duplicate features at N = 576
+that does happen (the maxima sit a few ulps apart and even tie exactly), and no independent implementation
+can reproduce the original's masks there; see tests/test_prune_vispruner.py (``ILL_CONDITIONED``).
 
 Where the original crashes (§2.2, "Crash condition") we generalise; see :func:`vispruner_plan`. On every
 configuration the original runs, the plan is the original's and the output is identical.
@@ -152,10 +161,11 @@ def head_mean(attn: jax.Array) -> jax.Array:
 def l2_normalize(x: jax.Array) -> jax.Array:
     """Row-wise ``x / ||x||_2`` over the last axis, result in x's dtype (§2.2 step 3).
 
-    The norm is accumulated in float32 and rounded to x's dtype before the division, as torch does for
-    half-precision inputs; for float32 inputs (the golden runs) everything is plain float32.
+    The norm is accumulated in (at least) float32 and rounded to x's dtype before the division, as torch
+    does for half-precision inputs; for float32 inputs (the golden runs) everything is plain float32.
     """
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)).astype(x.dtype)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=-1, keepdims=True)).astype(x.dtype)
     # Without the barrier XLA rewrites `x / sqrt(s)` as `x * rsqrt(s)`, which is off by an ulp or so; the
     # dedup ranking is sensitive to that (see `_compensated_gram`), so keep the true division torch does.
     return x / jax.lax.optimization_barrier(norm)
@@ -208,10 +218,9 @@ def similarity_matrix(normalized: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     if normalized.dtype == jnp.float32:
         return _compensated_gram(normalized)
-    out = jnp.matmul(
-        normalized, normalized.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-    )
-    hi = out.astype(normalized.dtype).astype(jnp.promote_types(normalized.dtype, jnp.float32))
+    acc = jnp.promote_types(normalized.dtype, jnp.float32)
+    out = jnp.matmul(normalized, normalized.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
+    hi = out.astype(normalized.dtype).astype(acc)
     return hi, jnp.zeros_like(hi)
 
 
@@ -234,25 +243,62 @@ def _pair_argsort_descending(hi: jax.Array, lo: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _dedup_round(residual: jax.Array, sim: tuple[jax.Array, jax.Array], removed: int) -> jax.Array:
-    """One bipartite dedup round on one tile (§2.2 step 4).
+def _dedup_round(residual: jax.Array, sim: tuple[jax.Array, jax.Array], size: jax.Array, removed: jax.Array):
+    """One bipartite dedup round on one tile (§2.2 step 4), on a fixed-length buffer.
+
+    The list shrinks every round, but to compile a single round body (see :func:`_dedup_rounds`) it lives in
+    a buffer of constant length R0 whose first ``size`` slots hold the list; later slots are padding.
 
     Args:
-      residual: int32 (R,). Current residual list (token indices); its *order* matters.
+      residual: int32 (R0,). The current residual list (token indices) in its first ``size`` slots; the
+        *order* matters.
       sim: the tile's (N, N) cosine-similarity pair from :func:`similarity_matrix`.
-      removed: static r, 1 <= r <= ceil(R/2).
+      size: int32 scalar R, current list length (from the static plan).
+      removed: int32 scalar r, 1 <= r <= ceil(R/2), A tokens to delete (from the static plan).
 
     Returns:
-      int32 (R - r,). The surviving A tokens in descending order of their best similarity (the order the
-      original's argsort leaves them in), followed by all B tokens in list order.
+      int32 (R0,). First the ``ceil(R/2) - r`` surviving A tokens in descending order of their best
+      similarity (the order the original's argsort leaves them in), then the ``floor(R/2)`` B tokens in list
+      order, then padding (token 0, never read).
     """
-    side_a, side_b = residual[0::2], residual[1::2]  # even / odd *positions* of the current list
-    if removed == side_a.shape[0]:
-        return side_b  # every A token goes (only via the generalisation cap); the ranking is irrelevant
+    side_a, side_b = residual[0::2], residual[1::2]  # even / odd *positions* of the list
+    num_a, num_b = (size + 1) // 2, size // 2
+    real_a = jnp.arange(side_a.shape[0]) < num_a
+    real_b = jnp.arange(side_b.shape[0]) < num_b
+
+    # Each A token's most similar B token; padding columns can never win, padding rows sort last.
     rows, cols = side_a[:, None], side_b[None, :]
-    best = _pair_max(sim[0][rows, cols], sim[1][rows, cols])  # each A token's most similar B token
-    survivors = _pair_argsort_descending(*best)[removed:]  # drop the r most redundant A tokens
-    return jnp.concatenate([side_a[survivors], side_b])
+    hi = jnp.where(real_b, sim[0][rows, cols], -jnp.inf)
+    lo = jnp.where(real_b, sim[1][rows, cols], -jnp.inf)
+    best_hi, best_lo = _pair_max(hi, lo)
+    best_hi = jnp.where(real_a, best_hi, -jnp.inf)
+    best_lo = jnp.where(real_a, best_lo, -jnp.inf)
+    ranked_a = _pair_argsort_descending(best_hi, best_lo)  # most redundant first; real A slots lead
+
+    # New list = ranked A minus its first r entries, then B (a concatenation with traced offsets).
+    kept_a = num_a - removed
+    slot = jnp.arange(residual.shape[0])
+    from_a = side_a[ranked_a[jnp.minimum(slot + removed, side_a.shape[0] - 1)]]
+    from_b = side_b[jnp.clip(slot - kept_a, 0, side_b.shape[0] - 1)]
+    return jnp.where(slot < kept_a, from_a, jnp.where(slot < kept_a + num_b, from_b, 0))
+
+
+def _dedup_rounds(residual: jax.Array, sim: tuple[jax.Array, jax.Array], rounds: tuple[DedupRound, ...]):
+    """All dedup rounds of the static plan: residual int32 (R0,) -> the final T_div-token list (T_div,).
+
+    §2.3 suggests unrolling the rounds in Python (§1.5-P5). That is exact but compiles one sort and two
+    gathers per round, 48-68 rounds for the usual budgets: 15-60 s of XLA compile time per configuration
+    on a CPU. Instead the plan's (R, r) pairs are fed as data to ``lax.scan`` over a constant-length
+    buffer, so the round body compiles once. The rounds themselves are exactly those of the plan.
+    """
+    sizes = jnp.asarray([rnd.size for rnd in rounds], jnp.int32)
+    removals = jnp.asarray([rnd.removed for rnd in rounds], jnp.int32)
+
+    def body(res, plan_row):
+        return _dedup_round(res, sim, *plan_row), None
+
+    residual, _ = jax.lax.scan(body, residual, (sizes, removals))
+    return residual[: rounds[-1].size - rounds[-1].removed]
 
 
 def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPlan) -> jax.Array:
@@ -261,11 +307,11 @@ def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPla
     important = order[: plan.num_important]
     if plan.num_diverse == 0:
         return important
-    residual = order[plan.num_important :]  # (R0,), still in descending-attention order
-    sim = similarity_matrix(l2_normalize(features))  # all pairs once; rounds read sub-blocks
-    for rnd in plan.rounds:  # unrolled at trace time (§1.5-P5); each round has static shapes
-        chex.assert_shape(residual, (rnd.size,))
-        residual = _dedup_round(residual, sim, rnd.removed)
+    residual = order[plan.num_important :]  # (R0,), in descending-attention order
+    if plan.rounds:
+        sim = similarity_matrix(l2_normalize(features))  # all pairs once; rounds read sub-blocks
+        residual = _dedup_rounds(residual, sim, plan.rounds)
+    chex.assert_shape(residual, (plan.num_diverse,))
     return jnp.concatenate([important, residual])
 
 
@@ -282,8 +328,9 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
 
     Args:
       features: float (B, N, C). Patch features of the scoring layer (CLS removed), pre-projector. Their
-        dtype sets the dtype of the normalisation and of the similarity matmul: float32 reproduces the
-        golden runs; pass float16 to emulate the original's fp16 features (§2.1).
+        dtype sets the numerics of the dedup rounds: float32 ranks by (almost) exact cosine similarities
+        (module docstring, "Numerics"); float16 rounds the similarities to float16 like the original's fp16
+        features on GPU (§2.1), with many ties.
       cls_attn: float (B, H, N). CLS-query attention row per head, patch columns only
         (``attentions[l][:, :, 0, 1:]``). Averaged over heads in its own dtype (fp32 in the original).
       num_keep: static Python int T, 1 <= T <= N. Tokens kept per tile.

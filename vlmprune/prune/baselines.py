@@ -1,0 +1,529 @@
+"""Baseline token-pruning methods as pure, static-shape JAX functions (algorithms.md §5).
+
+* :func:`random_keep`, :func:`uniform`: trivial references (random subset; even spatial grid).
+* :func:`divprune`: DivPrune's max-min diverse subset of the post-projector embeddings (§5.6).
+* :func:`visionzip`: VisionZip's dominant tokens plus merged contextual tokens (§5.5).
+* :func:`prumerge_plus`: PruMerge / PruMerge+ with the adaptive IQR token count (§5.4).
+* :func:`fastv_select`: FastV's choice of image tokens inside the LLM (§5.2).
+
+Pure selection methods return a ``Selection`` (indices ascending = raster order). Merging methods return a
+:class:`MergeResult`: the tokens exactly as the original feeds them to the projector/LLM, in its order,
+with a validity mask where the count is data-dependent (PruMerge) and the anchor tokens as a ``Selection``.
+
+Every public function validates its arguments in Python (``ValueError``) and then calls a jitted core whose
+static configuration is keyword-only; each compiles once per (shapes, dtypes, configuration). NaN/inf
+checks run only on concrete inputs (not inside a caller's ``jax.jit``/``vmap``). Ties resolve to the lower
+index everywhere; the originals' tie order (``torch.topk``/``argmax``) is unspecified or first-index, so
+exact parity is claimed on tie-free inputs only (§1.2).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import chex
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmprune import _checks
+from vlmprune.prune.selection import Selection, from_indices, from_mask
+
+# Shared helpers: validation messages, the head-mean top-k core and the row normalisation are the same
+# as VisPruner/FasterVLM's.
+from vlmprune.prune.vispruner import (  # noqa: F401  (re-used private helpers)
+    _argsort_descending,
+    _check_head_attention,
+    _check_num_keep,
+    _head_mean_top_k,
+    l2_normalize,
+)
+
+
+@flax.struct.dataclass
+class MergeResult:
+    """Output of a merging method.
+
+    Attributes:
+      tokens: (B, K, C), the features' dtype. The visual tokens in the order the original feeds them to
+        the projector / LLM. Invalid slots (only at the tail) are zero.
+      valid: bool (B, K). True for real tokens; a prefix of each row.
+      selection: the anchor tokens (kept tokens that other tokens are merged into) as a ``Selection`` over
+        the N patch tokens (CLS excluded), ascending.
+    """
+
+    tokens: jax.Array
+    valid: jax.Array
+    selection: Selection
+
+
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b`` with float32 accumulation, rounded to a's dtype.
+
+    ``precision=HIGHEST`` avoids TF32/bf16 passes on accelerators; for float16 inputs the rounding of the
+    float32 accumulator to float16 mirrors a cuBLAS half GEMM (the originals run these matmuls in fp16).
+    """
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    out = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
+    return out.astype(a.dtype)
+
+
+def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b.T`` for (M, C) and (P, C) -> (M, P), as :func:`_matmul`."""
+    return _matmul(a, b.T)
+
+
+def _check_features(name: str, x, rank: int, dims: str, where: str) -> None:
+    _checks.check_rank(name, x, rank, where=where, dims=dims)
+    _checks.check_finite(name, x, where=where)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Random and uniform
+# --------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("num_tokens", "num_keep", "batch"))
+def _random_keep_jit(key: jax.Array, *, num_tokens: int, num_keep: int, batch: int) -> Selection:
+    keys = jax.random.split(key, batch)
+    picks = jax.vmap(lambda k: jax.random.permutation(k, num_tokens)[:num_keep])(keys)
+    return from_indices(picks, num_tokens)
+
+
+def random_keep(key: jax.Array, num_tokens: int, *, num_keep: int, batch: int | None = None) -> Selection:
+    """A uniformly random subset of ``num_keep`` of ``num_tokens`` tokens (without replacement).
+
+    Args:
+      key: a JAX PRNG key (typed key scalar or raw uint32 key).
+      num_tokens: N, Python int >= 1.
+      num_keep: static Python int in [1, N].
+      batch: None for one subset (indices (K,)); an int B >= 1 for B independent subsets (indices (B, K)),
+        drawn from ``jax.random.split(key, B)``.
+
+    Returns:
+      ``Selection`` with indices int32 (K,) or (B, K), ascending, all valid.
+    """
+    where = "random_keep"
+    num_tokens = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
+    num_keep = _check_num_keep(num_keep, num_tokens, where)
+    if batch is not None:
+        batch = _checks.check_int("batch", batch, lo=1, where=where)
+    if not hasattr(key, "dtype"):
+        raise ValueError(f"{where}: key must be a JAX PRNG key, got {type(key).__name__}")
+    sel = _random_keep_jit(key, num_tokens=num_tokens, num_keep=num_keep, batch=batch or 1)
+    if batch is None:
+        return Selection(indices=sel.indices[0], valid=sel.valid[0])
+    return sel
+
+
+def _even_positions(count: int, extent: int) -> list[int]:
+    """``count`` distinct cell indices in [0, extent), the centres of ``count`` equal bins (count <= extent)."""
+    return [int((i + 0.5) * extent / count) for i in range(count)]
+
+
+def uniform_grid_indices(num_keep: int, rows: int, cols: int) -> np.ndarray:
+    """The token indices :func:`uniform` keeps, int32 (num_keep,) ascending (plain NumPy; static).
+
+    Rule: use ``g`` grid rows, ``g = round(sqrt(K * rows / cols))`` clipped to ``[ceil(K / cols), rows]``
+    (the row count of a K-point lattice with square cells, and enough rows to fit K). The rows sit at the
+    centres of ``g`` equal horizontal bands, ``row_i = floor((i + 0.5) * rows / g)``. Row ``i`` receives
+    ``floor((i + 1) K / g) - floor(i K / g)`` tokens (counts differ by at most one, extra tokens spread
+    evenly), placed at the centres of equal column bins the same way. Centres of bins at least one cell
+    wide are distinct cells, so exactly K distinct tokens result. Examples on 24x24: K = 64 gives the 8x8
+    lattice at rows/cols 1, 4, ..., 22; K = 144 the 12x12 lattice at 1, 3, ..., 23; K = N everything.
+    """
+    g = min(rows, max(math.ceil(num_keep / cols), round(math.sqrt(num_keep * rows / cols))))
+    picked = []
+    for i, row in enumerate(_even_positions(g, rows)):
+        in_row = (i + 1) * num_keep // g - i * num_keep // g
+        picked += [row * cols + col for col in _even_positions(in_row, cols)]
+    return np.asarray(sorted(picked), np.int32)
+
+
+def uniform(num_tokens: int, *, num_keep: int, grid: tuple[int, int] | None = None) -> Selection:
+    """Spatially even selection of exactly ``num_keep`` patches of a ``rows x cols`` grid.
+
+    See :func:`uniform_grid_indices` for the rule. The result does not depend on any data: it is a constant
+    (computed in NumPy at call time), valid inside ``jax.jit``.
+
+    Args:
+      num_tokens: N, Python int.
+      num_keep: static Python int in [1, N].
+      grid: ``(rows, cols)`` with ``rows * cols == N``, raster (row-major) token order. Default: a square grid,
+        which requires N to be a perfect square (576 -> 24x24).
+
+    Returns:
+      ``Selection`` with indices int32 (K,) ascending, all valid; broadcast it over a batch as needed.
+    """
+    where = "uniform"
+    num_tokens = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
+    num_keep = _check_num_keep(num_keep, num_tokens, where)
+    if grid is None:
+        side = math.isqrt(num_tokens)
+        if side * side != num_tokens:
+            raise ValueError(f"{where}: N={num_tokens} is not a perfect square; pass grid=(rows, cols)")
+        grid = (side, side)
+    if len(grid) != 2:
+        raise ValueError(f"{where}: grid must be (rows, cols), got {grid!r}")
+    rows = _checks.check_int("grid rows", grid[0], lo=1, where=where)
+    cols = _checks.check_int("grid cols", grid[1], lo=1, where=where)
+    if rows * cols != num_tokens:
+        raise ValueError(f"{where}: grid {rows}x{cols} does not cover N={num_tokens} tokens")
+    idx = jnp.asarray(uniform_grid_indices(num_keep, rows, cols))
+    return Selection(indices=idx, valid=jnp.ones(idx.shape, bool))
+
+
+# --------------------------------------------------------------------------------------------------------
+# DivPrune (§5.6)
+# --------------------------------------------------------------------------------------------------------
+
+
+def cosine_distance(embeddings: jax.Array) -> jax.Array:
+    """DivPrune's ``D = 1 - cos(X, X)``: (N, D) -> (N, N) in the input dtype (fp16 in the original)."""
+    normalized = l2_normalize(embeddings)
+    return 1 - _matmul_t(normalized, normalized)
+
+
+def _divprune_single(embeddings: jax.Array, num_keep: int) -> jax.Array:
+    """Max-min (farthest-point) selection on one image: (N, D) -> picked indices int32 (K,), pick order."""
+    n = embeddings.shape[0]
+    dist = cosine_distance(embeddings)
+    # Step 0: the token whose nearest *other* token is farthest: argmax over columns j of the second-smallest
+    # entry of column j (the smallest is normally the ~0 self-distance). N == 1 has no second entry: pick 0.
+    first = jnp.argmax(jnp.sort(dist, axis=0)[1]).astype(jnp.int32) if n > 1 else jnp.zeros((), jnp.int32)
+
+    def pick(i, carry):
+        picked, nearest, taken = carry
+        # Generalisation: already-picked tokens are excluded. The original can re-pick one only when no
+        # remaining token is farther from the picked set than a picked token is from itself (D[s, s] ~ 0, a
+        # rounding residue in fp16), i.e. the rest duplicate picked tokens; it then keeps fewer than K.
+        score = jnp.where(taken, -jnp.inf, nearest)
+        j = jnp.argmax(score).astype(jnp.int32)  # first index on ties, like torch.argmax
+        return picked.at[i].set(j), jnp.minimum(nearest, dist[j]), taken.at[j].set(True)
+
+    picked = jnp.zeros((num_keep,), jnp.int32).at[0].set(first)
+    init = (picked, dist[first], jnp.zeros((n,), bool).at[first].set(True))
+    # P6: running minimum over the picked rows, min_s D[s, j] (rows of D, as the original's index_select).
+    picked, _, _ = jax.lax.fori_loop(1, num_keep, pick, init)
+    return picked
+
+
+@functools.partial(jax.jit, static_argnames=("num_keep",))
+def _divprune_jit(embeddings: jax.Array, *, num_keep: int) -> Selection:
+    picked = jax.vmap(lambda e: _divprune_single(e, num_keep))(embeddings)
+    return from_indices(picked, embeddings.shape[1])
+
+
+def divprune_num_keep(num_tokens: int, ratio: float = 0.098) -> int:
+    """DivPrune's budget ``round(ratio * V)`` (Python round, half to even): 56 of 576 at the default 0.098."""
+    return int(round(ratio * num_tokens))
+
+
+def divprune(embeddings: jax.Array, *, num_keep: int) -> Selection:
+    """DivPrune (algorithms.md §5.6): a max-min diverse subset of the visual embeddings.
+
+    ``D = 1 - cos`` of the L2-normalised rows (in the input dtype: fp16 reproduces the original's numerics).
+    Pick 0 is the argmax over columns j of the second-smallest entry of column j; pick i > 0 is
+    ``argmax_j min_{s picked} D[s, j]``, first index on ties (``torch.argmax``). Already-picked tokens are
+    never picked again (documented generalisation; see ``_divprune_single``), so there are always exactly
+    K distinct tokens.
+
+    Args:
+      embeddings: float (B, N, D). Post-projector visual embeddings (the original's LLM input rows).
+      num_keep: static Python int K in [1, N]; the original uses ``divprune_num_keep(N)``.
+
+    Returns:
+      ``Selection`` with indices int32 (B, K) ascending (the original re-assembles in raster order), all valid.
+    """
+    where = "divprune"
+    _check_features("embeddings", embeddings, 3, "(B, N, D)", where)
+    num_keep = _check_num_keep(num_keep, embeddings.shape[1], where)
+    return _divprune_jit(embeddings, num_keep=num_keep)
+
+
+# --------------------------------------------------------------------------------------------------------
+# VisionZip (§5.5)
+# --------------------------------------------------------------------------------------------------------
+
+
+def visionzip_targets(remaining: int, contextual: int) -> np.ndarray:
+    """Positions (in the remaining-token list) of VisionZip's contextual targets, int (contextual,).
+
+    ``arange(0, R, max(1, R // contextual))[:contextual]`` (§5.5); needs ``1 <= contextual <= R``.
+    """
+    return np.arange(0, remaining, max(1, remaining // contextual))[:contextual]
+
+
+def _visionzip_single(hidden, cls_attn, keys, dominant: int, contextual: int):
+    """VisionZip on one image. hidden (1+N, C), cls_attn (H, N), keys (1+N, H, dh).
+
+    Returns (tokens (dominant + contextual, C), anchor patch indices int32 (dominant - 1 + contextual,)).
+    """
+    total = hidden.shape[0]  # 1 + N
+    # Dominant: CLS plus the (dominant - 1) patches with the largest head-*sum* CLS attention (+1 for CLS).
+    score = jnp.sum(cls_attn, axis=0)
+    if dominant > 1:
+        top_patches = jax.lax.top_k(score, dominant - 1)[1].astype(jnp.int32)  # lower index first on ties
+    else:
+        top_patches = jnp.zeros((0,), jnp.int32)
+    is_dominant = jnp.zeros((total,), bool).at[0].set(True).at[top_patches + 1].set(True)
+    (dominant_idx,) = jnp.nonzero(is_dominant, size=dominant)  # ascending: CLS, then patches in raster order
+    tokens = [hidden[dominant_idx]]
+    anchors = [top_patches]
+
+    if contextual > 0:
+        remaining = total - dominant
+        (rest_idx,) = jnp.nonzero(~is_dominant, size=remaining)  # ascending, never 0 (CLS is dominant)
+        target_pos = visionzip_targets(remaining, contextual)
+        other_pos = np.setdiff1d(np.arange(remaining), target_pos)
+        # metric = raw layer keys averaged over heads, L2-normalised (over the remaining tokens only).
+        metric = l2_normalize(jnp.mean(keys, axis=1)[rest_idx])
+        sim = _matmul_t(metric[other_pos], metric[target_pos])  # (R - contextual, contextual)
+        assign = jax.nn.one_hot(jnp.argmax(sim, axis=1), contextual, dtype=hidden.dtype)  # first index on ties
+        counts = jnp.maximum(jnp.sum(assign, axis=0), 1)[:, None]  # clamp(min=1): unassigned targets
+        merged = _matmul(assign.T, hidden[rest_idx[other_pos]]) / counts  # mean of assigned hiddens
+        tokens.append(hidden[rest_idx[target_pos]] + merged)
+        anchors.append(rest_idx[target_pos] - 1)
+    return jnp.concatenate(tokens), jnp.concatenate(anchors).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("dominant", "contextual"))
+def _visionzip_jit(hidden, cls_attn, keys, *, dominant: int, contextual: int) -> MergeResult:
+    tokens, anchors = jax.vmap(lambda h, a, k: _visionzip_single(h, a, k, dominant, contextual))(hidden, cls_attn, keys)
+    chex.assert_shape(tokens, (hidden.shape[0], dominant + contextual, hidden.shape[2]))
+    return MergeResult(
+        tokens=tokens,
+        valid=jnp.ones(tokens.shape[:2], bool),
+        selection=from_indices(anchors, hidden.shape[1] - 1),
+    )
+
+
+def visionzip(
+    hidden_with_cls: jax.Array, cls_attn: jax.Array, keys: jax.Array, *, dominant: int, contextual: int
+) -> MergeResult:
+    """VisionZip (algorithms.md §5.5): dominant tokens by CLS attention plus merged contextual tokens.
+
+    1. Dominant: CLS and the ``dominant - 1`` patches with the largest head-summed CLS attention, in
+       ascending index order (CLS first, then raster order).
+    2. Contextual: the other ``R = 1 + N - dominant`` tokens (ascending); targets at list positions
+       ``arange(0, R, max(1, R // contextual))[:contextual]``; every other token joins its most similar
+       target (cosine of head-mean raw keys, first target on ties); each contextual token is its target's
+       hidden state plus the mean of the hidden states that joined it (just the target if none did).
+
+    Args:
+      hidden_with_cls: float (B, 1+N, C). Layer hidden states *including* CLS at index 0.
+      cls_attn: float (B, H, N). CLS-query attention row per head, patch columns only.
+      keys: float (B, 1+N, H, dh). The same layer's raw ``k_proj`` keys (before scaling), split per head.
+      dominant: static int in [1, 1+N], tokens kept verbatim *including* CLS (README: 54 for 64 tokens).
+      contextual: static int in [0, 1+N-dominant], merged tokens (README: 10). 0 skips step 2.
+
+    Returns:
+      ``MergeResult``: tokens (B, dominant + contextual, C) = ``[CLS, dominant patches (raster),
+      contextual (target order)]``, valid all True; selection = the dominant patches and the contextual
+      targets as patch indices 0..N-1 (CLS excluded), (B, dominant - 1 + contextual), ascending.
+    """
+    where = "visionzip"
+    _check_features("hidden_with_cls", hidden_with_cls, 3, "(B, 1+N, C)", where)
+    _check_head_attention("cls_attn", cls_attn, where)
+    _check_features("keys", keys, 4, "(B, 1+N, H, dh)", where)
+    batch, total, _ = hidden_with_cls.shape
+    _checks.check_dims_equal(
+        [
+            ("hidden_with_cls batch", batch, "cls_attn batch", cls_attn.shape[0]),
+            ("hidden_with_cls batch", batch, "keys batch", keys.shape[0]),
+            ("hidden_with_cls tokens 1+N", total, "1 + cls_attn tokens N", 1 + cls_attn.shape[2]),
+            ("hidden_with_cls tokens 1+N", total, "keys tokens 1+N", keys.shape[1]),
+            ("cls_attn heads H", cls_attn.shape[1], "keys heads H", keys.shape[2]),
+        ],
+        where=where,
+    )
+    dominant = _checks.check_int("dominant", dominant, where=where)
+    if not 1 <= dominant <= total:
+        raise ValueError(f"{where}: dominant (CLS included) must be in [1, 1+N={total}], got {dominant}")
+    contextual = _checks.check_int("contextual", contextual, where=where)
+    if not 0 <= contextual <= total - dominant:
+        raise ValueError(
+            f"{where}: contextual must be in [0, 1+N-dominant={total - dominant}], got {contextual}"
+        )
+    return _visionzip_jit(hidden_with_cls, cls_attn, keys, dominant=dominant, contextual=contextual)
+
+
+# --------------------------------------------------------------------------------------------------------
+# PruMerge / PruMerge+ (§5.4)
+# --------------------------------------------------------------------------------------------------------
+
+
+def prumerge_tables(num_tokens: int, plus: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Static look-up tables indexed by the outlier count c in [0, N] (plain NumPy).
+
+    The original turns c into ``ratio = c / N`` and then uses ``int(N * ratio)`` as the top-k size and
+    ``int(int(1 / ratio) / 3)`` as the PruMerge+ sampling stride over ``arange(0, 575, stride)``. Both are
+    float64 round trips (``int(N * (c / N))`` is ``c - 1`` for some c), so they are tabulated exactly here.
+
+    Returns:
+      keep_count: int32 (N+1,), top-k size for each c.
+      samples: bool (N+1, N), PruMerge+'s spatial samples for each c (all False when ``plus`` is False).
+        * ``575`` is the original's hard-coded ``N - 1`` for N = 576; we use ``N - 1``.
+        * c = 0 (no outliers): the original divides by zero. Generalisation: the stride -> infinity limit,
+          i.e. the single sample ``[0]``.
+        * stride 0 (ratio > 1/3, impossible for IQR outliers in practice): the original raises
+          (``arange`` step 0). Generalisation: stride 1.
+    """
+    n = num_tokens
+    keep_count = np.array([int(n * (c / n)) for c in range(n + 1)], np.int32)
+    samples = np.zeros((n + 1, n), bool)
+    if plus:
+        samples[0, 0] = True
+        for c in range(1, n + 1):
+            stride = max(1, int(int(1 / (c / n)) / 3))
+            samples[c, np.arange(0, n - 1, stride)] = True
+    return keep_count, samples
+
+
+def _iqr_outlier_count(attn: jax.Array) -> jax.Array:
+    """Number of values above ``Q3 + 1.5 (Q3 - Q1)``, attn (N,) -> int32 scalar.
+
+    Like the original's ``outlier_dectection``, which moves the attention to float32 NumPy and uses
+    ``np.percentile`` (linear interpolation); the bound is computed in float32.
+    """
+    attn = attn.astype(jnp.float32)
+    q1, q3 = jnp.percentile(attn, jnp.asarray([25.0, 75.0], jnp.float32), method="linear")
+    return jnp.sum(attn > q3 + 1.5 * (q3 - q1), dtype=jnp.int32)
+
+
+def _prumerge_single(features, attn, keys, keep_table, sample_table, num_neighbors: int):
+    """PruMerge(+) on one image. features (N, C), attn (N,), keys (N, D).
+
+    Returns (tokens (N+1, C), valid (N+1,), anchors bool (N,)).
+    """
+    n = features.shape[0]
+    slot = jnp.arange(n + 1)
+    outliers = _iqr_outlier_count(attn)
+    num_top = keep_table[outliers]
+
+    # P2: the top-k set for a traced k; `order` is also the original's output order (descending score).
+    order = _argsort_descending(attn).astype(jnp.int32)
+    is_top = jnp.zeros((n,), bool).at[order].set(slot[:n] < num_top)
+    is_sample = sample_table[outliers] & ~is_top  # PruMerge+ samples not already kept
+    anchors = is_top | is_sample
+    (sample_list,) = jnp.nonzero(is_sample, size=n, fill_value=0)  # ascending, as the original appends them
+    num_anchors = num_top + jnp.sum(is_sample, dtype=jnp.int32)
+
+    # Merge, for all N rows at once: x_i + sum of a_j x_j over the num_neighbors tokens j != i whose keys
+    # are most cosine-similar to i's (kept or pruned alike); the weights are the raw attentions.
+    if num_neighbors > 0:
+        normalized = l2_normalize(keys)
+        sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, _matmul_t(normalized, normalized))
+        _, neighbors = jax.lax.top_k(sim, num_neighbors)  # (N, m)
+        rows = jnp.arange(n)[:, None]
+        neighbor_attn = attn[neighbors].astype(features.dtype)
+        weights = jnp.zeros((n, n), features.dtype).at[rows, neighbors].set(neighbor_attn)  # (N, N)
+        merged = features + _matmul(weights, features)
+    else:
+        merged = features
+    pruned_weights = jnp.where(anchors, 0, attn).astype(features.dtype)
+    extra = _matmul(pruned_weights[None, :], features)[0]  # sum over pruned tokens of a_j x_j
+
+    # Output slots: top-k (score order), then samples (ascending), then the extra token, then zero padding.
+    at = slot[:, None]
+    anchor_at_slot = jnp.where(slot < num_top, order[jnp.minimum(slot, n - 1)],
+                               sample_list[jnp.clip(slot - num_top, 0, n - 1)])
+    tokens = jnp.where(at < num_anchors, merged[anchor_at_slot], jnp.where(at == num_anchors, extra, 0))
+    return tokens.astype(features.dtype), slot <= num_anchors, anchors
+
+
+@functools.partial(jax.jit, static_argnames=("plus", "num_neighbors"))
+def _prumerge_jit(features, attn, keys, *, plus: bool, num_neighbors: int) -> MergeResult:
+    n = features.shape[1]
+    keep_table, sample_table = (jnp.asarray(t) for t in prumerge_tables(n, plus))
+    tokens, valid, anchors = jax.vmap(
+        lambda f, a, k: _prumerge_single(f, a, k, keep_table, sample_table, num_neighbors)
+    )(features, attn, keys)
+    return MergeResult(tokens=tokens, valid=valid, selection=from_mask(anchors, n))
+
+
+def prumerge_plus(
+    features: jax.Array,
+    cls_attn_1head: jax.Array,
+    keys: jax.Array,
+    *,
+    plus: bool = True,
+    num_neighbors: int = 32,
+) -> MergeResult:
+    """PruMerge+ (``plus=True``) or PruMerge (``plus=False``), algorithms.md §5.4, batched over images.
+
+    1. Adaptive count: c = number of attentions above ``Q3 + 1.5 IQR`` (linear percentiles); keep the
+       top ``int(N * (c / N))`` tokens by attention (see :func:`prumerge_tables`).
+    2. PruMerge+ only: add the spatial samples ``arange(0, N-1, int(int(1 / (c/N)) / 3))`` not already kept
+       (ascending).
+    3. Merge: every kept token i becomes ``x_i + sum_j a_j x_j`` over the ``num_neighbors`` tokens j != i
+       with the most cosine-similar keys (kept or pruned); weights are the raw attentions (not normalised).
+    4. One extra token ``sum_{j pruned} a_j x_j`` is appended.
+
+    Differences from the original, all documented: per-image statistics (the original pools the IQR over
+    the whole batch, which is one image in its use); ``num_neighbors`` is capped at N - 1 (the original's
+    ``topk(32)`` raises for N <= 32); the c = 0 and stride-0 crashes of PruMerge+ are generalised as in
+    :func:`prumerge_tables`. The IQR bound is computed in float32 like the original's NumPy code, but a
+    value within rounding of the bound may still be counted differently (percentile interpolation and
+    NumPy 1.x's float64 scalar promotion); away from the bound the count is exact.
+
+    Args:
+      features: float (B, N, C). Patch features (``hidden_states[-2][:, 1:]``).
+      cls_attn_1head: float (B, N). Single-head CLS attention over the patches (softmax over all 1+N keys
+        of the last layer's full-width q/k, CLS column dropped).
+      keys: float (B, N, D). The same layer's patch keys (CLS dropped).
+      plus: static bool, PruMerge+ (True) or PruMerge (False).
+      num_neighbors: static int >= 1, tokens merged into each kept token (32 in the original).
+
+    Returns:
+      ``MergeResult``: tokens (B, N+1, C) = ``[kept top-k (descending attention), PruMerge+ samples
+      (ascending), extra token, zero padding]``; valid (B, N+1) marks the first ``kept + 1`` slots; selection
+      = the kept tokens (top-k and samples) over N, ascending, with a static maximum of N slots.
+    """
+    where = "prumerge_plus"
+    _check_features("features", features, 3, "(B, N, C)", where)
+    _check_features("cls_attn_1head", cls_attn_1head, 2, "(B, N)", where)
+    _check_features("keys", keys, 3, "(B, N, D)", where)
+    batch, num_tokens, _ = features.shape
+    _checks.check_dims_equal(
+        [
+            ("features batch", batch, "cls_attn_1head batch", cls_attn_1head.shape[0]),
+            ("features batch", batch, "keys batch", keys.shape[0]),
+            ("features tokens N", num_tokens, "cls_attn_1head tokens N", cls_attn_1head.shape[1]),
+            ("features tokens N", num_tokens, "keys tokens N", keys.shape[1]),
+        ],
+        where=where,
+    )
+    if not isinstance(plus, (bool, np.bool_)):
+        raise ValueError(f"{where}: plus must be a bool, got {plus!r}")
+    num_neighbors = _checks.check_int("num_neighbors", num_neighbors, lo=1, where=where)
+    return _prumerge_jit(
+        features, cls_attn_1head, keys, plus=bool(plus), num_neighbors=min(num_neighbors, num_tokens - 1)
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# FastV (§5.2)
+# --------------------------------------------------------------------------------------------------------
+
+
+def fastv_select(last_row_attn: jax.Array, *, num_keep: int) -> Selection:
+    """FastV's choice of image tokens (algorithms.md §5.2): top-k of the head-mean attention that the last
+    prompt token pays to each image token at LLM layer K-1.
+
+    Args:
+      last_row_attn: float (B, H, N_img). The last prefill query's attention probabilities restricted to the
+        image columns ``[S, S + N_img)``, per head.
+      num_keep: static Python int in [1, N_img] (FastV's ``ATTENTION_RANK``).
+
+    Returns:
+      ``Selection`` with indices int32 (B, K) ascending (image-local; add S for sequence positions), all
+      valid. Ties: lower index first (``torch.topk``'s tie order is unspecified). The head mean is taken in
+      the input dtype; pass fp16 probabilities to mimic the original's fp16 LLM.
+    """
+    where = "fastv_select"
+    _check_head_attention("last_row_attn", last_row_attn, where)
+    num_keep = _check_num_keep(num_keep, last_row_attn.shape[2], where)
+    return _head_mean_top_k(last_row_attn, num_keep=num_keep)
