@@ -90,13 +90,15 @@ def test_every_registered_method_runs_or_refuses_clearly(setup, name):
     kw = {"num_keep": 16} if "num_keep" in {f for f in prune.REGISTRY[name].__dataclass_fields__} else {}
     if name == "visionzip":
         kw = dict(dominant=12, contextual=4)
+    if name == "fastv":
+        kw = dict(layer=1, keep_ratio=0.25)
     pruner = prune.get(name, **kw)
     if name == "hero":
         with pytest.raises(ValueError, match="LLaVA-NeXT"):
             model(x["input_ids"], x["pixel_values"], pruner=pruner)
         return
     out = model(x["input_ids"], x["pixel_values"], pruner=pruner)
-    k = pruner.num_slots(model.config)
+    k = pruner.kept_per_image(model.config) if name == "fastv" else pruner.num_slots(model.config)
     assert out.logits.shape[1] == x["input_ids"].shape[1] - 64 + k
     assert np.isfinite(np.asarray(out.logits)).all()
 
