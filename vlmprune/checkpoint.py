@@ -32,7 +32,7 @@ def load_processor(path: str):
     return AutoProcessor.from_pretrained(path, local_files_only=True)
 
 
-def load_model(path: str, *, dtype):
+def load_model(path: str, *, dtype, mesh=None):
     from vlmprune.model import LlavaModel
     from vlmprune.models.llava import Llava
 
@@ -48,7 +48,7 @@ def load_model(path: str, *, dtype):
             tied=("language_model/lm_head/kernel", "language_model/embed_tokens/embedding"),
         )
     name = {jnp.float32: "float32", jnp.bfloat16: "bfloat16", jnp.float16: "float16"}[dtype]
-    return LlavaModel(cfg, params, dtype=name, processor=load_processor(path), hf_config=hf)
+    return LlavaModel(cfg, params, dtype=name, processor=load_processor(path), hf_config=hf, mesh=mesh)
 
 
 def save_model(model, directory: str) -> None:

@@ -204,8 +204,13 @@ class LlavaModel:
       processor: the checkpoint's HF processor (``AutoProcessor``) when it ships one, else None.
     """
 
-    def __init__(self, config: LlavaConfig, params, *, dtype="float32", processor=None, hf_config=None):
+    def __init__(self, config: LlavaConfig, params, *, dtype="float32", processor=None, hf_config=None, mesh=None):
         self.config = config
+        self.mesh = mesh
+        if mesh is not None:
+            from vlmprune.sharding import shard_params
+
+            params = shard_params(params, mesh)
         self.params = params
         self.dtype = _dtype(dtype)
         self.processor = processor
@@ -345,10 +350,15 @@ class LlavaModel:
         return self._aux[path]
 
     def _args(self, input_ids, pixel_values, plan: SequencePlan, layout):
-        return (
+        args = (
             jnp.asarray(input_ids, jnp.int32), jnp.asarray(pixel_values, self.dtype),
             jnp.asarray(plan.text_src), jnp.asarray(plan.vis_src), jnp.asarray(plan.text_mask), layout,
         )
+        if self.mesh is None:
+            return args
+        from vlmprune.sharding import batch_sharding
+
+        return jax.tree.map(lambda a: jax.device_put(a, batch_sharding(self.mesh, a.shape)), args)
 
     def _check_pruner(self, pruner):
         if pruner is None:
@@ -452,17 +462,17 @@ def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
       path: directory with ``config.json`` and ``*.safetensors`` (llava-hf layout, old or new key prefixes),
         or a vlmprune (orbax) checkpoint directory.
       dtype: "float32", "bfloat16" or "float16" for params and activations.
+      mesh: optional ``jax.sharding.Mesh`` with axes "data" and/or "model": params are placed with
+        ``vlmprune.sharding.RULES`` (tensor parallel over heads and MLP), inputs split over the batch.
 
     Raises:
       FileNotFoundError / ValueError / CheckpointError naming every problem with the files.
     """
     from vlmprune.checkpoint import load_model
 
-    if mesh is not None:
-        raise NotImplementedError("sharded loading (mesh=...) is not implemented yet")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected a HF LLaVA checkpoint or a vlmprune checkpoint)")
-    return load_model(path, dtype=_dtype(dtype))
+    return load_model(path, dtype=_dtype(dtype), mesh=mesh)
 
 
 def hf_config_dict(model: LlavaModel) -> dict:
