@@ -24,6 +24,7 @@ from vlmprune import _checks
 from vlmprune.config import LlavaConfig
 from vlmprune.models.llama import KVCache
 from vlmprune.models.llava import Llava
+from vlmprune.next_layout import layout_keep
 from vlmprune.sequence import SequencePlan, plan_sequence
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -87,14 +88,8 @@ def _next_visual_tokens(module, params, enc, project, pruner, layout, stride):
     emb = project(enc["features"]).reshape(ni, t * n, -1)
     newline = module.apply({"params": params}, method=lambda m: m.image_newline).astype(emb.dtype)
     table = jnp.concatenate([emb, jnp.broadcast_to(newline, (ni, 1, emb.shape[-1]))], axis=1)
-    token, row = layout["token"], layout["row"]  # (NI, F)
-    is_tok, is_nl = token >= 0, token == -1  # -1: newline kept with its row; -3: newline always kept
-    tok_keep = jnp.take_along_axis(keep, jnp.maximum(token, 0), axis=1) & is_tok
-    n_rows = token.shape[1]  # static bound on the grid-row ids (< F)
-    seg = jnp.where(is_tok & (row >= 0), row, n_rows)
-    row_has = jnp.zeros((ni, n_rows + 1), jnp.int32).at[jnp.arange(ni)[:, None], seg].max(tok_keep.astype(jnp.int32))
-    nl_keep = (is_nl & (jnp.take_along_axis(row_has, jnp.maximum(row, 0), axis=1) > 0)) | (token == -3)
-    keep_layout = tok_keep | nl_keep
+    token = layout["token"]  # (NI, F)
+    keep_layout = layout_keep(keep, token, layout["row"])
     f = token.shape[1]
     src = jax.vmap(lambda k: jnp.nonzero(k, size=stride, fill_value=f)[0])(keep_layout)  # ascending = layout order
     valid = jnp.arange(stride)[None] < jnp.sum(keep_layout, axis=1, keepdims=True)

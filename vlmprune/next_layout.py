@@ -103,6 +103,25 @@ def image_layout(image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tok
     return ImageLayout(size, rows, cols, top, bottom, left, right, np.concatenate(tok), np.concatenate(row))
 
 
+def layout_keep(keep, token, row):
+    """Which entries of the full layout survive (jnp, jit-friendly).
+
+    keep: bool (NI, T·N) tile-token keep mask; token, row: int (NI, F) layout tables. A token entry survives when
+    its tile token is kept; a ``-1`` newline when its grid row keeps a token; a ``-3`` newline always; padding
+    (``-2``) never. Returns bool (NI, F).
+    """
+    import jax.numpy as jnp
+
+    ni = token.shape[0]
+    is_tok = token >= 0
+    tok_keep = jnp.take_along_axis(keep, jnp.maximum(token, 0), axis=1) & is_tok
+    n_rows = token.shape[1]  # static bound on the grid-row ids (< F)
+    seg = jnp.where(is_tok & (row >= 0), row, n_rows)
+    row_has = jnp.zeros((ni, n_rows + 1), jnp.int32).at[jnp.arange(ni)[:, None], seg].max(tok_keep.astype(jnp.int32))
+    nl_keep = (token == -1) & (jnp.take_along_axis(row_has, jnp.maximum(row, 0), axis=1) > 0)
+    return tok_keep | nl_keep | (token == -3)
+
+
 def max_tiles(pinpoints, tile_size: int) -> int:
     """Largest tile count (base image included) over the pinpoint list: the static tile axis."""
     return 1 + max((h // tile_size) * (w // tile_size) for h, w in pinpoints)

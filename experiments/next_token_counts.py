@@ -1,0 +1,115 @@
+"""Visual-token counts on LLaVA-NeXT-7B geometry (CLIP-L/14-336 tiles, v1.6 pinpoints) per method and budget, for a
+672x672 and a 1008x336 image, in the official (HF) layout and in each paper's own layout.
+
+Counts of fixed-budget methods depend on the data only through the official layout's newlines (a row that keeps no
+token loses its newline) and through HiRED/HERO's data-dependent budgets: the attention rows and features here are
+seeded random draws fed to the model-facing pruners' own NeXT path (``tile_mask``), so every number comes from the
+same code the model runs. HERO's CLIP embeddings are random too. Prints a markdown table and writes
+experiments/results/next_token_counts.md.
+
+    python experiments/next_token_counts.py
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from vlmprune import prune
+from vlmprune.config import LlavaConfig
+from vlmprune.models.clip import CLIPVisionConfig
+from vlmprune.models.llama import LlamaConfig
+from vlmprune.next_layout import batch_layout, layout_keep, max_tiles, reference_pinpoints
+from vlmprune.prune.anyres import hero_valid_mask
+
+PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # HF (height, width)
+IMAGES = {"672x672": (672, 672), "1008x336 (w x h)": (336, 1008)}  # (height, width)
+N, H, LAYERS = 576, 16, 24
+
+
+def _cfg():
+    return LlavaConfig(vision=CLIPVisionConfig(), text=LlamaConfig(), model_type="llava_next",
+                       image_grid_pinpoints=PINPOINTS)
+
+
+def _enc(t, rng):
+    logits = rng.normal(size=(LAYERS, t, H, N + 1)) * 2
+    attn = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    return {
+        "features": jnp.asarray(rng.normal(size=(t, N, 64)).astype(np.float32)),
+        "cls_attn": {l: jnp.asarray(attn[l, :, :, 1:].astype(np.float32)) for l in range(LAYERS)},
+        "hidden_states": {LAYERS: jnp.asarray(rng.normal(size=(t, N + 1, 32)).astype(np.float32))},
+    }
+
+
+def count(pruner, hw, cfg, rng):
+    style, pins = pruner.next_layout_style(cfg) if pruner is not None else ("official", cfg.image_grid_pinpoints)
+    lay = batch_layout([hw], pins, tile_size=336, tokens_per_side=24, style=style)
+    t = max_tiles(cfg.image_grid_pinpoints, 336)
+    tile_valid = np.zeros((1, t), bool)
+    tile_valid[0, : lay.layouts[0].num_tiles] = True
+    layout = {"tile_valid": jnp.asarray(tile_valid)}
+    enc = _enc(t, rng)
+    if pruner is None:
+        keep = np.ones((1, t, N), bool)
+    else:
+        if isinstance(pruner, prune.HERO):
+            li = lay.layouts[0]
+            k = li.grid_rows * li.grid_cols
+            valid = np.zeros((1, t - 1, N), bool)
+            valid[0, :k] = hero_valid_mask((hw[1], hw[0]), (li.grid_cols, li.grid_rows))
+            layout.update(clip_image=jnp.asarray(rng.normal(size=(1, t - 1, 768)).astype(np.float32)),
+                          clip_text=jnp.asarray(rng.normal(size=(1, 1, 768)).astype(np.float32)),
+                          hero_valid=jnp.asarray(valid))
+        wanted = pruner.vision_request(cfg).get("cls_attention_layers", ())
+        enc["cls_attn"] = {l: enc["cls_attn"][l] for l in wanted}  # exactly the taps the model would compute
+        keep = np.asarray(pruner.tile_mask(enc, layout, cfg))
+    keep = keep & tile_valid[..., None]
+    kept = layout_keep(jnp.asarray(keep.reshape(1, -1)), jnp.asarray(lay.token), jnp.asarray(lay.row))
+    nl = int(np.asarray(kept & (jnp.asarray(lay.token) < 0)).sum())
+    return int(np.asarray(kept).sum()), nl
+
+
+def main():
+    cfg = _cfg()
+    methods = [("none", None)]
+    for k in (32, 64, 128):
+        methods.append((f"vispruner T={k}/tile", prune.VisPruner(num_keep=k, layout="official")))
+        methods.append((f"fastervlm T={k}/tile", prune.FasterVLM(num_keep=k, layout="official")))
+    for r in (0.2, 0.4):
+        methods.append((f"hired rate={r}", prune.HiRED(budget_rate=r, alpha=0.5, shallow_layer=0, deep_layer=22)))
+    for r in (0.1, 0.2):
+        methods.append((f"hero R={r}", prune.HERO(keep_ratio=r, clip_path="-")))
+    rows = []
+    for label, p in methods:
+        for img, hw in IMAGES.items():
+            cells = []
+            for layout in ("official", "reference"):
+                if p is None:
+                    q = None
+                else:
+                    import dataclasses
+
+                    q = dataclasses.replace(p, layout=layout)
+                if p is None and layout == "reference":
+                    cells.append("—")
+                    continue
+                rng = np.random.default_rng(0)
+                total, nl = count(q, hw, cfg, rng)
+                cells.append(f"{total} ({nl} newlines)")
+            rows.append(f"| {label} | {img} | {cells[0]} | {cells[1]} |")
+    head = ("| method | image | official layout | paper's layout |\n|---|---|---|---|")
+    text = "\n".join([head, *rows])
+    note = ("\nReference layouts: VisPruner/FasterVLM = fixed 672x672 canvas (2x2 tiles) without unpad or newline "
+            "(exactly 5·T); HiRED = unpadded, no newline; HERO = no crop, a newline after every stitched row. "
+            "Seeded random attention (same draw for every method).\n")
+    print(text + note)
+    os.makedirs("experiments/results", exist_ok=True)
+    with open("experiments/results/next_token_counts.md", "w") as f:
+        f.write("# LLaVA-NeXT-7B geometry: visual tokens per method\n\n" + text + "\n" + note)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""The benchmarks: lmms-lab dataset layouts, LLaVA-1.5 evaluation prompts, and what each metric needs.
+
+Each ``Task`` knows where its data lives on the hub (``lmms-lab/*``), which columns it reads, how LLaVA-1.5 phrases
+the question (the ``llava/eval`` question files), and which fields of a row the metric needs (``reference``, stored
+with every prediction so a run can be re-scored from its predictions file alone).
+
+Column names (lmms-lab):
+
+* POPE ``lmms-lab/POPE`` (test): question, answer (yes/no), image, category (adversarial/popular/random).
+* TextVQA ``lmms-lab/textvqa`` (validation): question, answers (10 human answers), image, ocr_tokens (optional).
+* GQA ``lmms-lab/GQA`` (testdev_balanced_instructions / testdev): question, answer, image -- or ``imageId`` into
+  the ``testdev_balanced_images`` table (id, image), which is how the hub stores it.
+* MME ``lmms-lab/MME`` (test): question, answer (Yes/No), image, category, question_id (the image, two questions
+  each).
+* ScienceQA-IMG ``lmms-lab/ScienceQA`` (ScienceQA-IMG / test): question, choices, answer (index), image, hint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+from vlmprune.evaluation.metrics import LETTERS, image_digest
+
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
+# LLaVA-1.5's conversation template ``vicuna_v1`` starts with this system prompt.
+LLAVA_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                       "helpful, detailed, and polite answers to the human's questions.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    hub_path: str
+    hub_config: str | None
+    split: str
+    required: tuple[str, ...]  # columns a row must have (besides the image)
+    prompt_fn: Callable[[dict, dict], str]
+    reference_fn: Callable[[dict], dict]
+    id_columns: tuple[str, ...] = ()  # first of these whose values are unique keys the run (else: row index)
+    max_new_tokens: int = 16
+    image_table: tuple[str, str | None, str] | None = None  # (hub path, config, split) of a separate image table
+    image_key: str | None = None  # column of the question table pointing into image_table's "id"
+
+    def prompt(self, row: dict, **options) -> str:
+        return self.prompt_fn(row, options)
+
+    def reference(self, row: dict) -> dict:
+        return self.reference_fn(row)
+
+
+# ------------------------------------------------------------------------------------------- prompts
+
+
+def _short(row, opts):
+    return f"{str(row['question']).strip()}\n{SHORT_ANSWER}"
+
+
+def _textvqa_prompt(row, opts):
+    # LLaVA-1.5's llava_textvqa_val_v051_ocr.jsonl: question, the OCR tokens, then the short-answer suffix.
+    q = str(row["question"]).strip()
+    ocr = row.get("ocr_tokens")
+    if opts.get("ocr", True) and ocr:
+        q = f"{q}\nReference OCR token: {', '.join(str(t) for t in ocr)}"
+    return f"{q}\n{SHORT_ANSWER}"
+
+
+def _sqa_prompt(row, opts):
+    # LLaVA-1.5 ScienceQA (CQM-A, single-pred prompt): "Context: <hint>\n<question>\nA. ...\nB. ...\n<suffix>".
+    hint = str(row.get("hint") or "").strip()
+    choices = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(row["choices"]))
+    context = f"Context: {hint}\n" if hint else ""
+    return f"{context}{str(row['question']).strip()}\n{choices}\n{MULTIPLE_CHOICE}"
+
+
+# ------------------------------------------------------------------------------------------- references
+
+
+def _pope_ref(row):
+    return {"answer": str(row["answer"]).strip().lower(), "category": str(row.get("category") or "all")}
+
+
+def _textvqa_ref(row):
+    return {"answers": [str(a) for a in row["answers"]]}
+
+
+def _gqa_ref(row):
+    return {"answer": str(row["answer"])}
+
+
+def _mme_ref(row):
+    pair = row.get("question_id")
+    if pair is None:  # pair the two questions of an image by its pixels
+        pair = image_digest(row["image"])
+    return {"answer": str(row["answer"]).strip().lower(), "category": str(row["category"]), "pair": str(pair)}
+
+
+def _sqa_ref(row):
+    return {"answer": int(row["answer"]), "num_choices": len(row["choices"])}
+
+
+TASKS: dict[str, Task] = {
+    "pope": Task("pope", "lmms-lab/POPE", None, "test", ("question", "answer"), _short, _pope_ref,
+                 id_columns=("question_id", "id")),
+    "textvqa": Task("textvqa", "lmms-lab/textvqa", None, "validation", ("question", "answers"), _textvqa_prompt,
+                    _textvqa_ref, id_columns=("question_id",)),
+    "gqa": Task("gqa", "lmms-lab/GQA", "testdev_balanced_instructions", "testdev", ("question", "answer"), _short,
+                _gqa_ref, id_columns=("id", "question_id"),
+                image_table=("lmms-lab/GQA", "testdev_balanced_images", "testdev"), image_key="imageId"),
+    "mme": Task("mme", "lmms-lab/MME", None, "test", ("question", "answer", "category"), _short, _mme_ref),
+    "scienceqa_img": Task("scienceqa_img", "lmms-lab/ScienceQA", "ScienceQA-IMG", "test",
+                          ("question", "choices", "answer"), _sqa_prompt, _sqa_ref),
+}
+
+
+def get_task(name: str) -> Task:
+    key = name.lower().replace("-", "_")
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(TASKS)}")
+    return TASKS[key]
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def _is_saved(path: str) -> bool:
+    return os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_info.json"))
+                                    or os.path.exists(os.path.join(path, "dataset_dict.json")))
+
+
+def _load(path: str, config: str | None, split: str | None, cache_dir: str | None):
+    """A ``save_to_disk`` directory (Dataset or DatasetDict), else ``datasets.load_dataset`` (hub id, or a local
+    directory in the hub's layout, e.g. a clone of lmms-lab/POPE with its parquet files)."""
+    import datasets
+
+    if _is_saved(path):
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                if len(ds) == 1:
+                    return next(iter(ds.values()))
+                raise ValueError(f"{path} has splits {sorted(ds)}; pass split=... (got {split!r})")
+            ds = ds[split]
+        return ds
+    return datasets.load_dataset(path, name=config, split=split, cache_dir=cache_dir)
+
+
+class TaskData:
+    """A task's rows with their ids, reading images lazily (also from a separate image table, as GQA's)."""
+
+    def __init__(self, task: Task, dataset, images=None):
+        self.task = task
+        self.dataset = dataset
+        cols = set(dataset.column_names)
+        missing = [c for c in task.required if c not in cols]
+        if missing:
+            raise ValueError(f"{task.name}: the data lacks column(s) {missing} (has {sorted(cols)})")
+        self._image_index = None
+        if "image" not in cols:
+            if images is None or task.image_key is None or task.image_key not in cols:
+                raise ValueError(f"{task.name}: the data has no 'image' column"
+                                 + (f" and no image table for its {task.image_key!r} column (pass images=... / "
+                                    "--images)" if task.image_key else ""))
+            if not {"id", "image"} <= set(images.column_names):
+                raise ValueError(f"{task.name}: the image table needs columns 'id' and 'image' "
+                                 f"(has {sorted(images.column_names)})")
+            self.images = images
+            self._image_index = {str(k): i for i, k in enumerate(images["id"])}
+        self.ids = self._sample_ids()
+
+    def _sample_ids(self) -> list[str]:
+        for col in self.task.id_columns:
+            if col in self.dataset.column_names:
+                vals = [str(v) for v in self.dataset[col]]
+                if len(set(vals)) == len(vals):
+                    return vals
+        return [str(i) for i in range(len(self.dataset))]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def row(self, i: int) -> dict:
+        r = dict(self.dataset[int(i)])
+        if self._image_index is not None:
+            key = str(r[self.task.image_key])
+            if key not in self._image_index:
+                raise KeyError(f"{self.task.name}: image {key!r} of row {i} is not in the image table")
+            r["image"] = self.images[self._image_index[key]]["image"]
+        img = r.get("image")
+        if img is not None and not hasattr(img, "convert"):
+            raise TypeError(f"{self.task.name}: row {i} 'image' is {type(img).__name__}, expected a PIL image "
+                            "(a datasets Image feature)")
+        return r
+
+
+def _load_default_config(path: str, config: str | None, default: str | None, split: str | None, cache_dir):
+    """Load with ``config`` if given, else the task's hub config; a local directory without that config (plain
+    parquet/json files) is read without one."""
+    if config is not None:
+        return _load(path, config, split, cache_dir)
+    try:
+        return _load(path, default, split, cache_dir)
+    except ValueError as e:
+        if default is None or not os.path.isdir(path) or "config" not in str(e).lower():
+            raise
+        return _load(path, None, split, cache_dir)
+
+
+def load_task_data(task: Task | str, data: str | None = None, *, split: str | None = None,
+                   config: str | None = None, images: str | None = None, cache_dir: str | None = None,
+                   dataset: Any = None) -> TaskData:
+    """Open a task's data.
+
+    Args:
+      data: a ``save_to_disk`` directory, a local directory in the hub layout, or a hub id; default the task's
+        lmms-lab dataset.
+      split / config: default the task's (e.g. ``test``; ``ScienceQA-IMG``); ``config`` only for hub layouts.
+      images: GQA only: where the image table (id, image) lives when the questions carry ``imageId`` (a
+        ``save_to_disk`` directory, a local hub-layout directory or a hub id); default the
+        ``testdev_balanced_images`` config of ``data`` (or of the hub repository).
+      dataset: an already open ``datasets.Dataset`` instead of ``data``.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    if dataset is None:
+        dataset = _load_default_config(data or task.hub_path, config, task.hub_config, split or task.split,
+                                       cache_dir)
+    table = None
+    if "image" not in dataset.column_names and task.image_table is not None:
+        hub, cfg, sp = task.image_table
+        source = images or data or hub
+        if images is not None or not _is_saved(source):  # a save_to_disk question table has no image config
+            table = _load_default_config(source, None, cfg, sp, cache_dir)
+    return TaskData(task, dataset, table)
