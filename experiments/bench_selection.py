@@ -21,7 +21,7 @@ encoder's time. The verdict is printed at the end.
 
 Usage::
 
-    python experiments/bench_selection.py                 # full run (a few minutes on 2 cores)
+    python experiments/bench_selection.py                 # full run (~10 min on 2 shared cores)
     python experiments/bench_selection.py --quick         # smoke run
     python experiments/bench_selection.py --methods vispruner,fastervlm --budgets 64
 
@@ -168,6 +168,34 @@ def torch_vispruner(features: torch.Tensor, cls_attn: torch.Tensor, num_keep: in
     return kept.sort(dim=-1).values
 
 
+def exact_vispruner(normalized: np.ndarray, cls_attn: np.ndarray, num_keep: int, ratio: float) -> np.ndarray:
+    """Untimed float64 reference: the same rounds on (almost) exact cosine similarities of *given* unit rows.
+
+    VisPruner's dedup ranking is chaotic in float32: every round sorts all A tokens by their best similarity
+    and the sorted order decides the next even/odd split, so a rounding difference of one ulp between two
+    near-equal best similarities can change the final set. The JAX port ranks by a compensated (near-exact)
+    dot product; a plain float32 loop (the timed PyTorch code, like the original) does not. Feeding both this
+    reference and JAX the same normalised rows (JAX's) separates "port is wrong" from "float32 reordered".
+    normalized (B, N, C) float32 unit rows, cls_attn (B, H, N) -> sorted indices (B, T).
+    """
+    out = []
+    for x32, attn in zip(normalized, cls_attn):
+        x = x32.astype(np.float64)
+        num_imp = int(num_keep * ratio)
+        num_div = num_keep - num_imp
+        order = np.argsort(-attn.mean(0), kind="stable")
+        important, residual = order[:num_imp], order[num_imp:]
+        while num_div > 0:
+            r = min(8, len(residual) - num_div)
+            if r <= 0:
+                break
+            side_a, side_b = residual[0::2], residual[1::2]
+            best = (x[side_a] @ x[side_b].T).max(axis=1)
+            residual = np.concatenate([side_a[np.argsort(-best, kind="stable")[r:]], side_b])
+        out.append(np.sort(np.concatenate([important, residual]) if num_div > 0 else important))
+    return np.stack(out)
+
+
 def torch_fastervlm(cls_attn: torch.Tensor, num_keep: int) -> torch.Tensor:
     return cls_attn.mean(dim=1).topk(num_keep, dim=-1).indices.sort(dim=-1).values
 
@@ -301,8 +329,17 @@ def torch_prumerge_plus(features, attn, keys) -> list[torch.Tensor]:
 
 
 def torch_uniform(n: int, num_keep: int, batch: int) -> torch.Tensor:
-    idx = torch.linspace(0, n - 1, num_keep).round().long()
-    return idx.expand(batch, -1)
+    """Even spatial grid on the sqrt(N) x sqrt(N) patch grid, the rule documented in ``baselines.uniform``:
+    g = round(sqrt(K)) rows (clipped to [ceil(K / side), side]) at band centres, row i holds
+    floor((i+1)K/g) - floor(iK/g) tokens at the centres of equal column bins."""
+    side = int(round(n**0.5))
+    g = min(side, max(-(-num_keep // side), round((num_keep * side / side) ** 0.5)))
+    centres = lambda count: (torch.arange(count, dtype=torch.float64) + 0.5).mul(side / count).long()  # noqa: E731
+    picked = []
+    for i, row in enumerate(centres(g).tolist()):
+        in_row = (i + 1) * num_keep // g - i * num_keep // g
+        picked.append(row * side + centres(in_row))
+    return torch.cat(picked).sort().values.expand(batch, -1)
 
 
 def torch_random(n: int, num_keep: int, batch: int, seed: int = 0) -> torch.Tensor:
@@ -334,15 +371,24 @@ def time_jax(fn: Callable[[], Any], repeats: int) -> tuple[dict, float, Any]:
     return _stats(times), first, out
 
 
-def time_torch(fn: Callable[[], Any], repeats: int) -> tuple[dict, Any]:
+def time_pair(jax_fn: Callable[[], Any], torch_fn: Callable[[], Any], repeats: int):
+    """Time a JAX and a PyTorch function with their calls *interleaved* (J, T, J, T, ...), so that both see
+    the same background load (this matters on a small shared machine). Returns
+    (jax stats, jax compile+first-call seconds, jax output, torch stats, torch output)."""
+    t0 = time.perf_counter()
+    jout = jax.block_until_ready(jax_fn())  # compile + warm-up
+    first = time.perf_counter() - t0
+    jt, tt = [], []
     with torch.no_grad():
-        out = fn()  # warm-up
-        times = []
+        tout = torch_fn()  # warm-up
         for _ in range(repeats):
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return _stats(times), out
+            jax.block_until_ready(jax_fn())
+            jt.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            torch_fn()
+            tt.append(time.perf_counter() - t0)
+    return _stats(jt), first, jout, _stats(tt), tout
 
 
 # ================================================================================================================
@@ -358,6 +404,7 @@ class Case:
     compare: Callable[[Any, Any], tuple[bool | None, str]]
     budget_label: str
     note: str = ""
+    extra_check: Callable[[Any], tuple[bool | None, str]] | None = None  # untimed, on the JAX output
 
 
 def _sets_equal(jax_idx, torch_idx) -> tuple[bool, str]:
@@ -389,17 +436,24 @@ def build_case(method: str, budget: int, inp: Inputs, seed: int) -> Case | None:
     """Returns None when the method has no row for this budget (PruMerge+ is adaptive: one row only)."""
     from vlmprune import prune as P  # noqa: N812
 
-    j = {k: jnp.asarray(v) for k, v in dataclasses.asdict(inp).items()}
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in dataclasses.asdict(inp).items()}
+    j = {k: jnp.asarray(v) for k, v in vars(inp).items()}
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in vars(inp).items()}
     bsz, n = inp.features.shape[:2]
     label = str(budget)
 
     if method == "vispruner":
         f = functools.partial(P.vispruner, num_keep=budget, important_ratio=0.5)
         jf = jax.jit(f)
+
+        def exact_check(o):
+            from vlmprune.prune.vispruner import l2_normalize
+
+            normalized = np.asarray(jax.jit(l2_normalize)(j["features"]))
+            return _sets_equal(o.indices, exact_vispruner(normalized, inp.cls_attn, budget, 0.5))
+
         return Case(lambda: jf(j["features"], j["cls_attn"]), lambda: f(j["features"], j["cls_attn"]),
                     lambda: torch_vispruner(t["features"], t["cls_attn"], budget, 0.5),
-                    lambda o, r: _sets_equal(o.indices, r), label, "important_ratio 0.5")
+                    lambda o, r: _sets_equal(o.indices, r), label, "important_ratio 0.5", exact_check)
     if method == "fastervlm":
         f = functools.partial(P.fastervlm, num_keep=budget)
         jf = jax.jit(f)
@@ -442,9 +496,13 @@ def build_case(method: str, budget: int, inp: Inputs, seed: int) -> Case | None:
         jf = jax.jit(f)
         targs = tuple(t[k] for k in names)
         kw_t = {k: v for k, v in kw.items() if k != "tokens_per_side"}
+        def exact_check(o):  # HERO's double-softmax scores sit within a few float32 ulps of each other
+            ref = torch_hero(*(x.double() if x.is_floating_point() else x for x in targs), **kw_t)
+            return _masks_equal(o.mask(n).reshape(ref.shape), ref)
+
         return Case(lambda: jf(*args), lambda: f(*args), lambda: torch_hero(*targs, **kw_t),
                     lambda o, r: _masks_equal(o.mask(n).reshape(r.shape), r), label,
-                    "LLaVA-NeXT 2x2 (800x600), R = budget/N, 11 low + 12 high layers")
+                    "LLaVA-NeXT 2x2 (800x600), R = budget/N, 11 low + 12 high layers", exact_check)
 
     # ---- baselines (vlmprune.prune.baselines may not exist yet; ImportError -> skipped by the caller) ----
     from vlmprune.prune import baselines as BL  # noqa: N812
@@ -498,7 +556,7 @@ def build_case(method: str, budget: int, inp: Inputs, seed: int) -> Case | None:
         jf = jax.jit(f, static_argnums=0)
         return Case(lambda: jf(n), lambda: f(n), lambda: torch_uniform(n, budget, bsz),
                     lambda o, r: _sets_equal(np.broadcast_to(np.asarray(o.indices), r.shape), r), label,
-                    "torch: round(linspace(0, N-1, T))")
+                    "data-independent constant grid")
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -521,20 +579,25 @@ def time_encoder(batch: int, layers: int, image_size: int, repeats: int, seed: i
     pixels = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, 3, image_size, image_size), jnp.float32)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), pixels, **kw))
 
-    # Random params without running the slow init: N(0, 0.02) weights, unit LayerNorm scales, zero biases.
+    # Random params without running the (slow) init: N(0, 0.02) weights, unit LayerNorm scales, zero biases.
+    # One NumPy draw for all weights, then views per leaf (no per-shape XLA compilation).
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    vals = []
-    for (path, sd), k in zip(leaves, keys):
-        name = str(getattr(path[-1], "key", path[-1]))
+    names = [str(getattr(path[-1], "key", path[-1])) for path, _ in leaves]
+    sizes = [int(np.prod(sd.shape)) for _, sd in leaves]
+    n_params = sum(sizes)
+    flat = np.random.default_rng(seed).standard_normal(n_params, dtype=np.float32)
+    flat *= np.float32(0.02)
+    vals, offset = [], 0
+    for name, size, (_, sd) in zip(names, sizes, leaves):
         if name == "scale":
             vals.append(jnp.ones(sd.shape, sd.dtype))
         elif name == "bias":
             vals.append(jnp.zeros(sd.shape, sd.dtype))
         else:
-            vals.append(0.02 * jax.random.normal(k, sd.shape, sd.dtype))
+            vals.append(jnp.asarray(flat[offset:offset + size].reshape(sd.shape), sd.dtype))
+        offset += size
+    del flat
     params = jax.tree_util.tree_unflatten(treedef, vals)
-    n_params = int(sum(np.prod(v.shape) for v in vals))
 
     fwd = jax.jit(lambda p, x: model.apply(p, x, **kw))
     stats, first, out = time_jax(lambda: fwd(params, pixels), repeats)
@@ -569,6 +632,7 @@ def machine_info() -> dict:
         "torch_num_threads": torch.get_num_threads(),
         "numpy": np.__version__,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
     }
 
 
@@ -576,17 +640,23 @@ def _fmt_ms(x: float) -> str:
     return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
 
 
+def _exact_note(r: dict) -> str:
+    if r.get("agree_exact_ref") is None:
+        return ""
+    return f"; JAX vs float64 reference: {'same' if r['agree_exact_ref'] else r['agree_exact_ref_detail']}"
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ("| method | budget | JAX jit ms (median ± IQR) | JAX API ms | PyTorch ms (median ± IQR) | "
-            "speed-up (torch/jax) | % of encoder | JAX compile s | selections agree |")
+            "speed-up (torch/jax): median (min) | % of encoder | JAX compile s | selections agree |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         agree = {True: "yes", False: "NO", None: "n/a"}[r["agree"]]
         lines.append(
             f"| {r['method']} | {r['budget']} | {_fmt_ms(r['jax_ms'])} ± {_fmt_ms(r['jax_iqr_ms'])} | "
             f"{_fmt_ms(r['jax_api_ms'])} | {_fmt_ms(r['torch_ms'])} ± {_fmt_ms(r['torch_iqr_ms'])} | "
-            f"{r['speedup']:.1f}× | {r['pct_encoder']:.3f} % | {r['jax_compile_s']:.1f} | "
-            f"{agree} ({r['agree_detail']}) |"
+            f"{r['speedup']:.1f}× ({r['speedup_min']:.1f}×) | {r['pct_encoder']:.3f} % | {r['jax_compile_s']:.1f} | "
+            f"{agree} ({r['agree_detail']}{_exact_note(r)}) |"
         )
     return "\n".join(lines)
 
@@ -620,6 +690,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dim", type=int, default=1024, help="feature width C")
     ap.add_argument("--heads", type=int, default=16, help="attention heads H")
     ap.add_argument("--emb-dim", type=int, default=4096, help="post-projector width for DivPrune")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch.set_num_threads value (default: leave torch's default, one per core)")
+    ap.add_argument("--single-thread-torch", default="vispruner",
+                    help="methods also timed with torch.set_num_threads(1), JAX interleaved again (a check on\n"
+                         "OpenMP contention when the machine is shared; '' = none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 1 encoder repeat")
     ap.add_argument("--out-dir", default=os.path.join(_REPO, "experiments", "results"),
@@ -634,14 +709,21 @@ def main(argv=None) -> dict:
         args.encoder_repeats = 1
     budgets = [int(b) for b in args.budgets.split(",") if b]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    single_thread = {m.strip() for m in args.single_thread_torch.split(",") if m.strip()}
     for m in methods:
         if m not in ALL_METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
     if args.image_size % 14:
         raise SystemExit("--image-size must be a multiple of the patch size 14")
     n = args.num_tokens or (args.image_size // 14) ** 2
+    too_big = [b for b in budgets if not 1 <= b <= n]
+    if too_big:
+        print(f"NOTE budgets {too_big} are outside [1, N={n}] and are dropped", flush=True)
+        budgets = [b for b in budgets if 1 <= b <= n]
     BUDGETS_SEEN[:] = budgets
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     info = machine_info()
     print(f"# selection benchmark  {info['date']}  cpu_count={info['cpu_count']}  jax {info['jax']} "
           f"({info['jax_backend']})  torch {info['torch']} ({info['torch_num_threads']} threads)", flush=True)
@@ -668,10 +750,20 @@ def main(argv=None) -> dict:
             if case is None:
                 continue
             try:
-                jstats, compile_s, jout = time_jax(case.jit_fn, args.repeats)
+                jstats, compile_s, jout, tstats, tout = time_pair(case.jit_fn, case.torch_fn, args.repeats)
                 astats, _, _ = time_jax(case.api_fn, max(1, args.repeats // 2)) if case.api_fn else ({}, 0, None)
-                tstats, tout = time_torch(case.torch_fn, args.repeats)
                 agree, detail = case.compare(jout, tout)
+                exact, exact_detail = case.extra_check(jout) if case.extra_check else (None, "")
+                one_thread = None
+                if method in single_thread and torch.get_num_threads() > 1:
+                    threads = torch.get_num_threads()
+                    torch.set_num_threads(1)
+                    try:
+                        j1, _, _, t1, _ = time_pair(case.jit_fn, case.torch_fn, args.repeats)
+                    finally:
+                        torch.set_num_threads(threads)
+                    one_thread = {"jax_ms": j1["median_ms"], "torch_ms": t1["median_ms"], "jax_min_ms": j1["min_ms"],
+                                  "torch_min_ms": t1["min_ms"], "speedup": t1["median_ms"] / j1["median_ms"]}
             except Exception as e:  # a method whose API differs from what this script expects
                 msg = f"{method} budget {budget}: skipped, {type(e).__name__}: {e}"
                 print("NOTE", msg, flush=True)
@@ -683,28 +775,41 @@ def main(argv=None) -> dict:
                 "jax_api_ms": astats.get("median_ms", float("nan")), "jax_compile_s": compile_s,
                 "torch_ms": tstats["median_ms"], "torch_iqr_ms": tstats["iqr_ms"], "torch_min_ms": tstats["min_ms"],
                 "speedup": tstats["median_ms"] / jstats["median_ms"],
+                "speedup_min": tstats["min_ms"] / jstats["min_ms"],
                 "pct_encoder": 100.0 * jstats["median_ms"] / enc["median_ms"],
                 "agree": agree, "agree_detail": detail, "note": case.note,
+                "agree_exact_ref": exact, "agree_exact_ref_detail": exact_detail,
+                "torch_1thread": one_thread,
             }
             rows.append(row)
             print(f"{method:>14} {case.budget_label:>8}: jax {row['jax_ms']:9.3f} ms  torch {row['torch_ms']:9.3f} ms"
                   f"  x{row['speedup']:7.1f}  {row['pct_encoder']:7.3f} % enc  compile {compile_s:5.1f} s  "
-                  f"agree={agree} ({detail})", flush=True)
+                  f"agree={agree} ({detail})" + (f"; vs float64 ref: {exact} ({exact_detail})" if case.extra_check else "")
+                  + (f"; torch 1 thread: {one_thread['torch_ms']:.1f} ms, x{one_thread['speedup']:.1f}" if one_thread else ""),
+                  flush=True)
 
     table = markdown_table(rows)
     verdicts = verdict(rows)
     md = [
         "# Token-selection speed on CPU: JAX (jit) vs a straightforward PyTorch implementation",
         "",
-        f"Command: `python experiments/bench_selection.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
+        "Command: `" + " ".join(["python experiments/bench_selection.py", *(argv if argv is not None else sys.argv[1:])])
+        + "`",
         "",
         f"Machine: {info['processor']}, {info['cpu_count']} CPU cores, {info['platform']}; jax {info['jax']} "
         f"(jaxlib {info['jaxlib']}, backend {info['jax_backend']}), flax {info['flax']}, torch {info['torch']} "
-        f"({info['torch_num_threads']} threads), numpy {info['numpy']}; {info['date']}.",
+        f"({info['torch_num_threads']} threads), numpy {info['numpy']}; {info['date']}. Load average (1/5/15 min) "
+        f"at start {info['loadavg_1_5_15']}, at end {[round(x, 2) for x in os.getloadavg()]}.",
         "",
         f"Inputs: seeded random, B={args.batch}, N={n}, C={args.dim}, H={args.heads}, float32. "
-        f"Timings: median ± IQR over {args.repeats} calls after one warm-up (JAX: jitted, `block_until_ready`; "
-        "JAX API: the public function called eagerly, validation included; PyTorch: `torch.no_grad()`).",
+        f"Timings: median ± IQR over {args.repeats} calls after one warm-up, JAX and PyTorch calls interleaved "
+        "(JAX: jitted, `block_until_ready`; JAX API: the public function called eagerly, validation and host-side "
+        "NaN check included; PyTorch: eager, `torch.no_grad()`, default threads). Speed-up = PyTorch median / "
+        "JAX median (in brackets: fastest PyTorch call / fastest JAX call, less sensitive to background load); "
+        "% of encoder = JAX median / encoder median. \"selections agree\" compares the JAX and PyTorch outputs "
+        "of this run (index sets, masks, or merged tokens to 1e-3). For VisPruner and HERO it also compares JAX "
+        "with an untimed float64 reference: float32 rounding can reorder near-equal scores (VisPruner's "
+        "best-similarity ranking, HERO's double-softmax scores) and so change the kept set; see `exact_vispruner`.",
         "",
         f"Encoder: Flax CLIP vision tower, {enc['layers']} layers ({enc['layers_run']} run, as LLaVA: hidden state -2 "
         f"and the CLS attention row of layer {enc['cls_attention_layer']}), {enc['image_size']} px, B={args.batch}, "
@@ -715,6 +820,14 @@ def main(argv=None) -> dict:
         "",
     ]
     notes = [f"* {r['method']}: {r['note']}" for r in rows if r["note"] and r["budget"] in (str(budgets[0]), "adaptive")]
+    for r in rows:
+        o = r.get("torch_1thread")
+        if o:
+            notes.append(
+                f"* {r['method']} T={r['budget']} re-timed with `torch.set_num_threads(1)` (interleaved again): "
+                f"JAX {_fmt_ms(o['jax_ms'])} ms, PyTorch {_fmt_ms(o['torch_ms'])} ms, speed-up {o['speedup']:.1f}× "
+                f"(min/min {o['torch_min_ms'] / o['jax_min_ms']:.1f}×)"
+            )
     if notes:
         md += ["Notes:", *notes, ""]
     if skipped:
@@ -733,6 +846,7 @@ def main(argv=None) -> dict:
         "rows": rows,
         "skipped": skipped,
         "verdicts": verdicts,
+        "loadavg_end": [round(x, 2) for x in os.getloadavg()],
     }
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)

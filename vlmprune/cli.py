@@ -77,6 +77,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from vlmprune.evaluation.runner import run_from_args
+
+    run_from_args(args, pruner_from_args(args))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from vlmprune.bench import main_from_args
+
+    return main_from_args(args)
+
+
 def cmd_convert(args) -> int:
     import vlmprune
 
@@ -84,6 +97,42 @@ def cmd_convert(args) -> int:
     model = vlmprune.load(args.hf_dir, dtype=args.dtype)
     model.save(args.out_dir)
     print(f"[vlmprune] wrote {args.out_dir} (load it with vlmprune.load)", file=sys.stderr)
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    import vlmprune
+    from vlmprune import prune, viz
+
+    if not os.path.isfile(args.image):
+        raise SystemExit(f"error: image {args.image!r} not found")
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"error: model directory {args.model!r} not found")
+    specs = pruner = None
+    if args.compare:
+        if args.method not in (None, "none") or args.keep is not None:
+            raise SystemExit("error: give either --method/--keep or --compare, not both")
+        try:
+            specs = viz.parse_specs(args.compare)
+        except ValueError as e:
+            raise SystemExit(f"error: --compare: {e}")
+        bad = [n for n, _ in specs if n not in ("none", "full") and n not in prune.REGISTRY]
+        if bad:
+            raise SystemExit(f"error: unknown method(s) {bad} in --compare; choose from none, "
+                             f"{', '.join(sorted(prune.REGISTRY))}")
+    else:
+        pruner = pruner_from_args(args)
+    print(f"[vlmprune] loading {args.model} ...", file=sys.stderr, flush=True)
+    model = vlmprune.load(args.model, dtype=args.dtype)
+    kw = dict(out=args.out, grid_lines=not args.no_grid, dpi=args.dpi)
+    try:
+        if specs is not None:
+            viz.compare(model, args.image, specs, args.prompt, **kw)
+        else:
+            viz.plot_kept(model, args.image, pruner, args.prompt, **kw)
+    except (ValueError, NotImplementedError) as e:
+        raise SystemExit(f"error: {e}")
+    print(f"[vlmprune] wrote {args.out}", file=sys.stderr)
     return 0
 
 
@@ -114,6 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("visualize", help="draw the visual tokens a pruning method keeps over the image (PNG)")
+    v.add_argument("--model", required=True, help="HF LLaVA directory or vlmprune checkpoint")
+    v.add_argument("--image", required=True)
+    v.add_argument("--prompt", default="What is in the image?", help="instruction (read by text-guided pruners)")
+    v.add_argument("--out", default="kept.png", help="PNG to write (default kept.png)")
+    v.add_argument("--compare", default=None, metavar="SPECS",
+                   help="one panel per method:budget, e.g. vispruner:64,fastervlm:64,hired:0.2,none")
+    v.add_argument("--no-grid", action="store_true", help="no patch grid lines")
+    v.add_argument("--dpi", type=int, default=100)
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    _add_method_args(v)
+    v.set_defaults(func=cmd_visualize)
+
+    from vlmprune.evaluation.runner import add_eval_args
+
+    e = sub.add_parser("eval", help="run a benchmark (pope, textvqa, gqa, mme, scienceqa_img); resumable")
+    add_eval_args(e)
+    _add_method_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    from vlmprune.bench import add_arguments as add_bench_args
+
+    b = sub.add_parser("bench", help="efficiency benchmark: FLOPs, encoder/selection/prefill time, TTFT, decode "
+                                     "tokens/s, KV cache and memory per method (JSON, markdown, PNG)")
+    add_bench_args(b)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

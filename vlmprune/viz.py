@@ -1,0 +1,610 @@
+"""Which visual tokens a pruner keeps, and pictures of them.
+
+``kept_mask(model, image, prompt, pruner)`` runs the model's own pure pieces (``model.vision`` with the pruner's
+``vision_request``, then the pruner's selection: the 1.5 ``apply``-side selection function, or ``tile_mask`` for
+LLaVA-NeXT) and returns a boolean mask over the patch tokens: (N,) for LLaVA-1.5, (tiles, N) for LLaVA-NeXT (base
+image first, then the grid tiles in raster order). Nothing in the model is changed and the LLM does not run.
+
+``plot_kept`` draws that mask over the *preprocessed* image (the processor resizes and center-crops; the picture
+is ``pixel_values`` denormalised with the processor's ``image_mean``/``image_std``, so patches line up exactly):
+dropped patches dimmed, kept ones at full brightness, optional patch grid. LLaVA-NeXT gets two panels, the base
+image and the stitched tile grid (tile borders drawn, the region the official layout unpads away outlined).
+``compare`` draws one panel per (method, budget), titled ``"method — k/N tokens"``.
+
+Budgets (``make_pruner`` / the CLI's ``--compare vispruner:64,fastervlm:64``): a token count for the keep-N
+methods (vispruner, fastervlm, divprune, random, uniform); a token count or a rate in (0, 1) for hired and hero;
+the total (CLS included) for visionzip, split 54:10 as in its README; none for prumerge_plus (adaptive).
+
+matplotlib is needed for the drawing functions only (``pip install "vlmprune[viz]"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+DEFAULT_PROMPT = "What is in the image?"
+PANEL_INCHES = 3.0  # side of one image panel
+TITLE_INCHES = 0.6  # room above a panel for its title
+DIM = 0.25  # brightness of dropped patches
+
+#: what a bare budget means per method (see the module docstring)
+_RATE_FIELD = {"hired": "budget_rate", "hero": "keep_ratio"}
+_MERGE_NOTES = {"visionzip": "dominant + merge targets (+CLS)", "prumerge_plus": "merge anchors (+1 pooled token)"}
+
+
+# ----------------------------------------------------------------------------------------------- pruners
+
+
+def parse_spec(spec: str) -> tuple[str, int | float | None]:
+    """``"vispruner:64"`` -> ("vispruner", 64); ``"hired:0.25"`` -> ("hired", 0.25); ``"prumerge_plus"`` -> None
+    budget (the method's defaults)."""
+    name, _, budget = str(spec).strip().partition(":")
+    name = name.strip().lower().replace("-", "_")
+    if not name:
+        raise ValueError(f"empty method in {spec!r}; write method[:budget], e.g. vispruner:64")
+    if not budget.strip():
+        return name, None
+    try:
+        value = float(budget)
+    except ValueError:
+        raise ValueError(f"budget {budget!r} in {spec!r} is not a number") from None
+    return name, int(value) if value.is_integer() and value >= 1 else value
+
+
+def parse_specs(text: str) -> list[tuple[str, int | float | None]]:
+    """``"vispruner:64,fastervlm:64"`` -> [("vispruner", 64), ("fastervlm", 64)]."""
+    specs = [parse_spec(s) for s in str(text).split(",") if s.strip()]
+    if not specs:
+        raise ValueError("no methods given; write e.g. vispruner:64,fastervlm:64")
+    return specs
+
+
+def make_pruner(method: str, budget: int | float | None = None, *, num_tokens: int, **settings):
+    """A pruner for ``method`` at ``budget`` (see the module docstring), or None for ``"none"``.
+
+    Args:
+      method: a name from ``vlmprune.prune.REGISTRY`` or "none".
+      budget: kept tokens per image (per tile on LLaVA-NeXT), a rate in (0, 1) for hired/hero, or None for the
+        method's defaults.
+      num_tokens: N, visual tokens per image (tile) before pruning: ``model.config.tokens_per_image``.
+      settings: further method settings (``important_ratio=...``).
+
+    Raises:
+      ValueError: unknown method, a budget larger than N, a budget a method does not take.
+    """
+    from vlmprune import prune
+
+    name = str(method).lower().replace("-", "_")
+    if name in ("none", "full"):
+        if budget is not None:
+            raise ValueError("method 'none' keeps every token and takes no budget")
+        return None
+    if name not in prune.REGISTRY:
+        raise ValueError(f"unknown pruning method {method!r}; available: none, {', '.join(sorted(prune.REGISTRY))}")
+    kw = dict(settings)
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise ValueError(f"{name}: budget must be a positive number, got {budget!r}")
+        is_count = float(budget).is_integer() and budget >= 1
+        limit = num_tokens + 1 if name == "visionzip" else num_tokens  # visionzip's total counts CLS
+        if is_count and budget > limit:
+            raise ValueError(f"{name}: budget {int(budget)} is larger than the {num_tokens} visual tokens per "
+                             f"image{' (+ CLS)' if name == 'visionzip' else ''}")
+        fields = {f.name for f in dataclasses.fields(prune.REGISTRY[name])}
+        if name in _RATE_FIELD:
+            # int(N * (k + 0.5) / N) == k exactly, where k / N could round to k - 1
+            kw[_RATE_FIELD[name]] = min(1.0, (int(budget) + 0.5) / num_tokens) if is_count else float(budget)
+        elif name == "visionzip":
+            total = _as_count(name, budget)
+            contextual = min(max(1, round(total * 10 / 64)), total - 2) if total >= 3 else 0
+            kw.update(dominant=total - contextual, contextual=contextual)
+        elif "num_keep" in fields:
+            kw["num_keep"] = _as_count(name, budget)
+        else:
+            raise ValueError(f"{name} takes no budget (its kept count is adaptive); write just {name!r}")
+    return prune.get(name, **kw)
+
+
+def _as_count(name: str, budget) -> int:
+    if not float(budget).is_integer() or budget < 1:
+        raise ValueError(f"{name}: the budget is a token count (an integer >= 1), got {budget!r}")
+    return int(budget)
+
+
+def _resolve_pruner(model, pruner):
+    """Pruner | spec string | None -> a validated pruner (or None)."""
+    if isinstance(pruner, str):
+        pruner = make_pruner(*parse_spec(pruner), num_tokens=model.config.tokens_per_image)
+    if pruner is None:
+        return None
+    if not hasattr(pruner, "vision_request") or not hasattr(pruner, "validate"):
+        raise TypeError(f"pruner must be a vlmprune pruner, a spec like 'vispruner:64' or None, got {pruner!r}")
+    if pruner.inside_llm:
+        raise ValueError(f"{pruner.name} prunes inside the LLM (by the text's attention after decoder layer "
+                         f"{getattr(pruner, 'layer', '?')}); kept_mask shows pruning before the LLM only")
+    pruner.validate(model.config)
+    return pruner
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def load_image(image):
+    """PIL image, path, or uint8 array (H, W, 3) -> RGB PIL image. Raises FileNotFoundError for a missing file."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        if not os.path.isfile(image):
+            raise FileNotFoundError(f"image {os.fspath(image)!r} not found")
+        return Image.open(image).convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"image array must be (H, W, 3), got shape {image.shape}")
+        return Image.fromarray(np.asarray(image, np.uint8))
+    if hasattr(image, "convert"):
+        return image.convert("RGB")
+    raise TypeError(f"image must be a PIL image, a path or an (H, W, 3) uint8 array, got {type(image).__name__}")
+
+
+def preprocess(model, image, prompt: str = DEFAULT_PROMPT) -> dict:
+    """Processor outputs (numpy) for one (image, prompt): input_ids (1, L), pixel_values (1, C, S, S) or, for
+    LLaVA-NeXT, (1, T, C, S, S) plus image_sizes (1, 2)."""
+    from vlmprune.demo import prepare_inputs
+
+    return prepare_inputs(model, [load_image(image)], [prompt])
+
+
+def denormalize(pixel_values, image_mean=None, image_std=None) -> np.ndarray:
+    """Processor pixels (..., C, S, S) -> float RGB (..., S, S, C) in [0, 1] (undoes ``(x - mean) / std``)."""
+    px = np.asarray(pixel_values, np.float32)
+    c = px.shape[-3]
+    mean = np.zeros(c, np.float32) if image_mean is None else np.asarray(image_mean, np.float32).reshape(c)
+    std = np.ones(c, np.float32) if image_std is None else np.asarray(image_std, np.float32).reshape(c)
+    img = np.moveaxis(px, -3, -1) * std + mean
+    return np.clip(img, 0.0, 1.0)
+
+
+def processor_stats(model) -> tuple[Any, Any]:
+    """(image_mean, image_std) the model's image processor normalises with (None, None when it does not)."""
+    ip = getattr(getattr(model, "processor", None), "image_processor", None)
+    if ip is None or not getattr(ip, "do_normalize", True):
+        return None, None
+    return getattr(ip, "image_mean", None), getattr(ip, "image_std", None)
+
+
+# ----------------------------------------------------------------------------------------------- selection
+
+
+def encode(model, pixel_values, pruner) -> dict:
+    """``model.vision`` with exactly the taps the pruner asks for (its ``vision_request``)."""
+    req = pruner.vision_request(model.config) if pruner is not None else {}
+    return model.vision(pixel_values, cls_attention_layers=tuple(req.get("cls_attention_layers", ())),
+                        key_layers=tuple(req.get("key_layers", ())),
+                        hidden_state_layers=tuple(req.get("hidden_state_layers", ())),
+                        post_layernorm=bool(req.get("post_layernorm", False)))
+
+
+def projector(model):
+    """features (..., N, D_vision) -> LLM embeddings (..., N, D_llm): the model's multimodal projector."""
+    from vlmprune.models.llava import Llava
+
+    return lambda f: model.module.apply({"params": model.params}, f, method=Llava.project)
+
+
+def _single_attn(enc):
+    (layer,) = enc["cls_attn"].keys()
+    return enc["cls_attn"][layer]
+
+
+def _sel_vispruner(p, enc, project):
+    from vlmprune.prune.vispruner import vispruner
+
+    return vispruner(enc["features"], _single_attn(enc), num_keep=p.num_keep, important_ratio=p.important_ratio)
+
+
+def _sel_fastervlm(p, enc, project):
+    from vlmprune.prune.vispruner import fastervlm
+
+    return fastervlm(_single_attn(enc), num_keep=p.num_keep)
+
+
+def _sel_hired(p, enc, project):
+    from vlmprune.prune.hired import hired_single
+
+    return hired_single(_single_attn(enc), budget_rate=p.budget_rate)
+
+
+def _sel_random(p, enc, project):
+    import jax
+
+    from vlmprune.prune.baselines import random_keep
+
+    b, n = enc["features"].shape[:2]
+    return random_keep(jax.random.PRNGKey(p.seed), n, num_keep=p.num_keep, batch=b)
+
+
+def _sel_uniform(p, enc, project):
+    import jax.numpy as jnp
+
+    from vlmprune.prune.baselines import uniform
+    from vlmprune.prune.selection import Selection
+
+    b, n = enc["features"].shape[:2]
+    sel = uniform(n, num_keep=p.num_keep)
+    return Selection(indices=jnp.broadcast_to(sel.indices, (b, p.num_keep)), valid=jnp.ones((b, p.num_keep), bool))
+
+
+def _sel_divprune(p, enc, project):
+    from vlmprune.prune.baselines import divprune
+
+    return divprune(project(enc["features"]), num_keep=p.num_keep)
+
+
+def _sel_visionzip(p, enc, project):
+    from vlmprune.prune.baselines import visionzip
+
+    (layer,) = enc["cls_attn"].keys()
+    keys, nh = enc["keys"][layer], enc["cls_attn"][layer].shape[1]
+    keys = keys.reshape(keys.shape[0], keys.shape[1], nh, -1)
+    return visionzip(enc["feature_hidden"], enc["cls_attn"][layer], keys, dominant=p.dominant,
+                     contextual=p.contextual).selection
+
+
+def _sel_prumerge_plus(p, enc, project):
+    import jax
+    import jax.numpy as jnp
+
+    from vlmprune.prune.baselines import prumerge_plus
+
+    (layer,) = enc["keys"].keys()
+    k = enc["keys"][layer].astype(jnp.float32)
+    q = enc["cls_query"][layer].astype(jnp.float32)
+    attn = jax.nn.softmax(jnp.einsum("bd,btd->bt", q, k) * k.shape[-1] ** -0.5, axis=-1)[:, 1:]
+    return prumerge_plus(enc["features"], attn, k[:, 1:], plus=p.plus).selection
+
+
+#: LLaVA-1.5: the selection each pruner's ``apply`` makes, as (pruner, enc, project) -> Selection (NI, K).
+#: These mirror ``vlmprune.prune.pruners``; tests/test_viz.py checks that gathering the kept rows reproduces
+#: ``apply``'s tokens. Pruners not listed fall back to ``_recover_selection``.
+SELECTORS = {
+    "vispruner": _sel_vispruner, "fastervlm": _sel_fastervlm, "hired": _sel_hired, "random": _sel_random,
+    "uniform": _sel_uniform, "divprune": _sel_divprune, "visionzip": _sel_visionzip,
+    "prumerge_plus": _sel_prumerge_plus,
+}
+
+
+def _recover_mask(pruner, enc, project, rtol: float = 1e-3) -> np.ndarray:
+    """Any gather-style pruner: run its ``apply`` and match each kept token to the projected features.
+
+    Returns bool (NI, N). Raises ValueError when a token matches no patch (the method merges tokens).
+    """
+    tokens, valid = pruner.apply(enc, project)
+    t = np.asarray(tokens, np.float64)
+    p = np.asarray(project(enc["features"]), np.float64)
+    v = np.asarray(valid, bool)
+    out = np.zeros(p.shape[:2], bool)
+    for i in range(t.shape[0]):
+        d2 = (t[i] ** 2).sum(-1)[:, None] - 2 * t[i] @ p[i].T + (p[i] ** 2).sum(-1)[None, :]
+        j = d2.argmin(-1)
+        err = np.sqrt(np.maximum(d2[np.arange(len(j)), j], 0)) / (np.linalg.norm(t[i], axis=-1) + 1e-12)
+        if np.any(err[v[i]] > rtol):
+            raise ValueError(f"{pruner.name}: its tokens are not a subset of the patches (merged?); add a selector "
+                             "to vlmprune.viz.SELECTORS")
+        out[i, j[v[i]]] = True
+    return out
+
+
+def keep_mask_llava(model, pixel_values, pruner) -> np.ndarray:
+    """LLaVA-1.5: bool (NI, N) kept patch tokens for pixel_values (NI, C, S, S); all True without a pruner."""
+    n = model.config.tokens_per_image
+    if pruner is None:
+        return np.ones((np.shape(pixel_values)[0], n), bool)
+    enc = encode(model, pixel_values, pruner)
+    project = projector(model)
+    fn = SELECTORS.get(pruner.name)
+    if fn is None:
+        return _recover_mask(pruner, enc, project)
+    return np.asarray(fn(pruner, enc, project).mask(n))
+
+
+def next_layout(model, image_sizes):
+    """LLaVA-NeXT host layout (``vlmprune.next_layout.BatchLayout``) for image_sizes (NI, 2) (height, width)."""
+    from vlmprune.next_layout import batch_layout
+
+    c = model.config
+    return batch_layout(np.asarray(image_sizes), c.image_grid_pinpoints, tile_size=c.vision.image_size,
+                        tokens_per_side=c.vision.image_size // c.vision.patch_size)
+
+
+def in_layout_mask(token: np.ndarray, num_tiles: int, n: int) -> np.ndarray:
+    """bool (num_tiles, N): the tile tokens the official NeXT layout feeds (``token`` (F,), -1 newline, -2 pad);
+    grid tokens outside the unpadded region are False."""
+    out = np.zeros(num_tiles * n, bool)
+    tok = np.asarray(token)
+    out[tok[tok >= 0]] = True
+    return out.reshape(num_tiles, n)
+
+
+def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str] | None = None) -> list[np.ndarray]:
+    """LLaVA-NeXT: per image, bool (tiles_i, N) over its base + grid tiles, True where the token reaches the LLM
+    (kept by the pruner's ``tile_mask`` and inside the official, unpadded layout).
+
+    pixel_values (NI, T, C, S, S) as the processor returns them; image_sizes (NI, 2); text: the instruction per
+    image for text-guided pruners (HERO).
+    """
+    import jax.numpy as jnp
+
+    from vlmprune.next_layout import max_tiles
+
+    c = model.config
+    n = c.tokens_per_image
+    lay = next_layout(model, image_sizes)
+    ni, t_max = len(lay.layouts), max_tiles(c.image_grid_pinpoints, c.vision.image_size)
+    px = np.asarray(pixel_values, np.float32)
+    if px.ndim != 5 or px.shape[0] != ni or px.shape[1] > t_max:
+        raise ValueError(f"pixel_values must be (NI={ni}, T<={t_max}, C, S, S) for LLaVA-NeXT, got {px.shape}")
+    pix = np.zeros((ni, t_max) + px.shape[2:], np.float32)  # the model pads tiles to the largest grid too
+    pix[:, : px.shape[1]] = px
+    if pruner is None:
+        keep = np.ones((ni, t_max, n), bool)
+    else:
+        enc = encode(model, pix, pruner)
+        layout = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row),
+                  "tile_valid": jnp.asarray(lay.tile_valid)}
+        extra = pruner.host_inputs(model, pix, lay.layouts, None, list(text) if text is not None else [""] * ni)
+        layout.update({k: jnp.asarray(v) for k, v in extra.items()})
+        keep = np.asarray(pruner.tile_mask(enc, layout, c))
+    return [keep[i, : li.num_tiles] & in_layout_mask(li.token, li.num_tiles, n) for i, li in enumerate(lay.layouts)]
+
+
+# ----------------------------------------------------------------------------------------------- views
+
+
+@dataclasses.dataclass(frozen=True)
+class KeptView:
+    """What one pruner keeps of one preprocessed image, ready to draw.
+
+    Attributes:
+      label: the method name ("none" without pruning).
+      mask: bool (N,) for LLaVA-1.5, (tiles, N) for LLaVA-NeXT (base first, then the grid in raster order).
+      images: float RGB in [0, 1]: (S, S, 3), or (tiles, S, S, 3) for NeXT.
+      side: tokens per image side (N = side²).
+      grid: NeXT (rows, cols) of the tile grid; None for 1.5.
+      crop: NeXT (top, bottom, left, right) of the unpadded region in stitched-grid token units; None for 1.5.
+      total: visual tokens the unpruned model feeds the LLM (image newlines excluded).
+    """
+
+    label: str
+    mask: np.ndarray
+    images: np.ndarray
+    side: int
+    grid: tuple[int, int] | None = None
+    crop: tuple[int, int, int, int] | None = None
+    total: int = 0
+
+    @property
+    def kept(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def title(self) -> str:
+        t = f"{self.label} — {self.kept}/{self.total} tokens"
+        return t + (f"\n{_MERGE_NOTES[self.label]}" if self.label in _MERGE_NOTES else "")
+
+
+def kept_view(model, x: dict, pruner, *, text: str | None = None) -> KeptView:
+    """The KeptView of the first image in processor outputs ``x`` (``preprocess``) under ``pruner``."""
+    pruner = _resolve_pruner(model, pruner)
+    c = model.config
+    side = c.vision.image_size // c.vision.patch_size
+    if c.tokens_per_image != side * side:
+        raise ValueError(f"kept tokens can only be drawn on a square patch grid; this model feeds "
+                         f"{c.tokens_per_image} tokens per image for a {side}x{side} grid")
+    mean, std = processor_stats(model)
+    label = "none" if pruner is None else pruner.name
+    px = np.asarray(x["pixel_values"])[:1]
+    if c.model_type == "llava_next":
+        if "image_sizes" not in x:
+            raise ValueError("LLaVA-NeXT inputs need image_sizes (use vlmprune.viz.preprocess)")
+        sizes = np.asarray(x["image_sizes"])[:1]
+        mask = keep_mask_next(model, px, sizes, pruner, text=None if text is None else [text])[0]
+        li = next_layout(model, sizes).layouts[0]
+        images = denormalize(px[0, : li.num_tiles], mean, std)
+        total = int(in_layout_mask(li.token, li.num_tiles, c.tokens_per_image).sum())
+        return KeptView(label, mask, images, side, (li.grid_rows, li.grid_cols),
+                        (li.top, li.bottom, li.left, li.right), total)
+    mask = keep_mask_llava(model, px, pruner)[0]
+    return KeptView(label, mask, denormalize(px[0], mean, std), side, total=c.tokens_per_image)
+
+
+def kept_mask(model, image, prompt: str = DEFAULT_PROMPT, pruner=None) -> np.ndarray:
+    """Which visual tokens ``pruner`` keeps for ``image``.
+
+    Args:
+      model: a ``vlmprune.load``-ed LLaVA-1.5 or LLaVA-NeXT model with its processor.
+      image: PIL image, image path, or uint8 array (H, W, 3).
+      prompt: the instruction (only text-guided pruners such as HERO read it).
+      pruner: a model-facing pruner (``vlmprune.prune.get(...)``), a spec string (``"vispruner:64"``) or None.
+
+    Returns:
+      bool (N,) for LLaVA-1.5 in raster order over the preprocessed image's patch grid; bool (tiles, N) for
+      LLaVA-NeXT (base image, then the grid tiles in raster order; tokens the official layout unpads away are
+      False). All True without a pruner.
+    """
+    return kept_view(model, preprocess(model, image, prompt), pruner, text=prompt).mask
+
+
+# ----------------------------------------------------------------------------------------------- drawing
+
+
+def token_grid(mask: np.ndarray, side: int) -> np.ndarray:
+    """bool (N,) raster mask -> (side, side)."""
+    mask = np.asarray(mask, bool)
+    if mask.shape != (side * side,):
+        raise ValueError(f"mask must have shape ({side * side},) for a {side}x{side} grid, got {mask.shape}")
+    return mask.reshape(side, side)
+
+
+def stitch(tiles: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """(rows·cols, h, w, ...) tiles in raster order -> (rows·h, cols·w, ...)."""
+    tiles = np.asarray(tiles)
+    if tiles.shape[0] != rows * cols:
+        raise ValueError(f"need {rows * cols} tiles for a {rows}x{cols} grid, got {tiles.shape[0]}")
+    h, w = tiles.shape[1:3]
+    g = tiles.reshape((rows, cols, h, w) + tiles.shape[3:])
+    return np.swapaxes(g, 1, 2).reshape((rows * h, cols * w) + tiles.shape[3:])
+
+
+def shade(image: np.ndarray, grid_mask: np.ndarray, dim: float = DIM) -> np.ndarray:
+    """Dim the dropped patches: image (H, W, 3) in [0, 1], grid_mask bool (gh, gw) -> (H, W, 3).
+
+    Each token covers an (H / gh) x (W / gw) block; H and W must be multiples of the grid.
+    """
+    h, w = image.shape[:2]
+    gh, gw = grid_mask.shape
+    if h % gh or w % gw:
+        raise ValueError(f"image {h}x{w} is not a multiple of the {gh}x{gw} token grid")
+    up = np.repeat(np.repeat(np.asarray(grid_mask, bool), h // gh, axis=0), w // gw, axis=1)
+    return image * np.where(up, 1.0, float(dim))[..., None]
+
+
+def _draw(ax, image, grid_mask, *, grid_lines: bool, dim: float, tile_grid=None, crop=None):
+    """One axes: the shaded image, optional patch lines, tile borders and the unpadded region (NeXT)."""
+    h, w = image.shape[:2]
+    gh, gw = grid_mask.shape
+    ax.imshow(shade(image, grid_mask, dim), interpolation="nearest", extent=(0, w, h, 0))
+    if grid_lines:
+        ax.vlines(np.arange(1, gw) * (w / gw), 0, h, colors="white", linewidths=0.4, alpha=0.45)
+        ax.hlines(np.arange(1, gh) * (h / gh), 0, w, colors="white", linewidths=0.4, alpha=0.45)
+    if tile_grid is not None:
+        rows, cols = tile_grid
+        ax.vlines(np.arange(1, cols) * (w / cols), 0, h, colors="white", linewidths=1.6)
+        ax.hlines(np.arange(1, rows) * (h / rows), 0, w, colors="white", linewidths=1.6)
+    if crop is not None:
+        import matplotlib.patches as mpatches
+
+        top, bottom, left, right = crop
+        py, px = h / gh, w / gw
+        if (top, bottom, left, right) != (0, gh, 0, gw):
+            ax.add_patch(mpatches.Rectangle((left * px, top * py), (right - left) * px, (bottom - top) * py,
+                                            fill=False, edgecolor="yellow", linestyle="--", linewidth=1.2))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_view(view: KeptView, axes, *, grid_lines: bool = True, dim: float = DIM) -> None:
+    """Draw a KeptView: one axes for LLaVA-1.5; two (base, tile grid) for LLaVA-NeXT."""
+    axes = list(np.atleast_1d(axes))
+    if view.grid is None:
+        _draw(axes[0], view.images, token_grid(view.mask, view.side), grid_lines=grid_lines, dim=dim)
+        return
+    rows, cols = view.grid
+    _draw(axes[0], view.images[0], token_grid(view.mask[0], view.side), grid_lines=grid_lines, dim=dim)
+    axes[0].set_xlabel("base image", fontsize=8)
+    grid_img = stitch(view.images[1:], rows, cols)
+    grid_mask = stitch(view.mask[1:].reshape(-1, view.side, view.side), rows, cols)
+    _draw(axes[1], grid_img, grid_mask, grid_lines=grid_lines, dim=dim, tile_grid=(rows, cols), crop=view.crop)
+    axes[1].set_xlabel(f"{rows}x{cols} tiles", fontsize=8)
+
+
+def figure(views: Sequence[KeptView], *, grid_lines: bool = True, dim: float = DIM):
+    """A matplotlib Figure with one titled panel per view, side by side (no pyplot state involved).
+
+    LLaVA-1.5: 1 row of square panels. LLaVA-NeXT: each panel is a column with the base image above the tile
+    grid. Size: ``PANEL_INCHES`` per panel column, plus ``TITLE_INCHES`` for the titles.
+    """
+    from matplotlib.figure import Figure
+
+    if not views:
+        raise ValueError("nothing to draw: no views")
+    nxt = views[0].grid is not None
+    p = len(views)
+    if not nxt:
+        fig = Figure(figsize=(PANEL_INCHES * p, PANEL_INCHES + TITLE_INCHES))
+        axes = fig.subplots(1, p, squeeze=False)[0]
+        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=PANEL_INCHES / (PANEL_INCHES + TITLE_INCHES),
+                            wspace=0.05)
+        for ax, v in zip(axes, views):
+            draw_view(v, ax, grid_lines=grid_lines, dim=dim)
+            ax.set_title(v.title, fontsize=9)
+        return fig
+    rows, cols = views[0].grid
+    grid_h = PANEL_INCHES * rows / cols
+    height = PANEL_INCHES + grid_h + TITLE_INCHES + 0.4
+    fig = Figure(figsize=(PANEL_INCHES * p, height))
+    axes = fig.subplots(2, p, squeeze=False, gridspec_kw={"height_ratios": [PANEL_INCHES, grid_h]})
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.3 / height, top=1 - TITLE_INCHES / height,
+                        wspace=0.05, hspace=0.25)
+    for j, v in enumerate(views):
+        if v.grid != (rows, cols):
+            raise ValueError("all views of one figure must come from the same image")
+        draw_view(v, axes[:, j], grid_lines=grid_lines, dim=dim)
+        axes[0, j].set_title(v.title, fontsize=9)
+    return fig
+
+
+def save(fig, path: str, *, dpi: int = 100) -> str:
+    """Write ``fig`` as PNG at exactly figsize·dpi pixels. Returns the path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    d = os.path.dirname(os.fspath(path))
+    if d:
+        os.makedirs(d, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi, format="png")
+    return os.fspath(path)
+
+
+def plot_kept(model, image, pruner=None, prompt: str = DEFAULT_PROMPT, *, out: str | None = None,
+              grid_lines: bool = True, dim: float = DIM, dpi: int = 100):
+    """Draw the tokens ``pruner`` keeps over the preprocessed ``image``; write a PNG when ``out`` is given.
+
+    Returns the matplotlib Figure (one panel; LLaVA-NeXT: base image above the tile grid).
+    """
+    fig = figure([kept_view(model, preprocess(model, image, prompt), pruner, text=prompt)],
+                 grid_lines=grid_lines, dim=dim)
+    if out is not None:
+        save(fig, out, dpi=dpi)
+    return fig
+
+
+def compare(model, image, methods: Iterable, prompt: str = DEFAULT_PROMPT, *, out: str | None = None,
+            grid_lines: bool = True, dim: float = DIM, dpi: int = 100):
+    """One panel per (method, budget), side by side, titled "method — k/N tokens".
+
+    Args:
+      methods: items of ``(method, budget)`` (budget None for defaults), spec strings ``"vispruner:64"``,
+        pruners, or None (no pruning); or one comma-separated string ``"vispruner:64,fastervlm:64"``.
+      out: PNG path to write (optional).
+
+    Returns:
+      The matplotlib Figure (``len(methods)`` titled panels).
+    """
+    if isinstance(methods, str):
+        methods = parse_specs(methods)
+    n = model.config.tokens_per_image
+    pruners = []
+    for m in methods:
+        if isinstance(m, tuple):
+            pruners.append(make_pruner(*m, num_tokens=n))
+        elif isinstance(m, str):
+            pruners.append(make_pruner(*parse_spec(m), num_tokens=n))
+        else:
+            pruners.append(m)
+    if not pruners:
+        raise ValueError("compare needs at least one method")
+    x = preprocess(model, image, prompt)
+    fig = figure([kept_view(model, x, p, text=prompt) for p in pruners], grid_lines=grid_lines, dim=dim)
+    if out is not None:
+        save(fig, out, dpi=dpi)
+    return fig
+
+
+__all__ = ["KeptView", "compare", "denormalize", "figure", "kept_mask", "kept_view", "make_pruner", "parse_spec",
+           "parse_specs", "plot_kept", "preprocess", "save", "shade", "stitch"]
