@@ -19,7 +19,7 @@ demo: setup
 	$(PY) -m vlmprune demo
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) experiments/bench_selection.py

@@ -134,12 +134,9 @@ def _prefill(module, params, input_ids, pixel_values, text_src, vis_src, text_ma
     b = embeds.shape[0]
     next_pos = jnp.sum(mask, axis=1, dtype=jnp.int32)  # positions continue after the real prompt tokens
     cache = KVCache.zeros(module.config.text, b, max_len, embeds.dtype)
-    logits, out_mask, cache = module.apply(
-        {"params": params}, embeds, positions, mask, cache, fastv, method=Llava.prefill)
-    n = out_mask.shape[1]
-    last = n - 1 - jnp.argmax(out_mask[:, ::-1], axis=1)  # last real entry of every row
-    last_logits = logits[jnp.arange(b), last]
-    return last_logits, cache, next_pos
+    logits, _, cache = module.apply(
+        {"params": params}, embeds, positions, mask, cache, fastv, True, method=Llava.prefill)
+    return logits[:, 0], cache, next_pos  # LM head at each row's last real token only
 
 
 def sample_token(logits, key, *, do_sample: bool, temperature, top_p):

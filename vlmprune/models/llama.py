@@ -313,12 +313,13 @@ class LlamaForCausalLM(nn.Module):
         return jnp.asarray(inv), scale
 
     def __call__(self, inputs_embeds: Array, positions: Array, key_mask: Array, cache: KVCache | None = None,
-                 fastv: FastVConfig | None = None):
+                 fastv: FastVConfig | None = None, last_only: bool = False):
         """Prefill: run the whole sequence and (optionally) fill the cache from slot 0.
 
         inputs_embeds (B, T, D); positions int32 (B, T); key_mask bool (B, T) real tokens.
         fastv: drop visual tokens after a layer (in-place variant: the shorter sequence keeps its original
           positions; the cache keeps all slots and masks the dropped ones for the later layers).
+        last_only: apply the LM head only at each row's last real token (generation's prefill): logits (B, 1, V).
         Returns (logits float32 (B, T', V), mask bool (B, T'), cache); T' = T unless FastV dropped tokens.
         """
         rope = self._rope()
@@ -338,6 +339,9 @@ class LlamaForCausalLM(nn.Module):
                 mask = _prefill_mask(key_mask)
             x, (k, v), q = layer(x, positions, mask=mask, rope=rope)
             (kv_early if i < late_from else kv_late).append((k, v))
+        if last_only:
+            last = key_mask.shape[1] - 1 - jnp.argmax(key_mask[:, ::-1], axis=1)
+            x = x[jnp.arange(b), last][:, None]
         logits = self.logits(x)
         if cache is not None:
             cache = _fill_cache(cache, kv_early, kv_late, slots, full_key_mask, key_mask, late_from)
