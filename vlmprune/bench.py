@@ -56,9 +56,10 @@ _VICUNA_13B = dict(_VICUNA_7B, text_hidden_size=5120, text_intermediate_size=138
 class Preset:
     name: str
     overrides: dict
-    real: bool  # real shapes: random params built on the device, never written to disk, refused on CPU
+    real: bool  # params built on the device in memory (never written to disk)
     description: str
     next_model: bool = False
+    gpu_only: bool = False  # refused on the CPU backend (real shapes)
 
 
 PRESETS: dict[str, Preset] = {
@@ -73,12 +74,17 @@ PRESETS: dict[str, Preset] = {
              text_num_attention_heads=16, text_num_key_value_heads=16, text_vocab_size=32064,
              text_max_position_embeddings=2048),
         False, "CLIP-B-like 8-layer tower at 336 px (576 visual tokens) + 6-layer d1024 LLaMA, 32k vocab"),
+    "tiny-next": Preset("tiny-next", dict(vision_image_size=56, vision_num_hidden_layers=3, text_num_hidden_layers=2,
+                                          text_hidden_size=64, text_intermediate_size=128), True,
+                        "tiny LLaVA-NeXT (anyres tiles of 16 tokens), params in memory: smoke tests only",
+                        next_model=True),
     "llava-1.5-7b": Preset("llava-1.5-7b", dict(_CLIP_L336, **_VICUNA_7B), True,
-                           "CLIP-L/14-336 + Vicuna-7B shapes (random weights)"),
+                           "CLIP-L/14-336 + Vicuna-7B shapes (random weights)", gpu_only=True),
     "llava-1.5-13b": Preset("llava-1.5-13b", dict(_CLIP_L336, **_VICUNA_13B), True,
-                            "CLIP-L/14-336 + Vicuna-13B shapes (random weights)"),
+                            "CLIP-L/14-336 + Vicuna-13B shapes (random weights)", gpu_only=True),
     "llava-next-7b": Preset("llava-next-7b", dict(_CLIP_L336, **_VICUNA_7B), True,
-                            "LLaVA-NeXT-7B (anyres, 5 tiles) shapes (random weights)", next_model=True),
+                            "LLaVA-NeXT-7B shapes (anyres, up to 5 tiles of 576 tokens; random weights)",
+                            next_model=True, gpu_only=True),
 }
 
 DEFAULT_METHODS = ("none", "vispruner:64,128,192", "fastervlm:64", "hired:0.2", "divprune:64")
@@ -98,7 +104,8 @@ def log(msg: str) -> None:
 
 #: what a bare budget number means per method
 _BUDGET_FIELD = {"vispruner": "num_keep", "fastervlm": "num_keep", "divprune": "num_keep", "random": "num_keep",
-                 "uniform": "num_keep", "hired": "budget_rate", "visionzip": None, "prumerge_plus": None}
+                 "uniform": "num_keep", "hired": "budget_rate", "fastv": "keep_ratio", "visionzip": None,
+                 "prumerge_plus": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,18 +118,28 @@ class MethodRun:
 
 
 def _num(s: str):
-    try:
-        return int(s)
-    except ValueError:
-        return float(s)
+    """A setting's value: int, float, True/False, None, or the string itself."""
+    low = s.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for conv in (int, float):
+        try:
+            return conv(s)
+        except ValueError:
+            pass
+    return s
 
 
 def parse_methods(specs) -> list[MethodRun]:
     """``name[:budget,budget...][:key=value,...]`` -> runs. ``none`` = no pruning.
 
     Budgets: kept tokens (``num_keep``) for vispruner/fastervlm/divprune/random/uniform, the budget rate for hired,
-    the total kept tokens for visionzip (split 54:10 like its README's 64 = 54 dominant + 10 contextual).
-    Examples: ``vispruner:64,128,192``, ``hired:0.2``, ``vispruner:64:important_ratio=0.25``.
+    the keep ratio for fastv, the total kept tokens for visionzip (split 54:10 like its README's 64 = 54 dominant
+    + 10 contextual). LLaVA-NeXT: per-tile budgets, as the methods define them.
+    Examples: ``vispruner:64,128,192``, ``hired:0.2``, ``fastv:0.25``, ``vispruner:64:important_ratio=0.25``,
+    ``prumerge_plus::plus=False`` (settings without a budget).
     """
     from vlmprune import prune
 
@@ -138,11 +155,17 @@ def parse_methods(specs) -> list[MethodRun]:
                 raise BenchError(f"unknown method {bits[0]!r} in {part!r}; choose from none, "
                                  f"{', '.join(sorted(prune.REGISTRY))}")
             budgets = [_num(b) for b in bits[1].split(",") if b] if len(bits) > 1 and bits[1] else [None]
+            if any(not isinstance(b, (int, float)) or isinstance(b, bool) for b in budgets if b is not None):
+                raise BenchError(f"budgets in {part!r} must be numbers")
             extra = {}
             if len(bits) > 2:
-                for kv in bits[2].split(","):
+                for kv in ",".join(bits[2:]).split(","):
+                    if not kv:
+                        continue
                     k, _, v = kv.partition("=")
-                    extra[k] = _num(v) if v not in ("None", "none") else None
+                    if not k or not v:
+                        raise BenchError(f"bad setting {kv!r} in {part!r}: write key=value")
+                    extra[k] = _num(v)
             for b in budgets:
                 kw = dict(extra)
                 if b is not None:
@@ -225,13 +248,16 @@ def preset_dir(preset: str, root: str = "checkpoints") -> str:
 
 
 def _hf_config(preset: Preset):
-    from vlmprune.tiny import build_tokenizer, tiny_llava_config
+    """(tokenizer, HF config, processor) for an in-memory preset."""
+    from vlmprune import tiny
 
-    tok = build_tokenizer()
-    cfg = tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, **preset.overrides)
+    tok = tiny.build_tokenizer()
+    ids = (len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
     if preset.next_model:
-        cfg.model_type = "llava_next"  # only used for the memory estimate / the refusal message
-    return tok, cfg
+        cfg = tiny.tiny_llava_next_config(*ids, **preset.overrides)
+        return tok, cfg, tiny.build_next_processor(tok, cfg)
+    cfg = tiny.tiny_llava_config(*ids, **preset.overrides)
+    return tok, cfg, tiny.build_processor(tok, cfg)
 
 
 def ensure_checkpoint(preset: str, root: str = "checkpoints", seed: int = 0) -> str:
@@ -266,31 +292,46 @@ def memory_estimate(cfg, n_params: int, dtype_bytes: int, *, seq_len: int, batch
     return {"params": params, "kv_cache": kv, "activations": act, "logits": logits, "total": total}
 
 
-def _random_params(abstract, dtype, seed: int):
-    """Random params straight on the device in ``dtype`` (norm scales 1, biases 0, the rest N(0, 0.02))."""
+def _hash_uniform(shape, salt: int, dtype):
+    """Deterministic uniform(-0.5, 0.5) noise from an integer hash of the element index (murmur3 finaliser).
+
+    Cheap to compile (a few integer ops on an iota), unlike ``jax.random``'s generators, which matters for the
+    many distinct parameter shapes of a model; quality is ample for random-weight timing runs.
+    """
+    import jax.numpy as jnp
+
+    h = jnp.arange(math.prod(shape), dtype=jnp.uint32) * jnp.uint32(0x9E3779B1) + jnp.uint32(salt * 0x85EBCA77 % 2**32)
+    h = (h ^ (h >> 16)) * jnp.uint32(0x85EBCA6B)
+    h = (h ^ (h >> 13)) * jnp.uint32(0xC2B2AE35)
+    h = h ^ (h >> 16)
+    u = (h >> 8).astype(jnp.float32) * (1.0 / 2**24) - 0.5
+    return u.reshape(shape).astype(dtype)
+
+
+def _random_params(abstract, dtype, seed: int, std: float = 0.02):
+    """Random params straight on the device in ``dtype``: norm scales 1, biases 0, the rest uniform with
+    standard deviation ``std``. One jitted program builds the whole tree; nothing is staged on the host or
+    written to disk."""
     import jax
     import jax.numpy as jnp
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    flat = flatten_dict(abstract)
-    out = {}
-    key = jax.random.PRNGKey(seed)
-    makers = {}
-    for i, (path, leaf) in enumerate(sorted(flat.items())):
-        name, shape = path[-1], tuple(leaf.shape)
-        kind = "ones" if (name == "scale" or (name == "weight" and len(shape) == 1)) else (
-            "zeros" if name == "bias" else "normal")
-        mk = makers.get((kind, shape))
-        if mk is None:
-            if kind == "ones":
-                mk = jax.jit(lambda k, s=shape: jnp.ones(s, dtype))
-            elif kind == "zeros":
-                mk = jax.jit(lambda k, s=shape: jnp.zeros(s, dtype))
+    items = sorted(flatten_dict(abstract).items())
+    scale = std * math.sqrt(12.0)
+
+    def make():
+        out = {}
+        for i, (path, leaf) in enumerate(items):
+            name, shape = path[-1], tuple(leaf.shape)
+            if name == "scale" or (name == "weight" and len(shape) == 1):
+                out[path] = jnp.ones(shape, dtype)
+            elif name == "bias":
+                out[path] = jnp.zeros(shape, dtype)
             else:
-                mk = jax.jit(lambda k, s=shape: (jax.random.normal(k, s, dtype) * 0.02).astype(dtype))
-            makers[(kind, shape)] = mk
-        out[path] = mk(jax.random.fold_in(key, i))
-    return unflatten_dict(out)
+                out[path] = (_hash_uniform(shape, seed * 100003 + i, jnp.float32) * scale).astype(dtype)
+        return unflatten_dict(out)
+
+    return jax.jit(make)()
 
 
 def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints", seed: int = 0,
@@ -303,7 +344,6 @@ def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints
     from vlmprune.config import LlavaConfig
     from vlmprune.model import DTYPES, LlavaModel
     from vlmprune.models.llava import Llava
-    from vlmprune.tiny import build_processor
 
     if preset not in PRESETS:
         raise BenchError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -316,21 +356,23 @@ def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints
         model = vlmprune.load(d, dtype=dtype)
         return model, d, {"params": _param_count(model.params)}
 
-    tok, hf = _hf_config(p)
+    tok, hf, proc = _hf_config(p)
     nbytes = np.dtype(DTYPES[dtype]).itemsize
-    cfg = LlavaConfig.from_hf(hf) if not p.next_model else None
-    if cfg is None:  # NeXT: estimate with the 1.5 module shapes (NeXT adds one image_newline vector)
-        hf15 = _hf_config(dataclasses.replace(p, next_model=False))[1]
-        cfg = LlavaConfig.from_hf(hf15)
-    module = Llava(cfg, dtype=DTYPES[dtype])
-    abstract = _abstract(module, cfg)
+    try:
+        cfg = LlavaConfig.from_hf(hf)
+        module = Llava(cfg, dtype=DTYPES[dtype])
+        abstract = _abstract(module, cfg)
+    except (ValueError, NotImplementedError) as e:
+        raise BenchError(f"{preset}: this vlmprune cannot build the model: {e}") from e
     n_params = _param_count(abstract)
-    vis = cfg.tokens_per_image * (5 if p.next_model else 1)
-    est = memory_estimate(cfg, n_params, nbytes, seq_len=vis + 64 + max_new_tokens, batch=batch)
+    tiles = 5 if p.next_model else 1  # NeXT: base image + up to a 2x2 grid
+    vis = cfg.tokens_per_image * tiles
+    est = memory_estimate(cfg, n_params, nbytes, seq_len=vis + 96 + max_new_tokens, batch=batch)
     need = (f"{preset} ({n_params / 1e9:.2f} B params) needs about {est['total'] / GiB:.1f} GiB of device memory "
             f"in {dtype} (params {est['params'] / GiB:.1f} GiB + KV cache at batch {batch} "
-            f"{est['kv_cache'] / GiB:.2f} GiB + activations/logits {(est['activations'] + est['logits']) / GiB:.1f} GiB)")
-    if dev.platform == "cpu":
+            f"{est['kv_cache'] / GiB:.2f} GiB + activations/logits "
+            f"{(est['activations'] + est['logits']) / GiB:.1f} GiB)")
+    if p.gpu_only and dev.platform == "cpu":
         raise BenchError(f"{need}; real-shape presets run on GPU/TPU only and this JAX backend is CPU. "
                          f"Use --preset cpu-small (or tiny) on CPU.")
     stats = dev.memory_stats() or {}
@@ -338,12 +380,9 @@ def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints
     if limit and est["total"] > limit:
         raise BenchError(f"{need}, but {dev.device_kind} has {limit / GiB:.1f} GiB; try --dtype bfloat16, a smaller "
                          f"--batch, or a larger device.")
-    if p.next_model:
-        raise BenchError(f"{preset}: the LLaVA-NeXT (anyres) forward is not implemented in vlmprune.model yet, so "
-                         f"there is nothing to time ({need}).")
-    log(f"initialising random {preset} params on {dev.device_kind} in {dtype} ({n_params / 1e9:.2f} B) ...")
+    log(f"initialising random {preset} params on {dev.device_kind} in {dtype} ({n_params / 1e9:.3f} B) ...")
     params = _random_params(abstract, DTYPES[dtype], seed)
-    model = LlavaModel(cfg, params, dtype=dtype, processor=build_processor(tok, hf), hf_config=hf)
+    model = LlavaModel(cfg, params, dtype=dtype, processor=proc, hf_config=hf)
     return model, None, {"params": n_params, "memory_estimate": est}
 
 
@@ -368,33 +407,78 @@ class JaxPieces:
         import jax
         import jax.numpy as jnp
 
-        from vlmprune.model import _assemble
+        from vlmprune import model as model_mod
         from vlmprune.models.llama import KVCache
         from vlmprune.models.llava import Llava
 
         self.model = model
         m = model.module
 
-        def llm_prefill(params, embeds, positions, mask, *, max_len):
+        def llm_prefill(params, embeds, positions, mask, extra, *, max_len):
+            """The model's prefill minus the assembly: ``Llava.prefill`` into a fresh cache, last-token logits.
+
+            ``extra``: whatever ``_assemble`` returns after (embeds, mask, positions) (FastV's config), passed on.
+            """
             b = embeds.shape[0]
             cache = KVCache.zeros(m.config.text, b, max_len, embeds.dtype)
-            logits, cache = m.apply({"params": params}, embeds, positions, mask, cache, method=Llava.prefill)
-            last = mask.shape[1] - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+            out = m.apply({"params": params}, embeds, positions, mask, cache, *extra, method=Llava.prefill)
+            logits, out_mask, cache = out if len(out) == 3 else (out[0], mask, out[1])
+            last = out_mask.shape[1] - 1 - jnp.argmax(out_mask[:, ::-1], axis=1)
             return logits[jnp.arange(b), last], cache
 
         self.llm_prefill = jax.jit(llm_prefill, static_argnames=("max_len",))
-        self.assemble = jax.jit(functools.partial(_assemble, m), static_argnames=("pruner",))
+        self.assemble = jax.jit(functools.partial(model_mod._assemble, m), static_argnames=("pruner", "stride"))
         self.project = jax.jit(lambda params, f: m.apply({"params": params}, f, method=Llava.project))
+        self._next_tokens = getattr(model_mod, "_next_visual_tokens", None)
 
     def vision_fn(self, pruner, pix):
-        import jax.numpy as jnp
-
+        """pix: the pixel array the model itself encodes (NeXT: (NI, T, C, S, S), flattened to tiles here)."""
         req = pruner.vision_request(self.model.config) if pruner is not None else {}
         kw = dict(cls_attention_layers=tuple(req.get("cls_attention_layers", ())),
-                  key_layers=tuple(req.get("key_layers", ())), post_layernorm=bool(req.get("post_layernorm", False)))
+                  key_layers=tuple(req.get("key_layers", ())),
+                  post_layernorm=bool(req.get("post_layernorm", False)))
+        if req.get("hidden_state_layers"):
+            kw["hidden_state_layers"] = tuple(req["hidden_state_layers"])
         pv = {"params": self.model.params}
-        px = jnp.asarray(pix, self.model.dtype)
+        px = pix.reshape((-1,) + tuple(pix.shape[-3:])) if pix.ndim == 5 else pix
         return lambda: self.model._vision_jit(pv, px, **kw)
+
+    def next_select_project(self, pruner, stride):
+        """NeXT: jitted (params, enc, layout) -> (tokens, valid) with the official packing (model internals)."""
+        import jax
+
+        from vlmprune.models.llava import Llava
+
+        if self._next_tokens is None:
+            raise NotImplementedError("this vlmprune.model has no LLaVA-NeXT packing")
+        m, fn = self.model.module, self._next_tokens
+
+        def go(params, enc, layout):
+            project = lambda f: m.apply({"params": params}, f, method=Llava.project)  # noqa: E731
+            return fn(m, params, enc, project, pruner, layout, stride)
+
+        return jax.jit(go)
+
+
+def plan_inputs(model, x, pruner):
+    """The model's own host planning: (plan, jit args, static kwargs, layout or None).
+
+    Goes through ``LlavaModel._plan`` / ``_args`` so that the timed pieces see exactly the arrays
+    ``LlavaModel.prefill`` builds (older versions of these return fewer items; both are handled).
+    """
+    ids, am, pix = x["input_ids"], x["attention_mask"], x["pixel_values"]
+    if model.config.model_type == "llava_next":
+        out = model._plan(ids, am, pix, pruner, x.get("image_sizes"))
+    else:
+        out = model._plan(ids, am, pix, pruner)
+    if isinstance(out, tuple):
+        plan, pix2, layout, stride = out
+        return plan, model._args(ids, pix2, plan, layout), {"pruner": pruner, "stride": stride}, layout
+    return out, model._args(ids, pix, out), {"pruner": pruner}, None
+
+
+def _prefill_kw(model, x) -> dict:
+    return {"image_sizes": x["image_sizes"]} if model.config.model_type == "llava_next" else {}
 
 
 def _project_first(pruner, enc, project_shape_fn) -> bool:
@@ -448,7 +532,7 @@ class TorchSide:
         self.strategy = cfg.vision_feature_select_strategy
 
     def t(self, x, dtype=None):
-        return self.torch.as_tensor(np.asarray(x), device=self.device, dtype=dtype)
+        return self.torch.as_tensor(np.array(x), device=self.device, dtype=dtype)  # a writable copy
 
     # pieces -------------------------------------------------------------------------------------
     def features(self, pix):
@@ -487,22 +571,29 @@ class TorchSide:
                           logits_to_keep=logits_to_keep)
 
     def decode(self, first_tok, cache, mask, next_pos, n_new: int):
+        """A closure that greedily decodes ``n_new - 1`` tokens after ``first_tok`` with HF's KV cache.
+
+        Every call starts from the same prefill state: the cache (a private copy) is cut back to its prefill
+        length at the end of each call (a view, no copy).
+        """
         import copy
 
         torch = self.torch
         cache = copy.deepcopy(cache)
-        tok = first_tok
-        b = tok.shape[0]
+        start_len = cache.get_seq_length()
+        b = first_tok.shape[0]
         ones = torch.ones((b, 1), dtype=mask.dtype, device=self.device)
 
         def run():
-            nonlocal cache, tok
-            m = mask
+            tok, m = first_tok, mask
             for t in range(n_new - 1):
                 m = torch.cat([m, ones], dim=1)
                 out = self.model(input_ids=tok[:, None], attention_mask=m, position_ids=(next_pos + t)[:, None],
                                  past_key_values=cache, use_cache=True)
                 tok = out.logits[:, -1].argmax(-1)
+            for layer in cache.layers:
+                layer.keys = layer.keys[..., :start_len, :]
+                layer.values = layer.values[..., :start_len, :]
             return tok
 
         return run
@@ -564,7 +655,7 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
     import jax
     import jax.numpy as jnp
 
-    from vlmprune.flops import prefill_macs, reduction  # noqa: F401
+    from vlmprune.flops import prefill_macs
     from vlmprune.model import sample_token
 
     cfg = model.config
@@ -572,42 +663,65 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
     if p is not None:
         p.validate(cfg)
     params = model.params
-    n_tok = cfg.tokens_per_image
+    is_next = cfg.model_type == "llava_next"
     ids1, pix1, am1 = x1["input_ids"], x1["pixel_values"], x1["attention_mask"]
     res: dict = {"label": run.label, "method": run.method, "budget": run.budget, "settings": run.settings}
+    try:
+        res["load_average_1min"] = os.getloadavg()[0]
+    except OSError:
+        pass
     jx: dict = {}
     th: dict = {}
     tick = time.perf_counter()
+    inside_llm = p is not None and getattr(p, "inside_llm", False)
+    if inside_llm and torch_side is not None:
+        torch_side = None  # HF has no in-LLM pruning to feed the same tokens to
+        res["torch_skipped"] = "method prunes inside the LLM; HF LLaVA has no equivalent"
 
     def step(name):
         progress(f"  {run.label}: {name} ({time.perf_counter() - tick:.1f}s)")
 
+    plan, args, static, layout = plan_inputs(model, x1, p)
+    pix_model = args[1]  # the pixel array the model encodes (NeXT: padded to the largest tile grid)
+
     # ---- vision encoder
     step("vision encoder")
-    vis_fn = pieces.vision_fn(p, pix1)
+    vis_fn = pieces.vision_fn(p, pix_model)
     pix_t = torch_side.t(pix1, torch_side.dtype) if torch_side else None
     tfn = (lambda: torch_side.features(pix_t)) if torch_side else None
     with _torch_mode(torch_side):
         jx["vision_ms"], th["vision_ms"] = measure(vis_fn, tfn, repeats=repeats, warmup=warmup)
     enc = vis_fn()
-    proj_all = pieces.project(params, enc["features"])
 
     # ---- selection (pure) and select+project
     step("selection")
-    if p is None:
-        jx["selection_ms"] = None
-        sp = lambda: pieces.project(params, enc["features"])  # noqa: E731
-        tokens, valid = proj_all, jnp.ones(proj_all.shape[:2], bool)
-        project_first = False
-    else:
-        project_first = _project_first(p, enc, lambda q: q.num_slots(cfg))
-        enc_sel = dict(enc, features=proj_all) if project_first else enc
-        sel_jit = jax.jit(lambda e: p.apply(e, lambda f: f))
-        jx["selection_ms"], _ = measure(lambda: sel_jit(enc_sel), repeats=repeats, warmup=warmup)
-        apply_jit = jax.jit(lambda prm, e: p.apply(
-            e, lambda f: model.module.apply({"params": prm}, f, method=type(model.module).project)))
-        sp = lambda: apply_jit(params, enc)  # noqa: E731
+    project_first = False
+    if is_next:
+        sp_jit = pieces.next_select_project(None if inside_llm else p, static.get("stride"))
+        sp = lambda: sp_jit(params, enc, layout)  # noqa: E731
+        if p is None or inside_llm:
+            jx["selection_ms"] = None
+        else:
+            sel_jit = jax.jit(lambda e, lay: p.tile_mask(e, lay, cfg))
+            jx["selection_ms"], _ = measure(lambda: sel_jit(enc, layout), repeats=repeats, warmup=warmup)
         tokens, valid = sp()
+        proj_all = None
+    else:
+        proj_all = pieces.project(params, enc["features"])
+        if p is None or inside_llm:
+            jx["selection_ms"] = None
+            sp = lambda: pieces.project(params, enc["features"])  # noqa: E731
+            tokens, valid = proj_all, jnp.ones(proj_all.shape[:2], bool)
+        else:
+            project_first = _project_first(p, enc, lambda q: q.num_slots(cfg))
+            enc_sel = dict(enc, features=proj_all) if project_first else enc
+            sel_jit = jax.jit(lambda e: p.apply(e, lambda f: f))
+            jx["selection_ms"], _ = measure(lambda: sel_jit(enc_sel), repeats=repeats, warmup=warmup)
+            proj = type(model.module).project
+            apply_jit = jax.jit(lambda prm, e: p.apply(e, lambda f: model.module.apply({"params": prm}, f,
+                                                                                      method=proj)))
+            sp = lambda: apply_jit(params, enc)  # noqa: E731
+            tokens, valid = sp()
     jx["select_project_ms"], _ = measure(sp, repeats=repeats, warmup=warmup)
     n_valid = float(np.asarray(valid).sum(-1).mean())
     res["visual_tokens"] = n_valid
@@ -616,21 +730,26 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
 
     # ---- LLM prefill on the assembled sequence
     step("LLM prefill")
-    plan = model._plan(ids1, am1, pix1, p)
-    args = model._args(ids1, pix1, plan)
-    embeds, mask, positions = pieces.assemble(params, *args, pruner=p)
+    embeds, mask, positions, *extra = pieces.assemble(params, *args, **static)
+    extra = tuple(extra)
     max_len = plan.length + max_new_tokens
-    lowered = pieces.llm_prefill.lower(params, embeds, positions, mask, max_len=max_len)
-    compiled = lowered.compile()
+    compiled = pieces.llm_prefill.lower(params, embeds, positions, mask, extra, max_len=max_len).compile()
     res["xla_flops_llm_prefill"] = _xla_flops(compiled)
-    res["xla_flops_prefill"] = _xla_flops(model._prefill_jit.lower(params, *args, pruner=p, max_len=max_len))
+    res["xla_flops_prefill"] = _xla_flops(model._prefill_jit.lower(params, *args, **static, max_len=max_len))
     n_text = int(np.asarray(plan.text_mask[0]).sum())
     res["text_tokens"] = n_text
     res["sequence_slots"] = int(plan.length)
     t = cfg.text
     n = n_text + n_valid
-    macs2 = prefill_macs(int(round(n)), t.hidden_size, t.intermediate_size, t.num_hidden_layers)
-    macs3 = prefill_macs(int(round(n)), t.hidden_size, t.intermediate_size, t.num_hidden_layers, ffn="3ndm")
+    fkw = {}
+    if inside_llm:  # FastV: all tokens up to layer K, the kept ones after (algorithms.md §6.1)
+        kept = p.kept_per_image(cfg) * plan.num_images
+        fkw = dict(drop_after_layer=p.layer, dropped=int(round(n_valid)) - kept)
+        res["visual_tokens"] = kept
+        res["visual_tokens_before_drop"] = n_valid
+    dims = (t.hidden_size, t.intermediate_size, t.num_hidden_layers)
+    macs2 = prefill_macs(int(round(n)), *dims, **fkw)
+    macs3 = prefill_macs(int(round(n)), *dims, ffn="3ndm", **fkw)
     res["analytic"] = {"n_tokens": n, "macs_2ndm": macs2, "flops_2ndm": 2 * macs2, "flops_3ndm": 2 * macs3}
 
     tsel = None
@@ -649,7 +768,7 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
         tfn = tfn_last = None
     with _torch_mode(torch_side):
         jx["llm_prefill_ms"], th["llm_prefill_ms"] = measure(
-            lambda: compiled(params, embeds, positions, mask), tfn, repeats=repeats, warmup=warmup)
+            lambda: compiled(params, embeds, positions, mask, extra), tfn, repeats=repeats, warmup=warmup)
         if torch_side is not None:
             _, th["llm_prefill_last_logits_ms"] = measure(lambda: None, tfn_last, repeats=repeats, warmup=warmup)
             th["flops_llm_prefill"] = torch_side.flops(tfn)
@@ -657,10 +776,11 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
     # ---- time to first token (whole pipeline)
     step("time to first token")
     state = {}
+    pkw = _prefill_kw(model, x1)
 
     def jttft():
         logits, cache, pos, plan_ = model.prefill(ids1, pix1, attention_mask=am1, pruner=p,
-                                                  max_new_tokens=max_new_tokens)
+                                                  max_new_tokens=max_new_tokens, **pkw)
         first = sample_token(logits, None, do_sample=False, temperature=1.0, top_p=1.0)
         state.update(logits=logits, cache=cache, pos=pos, plan=plan_, first=first)
         return first
@@ -671,9 +791,9 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
 
         def tttft():
             if p is None:
-                out = torch_side.model(input_ids=ids_t, pixel_values=pix_t, attention_mask=torch_side.t(am1),
-                                       use_cache=True, logits_to_keep=1)
                 m = torch_side.t(am1)
+                out = torch_side.model(input_ids=ids_t, pixel_values=pix_t, attention_mask=m, use_cache=True,
+                                       logits_to_keep=1)
                 pos = m.long().sum(1)
             else:
                 v = torch_side.visual_tokens(pix_t, tsel)
@@ -708,23 +828,22 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
         jx["decode_tok_s_b1"], th["decode_tok_s_b1"] = measure(
             jdecode(state), tdec, repeats=repeats, warmup=warmup, invert=(n_new - 1))
 
-    # ---- decode, larger batch
+    # ---- decode, larger batch (the same prompt and image repeated: identical selection in every row)
     bsz = xb["input_ids"].shape[0]
     step(f"decode (batch {bsz})")
     logits_b, cache_b, pos_b, plan_b = model.prefill(xb["input_ids"], xb["pixel_values"],
                                                      attention_mask=xb["attention_mask"], pruner=p,
-                                                     max_new_tokens=max_new_tokens)
+                                                     max_new_tokens=max_new_tokens, **_prefill_kw(model, xb))
     stb = dict(logits=logits_b, cache=cache_b, pos=pos_b, plan=plan_b)
     tdec_b = None
     if torch_side is not None:
-        with _torch_mode(torch_side):
-            rep = lambda a: a.repeat(bsz, *([1] * (a.dim() - 1)))  # noqa: E731
-            vb = rep(torch_side.visual_tokens(pix_t, tsel)) if p is not None else rep(torch_side.visual_tokens(pix_t, None))
-            planb = tuple(torch_side.t(a) for a in (plan_b.text_src, plan_b.vis_src, plan_b.text_mask)) + (
-                rep(torch_side.t(np.asarray(valid))),)
-            eb, mb, pb = torch_side.assemble(rep(ids_t), vb, planb)
-            outb = torch_side.prefill(eb, mb, pb, logits_to_keep=1)
-            tdec_b = torch_side.decode(outb.logits[:, -1].argmax(-1), outb.past_key_values, mb, mb.sum(1), n_new)
+        # The rows are identical, so the batch cache is the batch-1 prefill cache repeated (no second prefill).
+        import copy
+
+        cache_b_t = copy.deepcopy(tst["cache"])
+        cache_b_t.batch_repeat_interleave(bsz)
+        rep = lambda a: a.repeat(bsz, *([1] * (a.dim() - 1)))  # noqa: E731
+        tdec_b = torch_side.decode(rep(tst["tok"]), cache_b_t, rep(tst["mask"]), rep(tst["pos"]), n_new)
     with _torch_mode(torch_side):
         jx[f"decode_tok_s_b{bsz}"], th[f"decode_tok_s_b{bsz}"] = measure(
             jdecode(stb), tdec_b, repeats=repeats, warmup=warmup, invert=bsz * (n_new - 1))
@@ -789,20 +908,23 @@ class BenchConfig:
     batch: int = 4  # the larger decode batch
     repeats: int = 3
     warmup: int = 1
-    max_new_tokens: int = 32
+    max_new_tokens: int = 16
     compare_torch: bool = False
     out_dir: str = os.path.join("experiments", "results")
     tag: str | None = None
     checkpoint_root: str = "checkpoints"
     seed: int = 0
     plots: bool = True
+    threads: int | None = None  # 1: single-threaded JAX (XLA flags) and PyTorch; None: each framework's default
 
 
 def run_bench(bc: BenchConfig) -> dict:
     """Run the benchmark, write ``efficiency_<tag>.{json,md}`` and PNGs under ``bc.out_dir``; return the results."""
+    t_start = time.perf_counter()
+    if bc.threads is not None:
+        _set_threads(bc.threads)
     import jax
 
-    t_start = time.perf_counter()
     runs = parse_methods(bc.methods)
     if bc.batch < 1 or bc.repeats < 1 or bc.warmup < 0 or bc.max_new_tokens < 2:
         raise BenchError("need --batch >= 1, --repeats >= 1, --warmup >= 0, --max-new-tokens >= 2")
@@ -845,6 +967,29 @@ def run_bench(bc: BenchConfig) -> dict:
     return out
 
 
+def _set_threads(n: int) -> None:
+    """Pin both frameworks to ``n`` threads. JAX: only 1 is supported (XLA flags, read when the backend starts)."""
+    if n != 1:
+        raise BenchError("--threads supports only 1 (XLA's CPU thread pool size cannot be set otherwise)")
+    flags = os.environ.get("XLA_FLAGS", "")
+    want = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    if want not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + want).strip()
+    try:
+        import jax
+
+        if jax._src.xla_bridge.backends_are_initialized():  # noqa: SLF001
+            log("warning: the JAX backend is already initialised; --threads 1 does not apply to JAX")
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
 def _write_partial(bc, meta, results):
     os.makedirs(bc.out_dir, exist_ok=True)
     with open(os.path.join(bc.out_dir, f"efficiency_{_tag(bc)}.partial.json"), "w") as f:
@@ -872,7 +1017,7 @@ def _meta(bc, model, info, dev, x1, torch_side) -> dict:
         "input_tokens": int(x1["input_ids"].shape[1]),
         "vision": dataclasses.asdict(c.vision),
         "text": {k: v for k, v in dataclasses.asdict(c.text).items() if k != "rope_scaling"},
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "threads": bc.threads or "default",
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
         "compare_torch": torch_side is not None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -885,7 +1030,8 @@ def _meta(bc, model, info, dev, x1, torch_side) -> dict:
         import torch
         import transformers
 
-        meta.update(torch=torch.__version__, transformers=transformers.__version__, torch_threads=torch.get_num_threads(),
+        meta.update(torch=torch.__version__, transformers=transformers.__version__,
+                    torch_threads=torch.get_num_threads(),
                     torch_device=torch_side.device, torch_attn="sdpa")
     if "memory_estimate" in info:
         meta["memory_estimate"] = info["memory_estimate"]
@@ -915,8 +1061,9 @@ def _derived(results: list[dict], cfg) -> None:
             "jax_ttft_ms": 1 - j["ttft_ms"]["median"] / base["jax"]["ttft_ms"]["median"],
         }
         if "torch" in r and r["torch"].get("llm_prefill_ms") and base.get("torch", {}).get("llm_prefill_ms"):
-            red["torch_llm_prefill_ms"] = 1 - r["torch"]["llm_prefill_ms"]["median"] / base["torch"]["llm_prefill_ms"]["median"]
-            red["torch_ttft_ms"] = 1 - r["torch"]["ttft_ms"]["median"] / base["torch"]["ttft_ms"]["median"]
+            tb = base["torch"]
+            red["torch_llm_prefill_ms"] = 1 - r["torch"]["llm_prefill_ms"]["median"] / tb["llm_prefill_ms"]["median"]
+            red["torch_ttft_ms"] = 1 - r["torch"]["ttft_ms"]["median"] / tb["ttft_ms"]["median"]
 
 
 def evaluate_targets(results: list[dict], meta: dict) -> dict:
@@ -926,7 +1073,8 @@ def evaluate_targets(results: list[dict], meta: dict) -> dict:
     b = meta.get("decode_batch", 4)
     if meta.get("compare_torch"):
         pr = [r["ratio"]["llm_prefill_ms"] for r in ok if r.get("ratio", {}).get("llm_prefill_ms")]
-        t["jax_llm_prefill_le_torch"] = {"max_ratio": max(pr) if pr else None, "median_ratio": float(np.median(pr)) if pr else None,
+        t["jax_llm_prefill_le_torch"] = {"max_ratio": max(pr) if pr else None,
+                                         "median_ratio": float(np.median(pr)) if pr else None,
                                          "met": bool(pr) and max(pr) <= 1.0, "aim_0.7_met": bool(pr) and max(pr) <= 0.7}
         tt = [r["ratio"]["ttft_ms"] for r in ok if r.get("ratio", {}).get("ttft_ms")]
         t["jax_ttft_le_torch"] = {"max_ratio": max(tt) if tt else None, "met": bool(tt) and max(tt) <= 1.0}
@@ -1002,8 +1150,9 @@ def markdown(out: dict) -> str:
         "",
         "## JAX",
         "",
-        "| method | kept | analytic GFLOPs 2ndm (cut) | XLA GFLOPs LLM prefill (cut) | vision ms | selection ms (% of vision) "
-        f"| select+proj ms | LLM prefill ms (cut) | TTFT ms | decode tok/s b1 | decode tok/s b{b} | KV cache MiB | peak dev MiB |",
+        "| method | kept | analytic GFLOPs 2ndm (cut) | XLA GFLOPs LLM prefill (cut) | vision ms "
+        "| selection ms (% of vision) | select+proj ms | LLM prefill ms (cut) | TTFT ms | decode tok/s b1 "
+        f"| decode tok/s b{b} | KV cache MiB | peak dev MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
@@ -1011,7 +1160,9 @@ def markdown(out: dict) -> str:
             lines.append(f"| {r['label']} | failed: {r['error']} |" + " |" * 11)
             continue
         j, red = r["jax"], r.get("reduction_vs_none", {})
-        cut = lambda k: f" ({100 * red[k]:.1f}%)" if red.get(k) is not None and r["method"] != "none" else ""  # noqa: E731
+        def cut(k, red=red, r=r):
+            return f" ({100 * red[k]:.1f}%)" if red.get(k) is not None and r["method"] != "none" else ""
+
         share = r.get("selection_share_of_vision")
         sel = "—" if j.get("selection_ms") is None else f"{_fmt_t(j['selection_ms'], 2)} ({100 * share:.2f}%)"
         lines.append(
@@ -1091,19 +1242,29 @@ def plot(out: dict, path_prefix: str) -> list[str]:
         pts = sorted((r["visual_tokens"], fn(r)) for r in runs if r["method"] == m and fn(r) is not None)
         return [p[0] for p in pts], [p[1] for p in pts]
 
+    from matplotlib.lines import Line2D
+
+    def legend(ax, styles):
+        handles = [Line2D([], [], color=colors[m], marker="o", label=m) for m in methods
+                   if any(ln.get_color() == colors[m] for ln in ax.lines)]
+        handles += [Line2D([], [], color="0.3", linestyle=ls, marker=mk, label=lab) for lab, ls, mk in styles]
+        if handles:
+            ax.legend(handles=handles, fontsize=8)
+
     # time to first token
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
         xs, ys = series(m, lambda r: r["jax"]["ttft_ms"]["median"])
-        ax.plot(xs, ys, "o-", color=colors[m], label=f"{m} (JAX)")
-        xs, ys = series(m, lambda r: (r.get("torch") or {}).get("ttft_ms", {}) and r["torch"]["ttft_ms"]["median"])
+        ax.plot(xs, ys, "o-", color=colors[m])
+        xs, ys = series(m, lambda r: _med((r.get("torch") or {}).get("ttft_ms")))
         if xs:
-            ax.plot(xs, ys, "s--", color=colors[m], alpha=0.7, label=f"{m} (PyTorch)")
+            ax.plot(xs, ys, "s--", color=colors[m], alpha=0.7)
+    styles = [("JAX", "-", "o")] + ([("PyTorch (HF)", "--", "s")] if meta.get("compare_torch") else [])
+    legend(ax, styles)
     ax.set_xlabel("kept visual tokens")
     ax.set_ylabel("time to first token (ms)")
     ax.set_title(f"Time to first token — {title}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     p = f"{path_prefix}_ttft.png"
     fig.savefig(p, dpi=120)
@@ -1112,21 +1273,26 @@ def plot(out: dict, path_prefix: str) -> list[str]:
 
     # FLOPs
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    has_torch = False
     for m in methods:
         xs, ys = series(m, lambda r: r["analytic"]["flops_2ndm"] / 1e9)
-        ax.plot(xs, ys, "o-", color=colors[m], label=f"{m} analytic (2ndm)")
+        ax.plot(xs, ys, "o-", color=colors[m])
         xs, ys = series(m, lambda r: r["xla_flops_llm_prefill"] / 1e9 if r.get("xla_flops_llm_prefill") else None)
         if xs:
-            ax.plot(xs, ys, "^:", color=colors[m], alpha=0.8, label=f"{m} XLA cost_analysis (JAX)")
+            ax.plot(xs, ys, "^:", color=colors[m], alpha=0.8)
         xs, ys = series(m, lambda r: (r.get("torch") or {}).get("flops_llm_prefill") and
-                        r["torch"]["flops_llm_prefill"] / 1e9)
+                        r["torch"]["flops_llm_prefill"] / 1e9 or None)
         if xs:
-            ax.plot(xs, ys, "s--", color=colors[m], alpha=0.6, label=f"{m} torch FlopCounter (PyTorch)")
+            has_torch = True
+            ax.plot(xs, ys, "s--", color=colors[m], alpha=0.6)
+    styles = [("analytic §6 (2ndm)", "-", "o"), ("XLA cost_analysis (JAX)", ":", "^")]
+    if has_torch:
+        styles.append(("torch FlopCounter (PyTorch)", "--", "s"))
+    legend(ax, styles)
     ax.set_xlabel("kept visual tokens")
     ax.set_ylabel("LLM prefill GFLOPs")
     ax.set_title(f"Prefill FLOPs — {title}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     p = f"{path_prefix}_flops.png"
     fig.savefig(p, dpi=120)
@@ -1164,7 +1330,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=4, help="the larger decode batch (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median and spread)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing (the first compiles)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="decode steps timed")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per decode run (default 16)")
     p.add_argument("--compare-torch", action="store_true",
                    help="also run the HF PyTorch model (same weights, same kept tokens) and print JAX/PyTorch ratios")
     p.add_argument("--out-dir", default=os.path.join("experiments", "results"))
@@ -1172,13 +1338,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-root", default="checkpoints", help="where bench-<preset>/ checkpoints are written")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--threads", type=int, default=None, choices=[1],
+                   help="1: run JAX (XLA flags) and PyTorch single-threaded (robust timings on a loaded host)")
 
 
 def config_from_args(args) -> BenchConfig:
     return BenchConfig(preset=args.preset, methods=tuple(args.methods), dtype=args.dtype, batch=args.batch,
                        repeats=args.repeats, warmup=args.warmup, max_new_tokens=args.max_new_tokens,
                        compare_torch=args.compare_torch, out_dir=args.out_dir, tag=args.tag,
-                       checkpoint_root=args.checkpoint_root, seed=args.seed, plots=not args.no_plots)
+                       checkpoint_root=args.checkpoint_root, seed=args.seed, plots=not args.no_plots,
+                       threads=args.threads)
 
 
 def main_from_args(args) -> int:

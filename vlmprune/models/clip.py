@@ -5,7 +5,7 @@ The vision tower returns only what LLaVA and the pruning methods consume:
 * hidden states (all of them only when asked; otherwise just the layers requested),
 * the CLS-query row of the attention probabilities at the layers a method asks for, computed as one row
   ``softmax(q_cls · Kᵀ / √d)`` per head — O(N·d), never an N×N map — while every layer's full attention goes
-  through the fused ``jax.nn.dot_product_attention``,
+  through ``vlmprune.models.attention`` (fused ``jax.nn.dot_product_attention`` on GPU/TPU),
 * optionally the raw key projections of some layers (VisionZip and PruMerge+ use them).
 
 Parameter names mirror HF's module names so the weight table in ``vlmprune.weights`` stays one line per tensor.
@@ -19,6 +19,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from vlmprune.models.attention import attention
 
 Array = jax.Array
 
@@ -126,7 +128,7 @@ class CLIPAttention(nn.Module):
         k4 = k_raw.reshape(b, t, self.num_heads, hd)
         v4 = v.reshape(b, t, self.num_heads, hd)
         scale = hd**-0.5
-        out = jax.nn.dot_product_attention(q4, k4, v4, mask=causal_mask, scale=scale)
+        out = attention(q4, k4, v4, mask=causal_mask, scale=scale)
         out = dense("out_proj")(out.reshape(b, t, d))
         cls_attn = None
         if cls_row:

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmprune.models.attention import attention
+
 Array = jax.Array
 
 
@@ -249,7 +251,7 @@ class LlamaAttention(nn.Module):
             vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype)[None], (li, 0, write_at, 0, 0))
             k_all, v_all = kc[li], vc[li]
             k, v = kc, vc
-        out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
+        out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
         out = nn.Dense(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, name="o_proj")(
             out.reshape(b, t, c.num_attention_heads * c.head_dim)
         )

@@ -192,7 +192,13 @@ def _divprune_single(embeddings: jax.Array, num_keep: int) -> jax.Array:
     dist = cosine_distance(embeddings)
     # Step 0: the token whose nearest *other* token is farthest: argmax over columns j of the second-smallest
     # entry of column j (the smallest is normally the ~0 self-distance). N == 1 has no second entry: pick 0.
-    first = jnp.argmax(jnp.sort(dist, axis=0)[1]).astype(jnp.int32) if n > 1 else jnp.zeros((), jnp.int32)
+    if n > 1:
+        # second-smallest value of every column without a full sort: drop one occurrence of the column minimum
+        cols = jnp.arange(n)
+        second = jnp.min(dist.at[jnp.argmin(dist, axis=0), cols].set(jnp.inf), axis=0)
+        first = jnp.argmax(second).astype(jnp.int32)
+    else:
+        first = jnp.zeros((), jnp.int32)
 
     def pick(i, carry):
         picked, nearest, taken = carry

@@ -1,0 +1,29 @@
+"""Scaled dot-product attention shared by the CLIP and LLaMA modules.
+
+On GPU/TPU this is ``jax.nn.dot_product_attention`` (XLA picks cuDNN flash attention or its fused kernel). On the
+XLA CPU backend that op lowers to a slow batched dot plus softmax (measured 4-5x slower than PyTorch's SDPA on
+607 tokens), so there the same math runs as two heads-first einsums with a float32 softmax, which XLA:CPU maps onto
+its fast matmul kernels. Both compute softmax(q·kᵀ·scale + mask)·v; outputs agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attention(q, k, v, *, mask=None, scale: float | None = None):
+    """q (B, T, H, D), k/v (B, S, KVH, D) with H a multiple of KVH (grouped-query), mask bool broadcastable to
+    (B, H, T, S) or None. Returns (B, T, H, D)."""
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    h, d = q.shape[2], q.shape[3]
+    rep = h // k.shape[2]
+    if rep > 1:
+        k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
+    scale = d**-0.5 if scale is None else scale
+    s = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhts,bshd->bthd", p, v)
