@@ -74,8 +74,7 @@ def timed_generate(model, x, *, pruner=None, max_new_tokens=16, repeats=3):
         if i:  # the first run compiles
             ttft.append(t1 - t0)
             tps.append((max_new_tokens - 1) / (t2 - t1))
-        n_visual = int(np.asarray(plan.vis_src >= 0).sum() / plan.text_src.shape[0])
-    return float(np.median(ttft)), float(np.median(tps)), np.asarray(out), plan, n_visual
+    return float(np.median(ttft)), float(np.median(tps)), np.asarray(out), plan
 
 
 def run_demo(directory: str | None = None, *, methods=None, max_new_tokens: int = 16) -> list[dict]:
@@ -93,12 +92,11 @@ def run_demo(directory: str | None = None, *, methods=None, max_new_tokens: int 
     for label, pruner in methods:
         log(f"running {label} (compile + {3} timed runs) ...")
         kept = model.config.tokens_per_image if pruner is None else pruner.num_slots(model.config)
-        ttft, tps, out, plan, _ = timed_generate(model, x, pruner=pruner, max_new_tokens=max_new_tokens)
-        valid_visual = kept
+        ttft, tps, out, _ = timed_generate(model, x, pruner=pruner, max_new_tokens=max_new_tokens)
         t = model.config.text
-        macs = prefill_macs(n_text + valid_visual, t.hidden_size, t.intermediate_size, t.num_hidden_layers)
+        macs = prefill_macs(n_text + kept, t.hidden_size, t.intermediate_size, t.num_hidden_layers)
         text = model.processor.tokenizer.decode(out[0], skip_special_tokens=True)
-        rows.append(dict(method=label, visual_tokens=valid_visual, prefill_macs=macs, ttft_ms=ttft * 1e3,
+        rows.append(dict(method=label, visual_tokens=kept, prefill_macs=macs, ttft_ms=ttft * 1e3,
                          decode_tok_s=tps, text=text))
     print_table(rows)
     print("\nNote: this checkpoint has random weights, so the generated text is meaningless. To run a real model,\n"
