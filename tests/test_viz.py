@@ -88,14 +88,6 @@ def test_merging_methods_show_their_anchors(model):
     assert viz.kept_mask(model, demo_image(), pruner=pm).sum() == valid.sum() - 1  # + one pooled token
 
 
-def test_recover_fallback_matches_selector(model):
-    pruner = prune.get("vispruner", num_keep=KEEP)
-    x = viz.preprocess(model, demo_image())
-    enc = viz.encode(model, x["pixel_values"], pruner)
-    recovered = viz._recover_mask(pruner, enc, viz.projector(model))
-    np.testing.assert_array_equal(recovered, viz.keep_mask_llava(model, x["pixel_values"], pruner))
-
-
 def test_no_pruner_keeps_everything(model):
     assert viz.kept_mask(model, demo_image()).all()
     assert viz.kept_mask(model, demo_image(), pruner="none").all()

@@ -195,120 +195,13 @@ def projector(model):
     return lambda f: model.module.apply({"params": model.params}, f, method=Llava.project)
 
 
-def _single_attn(enc):
-    (layer,) = enc["cls_attn"].keys()
-    return enc["cls_attn"][layer]
-
-
-def _sel_vispruner(p, enc, project):
-    from vlmprune.prune.vispruner import vispruner
-
-    return vispruner(enc["features"], _single_attn(enc), num_keep=p.num_keep, important_ratio=p.important_ratio)
-
-
-def _sel_fastervlm(p, enc, project):
-    from vlmprune.prune.vispruner import fastervlm
-
-    return fastervlm(_single_attn(enc), num_keep=p.num_keep)
-
-
-def _sel_hired(p, enc, project):
-    from vlmprune.prune.hired import hired_single
-
-    return hired_single(_single_attn(enc), budget_rate=p.budget_rate)
-
-
-def _sel_random(p, enc, project):
-    import jax
-
-    from vlmprune.prune.baselines import random_keep
-
-    b, n = enc["features"].shape[:2]
-    return random_keep(jax.random.PRNGKey(p.seed), n, num_keep=p.num_keep, batch=b)
-
-
-def _sel_uniform(p, enc, project):
-    import jax.numpy as jnp
-
-    from vlmprune.prune.baselines import uniform
-    from vlmprune.prune.selection import Selection
-
-    b, n = enc["features"].shape[:2]
-    sel = uniform(n, num_keep=p.num_keep)
-    return Selection(indices=jnp.broadcast_to(sel.indices, (b, p.num_keep)), valid=jnp.ones((b, p.num_keep), bool))
-
-
-def _sel_divprune(p, enc, project):
-    from vlmprune.prune.baselines import divprune
-
-    return divprune(project(enc["features"]), num_keep=p.num_keep)
-
-
-def _sel_visionzip(p, enc, project):
-    from vlmprune.prune.baselines import visionzip
-
-    (layer,) = enc["cls_attn"].keys()
-    keys, nh = enc["keys"][layer], enc["cls_attn"][layer].shape[1]
-    keys = keys.reshape(keys.shape[0], keys.shape[1], nh, -1)
-    return visionzip(enc["feature_hidden"], enc["cls_attn"][layer], keys, dominant=p.dominant,
-                     contextual=p.contextual).selection
-
-
-def _sel_prumerge_plus(p, enc, project):
-    import jax
-    import jax.numpy as jnp
-
-    from vlmprune.prune.baselines import prumerge_plus
-
-    (layer,) = enc["keys"].keys()
-    k = enc["keys"][layer].astype(jnp.float32)
-    q = enc["cls_query"][layer].astype(jnp.float32)
-    attn = jax.nn.softmax(jnp.einsum("bd,btd->bt", q, k) * k.shape[-1] ** -0.5, axis=-1)[:, 1:]
-    return prumerge_plus(enc["features"], attn, k[:, 1:], plus=p.plus).selection
-
-
-#: LLaVA-1.5: the selection each pruner's ``apply`` makes, as (pruner, enc, project) -> Selection (NI, K).
-#: These mirror ``vlmprune.prune.pruners``; tests/test_viz.py checks that gathering the kept rows reproduces
-#: ``apply``'s tokens. Pruners not listed fall back to ``_recover_selection``.
-SELECTORS = {
-    "vispruner": _sel_vispruner, "fastervlm": _sel_fastervlm, "hired": _sel_hired, "random": _sel_random,
-    "uniform": _sel_uniform, "divprune": _sel_divprune, "visionzip": _sel_visionzip,
-    "prumerge_plus": _sel_prumerge_plus,
-}
-
-
-def _recover_mask(pruner, enc, project, rtol: float = 1e-3) -> np.ndarray:
-    """Any gather-style pruner: run its ``apply`` and match each kept token to the projected features.
-
-    Returns bool (NI, N). Raises ValueError when a token matches no patch (the method merges tokens).
-    """
-    tokens, valid = pruner.apply(enc, project)
-    t = np.asarray(tokens, np.float64)
-    p = np.asarray(project(enc["features"]), np.float64)
-    v = np.asarray(valid, bool)
-    out = np.zeros(p.shape[:2], bool)
-    for i in range(t.shape[0]):
-        d2 = (t[i] ** 2).sum(-1)[:, None] - 2 * t[i] @ p[i].T + (p[i] ** 2).sum(-1)[None, :]
-        j = d2.argmin(-1)
-        err = np.sqrt(np.maximum(d2[np.arange(len(j)), j], 0)) / (np.linalg.norm(t[i], axis=-1) + 1e-12)
-        if np.any(err[v[i]] > rtol):
-            raise ValueError(f"{pruner.name}: its tokens are not a subset of the patches (merged?); add a selector "
-                             "to vlmprune.viz.SELECTORS")
-        out[i, j[v[i]]] = True
-    return out
-
-
 def keep_mask_llava(model, pixel_values, pruner) -> np.ndarray:
     """LLaVA-1.5: bool (NI, N) kept patch tokens for pixel_values (NI, C, S, S); all True without a pruner."""
     n = model.config.tokens_per_image
     if pruner is None:
         return np.ones((np.shape(pixel_values)[0], n), bool)
     enc = encode(model, pixel_values, pruner)
-    project = projector(model)
-    fn = SELECTORS.get(pruner.name)
-    if fn is None:
-        return _recover_mask(pruner, enc, project)
-    return np.asarray(fn(pruner, enc, project).mask(n))
+    return np.asarray(pruner.select(enc, projector(model)).mask(n))
 
 
 def next_layout(model, image_sizes):

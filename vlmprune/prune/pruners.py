@@ -91,12 +91,20 @@ class Pruner:
         """Extra arrays computed on the host before the jitted forward (HERO's CLIP scores); default none."""
         return {}
 
-    def apply(self, enc: dict, project: Callable[[Array], Array]) -> tuple[Array, Array]:
-        """enc: ``Llava.encode`` outputs; project: features -> LLM embeddings.
+    def select(self, enc: dict, project: Callable[[Array], Array]) -> Selection:
+        """LLaVA-1.5: which patch tokens of each image are kept (for merging methods: the anchor tokens).
 
-        Returns (tokens (NI, K, D_llm), valid bool (NI, K)), K = ``num_slots``.
+        enc: ``Llava.encode`` outputs; project: features -> LLM embeddings. Returns a Selection (NI, K).
         """
         raise NotImplementedError
+
+    def apply(self, enc: dict, project: Callable[[Array], Array]) -> tuple[Array, Array]:
+        """LLaVA-1.5: the tokens the LLM receives: (tokens (NI, K, D_llm), valid bool (NI, K)), K = ``num_slots``.
+
+        Default: the selected patch features, projected, in raster order.
+        """
+        sel = self.select(enc, project)
+        return project(gather_tokens(enc["features"], sel)), sel.valid
 
 
 LAYOUTS = ("official", "reference")
@@ -120,10 +128,6 @@ class _NextLayout:
             return "official", cfg.image_grid_pinpoints
         pins = reference_pinpoints(cfg.vision.image_size) if self.reference_fixed_canvas else cfg.image_grid_pinpoints
         return self.reference_style, pins
-
-
-def _selected(enc, project, sel: Selection):
-    return project(gather_tokens(enc["features"], sel)), sel.valid
 
 
 def _check_keep(name: str, num_keep, n: int) -> int:
@@ -169,14 +173,9 @@ class VisPruner(_NextLayout, _KeepN):
         super()._check(n, cfg)
         _checks.check_float("important_ratio", self.important_ratio, lo=0.0, hi=1.0, where=self.name)
 
-    def apply(self, enc, project):
-        from vlmprune.prune.vispruner import vispruner
-
-        return _selected(enc, project, self._select(enc))
-
     supports_next: ClassVar[bool] = True
 
-    def _select(self, enc):
+    def select(self, enc, project=None):
         from vlmprune.prune.vispruner import vispruner
 
         (layer,) = enc["cls_attn"].keys()
@@ -185,7 +184,7 @@ class VisPruner(_NextLayout, _KeepN):
 
     def tile_mask(self, enc, layout, cfg):
         n = enc["features"].shape[1]
-        return self._select(enc).mask(n).reshape(layout["tile_valid"].shape + (n,))
+        return self.select(enc).mask(n).reshape(layout["tile_valid"].shape + (n,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,21 +200,17 @@ class FasterVLM(_NextLayout, _KeepN):
     def vision_request(self, cfg):
         return {"cls_attention_layers": (resolve_layer(self.layer, cfg, "layer"),)}
 
-    def apply(self, enc, project):
-        from vlmprune.prune.vispruner import fastervlm
-
-        (layer,) = enc["cls_attn"].keys()
-        return _selected(enc, project, fastervlm(enc["cls_attn"][layer], num_keep=self.num_keep))
-
     supports_next: ClassVar[bool] = True
 
-    def tile_mask(self, enc, layout, cfg):
+    def select(self, enc, project=None):
         from vlmprune.prune.vispruner import fastervlm
 
         (layer,) = enc["cls_attn"].keys()
+        return fastervlm(enc["cls_attn"][layer], num_keep=self.num_keep)
+
+    def tile_mask(self, enc, layout, cfg):
         n = enc["features"].shape[1]
-        sel = fastervlm(enc["cls_attn"][layer], num_keep=self.num_keep)
-        return sel.mask(n).reshape(layout["tile_valid"].shape + (n,))
+        return self.select(enc).mask(n).reshape(layout["tile_valid"].shape + (n,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,11 +271,11 @@ class HiRED(_NextLayout, Pruner):
         if self.num_slots(cfg) < 1:
             raise ValueError(f"hired: budget_rate={self.budget_rate} keeps int({n}·rate) = 0 tokens per image")
 
-    def apply(self, enc, project):
+    def select(self, enc, project=None):
         from vlmprune.prune.hired import hired_single
 
         (layer,) = enc["cls_attn"].keys()
-        return _selected(enc, project, hired_single(enc["cls_attn"][layer], budget_rate=self.budget_rate))
+        return hired_single(enc["cls_attn"][layer], budget_rate=self.budget_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -390,12 +385,11 @@ class RandomKeep(_KeepN):
     seed: int = 0
     name: ClassVar[str] = "random"
 
-    def apply(self, enc, project):
+    def select(self, enc, project=None):
         from vlmprune.prune.baselines import random_keep
 
         f = enc["features"]
-        sel = random_keep(jax.random.PRNGKey(self.seed), f.shape[1], num_keep=self.num_keep, batch=f.shape[0])
-        return _selected(enc, project, sel)
+        return random_keep(jax.random.PRNGKey(self.seed), f.shape[1], num_keep=self.num_keep, batch=f.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,13 +398,12 @@ class Uniform(_KeepN):
 
     name: ClassVar[str] = "uniform"
 
-    def apply(self, enc, project):
+    def select(self, enc, project=None):
         from vlmprune.prune.baselines import uniform
 
         f = enc["features"]
-        sel = uniform(f.shape[1], num_keep=self.num_keep)
-        idx = jnp.broadcast_to(sel.indices, (f.shape[0], self.num_keep))
-        return _selected(enc, project, Selection(indices=idx, valid=jnp.ones(idx.shape, bool)))
+        idx = jnp.broadcast_to(uniform(f.shape[1], num_keep=self.num_keep).indices, (f.shape[0], self.num_keep))
+        return Selection(indices=idx, valid=jnp.ones(idx.shape, bool))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -419,10 +412,15 @@ class DivPrune(_KeepN):
 
     name: ClassVar[str] = "divprune"
 
+    def select(self, enc, project):
+        from vlmprune.prune.baselines import divprune
+
+        return divprune(project(enc["features"]), num_keep=self.num_keep)
+
     def apply(self, enc, project):
         from vlmprune.prune.baselines import divprune
 
-        emb = project(enc["features"])
+        emb = project(enc["features"])  # DivPrune scores the post-projector embeddings: project once, gather
         sel = divprune(emb, num_keep=self.num_keep)
         return gather_tokens(emb, sel), sel.valid
 
@@ -447,15 +445,22 @@ class VisionZip(Pruner):
         _checks.check_int("dominant", self.dominant, lo=2, hi=n, where=self.name)
         _checks.check_int("contextual", self.contextual, lo=0, hi=n + 1 - self.dominant, where=self.name)
 
-    def apply(self, enc, project):
+    def merge(self, enc):
+        """MergeResult: [CLS, dominant patches, contextual merged tokens] (pre-projector)."""
         from vlmprune.prune.baselines import visionzip
 
         (layer,) = enc["cls_attn"].keys()
-        full = enc["feature_hidden"]
         keys = enc["keys"][layer]
         nh = enc["cls_attn"][layer].shape[1]
         keys = keys.reshape(keys.shape[0], keys.shape[1], nh, -1)
-        res = visionzip(full, enc["cls_attn"][layer], keys, dominant=self.dominant, contextual=self.contextual)
+        return visionzip(enc["feature_hidden"], enc["cls_attn"][layer], keys, dominant=self.dominant,
+                         contextual=self.contextual)
+
+    def select(self, enc, project=None):
+        return self.merge(enc).selection
+
+    def apply(self, enc, project):
+        res = self.merge(enc)
         return project(res.tokens), res.valid
 
 
@@ -473,15 +478,22 @@ class PruMergePlus(Pruner):
     def num_slots(self, cfg):
         return cfg.tokens_per_image + 1
 
-    def apply(self, enc, project):
+    def merge(self, enc):
+        """MergeResult: kept tokens (score order) merged with their key-similar neighbours, + samples, + extra."""
         from vlmprune.prune.baselines import prumerge_plus
 
         (layer,) = enc["keys"].keys()
         k = enc["keys"][layer].astype(jnp.float32)  # (B, 1+N, D)
         q = enc["cls_query"][layer].astype(jnp.float32)  # (B, D)
-        logits = jnp.einsum("bd,btd->bt", q, k) * k.shape[-1] ** -0.5
+        logits = jnp.einsum("bd,btd->bt", q, k) * k.shape[-1] ** -0.5  # single head over all D dims (§5.4)
         attn = jax.nn.softmax(logits, axis=-1)[:, 1:]
-        res = prumerge_plus(enc["features"], attn, k[:, 1:], plus=self.plus)
+        return prumerge_plus(enc["features"], attn, k[:, 1:], plus=self.plus)
+
+    def select(self, enc, project=None):
+        return self.merge(enc).selection
+
+    def apply(self, enc, project):
+        res = self.merge(enc)
         return project(res.tokens), res.valid
 
 
