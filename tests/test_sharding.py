@@ -48,3 +48,23 @@ def test_sharded_forward_and_generation_match_single_device(mha_dir):
                          timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "SHARDED-OK" in res.stdout
+
+
+def test_mesh_is_validated():
+    import jax
+    import numpy as np
+    import pytest
+    from jax.sharding import AxisType, Mesh
+
+    from vlmprune.sharding import param_spec, shard_params
+
+    with pytest.raises(ValueError, match="must be a jax.sharding.Mesh"):
+        shard_params({}, "mesh")
+    dev = np.array(jax.devices()[:1]).reshape(1, 1)
+    with pytest.raises(ValueError, match="named 'data' and/or 'model'"):
+        shard_params({}, Mesh(dev, ("rows", "cols"), axis_types=(AxisType.Auto,) * 2))
+    with pytest.raises(ValueError, match="AxisType.Auto"):
+        shard_params({}, Mesh(dev, ("data", "model"), axis_types=(AxisType.Explicit,) * 2))
+    mesh = Mesh(dev, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    assert param_spec("language_model/layers_0/mlp/down_proj/kernel", (8, 4), mesh) == jax.sharding.PartitionSpec("model", None)
+    assert param_spec("language_model/norm/weight", (4,), mesh) == jax.sharding.PartitionSpec()
