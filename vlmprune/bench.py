@@ -1251,6 +1251,18 @@ def plot(out: dict, path_prefix: str) -> list[str]:
         if handles:
             ax.legend(handles=handles, fontsize=8)
 
+    def finish(fig, ax, styles, ylabel, title_text, suffix):
+        legend(ax, styles)
+        ax.set_xlabel("kept visual tokens")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title_text)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = f"{path_prefix}_{suffix}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     # time to first token
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in methods:
@@ -1260,16 +1272,7 @@ def plot(out: dict, path_prefix: str) -> list[str]:
         if xs:
             ax.plot(xs, ys, "s--", color=colors[m], alpha=0.7)
     styles = [("JAX", "-", "o")] + ([("PyTorch (HF)", "--", "s")] if meta.get("compare_torch") else [])
-    legend(ax, styles)
-    ax.set_xlabel("kept visual tokens")
-    ax.set_ylabel("time to first token (ms)")
-    ax.set_title(f"Time to first token — {title}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = f"{path_prefix}_ttft.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(finish(fig, ax, styles, "time to first token (ms)", f"Time to first token — {title}", "ttft"))
 
     # FLOPs
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -1288,16 +1291,7 @@ def plot(out: dict, path_prefix: str) -> list[str]:
     styles = [("analytic §6 (2ndm)", "-", "o"), ("XLA cost_analysis (JAX)", ":", "^")]
     if has_torch:
         styles.append(("torch FlopCounter (PyTorch)", "--", "s"))
-    legend(ax, styles)
-    ax.set_xlabel("kept visual tokens")
-    ax.set_ylabel("LLM prefill GFLOPs")
-    ax.set_title(f"Prefill FLOPs — {title}")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    p = f"{path_prefix}_flops.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(finish(fig, ax, styles, "LLM prefill GFLOPs", f"Prefill FLOPs — {title}", "flops"))
     return paths
 
 

@@ -425,8 +425,20 @@ class DivPrune(_KeepN):
         return gather_tokens(emb, sel), sel.valid
 
 
+class _Merging:
+    """Merging methods: ``merge(enc)`` returns a MergeResult; the LLM gets its (projected) tokens, and
+    ``select`` reports the anchor tokens."""
+
+    def select(self, enc, project=None):
+        return self.merge(enc).selection
+
+    def apply(self, enc, project):
+        res = self.merge(enc)
+        return project(res.tokens), res.valid
+
+
 @dataclasses.dataclass(frozen=True)
-class VisionZip(Pruner):
+class VisionZip(_Merging, Pruner):
     """VisionZip (CVPR'25): CLS + dominant tokens by attention, plus merged contextual tokens."""
 
     dominant: int = 54
@@ -456,16 +468,9 @@ class VisionZip(Pruner):
         return visionzip(enc["feature_hidden"], enc["cls_attn"][layer], keys, dominant=self.dominant,
                          contextual=self.contextual)
 
-    def select(self, enc, project=None):
-        return self.merge(enc).selection
-
-    def apply(self, enc, project):
-        res = self.merge(enc)
-        return project(res.tokens), res.valid
-
 
 @dataclasses.dataclass(frozen=True)
-class PruMergePlus(Pruner):
+class PruMergePlus(_Merging, Pruner):
     """PruMerge / PruMerge+ (adaptive IQR count, key-similarity merge) on the last layer's single-head attention."""
 
     plus: bool = True
@@ -488,13 +493,6 @@ class PruMergePlus(Pruner):
         logits = jnp.einsum("bd,btd->bt", q, k) * k.shape[-1] ** -0.5  # single head over all D dims (§5.4)
         attn = jax.nn.softmax(logits, axis=-1)[:, 1:]
         return prumerge_plus(enc["features"], attn, k[:, 1:], plus=self.plus)
-
-    def select(self, enc, project=None):
-        return self.merge(enc).selection
-
-    def apply(self, enc, project):
-        res = self.merge(enc)
-        return project(res.tokens), res.valid
 
 
 @dataclasses.dataclass(frozen=True)
