@@ -27,8 +27,10 @@ NEXT_METHODS = ("none", "vispruner:64,128", "fastervlm:64", "hired:0.2")
 SUITES = {
     "cpu": [dict(preset="cpu-small", dtype="float32", methods=CPU_METHODS, compare_torch=True, tag="cpu")],
     "gpu": [
-        dict(preset="llava-1.5-7b", dtype="bfloat16", methods=GPU_METHODS, tag="gpu-llava-1.5-7b"),
-        dict(preset="llava-1.5-13b", dtype="bfloat16", methods=GPU_METHODS, tag="gpu-llava-1.5-13b"),
+        dict(preset="llava-1.5-7b", dtype="bfloat16", methods=GPU_METHODS, compare_torch=True,
+             tag="gpu-llava-1.5-7b"),
+        dict(preset="llava-1.5-13b", dtype="bfloat16", methods=GPU_METHODS, compare_torch=True,
+             tag="gpu-llava-1.5-13b"),
         dict(preset="llava-next-7b", dtype="bfloat16", methods=NEXT_METHODS, tag="gpu-llava-next-7b"),
     ],
 }
@@ -45,6 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, choices=[1], default=None)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    ap.add_argument("--presets", nargs="+", default=None, help="run only these presets of the suite")
+    ap.add_argument("--methods", nargs="+", default=None, help="override the suite's method list")
+    ap.add_argument("--tag-suffix", default="", help="appended to each output name (e.g. a part of a split run)")
     args = ap.parse_args(argv)
 
     suite = args.suite
@@ -56,10 +61,14 @@ def main(argv=None) -> int:
         else:
             suite = "cpu"  # --threads 1 must set XLA flags before JAX starts: only meaningful on CPU
     failures = 0
-    for spec in SUITES[suite]:
-        bc = BenchConfig(preset=spec["preset"], dtype=spec["dtype"], methods=spec["methods"],
+    specs = [s for s in SUITES[suite] if args.presets is None or s["preset"] in args.presets]
+    if not specs:
+        ap.error(f"no preset of suite {suite} among {args.presets}")
+    for spec in specs:
+        bc = BenchConfig(preset=spec["preset"], dtype=spec["dtype"], methods=tuple(args.methods or spec["methods"]),
                          compare_torch=spec.get("compare_torch", False) and not args.no_torch,
-                         tag=spec["tag"] + ("-1thread" if args.threads == 1 else ""), repeats=args.repeats,
+                         tag=spec["tag"] + ("-1thread" if args.threads == 1 else "") + args.tag_suffix,
+                         repeats=args.repeats,
                          warmup=args.warmup, max_new_tokens=args.max_new_tokens, batch=args.batch,
                          out_dir=args.out_dir, threads=args.threads)
         try:

@@ -94,3 +94,74 @@ def test_recover_indices():
     valid = np.ones(idx.shape, bool)
     assert (bench.recover_indices(tokens, valid, proj) == idx).all()
     assert bench.recover_indices(tokens + 0.5, valid, proj) is None  # merged tokens are not a subset
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_side_from_params_equals_checkpoint(tmp_path, dtype):
+    """The real presets' PyTorch side: HF model built from the JAX params holds exactly the checkpoint's tensors
+    (bfloat16: both sides round the same float32 file to nearest-even, so still exact)."""
+    import torch
+
+    import vlmprune
+
+    d = bench.ensure_checkpoint("tiny", root=str(tmp_path))
+    model = vlmprune.load(d, dtype=dtype)
+    loaded = bench.TorchSide(d, dtype).model.state_dict()
+    built = bench.TorchSide(None, dtype, model=model).model.state_dict()
+    assert set(built) == set(loaded)
+    for k, v in loaded.items():
+        assert built[k].dtype == v.dtype and torch.equal(built[k], v), k  # copies of the same numbers: exact
+
+
+def test_export_reports_every_mismatch():
+    from vlmprune.weights import LLAVA_RENAMES, LLAVA_RULES, CheckpointError, export_params
+
+    params = {"language_model": {"norm": {"weight": np.ones(4, np.float32)},
+                                 "lm_head": {"kernel": np.zeros((4, 10), np.float32)}}}
+    shapes = {"model.language_model.norm.weight": (4,), "lm_head.weight": (10, 4)}
+    out = export_params(params, shapes, LLAVA_RULES, renames=LLAVA_RENAMES)
+    assert out["lm_head.weight"].shape == (10, 4)
+    bad = {"model.language_model.norm.weight": (5,), "lm_head.weight": (10, 4), "mystery.weight": (1,),
+           "model.language_model.layers.0.mlp.up_proj.weight": (8, 4)}
+    with pytest.raises(CheckpointError, match=r"3 problem") as e:
+        export_params(params, bad, LLAVA_RULES, renames=LLAVA_RENAMES)
+    msg = str(e.value)
+    assert "shape mismatch for 'model.language_model.norm.weight'" in msg and "no rule maps HF tensor 'mystery" in msg
+    assert "layers_0/mlp/up_proj/kernel" in msg
+
+
+def test_peak_flops_table(monkeypatch):
+    monkeypatch.delenv("VLMPRUNE_PEAK_FLOPS", raising=False)
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4e12
+    assert bench.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3", "float32") is None
+    assert bench.peak_flops("cpu", "bfloat16") is None
+    monkeypatch.setenv("VLMPRUNE_PEAK_FLOPS", "1e15")
+    assert bench.peak_flops("anything", "float32") == 1e15
+
+
+def test_compare_torch_refuses_next_presets(tmp_path):
+    cfg = bench.BenchConfig(preset="tiny-next", compare_torch=True, out_dir=str(tmp_path))
+    with pytest.raises(bench.BenchError, match="LLaVA-NeXT"):
+        bench.run_bench(cfg)
+
+
+def test_merge_split_runs(tmp_path):
+    """Runs split over two invocations merge into one table with the targets recomputed over both."""
+    common = dict(preset="tiny", repeats=1, warmup=0, batch=2, max_new_tokens=3, plots=False,
+                  out_dir=str(tmp_path / "parts"), checkpoint_root=str(tmp_path / "ckpt"))
+    bench.run_bench(bench.BenchConfig(methods=("none",), tag="a", **common))
+    bench.run_bench(bench.BenchConfig(methods=("vispruner:4",), tag="b", **common))
+    parts = [str(tmp_path / "parts" / f"efficiency_{t}.json") for t in "ab"]
+    out = bench.merge_outputs(parts, bench.BenchConfig(out_dir=str(tmp_path / "m"), tag="ab", plots=False))
+    assert [r["label"] for r in out["runs"]] == ["none", "vispruner@4"]
+    vp = out["runs"][1]
+    assert 0 < vp["reduction_vs_none"]["analytic_2ndm"] < 1  # needs the baseline from the other file
+    assert "vispruner64_llm_prefill_cut_ge_70pct" not in out["targets"]  # no vispruner@64 here
+    assert (tmp_path / "m" / "efficiency_ab.md").read_text().count("| vispruner@4 |") == 1
+    other = json.loads(open(parts[0]).read())
+    other["meta"]["dtype"] = "bfloat16"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(other))
+    with pytest.raises(bench.BenchError, match="cannot merge"):
+        bench.merge_outputs([parts[1], str(bad)], bench.BenchConfig(out_dir=str(tmp_path / "m"), tag="x"))

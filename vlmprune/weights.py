@@ -8,6 +8,7 @@ The param tree's shapes come from ``jax.eval_shape`` so nothing is allocated twi
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -178,3 +179,82 @@ def abstract_params(module, *args) -> dict:
     """Param shapes without allocating: ``jax.eval_shape`` of ``module.init``."""
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args))
     return shapes["params"]
+
+
+def _inverse(fn: Callable, arr, shape: tuple[int, ...]):
+    """Undo a loading transform: Flax layout -> the HF tensor of ``shape``."""
+    if fn is _t:
+        arr = arr.T
+    elif fn is _conv:
+        arr = arr.T.reshape(shape)
+    return arr
+
+
+def iter_export(
+    params: dict,
+    hf_shapes: dict[str, tuple[int, ...]],
+    rules: list[tuple[str, str, Callable]],
+    *,
+    renames: list[tuple[str, str]] = (),
+    convert: Callable | None = None,
+) -> dict:
+    """Flax params -> HF tensors, the inverse of :func:`load_params` through the same rule table.
+
+    Args:
+      params: the param pytree (arrays of any backend).
+      hf_shapes: ``{hf_key: shape}`` of the target HF model (e.g. from a PyTorch ``state_dict()``); the keys may
+        use any layout ``renames`` normalises.
+      rules, renames: as for :func:`load_params`.
+      convert: applied to each leaf before it is re-laid out (default: ``np.asarray``); e.g. ``torch.from_dlpack``
+        to keep the tensors on the accelerator.
+
+    Yields:
+      ``(hf_key, tensor)`` for every key of ``hf_shapes`` that is not an ignored buffer, one at a time, so a
+      caller can copy each into its model and drop it (a 13B model is never held twice over).
+
+    Raises:
+      CheckpointError: every HF key no rule maps, mapped to a missing param, or whose shape disagrees; raised
+        before the first tensor is converted.
+    """
+    convert = np.asarray if convert is None else convert
+    flat = {"/".join(k): v for k, v in flatten_dict(params).items()}
+    compiled = [(re.compile(p + "$"), t, f) for p, t, f in rules]
+    ignored = [re.compile(p) for p in IGNORED]
+    plan, problems = [], []
+    for key, shape in hf_shapes.items():
+        norm = key
+        for pat, rep in renames:
+            norm = re.sub(pat, rep, norm)
+        if any(p.match(norm) for p in ignored):
+            continue
+        for pat, tmpl, fn in compiled:
+            m = pat.match(norm)
+            if m:
+                target = m.expand(tmpl)
+                break
+        else:
+            problems.append(f"no rule maps HF tensor {key!r} {list(shape)}")
+            continue
+        if target not in flat:
+            problems.append(f"HF tensor {key!r} maps to {target!r}, which the params do not have")
+            continue
+        have = tuple(flat[target].shape)
+        want = tuple(shape)
+        if fn is _t:
+            want = want[::-1]
+        elif fn is _conv:
+            want = (math.prod(want[1:]), want[0])
+        if have != want:
+            problems.append(f"shape mismatch for {key!r}: HF expects {list(shape)}, params have {list(have)} "
+                            f"at {target!r}")
+            continue
+        plan.append((key, target, fn, tuple(shape)))
+    if problems:
+        raise CheckpointError("export", problems)
+    for key, target, fn, shape in plan:
+        yield key, _inverse(fn, convert(flat[target]), shape)
+
+
+def export_params(params: dict, hf_shapes: dict[str, tuple[int, ...]], rules, *, renames=(), convert=None) -> dict:
+    """``dict(iter_export(...))``: every HF tensor at once (see :func:`iter_export`)."""
+    return dict(iter_export(params, hf_shapes, rules, renames=renames, convert=convert))
