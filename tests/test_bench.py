@@ -158,7 +158,7 @@ def test_merge_split_runs(tmp_path):
     vp = out["runs"][1]
     assert 0 < vp["reduction_vs_none"]["analytic_2ndm"] < 1  # needs the baseline from the other file
     assert "vispruner64_llm_prefill_cut_ge_70pct" not in out["targets"]  # no vispruner@64 here
-    assert (tmp_path / "m" / "efficiency_ab.md").read_text().count("| vispruner@4 |") == 1
+    assert (tmp_path / "m" / "efficiency_ab.md").read_text().count("| vispruner@4 |") == 2  # JAX + batch tables
     other = json.loads(open(parts[0]).read())
     other["meta"]["dtype"] = "bfloat16"
     bad = tmp_path / "bad.json"
