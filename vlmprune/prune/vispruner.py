@@ -266,10 +266,13 @@ def _dedup_round(residual: jax.Array, sim: tuple[jax.Array, jax.Array], size: ja
     real_a = jnp.arange(side_a.shape[0]) < num_a
     real_b = jnp.arange(side_b.shape[0]) < num_b
 
-    # Each A token's most similar B token; padding columns can never win, padding rows sort last.
-    rows, cols = side_a[:, None], side_b[None, :]
-    hi = jnp.where(real_b, sim[0][rows, cols], -jnp.inf)
-    lo = jnp.where(real_b, sim[1][rows, cols], -jnp.inf)
+    # Each A token's most similar B token; padding columns can never win, padding rows sort last. Whole rows
+    # of the (N, N) matrix are gathered (contiguous copies) and the B columns picked by a mask over all N
+    # tokens, which is several times faster than gathering the (A, B) block element by element.
+    n = sim[0].shape[-1]
+    is_b = jnp.zeros((n,), bool).at[side_b].max(real_b)
+    hi = jnp.where(is_b, sim[0][side_a], -jnp.inf)
+    lo = jnp.where(is_b, sim[1][side_a], -jnp.inf)
     best_hi, best_lo = _pair_max(hi, lo)
     best_hi = jnp.where(real_a, best_hi, -jnp.inf)
     best_lo = jnp.where(real_a, best_lo, -jnp.inf)
