@@ -102,6 +102,29 @@ CLIP_RULES: list[tuple[str, str, Callable]] = [
 IGNORED = [r".*rotary_emb\.inv_freq$", r".*embeddings\.position_ids$", r"^logit_scale$"]
 
 
+class _RuleTable:
+    """Compiled ``rules`` + ``renames``: maps one HF key to ``(param path, transform)``, or IGNORE / None."""
+
+    IGNORE = ("", None)
+
+    def __init__(self, rules, renames):
+        self.rules = [(re.compile(p + "$"), t, f) for p, t, f in rules]
+        self.renames = renames
+        self.ignored = [re.compile(p) for p in IGNORED]
+
+    def match(self, key: str):
+        norm = key
+        for pat, rep in self.renames:
+            norm = re.sub(pat, rep, norm)
+        if any(p.match(norm) for p in self.ignored):
+            return self.IGNORE
+        for pat, tmpl, fn in self.rules:
+            m = pat.match(norm)
+            if m:
+                return m.expand(tmpl), fn
+        return None
+
+
 def load_params(
     directory: str,
     abstract_params: dict,
@@ -125,26 +148,19 @@ def load_params(
       CheckpointError: listing every missing, unexpected or mis-shaped tensor and unreadable file.
     """
     expected = {"/".join(k): v for k, v in flatten_dict(abstract_params).items()}
-    compiled = [(re.compile(p + "$"), t, f) for p, t, f in rules]
-    ignored = [re.compile(p) for p in IGNORED]
+    table = _RuleTable(rules, renames)
     out: dict[str, np.ndarray] = {}
     seen: set[str] = set()  # targets present in the checkpoint, even if mis-shaped
     problems: list[str] = []
     files = list_files(directory)
     for key, f in iter_tensors(files, problems):
-        norm = key
-        for pat, rep in renames:
-            norm = re.sub(pat, rep, norm)
-        if any(p.match(norm) for p in ignored):
-            continue
-        for pat, tmpl, fn in compiled:
-            m = pat.match(norm)
-            if m:
-                target = m.expand(tmpl)
-                break
-        else:
+        hit = table.match(key)
+        if hit is None:
             problems.append(f"unexpected tensor {key!r} {list(f.shape(key))} in {f.path.rsplit('/', 1)[-1]}")
             continue
+        if hit is _RuleTable.IGNORE:
+            continue
+        target, fn = hit
         if target not in expected:
             problems.append(f"unexpected tensor {key!r} (maps to {target!r}, which this model config does not have)")
             continue
@@ -218,23 +234,16 @@ def iter_export(
     """
     convert = np.asarray if convert is None else convert
     flat = {"/".join(k): v for k, v in flatten_dict(params).items()}
-    compiled = [(re.compile(p + "$"), t, f) for p, t, f in rules]
-    ignored = [re.compile(p) for p in IGNORED]
+    table = _RuleTable(rules, renames)
     plan, problems = [], []
     for key, shape in hf_shapes.items():
-        norm = key
-        for pat, rep in renames:
-            norm = re.sub(pat, rep, norm)
-        if any(p.match(norm) for p in ignored):
-            continue
-        for pat, tmpl, fn in compiled:
-            m = pat.match(norm)
-            if m:
-                target = m.expand(tmpl)
-                break
-        else:
+        hit = table.match(key)
+        if hit is None:
             problems.append(f"no rule maps HF tensor {key!r} {list(shape)}")
             continue
+        if hit is _RuleTable.IGNORE:
+            continue
+        target, fn = hit
         if target not in flat:
             problems.append(f"HF tensor {key!r} maps to {target!r}, which the params do not have")
             continue
