@@ -320,3 +320,239 @@ def test_reference_layouts_match_hf_language_model(models, hw):
     got = np.asarray(out.logits)[np.asarray(out.mask)]
     assert k == 1
     chex.assert_trees_all_close(got, ref, atol=LOGITS_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------- DivPrune and VisionZip on LLaVA-NeXT
+
+TWO_GRIDS = [(100, 100), (20, 120)]  # 2x2 grid, no crop; 1x3 grid, unpad keeps rows 1-2 of the 4x12 map
+TWO_PROMPTS = ["What is in the image?", "How many objects are there?"]
+
+
+def _hf_tiles(hf, x, r):
+    """HF vision-tower outputs of image r's valid tiles: (hidden_states[-2] with CLS, CLS attention of that layer
+    (T, H, N), its raw k_proj keys (T, 1+N, C), projected patch features (T, N, D), grid (rows, cols))."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    size = [int(v) for v in x["image_sizes"][r]]
+    rows, cols = get_anyres_image_grid_shape(size, hf.config.image_grid_pinpoints, hf.config.vision_config.image_size)
+    pix = torch.from_numpy(x["pixel_values"][r][: 1 + rows * cols])
+    tower = hf.model.vision_tower
+    enc_layers = (tower.vision_model if hasattr(tower, "vision_model") else tower).encoder.layers
+    layer = len(enc_layers) - 2  # vision_feature_layer=-2 -> encoder layer L-2 (0-based)
+    keys = {}
+    hook = enc_layers[layer].self_attn.k_proj.register_forward_hook(lambda m, i, o: keys.setdefault("k", o))
+    try:
+        with torch.no_grad():
+            vo = hf.model.vision_tower(pix, output_hidden_states=True, output_attentions=True)
+            hidden = vo.hidden_states[-2]
+            proj = hf.model.multi_modal_projector(hidden[:, 1:])
+    finally:
+        hook.remove()
+    return hidden, vo.attentions[layer][:, :, 0, 1:], keys["k"], proj, (rows, cols)
+
+
+def _grid_in_layout(size_hw, rows, cols, n_side):
+    """HF's own unpad_image applied to the stitched index map: the kept (tile, patch) pairs, row by row."""
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    idx = torch.arange(rows * n_side * cols * n_side).reshape(1, rows * n_side, cols * n_side).float()
+    out = []
+    for r in unpad_image(idx, list(size_hw))[0].long():
+        row = []
+        for g in r.tolist():
+            y, xg = divmod(g, cols * n_side)
+            row.append((1 + (y // n_side) * cols + xg // n_side, (y % n_side) * n_side + xg % n_side))
+        out.append(row)
+    return out
+
+
+def _hf_official_logits(hf, x, r, keep, proj, grid_rows, tail=None):
+    """HF language model on batch row r (its real tokens) with the visual block built by hand in the official
+    layout: kept base tokens (raster), kept grid tokens row by row + a newline after every row keeping one, then
+    ``tail`` (appended tokens). Returns (logits (L_r, V), visual length)."""
+    n = keep.shape[1]
+    seq = [proj[0, j] for j in range(n) if keep[0, j]]
+    for row in grid_rows:
+        kept = [proj[t, p] for t, p in row if keep[t, p]]
+        if kept:
+            seq.extend(kept + [hf.model.image_newline])
+    if tail is not None:
+        seq.extend(list(tail))
+    m = x["attention_mask"][r].astype(bool)
+    with torch.no_grad():
+        vis = torch.stack(seq)
+        ids = torch.from_numpy(x["input_ids"][r][m])
+        img = (ids == hf.config.image_token_id).nonzero()[:, 0]
+        text = hf.get_input_embeddings()(ids)
+        embeds = torch.cat([text[: img[0]], vis, text[img[-1] + 1:]])[None]
+        return hf(inputs_embeds=embeds).logits.numpy()[0], len(seq)
+
+
+def _compare_rows(out, refs):
+    worst = 0.0
+    for r, ref in enumerate(refs):
+        got = np.asarray(out.logits[r])[np.asarray(out.mask[r])]
+        assert got.shape == ref.shape, (r, got.shape, ref.shape)
+        chex.assert_trees_all_close(got, ref, atol=LOGITS_ATOL, rtol=0)
+        worst = max(worst, float(np.abs(got - ref).max()))
+    return worst
+
+
+def test_divprune_next_matches_hf_language_model(models):
+    """DivPrune on the whole image (candidates = tokens in the official layout, num_keep per tile) for a batch of
+    two grids == the HF LM fed the packed sequence built from plain ``divprune`` over each image's candidates."""
+    from vlmprune.prune.baselines import divprune
+
+    model, hf = models
+    num_keep = 3
+    x = _inputs(model, TWO_GRIDS, TWO_PROMPTS)
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
+                pruner=prune.DivPrune(num_keep=num_keep))
+    refs = []
+    for r, hw in enumerate(TWO_GRIDS):
+        _, _, _, proj, (rows, cols) = _hf_tiles(hf, x, r)
+        grid_rows = _grid_in_layout(hw, rows, cols, 4)
+        cand = sorted([(0, j) for j in range(16)] + [tp for row in grid_rows for tp in row],
+                      key=lambda tp: tp[0] * 16 + tp[1])  # tile-token order, as the model indexes them
+        k = min(num_keep * (1 + rows * cols), len(cand))
+        emb = torch.stack([proj[t, p] for t, p in cand]).numpy()[None]
+        picked = np.asarray(divprune(emb, num_keep=k).indices[0])
+        keep = np.zeros((1 + rows * cols, 16), bool)
+        for i in picked:
+            keep[cand[i]] = True
+        assert keep.sum() == k
+        ref, _ = _hf_official_logits(hf, x, r, keep, proj, grid_rows)
+        refs.append(ref)
+    print("divprune NeXT max |logits - HF|:", _compare_rows(out, refs))
+
+
+def _next_enc(model, x, pruner):
+    """Encoder outputs + post-projector embeddings and layout tables exactly as the model builds them."""
+    import jax.numpy as jnp
+
+    from vlmprune.viz import encode, projector
+
+    pix, lay, _ = model._next_layout(x["pixel_values"], x["image_sizes"], pruner)
+    enc = encode(model, pix, pruner)
+    enc = {**enc, "embeddings": projector(model)(enc["features"])}
+    layout = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row), "tile_valid": jnp.asarray(lay.tile_valid)}
+    return enc, layout, lay
+
+
+def test_divprune_next_whole_image_equals_divprune_when_all_tokens_are_candidates(models):
+    """A square image on the 2x2 grid has no unpad crop: every tile token is a candidate, and the whole-image
+    selection is exactly ``divprune`` over the 5·16 embeddings with num_keep·5 tokens."""
+    import jax.numpy as jnp
+
+    from vlmprune.prune.baselines import divprune, divprune_masked
+
+    model, _ = models
+    pruner = prune.DivPrune(num_keep=5)
+    x = _inputs(model, [(100, 100)])
+    enc, layout, lay = _next_enc(model, x, pruner)
+    assert lay.layouts[0].num_tiles == 5 and lay.layouts[0].length == 16 + 8 * 9  # full 8x8 grid + 8 newlines
+    keep = np.asarray(pruner.tile_mask(enc, layout, model.config))[0]  # (T, N)
+    emb = enc["embeddings"].reshape(1, 5 * 16, -1)
+    want = np.asarray(divprune(emb, num_keep=25).mask(80)).reshape(5, 16)
+    np.testing.assert_array_equal(keep, want)
+    # and the function itself, on random embeddings: all candidates + count = K  ==  divprune
+    rng = np.random.default_rng(0)
+    e = jnp.asarray(rng.standard_normal((3, 40, 8)), jnp.float32)
+    a = divprune_masked(e, jnp.ones((3, 40), bool), jnp.full((3,), 12), max_keep=12)
+    b = divprune(e, num_keep=12)
+    np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
+    assert np.asarray(a.valid).all()
+
+
+def test_divprune_masked_never_picks_non_candidates_and_keeps_count():
+    import jax.numpy as jnp
+
+    from vlmprune.prune.baselines import divprune, divprune_masked
+
+    rng = np.random.default_rng(1)
+    e = rng.standard_normal((3, 30, 6)).astype(np.float32)
+    cand = rng.random((3, 30)) < 0.5
+    cand[2] = False
+    cand[2, [4, 9, 17]] = True  # 3 candidates, budget 10 -> all 3
+    sel = divprune_masked(jnp.asarray(e), jnp.asarray(cand), jnp.asarray([10, 4, 10]), max_keep=10)
+    idx, valid = np.asarray(sel.indices), np.asarray(sel.valid)
+    assert valid.sum(1).tolist() == [10, 4, 3]
+    for b in range(3):
+        assert cand[b, idx[b][valid[b]]].all()
+        # equals plain divprune on the candidate rows alone (tie-free random data)
+        rows = np.where(cand[b])[0]
+        k = int(valid[b].sum())
+        ref = rows[np.asarray(divprune(jnp.asarray(e[b, rows][None]), num_keep=k).indices[0])]
+        np.testing.assert_array_equal(idx[b][valid[b]], np.sort(ref))
+    with pytest.raises(ValueError, match="at least one candidate"):
+        divprune_masked(jnp.asarray(e), jnp.zeros((3, 30), bool), jnp.asarray([1, 1, 1]), max_keep=2)
+
+
+@pytest.mark.parametrize("num_keep", [2, 16])
+def test_divprune_next_keeps_min_budget_candidates(models, num_keep):
+    """Each image keeps exactly min(num_keep·T_valid, tokens in its official layout), in a mixed-grid batch;
+    the sequence length follows (kept tokens + a newline per non-empty grid row)."""
+    model, _ = models
+    sizes = [(100, 100), (20, 120), (100, 60)]  # no crop; rows 1-2 of 4; columns 2-5 of 8
+    pruner = prune.DivPrune(num_keep=num_keep)
+    x = _inputs(model, sizes)
+    enc, layout, lay = _next_enc(model, x, pruner)
+    keep = np.asarray(pruner.tile_mask(enc, layout, model.config))
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
+                pruner=pruner)
+    for i, li in enumerate(lay.layouts):
+        in_layout = np.zeros(keep.shape[1] * 16, bool)
+        in_layout[li.token[li.token >= 0]] = True
+        in_layout = in_layout.reshape(keep.shape[1:])
+        assert not (keep[i] & ~in_layout).any()  # only candidates (no cropped token, no padded tile)
+        assert keep[i].sum() == min(num_keep * li.num_tiles, in_layout.sum())
+        rows_kept = {int(r) for tk, r in zip(li.token, li.row) if tk >= 16 and keep[i].reshape(-1)[tk]}
+        n_text = int(((x["input_ids"][i] != model.config.image_token_id) & (x["attention_mask"][i] == 1)).sum())
+        assert int(np.asarray(out.mask[i]).sum()) == n_text + keep[i].sum() + len(rows_kept)
+    if num_keep == 16:  # budget 16 per tile exceeds the cropped images' candidates: all of them are kept
+        assert keep.sum(axis=(1, 2)).tolist() == [80, 16 + 2 * 12, 16 + 8 * 4]
+
+
+@pytest.mark.parametrize("pruner", [prune.DivPrune(num_keep=4, layout="reference"),
+                                    prune.VisionZip(dominant=6, contextual=2, layout="reference")])
+def test_divprune_visionzip_reference_layout_raises_before_compile(models, pruner):
+    model, _ = models
+    x = _inputs(model, [(100, 100)])
+    before = model.compile_counts()["forward"]
+    with pytest.raises(ValueError, match="layout must be 'official'"):
+        model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=pruner)
+    assert model.compile_counts()["forward"] == before
+
+
+def test_visionzip_next_matches_hf_language_model(models):
+    """VisionZip per tile: dominant patches in the official layout, then the tiles' CLS tokens and their
+    contextual tokens (tile by tile) after the image block == the HF LM fed that sequence, built from HF's
+    tower outputs and the LLaVA-1.5 ``visionzip`` function on each tile."""
+    from vlmprune.prune.baselines import visionzip
+
+    model, hf = models
+    dominant, contextual = 5, 2
+    x = _inputs(model, TWO_GRIDS, TWO_PROMPTS)
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
+                pruner=prune.VisionZip(dominant=dominant, contextual=contextual))
+    refs, dropped = [], 0
+    for r, hw in enumerate(TWO_GRIDS):
+        hidden, attn, keys, proj, (rows, cols) = _hf_tiles(hf, x, r)
+        t = 1 + rows * cols
+        score = attn.sum(1).numpy()  # head-sum CLS attention (T, N)
+        keep = np.zeros((t, 16), bool)
+        for i in range(t):
+            keep[i, np.argsort(-score[i], kind="stable")[: dominant - 1]] = True
+        heads = attn.shape[1]
+        res = visionzip(hidden.numpy(), attn.numpy(), keys.numpy().reshape(t, 17, heads, -1), dominant=dominant,
+                        contextual=contextual)
+        merged = torch.from_numpy(np.array(res.tokens))
+        with torch.no_grad():
+            tail = hf.model.multi_modal_projector(torch.cat([merged[:, 0], merged[:, dominant:].reshape(-1, 32)]))
+        assert tail.shape[0] == t * (1 + contextual)
+        grid_rows = _grid_in_layout(hw, rows, cols, 4)
+        dropped += int(keep[1:].sum()) - sum(int(keep[t, p]) for row in grid_rows for t, p in row)
+        ref, _ = _hf_official_logits(hf, x, r, keep, proj, grid_rows, tail)
+        refs.append(ref)
+    print("visionzip NeXT max |logits - HF|:", _compare_rows(out, refs), "dominant patches cropped away:", dropped)
+    assert dropped > 0  # the 1x3 image's unpad crop removes some dominant patches: that case is covered

@@ -199,6 +199,7 @@ def test_next_masks_per_tile(next_model, tmp_path):
     mask = viz.kept_mask(next_model, img, pruner="vispruner:4")
     assert mask.shape == (3, next_model.config.tokens_per_image)
     np.testing.assert_array_equal(mask.sum(1), [4, 4, 4])
+    assert viz.kept_mask(next_model, img, pruner="divprune:4").sum() == 4 * 3  # whole-image budget, 4 per tile
     full = viz.kept_mask(next_model, demo_image(), pruner=None)  # 4:3 image on a 2x2 grid: a row unpadded away
     assert full.shape == (5, 16) and full[0].all() and full[1:].sum() == 48
     fig = viz.compare(next_model, demo_image(), "none,fastervlm:4", out=str(tmp_path / "next.png"))

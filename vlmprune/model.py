@@ -76,25 +76,36 @@ def _visual_tokens(module: Llava, params, pixel_values, pruner, layout=None, str
 
 
 def _next_visual_tokens(module, params, enc, project, pruner, layout, stride):
-    """Official LLaVA-NeXT packing of (possibly pruned) tiles; see ``vlmprune.next_layout``."""
+    """Official LLaVA-NeXT packing of (possibly pruned) tiles; see ``vlmprune.next_layout``.
+
+    A pruner may append tokens after an image's packed block (``Pruner.next_tokens``: VisionZip's CLS and merged
+    tokens); its valid ones follow the last layout entry, in order. Returns (tokens (NI, stride, D), valid)."""
     tile_valid = layout["tile_valid"]  # (NI, T)
     ni, t = tile_valid.shape
     n = enc["features"].shape[1]
+    flat_emb = project(enc["features"])  # (NI·T, N, D): what the LLM receives, also DivPrune's input
+    extra = None
     if pruner is None:
         keep = jnp.ones((ni, t, n), bool)
     else:
-        keep = pruner.tile_mask(enc, layout, module.config)
+        keep, extra = pruner.next_tokens({**enc, "embeddings": flat_emb}, layout, module.config, project)
     keep = (keep & tile_valid[..., None]).reshape(ni, t * n)
-    emb = project(enc["features"]).reshape(ni, t * n, -1)
+    emb = flat_emb.reshape(ni, t * n, -1)
     newline = module.apply({"params": params}, method=lambda m: m.image_newline).astype(emb.dtype)
     table = jnp.concatenate([emb, jnp.broadcast_to(newline, (ni, 1, emb.shape[-1]))], axis=1)
     token = layout["token"]  # (NI, F)
-    keep_layout = layout_keep(keep, token, layout["row"])
-    f = token.shape[1]
-    src = jax.vmap(lambda k: jnp.nonzero(k, size=stride, fill_value=f)[0])(keep_layout)  # ascending = layout order
-    valid = jnp.arange(stride)[None] < jnp.sum(keep_layout, axis=1, keepdims=True)
-    tok_at = jnp.take_along_axis(jnp.concatenate([token, jnp.full((ni, 1), -2, token.dtype)], 1), src, axis=1)
-    idx = jnp.where((tok_at == -1) | (tok_at == -3), t * n, jnp.maximum(tok_at, 0))
+    entry_keep = layout_keep(keep, token, layout["row"])  # (NI, F), layout order
+    entry_row = jnp.where((token == -1) | (token == -3), t * n, jnp.maximum(token, 0))  # row of `table`
+    if extra is not None:
+        x_tok, x_valid = extra  # (NI, E, D), (NI, E)
+        e = x_tok.shape[1]
+        table = jnp.concatenate([table, x_tok.astype(table.dtype)], axis=1)
+        entry_row = jnp.concatenate([entry_row, jnp.broadcast_to(t * n + 1 + jnp.arange(e, dtype=entry_row.dtype),
+                                                                 (ni, e))], axis=1)
+        entry_keep = jnp.concatenate([entry_keep, x_valid], axis=1)
+    src = jax.vmap(lambda k: jnp.nonzero(k, size=stride, fill_value=0)[0])(entry_keep)  # ascending = packed order
+    valid = jnp.arange(stride)[None] < jnp.sum(entry_keep, axis=1, keepdims=True)
+    idx = jnp.take_along_axis(entry_row, src, axis=1)
     tokens = jnp.take_along_axis(table, idx[..., None], axis=1)
     return tokens, valid
 
@@ -294,8 +305,9 @@ class LlavaModel:
         if pruner is None or pruner.inside_llm:
             slots = [li.length for li in lay.layouts]
         else:
+            # layout entries (kept tokens + newlines, at most the full layout) + tokens appended after the block
             slots = [min(li.length, pruner.max_tokens_next(c, li.num_tiles) + int((li.token < 0).sum()))
-                     for li in lay.layouts]
+                     + pruner.extra_tokens_next(c, li.num_tiles) for li in lay.layouts]
         stride = max(slots)
         plan = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=placeholders,
                              num_images=pix.shape[0], slots=slots, slot_stride=stride)

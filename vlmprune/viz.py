@@ -246,6 +246,7 @@ def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str]
         keep = np.ones((ni, t_max, n), bool)
     else:
         enc = encode(model, pix, pruner)
+        enc = {**enc, "embeddings": projector(model)(enc["features"])}  # as the model passes them (DivPrune)
         layout = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row),
                   "tile_valid": jnp.asarray(lay.tile_valid)}
         extra = pruner.host_inputs(model, pix, lay.layouts, None, list(text) if text is not None else [""] * ni)

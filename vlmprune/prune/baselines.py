@@ -2,7 +2,9 @@
 
 * :func:`random_keep`, :func:`uniform`: trivial references (random subset; even spatial grid).
 * :func:`divprune`: DivPrune's max-min diverse subset of the post-projector embeddings (§5.6).
+  :func:`divprune_masked`: the same rule over candidate tokens only, with a per-row budget (NeXT, whole image).
 * :func:`visionzip`: VisionZip's dominant tokens plus merged contextual tokens (§5.5).
+  :func:`visionzip_dominant`: just its dominant patch tokens (their LLaVA-NeXT layout positions).
 * :func:`prumerge_plus`: PruMerge / PruMerge+ with the adaptive IQR token count (§5.4).
 * :func:`fastv_select`: FastV's choice of image tokens inside the LLM (§5.2).
 
@@ -186,17 +188,25 @@ def cosine_distance(embeddings: jax.Array) -> jax.Array:
     return 1 - _matmul_t(normalized, normalized)
 
 
-def _divprune_single(embeddings: jax.Array, num_keep: int) -> jax.Array:
-    """Max-min (farthest-point) selection on one image: (N, D) -> picked indices int32 (K,), pick order."""
-    n = embeddings.shape[0]
+def _divprune_masked_single(embeddings: jax.Array, candidates: jax.Array, count: jax.Array, num_keep: int):
+    """Max-min (farthest-point) selection among the candidate rows of one image.
+
+    embeddings (M, D); candidates bool (M,) (at least one True); count int32 scalar, the picks to make
+    (<= num_keep and <= the number of candidates). Returns (picked int32 (num_keep,) in pick order, valid bool
+    (num_keep,) = slot < count). Non-candidates are never picked; with every row a candidate this is exactly
+    DivPrune's rule (``where`` on an all-True mask is the identity).
+    """
+    m = embeddings.shape[0]
     dist = cosine_distance(embeddings)
-    # Step 0: the token whose nearest *other* token is farthest: argmax over columns j of the second-smallest
-    # entry of column j (the smallest is normally the ~0 self-distance). N == 1 has no second entry: pick 0.
-    if n > 1:
+    # Step 0: the candidate whose nearest *other* candidate is farthest: argmax over candidate columns j of the
+    # second-smallest entry of column j over candidate rows (the smallest is normally the ~0 self-distance).
+    # M == 1 has no second entry: pick 0. A lone candidate has second = inf and is picked.
+    if m > 1:
+        d_rows = jnp.where(candidates[:, None], dist, jnp.inf)  # non-candidate rows are not "other tokens"
         # second-smallest value of every column without a full sort: drop one occurrence of the column minimum
-        cols = jnp.arange(n)
-        second = jnp.min(dist.at[jnp.argmin(dist, axis=0), cols].set(jnp.inf), axis=0)
-        first = jnp.argmax(second).astype(jnp.int32)
+        cols = jnp.arange(m)
+        second = jnp.min(d_rows.at[jnp.argmin(d_rows, axis=0), cols].set(jnp.inf), axis=0)
+        first = jnp.argmax(jnp.where(candidates, second, -jnp.inf)).astype(jnp.int32)
     else:
         first = jnp.zeros((), jnp.int32)
 
@@ -205,14 +215,21 @@ def _divprune_single(embeddings: jax.Array, num_keep: int) -> jax.Array:
         # Generalisation: already-picked tokens are excluded. The original can re-pick one only when no
         # remaining token is farther from the picked set than a picked token is from itself (D[s, s] ~ 0, a
         # rounding residue in fp16), i.e. the rest duplicate picked tokens; it then keeps fewer than K.
-        score = jnp.where(taken, -jnp.inf, nearest)
+        score = jnp.where(taken | ~candidates, -jnp.inf, nearest)
         j = jnp.argmax(score).astype(jnp.int32)  # first index on ties, like torch.argmax
         return picked.at[i].set(j), jnp.minimum(nearest, dist[j]), taken.at[j].set(True)
 
     picked = jnp.zeros((num_keep,), jnp.int32).at[0].set(first)
-    init = (picked, dist[first], jnp.zeros((n,), bool).at[first].set(True))
+    init = (picked, dist[first], jnp.zeros((m,), bool).at[first].set(True))
     # P6: running minimum over the picked rows, min_s D[s, j] (rows of D, as the original's index_select).
     picked, _, _ = jax.lax.fori_loop(1, num_keep, pick, init)
+    return picked, jnp.arange(num_keep) < count
+
+
+def _divprune_single(embeddings: jax.Array, num_keep: int) -> jax.Array:
+    """Max-min (farthest-point) selection on one image: (N, D) -> picked indices int32 (K,), pick order."""
+    n = embeddings.shape[0]
+    picked, _ = _divprune_masked_single(embeddings, jnp.ones((n,), bool), jnp.int32(num_keep), num_keep)
     return picked
 
 
@@ -249,6 +266,49 @@ def divprune(embeddings: jax.Array, *, num_keep: int) -> Selection:
     return _divprune_jit(embeddings, num_keep=num_keep)
 
 
+@functools.partial(jax.jit, static_argnames=("max_keep",))
+def _divprune_masked_jit(embeddings, candidates, count, *, max_keep: int) -> Selection:
+    picked, valid = jax.vmap(lambda e, c, k: _divprune_masked_single(e, c, k, max_keep))(embeddings, candidates, count)
+    m = embeddings.shape[1]
+    idx = jnp.sort(jnp.where(valid, picked, m), axis=-1)  # invalid picks -> fill value M, sorted to the tail
+    return Selection(indices=idx, valid=idx < m)
+
+
+def divprune_masked(embeddings: jax.Array, candidates: jax.Array, count: jax.Array, *, max_keep: int) -> Selection:
+    """DivPrune restricted to candidate tokens, with a per-row (traced) budget and a static maximum.
+
+    The max-min rule of :func:`divprune` over the candidates only: a non-candidate is never picked and does not
+    count as anyone's nearest other token. Row b keeps exactly ``min(count[b], candidates in row b)`` tokens;
+    the picks are made in DivPrune's order and the first ``count[b]`` are kept. With every token a candidate
+    and ``count == max_keep`` this equals ``divprune(embeddings, num_keep=max_keep)``. Used for LLaVA-NeXT,
+    where the candidates are the tokens of an image's tiles that appear in the official layout.
+
+    Args:
+      embeddings: float (B, M, D). Post-projector embeddings.
+      candidates: bool (B, M). Every row needs at least one candidate.
+      count: int (B,). Tokens to keep per row (traced; values above ``max_keep`` are clipped).
+      max_keep: static Python int in [1, M], the slot count.
+
+    Returns:
+      ``Selection`` with indices int32 (B, max_keep) ascending, valid marking the kept prefix; invalid slots
+      hold M.
+    """
+    where = "divprune_masked"
+    _check_features("embeddings", embeddings, 3, "(B, M, D)", where)
+    max_keep = _check_num_keep(max_keep, embeddings.shape[1], where)
+    candidates = jnp.asarray(candidates, bool)
+    count = jnp.asarray(count, jnp.int32)
+    if candidates.shape != embeddings.shape[:2]:
+        raise ValueError(f"{where}: candidates must have shape {embeddings.shape[:2]}, got {candidates.shape}")
+    if count.shape != embeddings.shape[:1]:
+        raise ValueError(f"{where}: count must have shape ({embeddings.shape[0]},), got {count.shape}")
+    n_cand = jnp.sum(candidates, axis=1, dtype=jnp.int32)
+    if _checks.is_concrete(n_cand) and bool(jnp.any(n_cand == 0)):
+        raise ValueError(f"{where}: every row needs at least one candidate token")
+    count = jnp.clip(jnp.minimum(count, n_cand), 0, max_keep)
+    return _divprune_masked_jit(embeddings, candidates, count, max_keep=max_keep)
+
+
 # --------------------------------------------------------------------------------------------------------
 # VisionZip (§5.5)
 # --------------------------------------------------------------------------------------------------------
@@ -262,18 +322,39 @@ def visionzip_targets(remaining: int, contextual: int) -> np.ndarray:
     return np.arange(0, remaining, max(1, remaining // contextual))[:contextual]
 
 
+def _visionzip_dominant_patches(cls_attn, dominant: int):
+    """The (dominant - 1) patches (0-based, CLS excluded) with the largest head-*sum* CLS attention, cls_attn
+    (H, N) -> int32 (dominant - 1,) in score order (lower index first on ties); CLS is the remaining slot."""
+    score = jnp.sum(cls_attn, axis=0)
+    if dominant > 1:
+        return jax.lax.top_k(score, dominant - 1)[1].astype(jnp.int32)
+    return jnp.zeros((0,), jnp.int32)
+
+
+def visionzip_dominant(cls_attn: jax.Array, *, dominant: int) -> Selection:
+    """VisionZip's dominant *patch* tokens (the ``dominant - 1`` besides CLS), as :func:`visionzip` picks them.
+
+    cls_attn float (B, H, N) -> ``Selection`` (B, dominant - 1) over the N patches, ascending, all valid.
+    """
+    where = "visionzip_dominant"
+    _check_head_attention("cls_attn", cls_attn, where)
+    dominant = _checks.check_int("dominant", dominant, lo=2, hi=cls_attn.shape[2] + 1, where=where)
+    return _visionzip_dominant_jit(cls_attn, dominant=dominant)
+
+
+@functools.partial(jax.jit, static_argnames=("dominant",))
+def _visionzip_dominant_jit(cls_attn, *, dominant: int) -> Selection:
+    top = jax.vmap(lambda a: _visionzip_dominant_patches(a, dominant))(cls_attn)
+    return from_indices(top, cls_attn.shape[2])
+
+
 def _visionzip_single(hidden, cls_attn, keys, dominant: int, contextual: int):
     """VisionZip on one image. hidden (1+N, C), cls_attn (H, N), keys (1+N, H, dh).
 
     Returns (tokens (dominant + contextual, C), anchor patch indices int32 (dominant - 1 + contextual,)).
     """
     total = hidden.shape[0]  # 1 + N
-    # Dominant: CLS plus the (dominant - 1) patches with the largest head-*sum* CLS attention (+1 for CLS).
-    score = jnp.sum(cls_attn, axis=0)
-    if dominant > 1:
-        top_patches = jax.lax.top_k(score, dominant - 1)[1].astype(jnp.int32)  # lower index first on ties
-    else:
-        top_patches = jnp.zeros((0,), jnp.int32)
+    top_patches = _visionzip_dominant_patches(cls_attn, dominant)
     is_dominant = jnp.zeros((total,), bool).at[0].set(True).at[top_patches + 1].set(True)
     (dominant_idx,) = jnp.nonzero(is_dominant, size=dominant)  # ascending: CLS, then patches in raster order
     tokens = [hidden[dominant_idx]]

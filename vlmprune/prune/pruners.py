@@ -82,10 +82,21 @@ class Pruner:
         """LLaVA-NeXT: most tokens (newlines excluded) one image with ``num_tiles`` tiles (base included) keeps."""
         raise NotImplementedError
 
+    def extra_tokens_next(self, cfg, num_tiles: int) -> int:
+        """LLaVA-NeXT: most tokens appended after the image's packed block (VisionZip's merged tokens); default 0."""
+        return 0
+
     def tile_mask(self, enc: dict, layout: dict, cfg) -> Array:
-        """LLaVA-NeXT: keep mask bool (NI, T, N) over every tile's tokens; enc holds the NI·T tiles' outputs,
-        layout the host tables (``tile_valid`` (NI, T) and any ``host_inputs``)."""
+        """LLaVA-NeXT: keep mask bool (NI, T, N) over every tile's tokens; enc holds the NI·T tiles' outputs
+        (the model adds ``embeddings``, the post-projector features (NI·T, N, D_llm)), layout the host tables
+        (``token``, ``row``, ``tile_valid`` (NI, T) and any ``host_inputs``)."""
         raise NotImplementedError
+
+    def next_tokens(self, enc: dict, layout: dict, cfg, project: Callable[[Array], Array]):
+        """LLaVA-NeXT: (keep bool (NI, T, N), extra) where extra is None or (tokens (NI, E, D_llm), valid bool
+        (NI, E)): tokens appended, in order (valid ones only), after the image's packed official block.
+        Default: ``tile_mask`` and nothing appended."""
+        return self.tile_mask(enc, layout, cfg), None
 
     def host_inputs(self, model, pixel_values, layouts, input_ids, text) -> dict:
         """Extra arrays computed on the host before the jitted forward (HERO's CLIP scores); default none."""
@@ -406,11 +417,59 @@ class Uniform(_KeepN):
         return Selection(indices=idx, valid=jnp.ones(idx.shape, bool))
 
 
+def _official_only(pruner) -> None:
+    if pruner.layout != "official":
+        raise ValueError(f"{pruner.name}: layout must be 'official' (got {pruner.layout!r}); the method's paper has "
+                         "no LLaVA-NeXT packing of its own to reproduce, so only HF's official layout is offered")
+
+
+def _layout_candidates(layout: dict, num_tokens: int) -> Array:
+    """bool (NI, T·N): the tile tokens of each image that appear in its official layout (base tile: all; grid
+    tiles: inside the unpad crop; padded tiles: none)."""
+    token, tile_valid = layout["token"], layout["tile_valid"]
+    ni, t = tile_valid.shape
+    m = t * num_tokens
+    rows = jnp.arange(ni)[:, None]
+    cand = jnp.zeros((ni, m + 1), bool).at[rows, jnp.where(token >= 0, token, m)].set(True)[:, :m]
+    return cand & jnp.repeat(tile_valid, num_tokens, axis=1)
+
+
 @dataclasses.dataclass(frozen=True)
 class DivPrune(_KeepN):
-    """DivPrune (CVPR'25): max-min diverse subset of the post-projector embeddings."""
+    """DivPrune (CVPR'25): max-min diverse subset of the post-projector embeddings.
 
+    LLaVA-NeXT: selection on the whole image. The candidates are the image's tokens that appear in the official
+    layout (the base tile's N tokens and the grid tokens inside the unpad crop; never newlines or padded tiles);
+    an image with ``T`` tiles (base included) keeps exactly ``min(num_keep·T, candidates)`` of them, chosen by
+    the max-min rule over all its candidates' post-projector embeddings jointly (``baselines.divprune_masked``).
+    Kept tokens are packed in the official order with a newline after every grid row that keeps a token. The
+    original runs on the packed sequence with its newline embeddings among the candidates and a budget
+    ``round(ratio·V)`` over it; here newlines follow the official rule and the budget is ``num_keep`` per tile,
+    like VisPruner's. ``layout`` must be "official".
+    """
+
+    layout: str = "official"
     name: ClassVar[str] = "divprune"
+    supports_next: ClassVar[bool] = True
+
+    def validate(self, cfg):
+        _official_only(self)
+        super().validate(cfg)
+
+    def tile_mask(self, enc, layout, cfg):
+        from vlmprune.prune.baselines import divprune_masked
+
+        emb = enc.get("embeddings")
+        if emb is None:
+            raise ValueError("divprune: tile_mask needs enc['embeddings'], the post-projector features (NI·T, N, D) "
+                             "of the tiles (the model adds them)")
+        tile_valid = layout["tile_valid"]
+        ni, t = tile_valid.shape
+        n = emb.shape[1]
+        cand = _layout_candidates(layout, n)
+        count = self.num_keep * jnp.sum(tile_valid, axis=1, dtype=jnp.int32)
+        sel = divprune_masked(emb.reshape(ni, t * n, emb.shape[-1]), cand, count, max_keep=self.num_keep * t)
+        return sel.mask(t * n).reshape(ni, t, n)
 
     def select(self, enc, project):
         from vlmprune.prune.baselines import divprune
@@ -439,12 +498,55 @@ class _Merging:
 
 @dataclasses.dataclass(frozen=True)
 class VisionZip(_Merging, Pruner):
-    """VisionZip (CVPR'25): CLS + dominant tokens by attention, plus merged contextual tokens."""
+    """VisionZip (CVPR'25): CLS + dominant tokens by attention, plus merged contextual tokens.
+
+    LLaVA-1.5: ``[CLS, dominant - 1 patches (raster), contextual]`` per image, as the original feeds them.
+
+    LLaVA-NeXT: VisionZip runs on every valid tile (as the original's NeXT code does), so each tile yields
+    ``dominant + contextual`` tokens as on 1.5. Placement (our choice, official layout only):
+      * the ``dominant - 1`` dominant *patch* tokens of each tile stay at their positions in HF's official layout
+        (base tile in raster order, then the unpadded stitched grid with a newline after every row that keeps
+        a token); a dominant patch outside the unpad crop is dropped, as for VisPruner;
+      * after the image's whole packed block (after its last newline) come the tiles' CLS tokens (base tile
+        first, then the grid tiles in raster order), then their ``contextual`` merged tokens, tile by tile.
+    The original packs the same kinds of tokens in the same tail order (CLS tokens, then contextual tokens) but
+    keeps the base tile's VisionZip output unrestored and places the grid's dominant tokens without unpad or
+    newlines; the layout here keeps LLaVA-NeXT's official spatial packing instead.
+    """
 
     dominant: int = 54
     contextual: int = 10
     layer: int | None = None
+    layout: str = "official"
     name: ClassVar[str] = "visionzip"
+    supports_next: ClassVar[bool] = True
+
+    def validate(self, cfg):
+        _official_only(self)
+        super().validate(cfg)
+
+    def max_tokens_next(self, cfg, num_tiles):
+        return (self.dominant - 1) * num_tiles  # dominant patches in the layout; CLS goes to the appended tail
+
+    def extra_tokens_next(self, cfg, num_tiles):
+        return num_tiles * (1 + self.contextual)  # one CLS and `contextual` merged tokens per tile
+
+    def tile_mask(self, enc, layout, cfg):
+        from vlmprune.prune.baselines import visionzip_dominant
+
+        (layer,) = enc["cls_attn"].keys()
+        n = enc["features"].shape[1]
+        sel = visionzip_dominant(enc["cls_attn"][layer], dominant=self.dominant)
+        return sel.mask(n).reshape(layout["tile_valid"].shape + (n,))
+
+    def next_tokens(self, enc, layout, cfg, project):
+        tile_valid = layout["tile_valid"]
+        ni, t = tile_valid.shape
+        res = self.merge(enc)  # tokens (NI·T, dominant + contextual, C): [CLS, dominant patches, contextual]
+        tok = res.tokens.reshape((ni, t) + res.tokens.shape[1:])
+        tail = jnp.concatenate([tok[:, :, 0], tok[:, :, self.dominant:].reshape(ni, t * self.contextual, -1)], 1)
+        valid = jnp.concatenate([tile_valid, jnp.repeat(tile_valid, self.contextual, axis=1)], axis=1)
+        return self.tile_mask(enc, layout, cfg), (project(tail), valid)
 
     def vision_request(self, cfg):
         layer = resolve_layer(self.layer, cfg, "layer")
