@@ -736,8 +736,10 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
         if p is None or inside_llm:
             jx["selection_ms"] = None
         else:
+            # the selection alone on precomputed encoder outputs (and, for DivPrune, projected embeddings)
+            enc_sel = dict(enc, embeddings=pieces.project(params, enc["features"]))
             sel_jit = jax.jit(lambda e, lay: p.tile_mask(e, lay, cfg))
-            jx["selection_ms"], _ = measure(lambda: sel_jit(enc, layout), repeats=repeats, warmup=warmup)
+            jx["selection_ms"], _ = measure(lambda: sel_jit(enc_sel, layout), repeats=repeats, warmup=warmup)
         tokens, valid = sp()
         proj_all = None
     else:
