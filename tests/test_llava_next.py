@@ -244,8 +244,9 @@ def _reference_sequence(hf, x, keep, style):
         proj = hf.model.multi_modal_projector(feats)
     nl = hf.model.image_newline
     n = 4
-    grid_idx = torch.arange(rows * n * cols * n).reshape(1, rows * n, cols * n).float()
-    if style == "cropped":
+    g_rows, g_cols = (cols, rows) if style == "cropped_swapped" else (rows, cols)  # the fork's swapped dims
+    grid_idx = torch.arange(g_rows * n * g_cols * n).reshape(1, g_rows * n, g_cols * n).float()
+    if style in ("cropped", "cropped_swapped"):
         kept_rows = unpad_image(grid_idx, size)[0].long()
     else:
         kept_rows = grid_idx[0].long()
@@ -253,8 +254,8 @@ def _reference_sequence(hf, x, keep, style):
     for r in kept_rows:
         row = []
         for g in r.tolist():
-            y, xg = divmod(g, cols * n)
-            t, p = 1 + (y // n) * cols + xg // n, (y % n) * n + xg % n
+            y, xg = divmod(g, g_cols * n)
+            t, p = 1 + (y // n) * g_cols + xg // n, (y % n) * n + xg % n
             if keep[t, p]:
                 row.append(proj[t, p])
         seq.extend(row)
@@ -556,3 +557,60 @@ def test_visionzip_next_matches_hf_language_model(models):
         refs.append(ref)
     print("visionzip NeXT max |logits - HF|:", _compare_rows(out, refs), "dominant patches cropped away:", dropped)
     assert dropped > 0  # the 1x3 image's unpad crop removes some dominant patches: that case is covered
+
+
+# ------------------------------------------------------------------------- HiRED's swapped grid (reference layout)
+
+
+@pytest.mark.parametrize("hw", [(400, 200), (200, 400), (600, 200), (200, 600), (300, 300), (333, 500)])
+def test_hired_swapped_grid_layout_equals_the_forks_stitching(hw):
+    """``cropped_swapped`` = the HiRED fork's packing as written (algorithms.md §3.7): tiles viewed as
+    (num_patch_height, num_patch_width) = (cols, rows), stitched, then HF's own ``unpad_image``."""
+    from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+    from vlmprune.next_layout import grid_shape, image_layout
+
+    pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    n, ts = 24, 336
+    lay = image_layout(hw, pins, tile_size=ts, tokens_per_side=n, style="cropped_swapped")
+    rows, cols = grid_shape(hw, pins, ts)
+    ids = torch.arange(1, 1 + rows * cols)[:, None, None] * n * n + torch.arange(n * n).reshape(1, n, n)
+    feat = ids.reshape(rows * cols, n * n, 1)  # (tiles, N, D=1): the value is the tile-token index
+    num_patch_width, num_patch_height = rows, cols  # the fork's assignment of (rows, cols)
+    f = feat.view(num_patch_height, num_patch_width, n, n, -1).permute(4, 0, 2, 1, 3).contiguous()
+    f = f.flatten(1, 2).flatten(2, 3)
+    f = unpad_image(f, torch.tensor(hw))
+    fork = f.flatten(1, 2).transpose(0, 1)[:, 0].numpy()
+    np.testing.assert_array_equal(lay.token[n * n:], fork)
+    np.testing.assert_array_equal(lay.token[: n * n], np.arange(n * n))  # base tile first, unchanged
+    plain = image_layout(hw, pins, tile_size=ts, tokens_per_side=n, style="cropped")
+    if rows == cols:
+        np.testing.assert_array_equal(lay.token, plain.token)
+    else:
+        assert not np.array_equal(lay.token, plain.token)
+
+
+def test_hired_reference_layout_uses_swapped_grid_by_default(models):
+    model, _ = models
+    cfg = model.config
+    assert prune.HiRED(layout="reference").next_layout_style(cfg)[0] == "cropped_swapped"
+    assert prune.HiRED(layout="reference", swapped_grid=False).next_layout_style(cfg)[0] == "cropped"
+    assert prune.HiRED().next_layout_style(cfg)[0] == "official"
+
+
+@pytest.mark.parametrize("hw", [(40, 90), (90, 40)])
+@pytest.mark.parametrize("swapped", [True, False])
+def test_hired_reference_two_tile_grids_match_hf_language_model(models, hw, swapped):
+    """HiRED's own layout on 1x2 / 2x1 grids, where the fork's swapped grid dims change the packing."""
+    model, hf = models
+    x = _inputs(model, [hw])
+    hr = prune.HiRED(budget_rate=0.3, alpha=0.5, shallow_layer=0, layout="reference", swapped_grid=swapped)
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=hr)
+    with torch.no_grad():
+        vo = hf.model.vision_tower(torch.from_numpy(x["pixel_values"][0][:3]), output_hidden_states=True,
+                                   output_attentions=True)
+    keep = np.asarray(prune.hired(vo.attentions[0][:, :, 0, 1:].numpy(), vo.attentions[-2][:, :, 0, 1:].numpy(),
+                                  budget_rate=0.3, alpha=0.5).mask(16))
+    ref, n_vis = _reference_sequence(hf, x, keep, "cropped_swapped" if swapped else "cropped")
+    got = np.asarray(out.logits)[np.asarray(out.mask)]
+    chex.assert_trees_all_close(got, ref, atol=LOGITS_ATOL, rtol=0)

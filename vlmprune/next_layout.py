@@ -72,8 +72,12 @@ def unpad_crop(image_size_hw: Sequence[int], current_hw: tuple[int, int]) -> tup
 # kept token loses its newline too). The papers' own layouts (algorithms.md §1.4), for like-for-like comparisons:
 #   "uncropped": VisPruner / FasterVLM — no unpad, no newline (their 672x672 canvas: see reference_pinpoints);
 #   "cropped": HiRED — unpadded, no newline;
+#   "cropped_swapped": HiRED's fork as written — its grid dims are swapped (algorithms.md §3.7): the (rows x cols)
+#     tiles, in their raster order, are stitched as a cols x rows grid and that map is unpadded. Same as "cropped"
+#     for square grids; for 1x2 / 2x1 / 1x3 / 3x1 the stitched map is transposed in tile layout and the crop
+#     can cut kept tokens away;
 #   "uncropped_newlines": HERO — no crop, a newline closes every stitched row, kept or not.
-STYLES = ("official", "uncropped", "cropped", "uncropped_newlines")
+STYLES = ("official", "uncropped", "cropped", "cropped_swapped", "uncropped_newlines")
 
 
 def image_layout(image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tokens_per_side: int,
@@ -85,16 +89,19 @@ def image_layout(image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tok
         raise ValueError(f"unknown layout style {style!r}; one of {STYLES}")
     n = tokens_per_side
     rows, cols = grid_shape(image_size_hw, pinpoints, tile_size)
-    if style in ("official", "cropped"):
-        top, bottom, left, right = unpad_crop(image_size_hw, (rows * n, cols * n))
+    # the stitched tile grid: the true one, or HiRED's swapped one (tiles keep their raster order)
+    g_rows, g_cols = (cols, rows) if style == "cropped_swapped" else (rows, cols)
+    if style in ("official", "cropped", "cropped_swapped"):
+        top, bottom, left, right = unpad_crop(image_size_hw, (g_rows * n, g_cols * n))
     else:
-        top, bottom, left, right = 0, rows * n, 0, cols * n
-    newline = {"official": [-1], "cropped": [], "uncropped": [], "uncropped_newlines": [-3]}[style]
+        top, bottom, left, right = 0, g_rows * n, 0, g_cols * n
+    newline = {"official": [-1], "cropped": [], "cropped_swapped": [], "uncropped": [],
+               "uncropped_newlines": [-3]}[style]
     base = np.arange(n * n, dtype=np.int32)
     tok, row = [base], [np.full(n * n, -1, np.int32)]
     xs = np.arange(left, right)
     for y in range(top, bottom):
-        tile = 1 + (y // n) * cols + xs // n
+        tile = 1 + (y // n) * g_cols + xs // n
         patch = (y % n) * n + xs % n
         tok.append((tile * n * n + patch).astype(np.int32))
         tok.append(np.array(newline, np.int32))

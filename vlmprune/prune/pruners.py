@@ -234,10 +234,19 @@ class HiRED(_NextLayout, Pruner):
     shallow_layer: int = 0
     deep_layer: int | None = None
     layout: str = "official"
+    #: layout="reference" only: reproduce the fork's swapped grid dims (algorithms.md §3.7; changes 1x2/2x1/1x3/3x1
+    #: grids only). False gives the unpadded, newline-free layout with the true grid.
+    swapped_grid: bool = True
     name: ClassVar[str] = "hired"
     reference_style: ClassVar[str] = "cropped"  # unpadded, no newline (its fork hard-codes image_newline=None)
 
     supports_next: ClassVar[bool] = True
+
+    def next_layout_style(self, cfg):
+        style, pins = super().next_layout_style(cfg)
+        if style == "cropped" and self.swapped_grid:
+            style = "cropped_swapped"
+        return style, pins
 
     def vision_request(self, cfg):
         deep = resolve_layer(self.deep_layer, cfg, "deep_layer")
