@@ -103,7 +103,7 @@ def main():
     head = ("| method | image | official layout | paper's layout |\n|---|---|---|---|")
     text = "\n".join([head, *rows])
     note = ("\nReference layouts: VisPruner/FasterVLM = fixed 672x672 canvas (2x2 tiles) without unpad or newline "
-            "(exactly 5·T); HiRED = unpadded, no newline; HERO = no crop, a newline after every stitched row. "
+            "(exactly 5·T); HiRED = unpadded, no newline, with its fork's swapped grid dims (for the 1x3 grid of 1008x336 the transposed stitch is unpadded along the wrong axis, which drops about half the kept tokens); HERO = no crop, a newline after every stitched row. "
             "Seeded random attention (same draw for every method).\n")
     print(text + note)
     os.makedirs("experiments/results", exist_ok=True)
