@@ -45,13 +45,15 @@ def _enc(t, rng):
 
 
 def count(pruner, hw, cfg, rng):
-    style, pins = pruner.next_layout_style(cfg) if pruner is not None else ("official", cfg.image_grid_pinpoints)
+    style, pins = (pruner.next_layout_style(cfg) if hasattr(pruner, "next_layout_style")
+                   else ("official", cfg.image_grid_pinpoints))
     lay = batch_layout([hw], pins, tile_size=336, tokens_per_side=24, style=style)
     t = max_tiles(cfg.image_grid_pinpoints, 336)
     tile_valid = np.zeros((1, t), bool)
     tile_valid[0, : lay.layouts[0].num_tiles] = True
-    layout = {"tile_valid": jnp.asarray(tile_valid)}
+    layout = {"tile_valid": jnp.asarray(tile_valid), "token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row)}
     enc = _enc(t, rng)
+    enc["embeddings"] = enc["features"]  # DivPrune's input (random, like the rest)
     if pruner is None:
         keep = np.ones((1, t, N), bool)
     else:
@@ -69,7 +71,9 @@ def count(pruner, hw, cfg, rng):
     keep = keep & tile_valid[..., None]
     kept = layout_keep(jnp.asarray(keep.reshape(1, -1)), jnp.asarray(lay.token), jnp.asarray(lay.row))
     nl = int(np.asarray(kept & (jnp.asarray(lay.token) < 0)).sum())
-    return int(np.asarray(kept).sum()), nl
+    # tokens appended after the packed block (VisionZip: one CLS and `contextual` merged tokens per tile)
+    extra = pruner.extra_tokens_next(cfg, lay.layouts[0].num_tiles) if pruner is not None else 0
+    return int(np.asarray(kept).sum()) + extra, nl
 
 
 def main():
@@ -82,6 +86,9 @@ def main():
         methods.append((f"hired rate={r}", prune.HiRED(budget_rate=r, alpha=0.5, shallow_layer=0, deep_layer=22)))
     for r in (0.1, 0.2):
         methods.append((f"hero R={r}", prune.HERO(keep_ratio=r, clip_path="-")))
+    for k in (32, 64):
+        methods.append((f"divprune T={k}/tile (whole image)", prune.DivPrune(num_keep=k)))
+    methods.append(("visionzip 54+10/tile", prune.VisionZip(dominant=54, contextual=10)))
     rows = []
     for label, p in methods:
         for img, hw in IMAGES.items():
@@ -96,6 +103,9 @@ def main():
                 if p is None and layout == "reference":
                     cells.append("—")
                     continue
+                if q is not None and layout == "reference" and isinstance(q, (prune.DivPrune, prune.VisionZip)):
+                    cells.append("— (no paper layout)")
+                    continue
                 rng = np.random.default_rng(0)
                 total, nl = count(q, hw, cfg, rng)
                 cells.append(f"{total} ({nl} newlines)")
@@ -103,8 +113,11 @@ def main():
     head = ("| method | image | official layout | paper's layout |\n|---|---|---|---|")
     text = "\n".join([head, *rows])
     note = ("\nReference layouts: VisPruner/FasterVLM = fixed 672x672 canvas (2x2 tiles) without unpad or newline "
-            "(exactly 5·T); HiRED = unpadded, no newline, with its fork's swapped grid dims (for the 1x3 grid of 1008x336 the transposed stitch is unpadded along the wrong axis, which drops about half the kept tokens); HERO = no crop, a newline after every stitched row. "
-            "Seeded random attention (same draw for every method).\n")
+            "(exactly 5·T); HiRED = unpadded, no newline, with its fork's swapped grid dims (for the 1x3 grid of "
+            "1008x336 the transposed stitch is unpadded along the wrong axis, which drops about half the kept "
+            "tokens); HERO = no crop, a newline after every stitched row. DivPrune keeps min(T·tiles, candidates) "
+            "over the whole image; VisionZip's counts include each tile's CLS and merged tokens, appended after the "
+            "packed block. Seeded random attention (same draw for every method).\n")
     print(text + note)
     os.makedirs("experiments/results", exist_ok=True)
     with open("experiments/results/next_token_counts.md", "w") as f:
