@@ -992,6 +992,13 @@ def run_bench(bc: BenchConfig) -> dict:
     if bc.threads is not None:
         _set_threads(bc.threads)
     if bc.compare_torch:
+        # PyTorch's OpenMP workers spin after every op unless told to sleep, and in one process they then take the
+        # CPU cores from XLA's threads: a 607x2816 @ 2816x1024 matmul ran 1.8x slower in JAX right after a torch
+        # call on 2 cores. PASSIVE must be set before torch loads its OpenMP runtime.
+        if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+            log("warning: torch was imported before the benchmark set OMP_WAIT_POLICY=PASSIVE; its spinning "
+                "OpenMP threads can slow the JAX timings on CPU")
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # Two frameworks share the accelerator: JAX gets a fixed half (its default arena is 75 %, and a growing,
         # non-preallocated pool keeps what it freed, which starved PyTorch's 13B decode at batch 8 on an H100).
         os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
@@ -1106,7 +1113,8 @@ def _meta(bc, model, info, dev, x1, torch_side) -> dict:
 
         meta.update(torch=torch.__version__, transformers=transformers.__version__,
                     torch_threads=torch.get_num_threads(),
-                    torch_device=torch_side.device, torch_attn="sdpa")
+                    torch_device=torch_side.device, torch_attn="sdpa",
+                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
     if "memory_estimate" in info:
         meta["memory_estimate"] = info["memory_estimate"]
     return meta
@@ -1272,7 +1280,8 @@ def markdown(out: dict) -> str:
         f"{meta['preset_description']}; {meta['params'] / 1e6:.0f} M params, {meta['tokens_per_image']} visual tokens "
         f"per image, {meta['input_tokens']} input tokens. Median ± half range over {meta['repeats']} timed runs after "
         f"{meta['warmup']} warm-up run(s); decode = {meta['max_new_tokens']} greedy tokens (EOS disabled). "
-        f"jax {meta['jax']}" + (f", torch {meta.get('torch')} ({meta.get('torch_threads')} threads, SDPA), "
+        f"jax {meta['jax']}" + (f", torch {meta.get('torch')} ({meta.get('torch_threads')} threads, SDPA, "
+                                f"OMP_WAIT_POLICY={meta.get('omp_wait_policy')}), "
                                 f"transformers {meta.get('transformers')}" if meta.get("compare_torch") else "") +
         f". Host: {meta['host_cpus']} CPUs" + (f", load average at start {meta['load_average'][0]:.1f}"
                                                 if meta.get("load_average") else "") + ".",
