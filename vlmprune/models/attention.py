@@ -27,3 +27,22 @@ def attention(q, k, v, *, mask=None, scale: float | None = None):
         s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bhts,bshd->bthd", p, v)
+
+
+def cached_attention(q, k, v, *, mask=None, scale: float | None = None):
+    """Attention over a heads-first KV cache (every backend): q (B, T, H, D), k/v (B, KVH, S, D) with H a multiple
+    of KVH, mask bool broadcastable to (B, 1, T, S). Returns (B, T, H, D).
+
+    The queries are grouped per KV head, so each (batch, KV head) pair is one small matmul against a contiguous
+    (S, D) block of the cache: no transpose or head-repeat of the cache (what a decode step would otherwise pay,
+    per layer and step, for the whole cache).
+    """
+    b, t, h, d = q.shape
+    g = k.shape[1]
+    qg = q.reshape(b, t, g, h // g, d)
+    scale = d**-0.5 if scale is None else scale
+    s = jnp.einsum("btgrd,bgsd->bgrts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        s = jnp.where(mask[:, :, None], s, jnp.finfo(jnp.float32).min)  # (B, 1, 1, T, S) over (B, G, R, T, S)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bgrts,bgsd->btgrd", p, v).reshape(b, t, h, d)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune.models.attention import attention
+from vlmprune.models.attention import attention, cached_attention
 
 Array = jax.Array
 
@@ -133,7 +133,9 @@ def rope_frequencies(dim: int, theta: float, scaling: dict, max_positions: int) 
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated cache. k, v: (layers, B, S, kv_heads, head_dim); key_mask: bool (B, S) real slots.
+    """Preallocated cache. k, v: (layers, B, kv_heads, S, head_dim), heads-first so that a decode step reads each
+    layer's keys as (B·kv_heads) contiguous (S, head_dim) matrices (no per-step transpose of the whole cache);
+    key_mask: bool (B, S) real slots.
 
     ``late_mask`` (B, S) is the key mask of layers >= ``late_from`` (FastV drops visual tokens there); it equals
     ``key_mask`` when nothing is dropped inside the LLM.
@@ -147,7 +149,7 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         m = jnp.zeros((batch, max_len), bool)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), key_mask=m, late_mask=m,
                    late_from=cfg.num_hidden_layers)
@@ -231,8 +233,8 @@ class LlamaAttention(nn.Module):
         """x (B,T,D); positions (B,T); mask bool (B,1,T,S_att).
 
         kv: None (attend to this call's own keys, prefill) or (k_cache, v_cache, layer) with the full caches
-        (layers,B,S,KVH,hd): the new keys are written at (layer, :, write_at) in place and the layer's whole
-        cache is attended. Returns (out, (k, v), q): the updated full caches, or this call's keys.
+        (layers,B,KVH,S,hd): the new keys are written at (layer, :, :, write_at) in place and the layer's whole
+        cache is attended. Returns (out, (k, v), q): the updated full caches, or this call's keys (B,T,KVH,hd).
         """
         c = self.cfg
         b, t, _ = x.shape
@@ -244,14 +246,14 @@ class LlamaAttention(nn.Module):
         q = apply_rope(q, positions, inv_freq, scaling)
         k = apply_rope(k, positions, inv_freq, scaling)
         if kv is None:
-            k_all, v_all = k, v
+            out = attention(q, k, v, mask=mask)
         else:
             kc, vc, li = kv
-            kc = jax.lax.dynamic_update_slice(kc, k.astype(kc.dtype)[None], (li, 0, write_at, 0, 0))
-            vc = jax.lax.dynamic_update_slice(vc, v.astype(vc.dtype)[None], (li, 0, write_at, 0, 0))
-            k_all, v_all = kc[li], vc[li]
+            heads_first = lambda a, c: jnp.swapaxes(a, 1, 2).astype(c.dtype)[None]  # noqa: E731
+            kc = jax.lax.dynamic_update_slice(kc, heads_first(k, kc), (li, 0, 0, write_at, 0))
+            vc = jax.lax.dynamic_update_slice(vc, heads_first(v, vc), (li, 0, 0, write_at, 0))
+            out = cached_attention(q, kc[li].astype(q.dtype), vc[li].astype(q.dtype), mask=mask)
             k, v = kc, vc
-        out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask)
         out = nn.Dense(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, name="o_proj")(
             out.reshape(b, t, c.num_attention_heads * c.head_dim)
         )
@@ -378,7 +380,8 @@ def _fill_cache(cache: KVCache, kv_early, kv_late, slots, full_mask, kept_mask, 
     """Write prefill keys/values from slot 0: layers < late_from hold every slot; later layers (after FastV)
     hold only the kept slots ``slots`` (B, T'), and their key mask ``late_mask`` excludes the dropped ones."""
     b, t = full_mask.shape
-    k, v = cache.k, cache.v
+    # written sequence-major (layers, B, S, KVH, hd), then stored heads-first (prefill-time copies only)
+    k, v = jnp.swapaxes(cache.k, 2, 3), jnp.swapaxes(cache.v, 2, 3)
     rows = jnp.arange(b)[:, None]
     if kv_early:
         ke = jnp.stack([a for a, _ in kv_early]).astype(k.dtype)  # (early, B, T, KVH, D)
@@ -392,4 +395,5 @@ def _fill_cache(cache: KVCache, kv_early, kv_late, slots, full_mask, kept_mask, 
         v = v.at[late_from:, rows, slots].set(vl)
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, full_mask, (0, 0))
     late_mask = jnp.zeros_like(cache.key_mask).at[rows, slots].set(kept_mask)
-    return KVCache(k=k, v=v, key_mask=key_mask, late_mask=late_mask, late_from=late_from)
+    return KVCache(k=jnp.swapaxes(k, 2, 3), v=jnp.swapaxes(v, 2, 3), key_mask=key_mask, late_mask=late_mask,
+                   late_from=late_from)
