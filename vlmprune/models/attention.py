@@ -3,7 +3,9 @@
 On GPU/TPU this is ``jax.nn.dot_product_attention`` (XLA picks cuDNN flash attention or its fused kernel). On the
 XLA CPU backend that op lowers to a slow batched dot plus softmax (measured 4-5x slower than PyTorch's SDPA on
 607 tokens), so there the same math runs as two heads-first einsums with a float32 softmax, which XLA:CPU maps onto
-its fast matmul kernels. Both compute softmax(q·kᵀ·scale + mask)·v; outputs agree to float rounding.
+its fast matmul kernels; causal prefills run in query blocks that skip the keys after the block. Both compute
+softmax(q·kᵀ·scale + mask)·v; outputs agree to float rounding. ``cached_attention`` reads the heads-first KV cache
+of the decode steps on every backend.
 """
 
 from __future__ import annotations
@@ -12,21 +14,47 @@ import jax
 import jax.numpy as jnp
 
 
-def attention(q, k, v, *, mask=None, scale: float | None = None):
+#: query-block length of the causal CPU path: blocks above the diagonal are skipped (about half the work at
+#: prefill lengths) and one block's scores stay cache-sized
+CAUSAL_BLOCK = 128
+
+
+def attention(q, k, v, *, mask=None, scale: float | None = None, causal: bool = False):
     """q (B, T, H, D), k/v (B, S, KVH, D) with H a multiple of KVH (grouped-query), mask bool broadcastable to
-    (B, H, T, S) or None. Returns (B, T, H, D)."""
+    (B, H, T, S) or None. Returns (B, T, H, D).
+
+    causal: the caller promises that ``mask`` hides every key after its query (T == S, query i sees keys <= i);
+    the CPU path then runs query blocks of ``CAUSAL_BLOCK`` against the keys up to the block's end only.
+    """
     if jax.default_backend() != "cpu":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    t, s_len = q.shape[1], k.shape[1]
+    if causal and t == s_len and t > CAUSAL_BLOCK:
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, s_len))
+        outs = []
+        for s0 in range(0, t, CAUSAL_BLOCK):
+            e = min(t, s0 + CAUSAL_BLOCK)
+            m = None if mask is None else mask[:, :, s0:e, :e]
+            outs.append(_attention_cpu(q[:, s0:e], k[:, :e], v[:, :e], m, scale))
+        return jnp.concatenate(outs, axis=1)
+    return _attention_cpu(q, k, v, mask, scale)
+
+
+def _attention_cpu(q, k, v, mask, scale):
+    """Heads-first einsums with a float32 softmax; explicit transposes of q/k/v/out (small) keep XLA:CPU on its
+    fast batched-matmul path (an einsum straight into (B, T, H, D) output runs ~2.5x slower)."""
     h, d = q.shape[2], q.shape[3]
     rep = h // k.shape[2]
     if rep > 1:
         k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
     scale = d**-0.5 if scale is None else scale
-    s = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32) * scale
+    qh, kh, vh = (jnp.swapaxes(a, 1, 2) for a in (q, k, v))  # (B, H, T|S, D)
+    s = jnp.einsum("bhtd,bhsd->bhts", qh, kh, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhts,bshd->bthd", p, v)
+    return jnp.swapaxes(jnp.einsum("bhts,bhsd->bhtd", p, vh), 1, 2)
 
 
 def cached_attention(q, k, v, *, mask=None, scale: float | None = None):

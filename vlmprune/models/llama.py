@@ -246,7 +246,7 @@ class LlamaAttention(nn.Module):
         q = apply_rope(q, positions, inv_freq, scaling)
         k = apply_rope(k, positions, inv_freq, scaling)
         if kv is None:
-            out = attention(q, k, v, mask=mask)
+            out = attention(q, k, v, mask=mask, causal=True)  # prefill: `mask` is _prefill_mask's (causal)
         else:
             kc, vc, li = kv
             heads_first = lambda a, c: jnp.swapaxes(a, 1, 2).astype(c.dtype)[None]  # noqa: E731
