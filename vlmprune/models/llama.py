@@ -1,7 +1,7 @@
 """LLaMA / Mistral decoder (flax.linen) with a preallocated KV cache, matching HF ``LlamaForCausalLM``.
 
 Layout conventions:
-  * the cache holds ``k`` and ``v`` of shape (layers, B, S, kv_heads, head_dim); slot ``s`` of a row is the
+  * the cache holds ``k`` and ``v`` of shape (layers, B, kv_heads, S, head_dim); slot ``s`` of a row is the
     ``s``-th position of the assembled (possibly padded) sequence;
   * ``key_mask`` (B, S) marks slots holding real tokens; padding slots (left padding, masked pruning slots) are
     never attended to;
