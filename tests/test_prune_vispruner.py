@@ -352,3 +352,23 @@ def test_finite_check_skipped_under_jit():
     features, cls_attn = (jnp.asarray(x) for x in _random_inputs(0, batch=1, n=8))
     out = jax.jit(lambda f, a: vispruner(f, a, num_keep=3, important_ratio=0.5).indices)(features, cls_attn)
     assert out.shape == (1, 3)
+
+
+def test_fast_similarity_keeps_counts_and_important_tokens_and_agrees_on_separated_features():
+    """exact_similarity=False: same count and important tokens always; on well-separated random features (no
+    near-ties among best similarities) the same selection as the exact path."""
+    rng = np.random.default_rng(3)
+    b, n, c, h = 2, 96, 32, 4
+    feats = rng.standard_normal((b, n, c)).astype(np.float32)
+    attn = rng.random((b, h, n)).astype(np.float32)
+    exact = vispruner(feats, attn, num_keep=24, important_ratio=0.5)
+    fast = vispruner(feats, attn, num_keep=24, important_ratio=0.5, exact_similarity=False)
+    np.testing.assert_array_equal(np.asarray(fast.indices), np.asarray(exact.indices))
+    near_dup = np.repeat(feats[:, :12], 8, axis=1) + 1e-7 * rng.standard_normal((b, n, c)).astype(np.float32)
+    fast = vispruner(near_dup, attn, num_keep=24, important_ratio=0.5, exact_similarity=False)
+    idx = np.asarray(fast.indices)
+    assert idx.shape == (b, 24) and all(len(set(r)) == 24 for r in idx.tolist())
+    top = np.argsort(-attn.mean(1), axis=1, kind="stable")[:, :12]
+    assert all(set(t) <= set(r) for t, r in zip(top.tolist(), idx.tolist()))
+    with pytest.raises(ValueError, match="exact_similarity must be a bool"):
+        vispruner(feats, attn, num_keep=24, important_ratio=0.5, exact_similarity="yes")

@@ -167,12 +167,14 @@ class VisPruner(_NextLayout, _KeepN):
 
     On LLaVA-NeXT ``num_keep`` applies per tile (base image included). ``layout="reference"``: the paper's fixed
     672x672 canvas (2x2 tiles), no unpad, no newline, exactly 5·T tokens; preprocess with
-    ``vlmprune.next_layout.reference_processor``.
+    ``vlmprune.next_layout.reference_processor``. ``exact_similarity=False`` trades bit-parity with the original
+    for a cheaper similarity matrix (see ``vlmprune.prune.vispruner``).
     """
 
     important_ratio: float = 0.5
     layer: int | None = None
     layout: str = "official"
+    exact_similarity: bool = True
     reference_style: ClassVar[str] = "uncropped"
     reference_fixed_canvas: ClassVar[bool] = True
     name: ClassVar[str] = "vispruner"
@@ -183,6 +185,8 @@ class VisPruner(_NextLayout, _KeepN):
     def _check(self, n, cfg):
         super()._check(n, cfg)
         _checks.check_float("important_ratio", self.important_ratio, lo=0.0, hi=1.0, where=self.name)
+        if not isinstance(self.exact_similarity, bool):
+            raise ValueError(f"{self.name}: exact_similarity must be a bool, got {self.exact_similarity!r}")
 
     supports_next: ClassVar[bool] = True
 
@@ -191,7 +195,7 @@ class VisPruner(_NextLayout, _KeepN):
 
         (layer,) = enc["cls_attn"].keys()
         return vispruner(enc["features"], enc["cls_attn"][layer], num_keep=self.num_keep,
-                         important_ratio=self.important_ratio)
+                         important_ratio=self.important_ratio, exact_similarity=self.exact_similarity)
 
     def tile_mask(self, enc, layout, cfg):
         n = enc["features"].shape[1]

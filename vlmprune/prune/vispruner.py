@@ -209,18 +209,20 @@ def _compensated_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return total, jnp.where(lo == 0, jnp.zeros_like(lo), lo)  # -0.0 -> +0.0 so equal values compare equal
 
 
-def similarity_matrix(normalized: jax.Array) -> tuple[jax.Array, jax.Array]:
+def similarity_matrix(normalized: jax.Array, exact: bool = True) -> tuple[jax.Array, jax.Array]:
     """Cosine similarities of L2-normalised rows (N, C) as a pair ``(hi, lo)`` of (N, N) arrays.
 
-    float32 input: ``hi + lo`` is the (almost) exact dot product (see ``_compensated_gram``).
+    float32 input: ``hi + lo`` is the (almost) exact dot product (see ``_compensated_gram``); with
+    ``exact=False`` one plain float32 matmul instead (``lo`` zero): several times cheaper, but near-equal
+    similarities may then be ranked in another order than the original's, so the kept set can differ.
     Lower precision (float16/bfloat16, the original's fp16 features): the dot product is accumulated in
     float32 and rounded to the input dtype, like a cuBLAS half GEMM; ``lo`` is zero. Expect many ties.
     """
-    if normalized.dtype == jnp.float32:
+    if normalized.dtype == jnp.float32 and exact:
         return _compensated_gram(normalized)
     acc = jnp.promote_types(normalized.dtype, jnp.float32)
     out = jnp.matmul(normalized, normalized.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
-    hi = out.astype(normalized.dtype).astype(acc)
+    hi = out.astype(normalized.dtype).astype(acc)  # float32 without `exact`: unchanged
     return hi, jnp.zeros_like(hi)
 
 
@@ -304,7 +306,7 @@ def _dedup_rounds(residual: jax.Array, sim: tuple[jax.Array, jax.Array], rounds:
     return residual[: rounds[-1].size - rounds[-1].removed]
 
 
-def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPlan) -> jax.Array:
+def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPlan, exact: bool = True) -> jax.Array:
     """VisPruner on one tile: features (N, C), cls_attn (H, N) -> kept indices int32 (T,), unsorted."""
     order = _argsort_descending(head_mean(cls_attn)).astype(jnp.int32)  # (N,) descending attention
     important = order[: plan.num_important]
@@ -312,21 +314,23 @@ def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPla
         return important
     residual = order[plan.num_important :]  # (R0,), in descending-attention order
     if plan.rounds:
-        sim = similarity_matrix(l2_normalize(features))  # all pairs once; rounds read sub-blocks
+        sim = similarity_matrix(l2_normalize(features), exact)  # all pairs once; rounds read rows of it
         residual = _dedup_rounds(residual, sim, plan.rounds)
     chex.assert_shape(residual, (plan.num_diverse,))
     return jnp.concatenate([important, residual])
 
 
-@functools.partial(jax.jit, static_argnames=("num_keep", "important_ratio"))
-def _vispruner_jit(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float) -> Selection:
+@functools.partial(jax.jit, static_argnames=("num_keep", "important_ratio", "exact_similarity"))
+def _vispruner_jit(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float,
+                   exact_similarity: bool = True) -> Selection:
     plan = vispruner_plan(features.shape[1], num_keep, important_ratio)
-    kept = jax.vmap(lambda f, a: _vispruner_tile(f, a, plan))(features, cls_attn)
+    kept = jax.vmap(lambda f, a: _vispruner_tile(f, a, plan, exact_similarity))(features, cls_attn)
     chex.assert_shape(kept, (features.shape[0], num_keep))
     return from_indices(kept, features.shape[1])
 
 
-def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float) -> Selection:
+def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float,
+              exact_similarity: bool = True) -> Selection:
     """VisPruner token selection (algorithms.md §2.2), batched over tiles/images.
 
     Args:
@@ -339,6 +343,10 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
       num_keep: static Python int T, 1 <= T <= N. Tokens kept per tile.
       important_ratio: static Python float in [0, 1]; ``T_imp = int(T * ratio)`` tokens are chosen by
         attention, the rest by the dedup rounds.
+      exact_similarity: static bool, default True: float32 similarities computed (almost) exactly, which is
+        what matches the original's masks. False: one plain float32 matmul (see :func:`similarity_matrix`),
+        for speed where bit-for-bit parity with the original does not matter; counts and the important
+        tokens are the same, the diverse picks can differ where similarities nearly tie.
 
     Returns:
       ``Selection`` with indices int32 (B, T), ascending, and valid all True: exactly T distinct tokens per
@@ -370,7 +378,10 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
     num_keep = _check_num_keep(num_keep, num_tokens, where)
     important_ratio = _checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=where)
     _checks.check_finite("features", features, where=where)
-    return _vispruner_jit(features, cls_attn, num_keep=num_keep, important_ratio=important_ratio)
+    if not isinstance(exact_similarity, bool):
+        raise ValueError(f"{where}: exact_similarity must be a bool, got {exact_similarity!r}")
+    return _vispruner_jit(features, cls_attn, num_keep=num_keep, important_ratio=important_ratio,
+                          exact_similarity=exact_similarity)
 
 
 # --------------------------------------------------------------------------------------------------------
