@@ -849,7 +849,7 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
     with _torch_mode(torch_side):
         jx["ttft_ms"], th["ttft_ms"] = measure(jttft, tttft, repeats=repeats, warmup=warmup)
     cache = state["cache"]
-    jx["kv_cache_bytes"] = int(cache.k.nbytes + cache.v.nbytes)
+    jx["kv_cache_bytes"] = cache.nbytes
     if torch_side is not None:
         th["kv_cache_bytes"] = torch_side.cache_bytes(tst["cache"])
 

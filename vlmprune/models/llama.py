@@ -1,7 +1,7 @@
 """LLaMA / Mistral decoder (flax.linen) with a preallocated KV cache, matching HF ``LlamaForCausalLM``.
 
 Layout conventions:
-  * the cache holds ``k`` and ``v`` of shape (layers, B, kv_heads, S, head_dim); slot ``s`` of a row is the
+  * the cache holds ``k`` and ``v``, one (B, kv_heads, S, head_dim) array per layer; slot ``s`` of a row is the
     ``s``-th position of the assembled (possibly padded) sequence;
   * ``key_mask`` (B, S) marks slots holding real tokens; padding slots (left padding, masked pruning slots) are
     never attended to;
@@ -133,9 +133,10 @@ def rope_frequencies(dim: int, theta: float, scaling: dict, max_positions: int) 
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated cache. k, v: (layers, B, kv_heads, S, head_dim), heads-first so that a decode step reads each
-    layer's keys as (B·kv_heads) contiguous (S, head_dim) matrices (no per-step transpose of the whole cache);
-    key_mask: bool (B, S) real slots.
+    """Preallocated cache. k, v: one (B, kv_heads, S, head_dim) array per layer (a tuple), heads-first so that a
+    decode step reads each layer's keys as (B·kv_heads) contiguous (S, head_dim) matrices (no per-step transpose),
+    and one buffer per layer so that each step's in-place write touches only that layer (slices of one stacked
+    array made XLA:CPU copy the whole cache); key_mask: bool (B, S) real slots.
 
     ``late_mask`` (B, S) is the key mask of layers >= ``late_from`` (FastV drops visual tokens there); it equals
     ``key_mask`` when nothing is dropped inside the LLM.
@@ -149,14 +150,15 @@ class KVCache:
 
     @classmethod
     def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         m = jnp.zeros((batch, max_len), bool)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), key_mask=m, late_mask=m,
-                   late_from=cfg.num_hidden_layers)
+        layers = range(cfg.num_hidden_layers)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   key_mask=m, late_mask=m, late_from=cfg.num_hidden_layers)
 
     @property
     def nbytes(self) -> int:
-        return int(self.k.size * self.k.dtype.itemsize * 2)
+        return int(sum(a.size * a.dtype.itemsize for a in (*self.k, *self.v)))
 
 
 @flax.struct.dataclass
@@ -232,9 +234,9 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, positions, *, mask, kv=None, write_at=None, rope=None):
         """x (B,T,D); positions (B,T); mask bool (B,1,T,S_att).
 
-        kv: None (attend to this call's own keys, prefill) or (k_cache, v_cache, layer) with the full caches
-        (layers,B,KVH,S,hd): the new keys are written at (layer, :, :, write_at) in place and the layer's whole
-        cache is attended. Returns (out, (k, v), q): the updated full caches, or this call's keys (B,T,KVH,hd).
+        kv: None (attend to this call's own keys, prefill) or (k_cache, v_cache), this layer's caches (B,KVH,S,hd):
+        the new keys are written at (:, :, write_at) in place and the whole cache is attended.
+        Returns (out, (k, v), q): the updated caches, or this call's keys (B,T,KVH,hd).
         """
         c = self.cfg
         b, t, _ = x.shape
@@ -248,11 +250,11 @@ class LlamaAttention(nn.Module):
         if kv is None:
             out = attention(q, k, v, mask=mask, causal=True)  # prefill: `mask` is _prefill_mask's (causal)
         else:
-            kc, vc, li = kv
-            heads_first = lambda a, c: jnp.swapaxes(a, 1, 2).astype(c.dtype)[None]  # noqa: E731
-            kc = jax.lax.dynamic_update_slice(kc, heads_first(k, kc), (li, 0, 0, write_at, 0))
-            vc = jax.lax.dynamic_update_slice(vc, heads_first(v, vc), (li, 0, 0, write_at, 0))
-            out = cached_attention(q, kc[li].astype(q.dtype), vc[li].astype(q.dtype), mask=mask)
+            kc, vc = kv
+            heads_first = lambda a, c: jnp.swapaxes(a, 1, 2).astype(c.dtype)  # noqa: E731
+            kc = jax.lax.dynamic_update_slice(kc, heads_first(k, kc), (0, 0, write_at, 0))
+            vc = jax.lax.dynamic_update_slice(vc, heads_first(v, vc), (0, 0, write_at, 0))
+            out = cached_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask=mask)
             k, v = kc, vc
         out = nn.Dense(c.hidden_size, use_bias=c.attention_bias, dtype=self.dtype, name="o_proj")(
             out.reshape(b, t, c.num_attention_heads * c.head_dim)
@@ -362,11 +364,12 @@ class LlamaForCausalLM(nn.Module):
         late_mask = jax.lax.dynamic_update_slice(cache.late_mask, one, (0, slot))
         rope = self._rope()
         x = token_embeds
-        k, v = cache.k, cache.v
+        k, v = list(cache.k), list(cache.v)
         for i, layer in enumerate(self.layers):
             m = (key_mask if i < cache.late_from else late_mask)[:, None, None, :]
-            x, (k, v), _ = layer(x, positions, mask=m, kv=(k, v, i), write_at=slot, rope=rope)
-        return self.logits(x), KVCache(k=k, v=v, key_mask=key_mask, late_mask=late_mask, late_from=cache.late_from)
+            x, (k[i], v[i]), _ = layer(x, positions, mask=m, kv=(k[i], v[i]), write_at=slot, rope=rope)
+        return self.logits(x), KVCache(k=tuple(k), v=tuple(v), key_mask=key_mask, late_mask=late_mask,
+                                       late_from=cache.late_from)
 
 
 def _prefill_mask(key_mask: Array) -> Array:
@@ -381,7 +384,7 @@ def _fill_cache(cache: KVCache, kv_early, kv_late, slots, full_mask, kept_mask, 
     hold only the kept slots ``slots`` (B, T'), and their key mask ``late_mask`` excludes the dropped ones."""
     b, t = full_mask.shape
     # written sequence-major (layers, B, S, KVH, hd), then stored heads-first (prefill-time copies only)
-    k, v = jnp.swapaxes(cache.k, 2, 3), jnp.swapaxes(cache.v, 2, 3)
+    k, v = jnp.swapaxes(jnp.stack(cache.k), 2, 3), jnp.swapaxes(jnp.stack(cache.v), 2, 3)
     rows = jnp.arange(b)[:, None]
     if kv_early:
         ke = jnp.stack([a for a, _ in kv_early]).astype(k.dtype)  # (early, B, T, KVH, D)
@@ -395,5 +398,5 @@ def _fill_cache(cache: KVCache, kv_early, kv_late, slots, full_mask, kept_mask, 
         v = v.at[late_from:, rows, slots].set(vl)
     key_mask = jax.lax.dynamic_update_slice(cache.key_mask, full_mask, (0, 0))
     late_mask = jnp.zeros_like(cache.key_mask).at[rows, slots].set(kept_mask)
-    return KVCache(k=jnp.swapaxes(k, 2, 3), v=jnp.swapaxes(v, 2, 3), key_mask=key_mask, late_mask=late_mask,
-                   late_from=late_from)
+    k, v = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)
+    return KVCache(k=tuple(k), v=tuple(v), key_mask=key_mask, late_mask=late_mask, late_from=late_from)
