@@ -431,6 +431,17 @@ class JaxPieces:
         self.project = jax.jit(lambda params, f: m.apply({"params": params}, f, method=Llava.project))
         self._next_tokens = getattr(model_mod, "_next_visual_tokens", None)
 
+    def llm_prefill_program(self, args, static, max_len: int):
+        """The assembled sequence of ``args``/``static`` (from :func:`plan_inputs`) and the compiled LLM prefill on
+        it: (compiled, its call arguments, XLA's FLOP count of the program)."""
+        params = self.model.params
+        embeds, mask, positions, *extra = self.assemble(params, *args, **static)
+        call = (params, embeds, positions, mask, tuple(extra))
+        lowered = self.llm_prefill.lower(*call, max_len=max_len)
+        # FLOPs of the program as written (pre-optimisation HLO): after compilation the GPU backend moves the
+        # matmuls into library calls that its cost model does not count.
+        return lowered.compile(), call, _xla_flops(lowered)
+
     def vision_fn(self, pruner, pix):
         """pix: the pixel array the model itself encodes (NeXT: (NI, T, C, S, S), flattened to tiles here)."""
         req = pruner.vision_request(self.model.config) if pruner is not None else {}
@@ -766,14 +777,8 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
 
     # ---- LLM prefill on the assembled sequence
     step("LLM prefill")
-    embeds, mask, positions, *extra = pieces.assemble(params, *args, **static)
-    extra = tuple(extra)
     max_len = plan.length + max_new_tokens
-    lowered = pieces.llm_prefill.lower(params, embeds, positions, mask, extra, max_len=max_len)
-    # FLOPs of the program as written (pre-optimisation HLO): after compilation the GPU backend moves the matmuls
-    # into library calls that its cost model does not count.
-    res["xla_flops_llm_prefill"] = _xla_flops(lowered)
-    compiled = lowered.compile()
+    compiled, call, res["xla_flops_llm_prefill"] = pieces.llm_prefill_program(args, static, max_len)
     res["xla_flops_prefill"] = _xla_flops(model._prefill_jit.lower(params, *args, **static, max_len=max_len))
     n_text = int(np.asarray(plan.text_mask[0]).sum())
     res["text_tokens"] = n_text
@@ -807,12 +812,11 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
         tfn = tfn_last = None
     with _torch_mode(torch_side):
         jx["llm_prefill_ms"], th["llm_prefill_ms"] = measure(
-            lambda: compiled(params, embeds, positions, mask, extra), tfn, repeats=repeats, warmup=warmup)
+            lambda: compiled(*call), tfn, repeats=repeats, warmup=warmup)
         if torch_side is not None:
             _, th["llm_prefill_last_logits_ms"] = measure(lambda: None, tfn_last, repeats=repeats, warmup=warmup)
             th["flops_llm_prefill"] = torch_side.flops(tfn)
-            res["logits_vs_torch"] = _compare_logits(compiled(params, embeds, positions, mask, extra)[0],
-                                                     tfn_last().logits[:, -1])
+            res["logits_vs_torch"] = _compare_logits(compiled(*call)[0], tfn_last().logits[:, -1])
 
     # ---- time to first token (whole pipeline)
     step("time to first token")
@@ -898,13 +902,9 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
     stb.clear()  # drop the batch's caches before the batch LLM prefill allocates its own
     tdec_b = cache_b_t = None  # noqa: F841
     plan_bb, args_b, static_b, _ = plan_inputs(model, xb, p)
-    emb_b, mask_b, pos_bb, *extra_b = pieces.assemble(params, *args_b, **static_b)
-    low_b = pieces.llm_prefill.lower(params, emb_b, pos_bb, mask_b, tuple(extra_b),
-                                     max_len=plan_bb.length + max_new_tokens)
-    res[f"xla_flops_llm_prefill_b{bsz}"] = _xla_flops(low_b)
-    comp_b = low_b.compile()
-    jx[f"llm_prefill_ms_b{bsz}"], _ = measure(lambda: comp_b(params, emb_b, pos_bb, mask_b, tuple(extra_b)),
-                                             repeats=repeats, warmup=warmup)
+    comp_b, call_b, res[f"xla_flops_llm_prefill_b{bsz}"] = pieces.llm_prefill_program(
+        args_b, static_b, plan_bb.length + max_new_tokens)
+    jx[f"llm_prefill_ms_b{bsz}"], _ = measure(lambda: comp_b(*call_b), repeats=repeats, warmup=warmup)
     jx["peak_device_bytes"] = _peak_device_bytes()
     if torch_side is not None:
         th["peak_device_bytes"] = torch_side.peak_bytes()
@@ -1021,7 +1021,6 @@ def run_bench(bc: BenchConfig) -> dict:
         torch_side = TorchSide(directory, bc.dtype, model=model)
     x1 = bench_inputs(model, 1)
     xb = bench_inputs(model, bc.batch)
-    cfg = model.config
     meta = _meta(bc, model, info, dev, x1, torch_side)
     pieces = JaxPieces(model)
     results = []
@@ -1039,7 +1038,7 @@ def run_bench(bc: BenchConfig) -> dict:
             results.append({"label": run.label, "method": run.method, "budget": run.budget,
                             "settings": run.settings, "error": f"{type(e).__name__}: {e}"})
         _write_partial(bc, meta, results)
-    _derived(results, cfg, meta)
+    _derived(results, meta)
     meta["elapsed_s"] = time.perf_counter() - t_start
     out = {"meta": meta, "runs": results, "targets": evaluate_targets(results, meta)}
     paths = write_outputs(out, bc)
@@ -1142,7 +1141,14 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
     return None
 
 
-def _derived(results: list[dict], cfg, meta: dict | None = None) -> None:
+def _mfu(mfu: dict, suffix: str = "") -> float | None:
+    """A run's LLM-prefill MFU (``suffix`` "" for batch 1, "_b<B>" for the larger batch): XLA's FLOP count where
+    the backend gives one, else the analytic 3ndm count."""
+    v = mfu.get("xla" + suffix)
+    return v if v is not None else mfu.get("analytic_3ndm" + suffix)
+
+
+def _derived(results: list[dict], meta: dict | None = None) -> None:
     """Reductions vs the unpruned run, selection share of the encoder time and model FLOP utilisation."""
     from vlmprune.flops import reduction
 
@@ -1210,10 +1216,10 @@ def evaluate_targets(results: list[dict], meta: dict) -> dict:
     if meta.get("backend") != "cpu":  # the accelerator targets, at batch 1 and at the larger batch
         if base is not None and base.get("mfu_llm_prefill"):
             m = base["mfu_llm_prefill"]
-            v = m["xla"] if m["xla"] is not None else m["analytic_3ndm"]
+            v = _mfu(m)
             t["unpruned_llm_prefill_mfu_ge_40pct_b1"] = {"mfu": v, "mfu_analytic_3ndm": m["analytic_3ndm"],
                                                          "peak_tflops": meta["peak_flops"] / 1e12, "met": v >= 0.40}
-            vb = m.get(f"xla_b{b}") if m.get(f"xla_b{b}") is not None else m.get(f"analytic_3ndm_b{b}")
+            vb = _mfu(m, f"_b{b}")
             if vb is not None:
                 t[f"unpruned_llm_prefill_mfu_ge_40pct_b{b}"] = {"mfu": vb, "met": vb >= 0.40}
         if base is not None and vp is not None:
@@ -1328,11 +1334,9 @@ def markdown(out: dict) -> str:
         def cutb(k, red=red, r=r):
             return f" ({100 * red[k]:.1f}%)" if red.get(k) is not None and r["method"] != "none" else ""
 
-        m1 = mfu.get("xla") if mfu.get("xla") is not None else mfu.get("analytic_3ndm")
-        mb = mfu.get(f"xla_b{b}") if mfu.get(f"xla_b{b}") is not None else mfu.get(f"analytic_3ndm_b{b}")
         lines.append(f"| {r['label']} | {_fmt_t(j.get(f'ttft_ms_b{b}'))}{cutb(f'jax_ttft_ms_b{b}')} | "
                      f"{_fmt_t(j.get(f'llm_prefill_ms_b{b}'))}{cutb(f'jax_llm_prefill_ms_b{b}')} | "
-                     f"{pc(m1)} | {pc(mb)} |")
+                     f"{pc(_mfu(mfu))} | {pc(_mfu(mfu, f'_b{b}'))} |")
     if meta.get("peak_flops"):
         lines += ["", f"MFU = FLOPs of the LLM prefill (XLA's count of the program, or where the backend gives none "
                       f"the analytic 3ndm count) ÷ median time ÷ the chip's dense peak of "
@@ -1504,14 +1508,14 @@ def merge_outputs(paths: list[str], bc: BenchConfig) -> dict:
     meta = dict(outs[0]["meta"], merged_from=[os.path.basename(p) for p in paths],
                 compare_torch=any(o["meta"].get("compare_torch") for o in outs))
     for o in outs[1:]:
-        for k in ("torch", "transformers", "torch_threads", "torch_device", "torch_attn"):
+        for k in ("torch", "transformers", "torch_threads", "torch_device", "torch_attn", "omp_wait_policy"):
             meta.setdefault(k, o["meta"].get(k))
     order = [r["label"] for o in outs for r in o["runs"]]
     results = [runs[lab] for lab in dict.fromkeys(order)]
     results.sort(key=lambda r: r.get("method") != "none")  # the unpruned baseline first
     for r in results:
         r.pop("reduction_vs_none", None)
-    _derived(results, None, meta)
+    _derived(results, meta)
     out = {"meta": meta, "runs": results, "targets": evaluate_targets(results, meta)}
     out["files"] = write_outputs(out, bc)
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -213,7 +213,7 @@ def iter_export(
     *,
     renames: list[tuple[str, str]] = (),
     convert: Callable | None = None,
-) -> dict:
+) -> Iterator[tuple[str, Any]]:
     """Flax params -> HF tensors, the inverse of :func:`load_params` through the same rule table.
 
     Args:
