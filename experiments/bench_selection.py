@@ -178,7 +178,7 @@ def exact_vispruner(normalized: np.ndarray, cls_attn: np.ndarray, num_keep: int,
 
     VisPruner's dedup ranking is chaotic in float32: every round sorts all A tokens by their best similarity
     and the sorted order decides the next even/odd split, so a rounding difference of one ulp between two
-    near-equal best similarities can change the final set. The JAX port ranks by a compensated (near-exact)
+    near-equal best similarities can change the final set. The JAX port ranks by a near-exact
     dot product; a plain float32 loop (the timed PyTorch code, like the original) does not. Feeding both this
     reference and JAX the same normalised rows (JAX's) separates "port is wrong" from "float32 reordered".
     normalized (B, N, C) float32 unit rows, cls_attn (B, H, N) -> sorted indices (B, T).

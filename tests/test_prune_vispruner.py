@@ -372,3 +372,63 @@ def test_fast_similarity_keeps_counts_and_important_tokens_and_agrees_on_separat
     assert all(set(t) <= set(r) for t, r in zip(top.tolist(), idx.tolist()))
     with pytest.raises(ValueError, match="exact_similarity must be a bool"):
         vispruner(feats, attn, num_keep=24, important_ratio=0.5, exact_similarity="yes")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Numerics of the similarity keys (module docstring, "Numerics")
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [64, 1024, 4096])
+def test_split_head_product_is_exact_in_float32(dim):
+    """head + tail == x exactly, and a float32 matmul of heads equals the float64 product bit for bit."""
+    from vlmprune.prune.vispruner import _split_on_grid, l2_normalize
+
+    rng = np.random.default_rng(dim)
+    x = l2_normalize(jnp.asarray(rng.standard_normal((96, dim)) * rng.random((96, 1)) ** 4, jnp.float32))
+    head, tail = _split_on_grid(x)
+    np.testing.assert_array_equal(np.asarray(head + tail), np.asarray(x))
+    head64 = np.asarray(head, np.float64)
+    got = np.asarray(jnp.matmul(head, head.T, precision=jax.lax.Precision.HIGHEST), np.float64)
+    np.testing.assert_array_equal(got, head64 @ head64.T)  # exact: no tolerance
+
+
+def _grid_of(keys):
+    """Invert the key encoding: float32 keys -> the integers round(sim * 2**29)."""
+    from vlmprune.prune.vispruner import _KEY_OFFSET
+
+    return np.asarray(jax.lax.bitcast_convert_type(keys, jnp.int32), np.int64) - _KEY_OFFSET
+
+
+def test_similarity_keys_are_near_exact_and_ordered(npz):
+    """Keys decode to the float64 similarities within 2 grid units (3.7e-9); the plain float32 path is ~100x
+    further off. Random rows and the near-duplicate golden case 1."""
+    from vlmprune.prune.vispruner import l2_normalize, similarity_keys
+
+    rng = np.random.default_rng(0)
+    for feats in (rng.standard_normal((576, 1024)), npz["c1_features"][0]):
+        x = l2_normalize(jnp.asarray(feats, jnp.float32))
+        x64 = np.asarray(x, np.float64)
+        want = x64 @ x64.T * 2.0**29
+        keys = similarity_keys(x)
+        grid = _grid_of(keys)
+        assert np.abs(grid - want).max() <= 2.0  # ~2.4e-9 dot-product error + 0.5 unit rounding, in 2**-29 units
+        plain = _grid_of(similarity_keys(x, exact=False))
+        assert np.abs(plain - want).max() > 20.0  # the near-exact path is what buys the accuracy
+        # Key order is grid order (and so similarity order): compare keys as floats against the integers.
+        flat_keys, flat_grid = np.asarray(keys).ravel()[:4000], grid.ravel()[:4000]
+        order = np.argsort(flat_keys, kind="stable")
+        assert np.all(np.diff(flat_grid[order]) >= 0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(-(2**29), 2**29 + 3), min_size=2, max_size=20))
+def test_key_encoding_is_monotone_and_normal(values):
+    """Grid integers -> float32 keys preserves order, and every key is a positive normal float."""
+    from vlmprune.prune.vispruner import _keys_from_grid
+
+    k = np.asarray(values, np.int32)
+    keys = np.asarray(_keys_from_grid(jnp.asarray(k)))
+    assert np.all(keys >= np.finfo(np.float32).tiny) and np.all(np.isfinite(keys))
+    for i in range(len(k) - 1):
+        assert np.sign(keys[i] - keys[i + 1]) == np.sign(int(k[i]) - int(k[i + 1]))

@@ -19,9 +19,10 @@ earlier list position) comes first, and ``lax.top_k`` (FasterVLM) follows the sa
 than 16 elements), so index parity is only guaranteed where scores do not tie (§1.2, §7).
 
 Numerics. Each round's sort order feeds the next round's even/odd split, so VisPruner is sensitive to
-single-ulp differences in the cosine similarities. For float32 features the similarities are therefore
-computed nearly exactly (:func:`similarity_matrix`); the result then equals the original's wherever the
-original's own float32 rounding does not reorder two similarities. With near-duplicate features at N = 576
+single-ulp differences in the cosine similarities. For float32 features the similarities of the residual
+tokens are therefore computed once, to within ~3e-9 of their exact values (an error-free split of the
+features, :func:`similarity_keys`), and ranked on a grid of 2**-29; the result then equals the
+original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities. With near-duplicate features at N = 576
 that does happen (the maxima sit a few ulps apart and even tie exactly), and no independent implementation
 can reproduce the original's masks there; see tests/test_prune_vispruner.py (``ILL_CONDITIONED``).
 
@@ -167,77 +168,97 @@ def l2_normalize(x: jax.Array) -> jax.Array:
     acc = jnp.promote_types(x.dtype, jnp.float32)
     norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=-1, keepdims=True)).astype(x.dtype)
     # Without the barrier XLA rewrites `x / sqrt(s)` as `x * rsqrt(s)`, which is off by an ulp or so; the
-    # dedup ranking is sensitive to that (see `_compensated_gram`), so keep the true division torch does.
+    # dedup ranking is sensitive to that (module docstring, "Numerics"), so keep the true division torch does.
     return x / jax.lax.optimization_barrier(norm)
 
 
-# Width of the feature chunks summed by one float32 matmul in `_compensated_gram`.
-_GRAM_CHUNK = 8
+# Similarities are ranked on a fixed grid of 2**-29 (~1.9e-9): ``k = round(sim * 2**29)`` is an integer in
+# [-2**29, 2**29], and ``k + 2**29 + 2**23`` read as the bits of a float32 is a positive *normal* float (no
+# denormals, which some backends flush to zero), ordered like k. The rounds then compare plain float32
+# keys, which XLA:CPU reduces and sorts faster than int32, with uniform resolution over [-1, 1] (a float32
+# cosine itself resolves only ~6e-8 near 1, where near-duplicate tokens sit).
+_KEY_SCALE = 2.0**29
+_KEY_OFFSET = 2**29 + 2**23
 
 
-def _compensated_gram(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``x @ x.T`` for float32 x (N, C) as an unevaluated sum ``hi + lo`` of two float32 (N, N) arrays.
+def _grid_integers(x: jax.Array) -> jax.Array:
+    """float array with values in [-1, 1] -> int32, the nearest multiple of 2**-29 in units of 2**-29."""
+    return jnp.round(x.astype(jnp.float32) * _KEY_SCALE).astype(jnp.int32)
 
-    Why: the dedup ranking sorts the *whole* A list every round and the sorted order decides the next
-    round's even/odd split, so two best-similarities a few float32 ulps apart can change the result. A
-    plain float32 matmul is off by up to ~10 ulps here and its rounding depends on the BLAS kernel (the
-    original's MKL/cuBLAS rounding cannot be reproduced). Ranking by the (almost) exact dot product instead
-    agrees with the original whenever the original's own rounding does not reorder two values, which is
-    what lets the float32 golden masks be matched.
 
-    How: float32 matmuls over chunks of ``_GRAM_CHUNK`` features (each accurate to ~1e-10 for unit rows),
-    summed with the error-free TwoSum; total error ~2e-9 absolute for unit-norm rows, well under one
-    float32 ulp of typical similarities. ``(hi, lo)`` is renormalised so ``|lo| <= ulp(hi) / 2`` and
-    comparing pairs lexicographically compares their values.
+def _keys_from_grid(k: jax.Array) -> jax.Array:
+    """int32 grid integers (:func:`_grid_integers`) -> float32 keys with the same order."""
+    bits = jnp.clip(k + _KEY_OFFSET, 2**23, 2**30 + 2**24)  # cosines round into [-1, 1] up to a few units
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _symmetric_product(left: jax.Array, right: jax.Array, levels: int = 2) -> jax.Array:
+    """``left @ right.T`` (M, M) for operands (M, K) whose product is symmetric, from about 2/3 of the work.
+
+    The two diagonal blocks recurse and one off-diagonal block is computed; the other is its transpose.
+    ``levels`` = 2 was fastest for M ~ 500 on 2 CPU cores.
     """
-    n, c = x.shape
-    x = jnp.pad(x, ((0, 0), (0, (-c) % _GRAM_CHUNK)))
-    chunks = x.reshape(n, -1, _GRAM_CHUNK).transpose(1, 0, 2)  # (C / chunk, N, chunk)
-
-    def add_chunk(carry, chunk):
-        hi, lo = carry
-        part = jnp.matmul(chunk, chunk.T, precision=jax.lax.Precision.HIGHEST)
-        total = hi + part
-        back = total - hi
-        error = (hi - (total - back)) + (part - back)  # TwoSum: hi + part == total + error exactly
-        return (total, lo + error), None
-
-    zeros = jnp.zeros((n, n), x.dtype)
-    (hi, lo), _ = jax.lax.scan(add_chunk, (zeros, zeros), chunks)
-    total = hi + lo
-    lo = lo - (total - hi)  # FastTwoSum renormalisation
-    return total, jnp.where(lo == 0, jnp.zeros_like(lo), lo)  # -0.0 -> +0.0 so equal values compare equal
+    m = left.shape[0] // 2
+    if levels == 0 or m == 0:
+        return jnp.matmul(left, right.T, precision=jax.lax.Precision.HIGHEST)
+    top = _symmetric_product(left[:m], right[:m], levels - 1)
+    bottom = _symmetric_product(left[m:], right[m:], levels - 1)
+    off = jnp.matmul(left[:m], right[m:].T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.block([[top, off], [off.T, bottom]])
 
 
-def similarity_matrix(normalized: jax.Array, exact: bool = True) -> tuple[jax.Array, jax.Array]:
-    """Cosine similarities of L2-normalised rows (N, C) as a pair ``(hi, lo)`` of (N, N) arrays.
+def _split_on_grid(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Split float32 rows x (M, C) into ``head + tail == x`` (exactly), head on a coarse per-row grid.
 
-    float32 input: ``hi + lo`` is the (almost) exact dot product (see ``_compensated_gram``); with
-    ``exact=False`` one plain float32 matmul instead (``lo`` zero): several times cheaper, but near-equal
-    similarities may then be ranked in another order than the original's, so the kept set can differ.
-    Lower precision (float16/bfloat16, the original's fp16 features): the dot product is accumulated in
-    float32 and rounded to the input dtype, like a cuBLAS half GEMM; ``lo`` is zero. Expect many ties.
+    Each row's head is a multiple of ``unit = 2**(e - 11)`` with ``||x_row|| < 2**e``, so ``head / unit`` is
+    an integer vector k with ``||k||_2 <= 2**11 + sqrt(C) / 2 < 2**12``. By Cauchy-Schwarz every partial sum
+    of a dot product of two heads is then an integer number of ``unit_r * unit_c`` below ``2**24`` in
+    magnitude: a float32 matmul of heads is *exact*, whatever the kernel's summation order or FMA use (the
+    idea of Ozaki's error-free matrix product). ``tail = x - head`` is exact too, ``|tail| <= unit / 2``.
+    """
+    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+    _, exponent = jnp.frexp(norm)  # norm < 2**exponent (norm = 0 gives exponent 0)
+    unit = jnp.ldexp(jnp.ones_like(norm), exponent - 11)
+    head = jnp.round(x / unit) * unit
+    return head, x - head
+
+
+def _near_exact_similarity_keys(x: jax.Array) -> jax.Array:
+    """Keys of ``x @ x.T`` for float32 unit rows x (M, C), from dot products within ~3e-9 of exact.
+
+    ``x @ x.T = head @ head.T + (x @ tail.T + tail @ head.T)``. The first product is exact (see
+    :func:`_split_on_grid`); the bracket is about 2**-7 of the total, so its float32 rounding errors are
+    ~100x below a plain matmul's. Measured against float64 (N = 576, C = 1024, random and near-duplicate
+    features): largest error 2.4e-9, against 2e-7 (1.5e-6 on the diagonal) for one plain float32 matmul.
+    The cost is that of about 2.3 plain matmuls (both products are symmetric, :func:`_symmetric_product`).
+    """
+    chex.assert_rank(x, 2)
+    head, tail = _split_on_grid(x)
+    exact = _symmetric_product(head, head)
+    small = _symmetric_product(jnp.concatenate([x, tail], axis=-1), jnp.concatenate([tail, head], axis=-1))
+    return _keys_from_grid(_grid_integers(exact) + _grid_integers(small))
+
+
+def similarity_keys(normalized: jax.Array, exact: bool = True) -> jax.Array:
+    """Cosine similarities of L2-normalised rows (M, C) as float32 keys (M, M) ordered like them.
+
+    A key stands for ``round(sim * 2**29)`` (see ``_KEY_SCALE``): comparing keys compares similarities, and
+    values closer than 2**-29 (~1.9e-9) may tie.
+
+    * float32 with ``exact`` (default): the dot products are computed to within ~3e-9 of their exact values
+      (:func:`_near_exact_similarity_keys`), so the ranking agrees with the original's wherever the original's
+      own float32 rounding (~1e-7) does not reorder two similarities.
+    * float32 with ``exact=False``: one plain float32 matmul, about 2.5x cheaper, off by up to ~2e-7, so
+      near-equal similarities may be ranked in another order than the original's.
+    * lower precision (float16/bfloat16, the original's fp16 features): accumulated in float32 and rounded
+      to the input dtype, like a cuBLAS half GEMM, then keyed (float16 values are multiples of 2**-24, so
+      they key exactly). Expect many ties.
     """
     if normalized.dtype == jnp.float32 and exact:
-        return _compensated_gram(normalized)
+        return _near_exact_similarity_keys(normalized)
     acc = jnp.promote_types(normalized.dtype, jnp.float32)
     out = jnp.matmul(normalized, normalized.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
-    hi = out.astype(normalized.dtype).astype(acc)  # float32 without `exact`: unchanged
-    return hi, jnp.zeros_like(hi)
-
-
-def _pair_max(hi: jax.Array, lo: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Row-wise maximum of ``hi + lo`` over the last axis, (M, P) -> two (M,) arrays (lexicographic)."""
-    best_hi = jnp.max(hi, axis=-1)
-    best_lo = jnp.max(jnp.where(hi == best_hi[..., None], lo, -jnp.inf), axis=-1)
-    return best_hi, best_lo
-
-
-def _pair_argsort_descending(hi: jax.Array, lo: jax.Array) -> jax.Array:
-    """Stable descending argsort of ``hi + lo`` (1-D pairs): ties keep list order (earlier first)."""
-    position = jnp.arange(hi.shape[-1], dtype=jnp.int32)
-    *_, order = jax.lax.sort((-hi, -lo, position), num_keys=2, is_stable=True)
-    return order
+    return _keys_from_grid(_grid_integers(out.astype(normalized.dtype)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -245,23 +266,23 @@ def _pair_argsort_descending(hi: jax.Array, lo: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _dedup_round(residual: jax.Array, sim: tuple[jax.Array, jax.Array], size: jax.Array, removed: jax.Array):
+def _dedup_round(residual: jax.Array, keys: jax.Array, size: jax.Array, removed: jax.Array) -> jax.Array:
     """One bipartite dedup round on one tile (§2.2 step 4), on a fixed-length buffer.
 
     The list shrinks every round, but to compile a single round body (see :func:`_dedup_rounds`) it lives in
     a buffer of constant length R0 whose first ``size`` slots hold the list; later slots are padding.
 
     Args:
-      residual: int32 (R0,). The current residual list (token indices) in its first ``size`` slots; the
-        *order* matters.
-      sim: the tile's (N, N) cosine-similarity pair from :func:`similarity_matrix`.
+      residual: int32 (R0,). The current residual list in its first ``size`` slots, as positions into the
+        tile's initial residual list (rows of ``keys``); the *order* matters.
+      keys: float32 (R0, R0). Similarity keys of the initial residual tokens (:func:`similarity_keys`).
       size: int32 scalar R, current list length (from the static plan).
       removed: int32 scalar r, 1 <= r <= ceil(R/2), A tokens to delete (from the static plan).
 
     Returns:
       int32 (R0,). First the ``ceil(R/2) - r`` surviving A tokens in descending order of their best
       similarity (the order the original's argsort leaves them in), then the ``floor(R/2)`` B tokens in list
-      order, then padding (token 0, never read).
+      order, then padding (position 0, never read).
     """
     side_a, side_b = residual[0::2], residual[1::2]  # even / odd *positions* of the list
     num_a, num_b = (size + 1) // 2, size // 2
@@ -269,16 +290,12 @@ def _dedup_round(residual: jax.Array, sim: tuple[jax.Array, jax.Array], size: ja
     real_b = jnp.arange(side_b.shape[0]) < num_b
 
     # Each A token's most similar B token; padding columns can never win, padding rows sort last. Whole rows
-    # of the (N, N) matrix are gathered (contiguous copies) and the B columns picked by a mask over all N
-    # tokens, which is several times faster than gathering the (A, B) block element by element.
-    n = sim[0].shape[-1]
-    is_b = jnp.zeros((n,), bool).at[side_b].max(real_b)
-    hi = jnp.where(is_b, sim[0][side_a], -jnp.inf)
-    lo = jnp.where(is_b, sim[1][side_a], -jnp.inf)
-    best_hi, best_lo = _pair_max(hi, lo)
-    best_hi = jnp.where(real_a, best_hi, -jnp.inf)
-    best_lo = jnp.where(real_a, best_lo, -jnp.inf)
-    ranked_a = _pair_argsort_descending(best_hi, best_lo)  # most redundant first; real A slots lead
+    # of the key matrix are gathered (contiguous copies) and the B columns picked by a mask, which is several
+    # times faster than gathering the (A, B) block element by element.
+    lowest = -jnp.inf  # below every key
+    is_b = jnp.zeros((keys.shape[-1],), bool).at[side_b].max(real_b)
+    best = jnp.max(jnp.where(is_b, keys[side_a], lowest), axis=-1)
+    ranked_a = _argsort_descending(jnp.where(real_a, best, lowest))  # most redundant first; real A slots lead
 
     # New list = ranked A minus its first r entries, then B (a concatenation with traced offsets).
     kept_a = num_a - removed
@@ -288,22 +305,45 @@ def _dedup_round(residual: jax.Array, sim: tuple[jax.Array, jax.Array], size: ja
     return jnp.where(slot < kept_a, from_a, jnp.where(slot < kept_a + num_b, from_b, 0))
 
 
-def _dedup_rounds(residual: jax.Array, sim: tuple[jax.Array, jax.Array], rounds: tuple[DedupRound, ...]):
-    """All dedup rounds of the static plan: residual int32 (R0,) -> the final T_div-token list (T_div,).
+# A new phase of dedup rounds (a smaller buffer) starts once the list has shrunk to this share of the buffer.
+_PHASE_SHRINK = 0.5
 
-    §2.3 suggests unrolling the rounds in Python (§1.5-P5). That is exact but compiles one sort and two
-    gathers per round, 48-68 rounds for the usual budgets: 15-60 s of XLA compile time per configuration
-    on a CPU. Instead the plan's (R, r) pairs are fed as data to ``lax.scan`` over a constant-length
-    buffer, so the round body compiles once. The rounds themselves are exactly those of the plan.
+
+def _round_phases(rounds: tuple[DedupRound, ...]) -> list[tuple[DedupRound, ...]]:
+    """Split the plan's rounds into phases: a phase ends once the list is half its first round's size."""
+    phases = [[rounds[0]]]
+    for rnd in rounds[1:]:
+        if rnd.size <= _PHASE_SHRINK * phases[-1][0].size:
+            phases.append([])
+        phases[-1].append(rnd)
+    return [tuple(phase) for phase in phases]
+
+
+def _dedup_rounds(keys: jax.Array, rounds: tuple[DedupRound, ...]) -> jax.Array:
+    """All dedup rounds of the static plan on one tile: keys float32 (R0, R0) -> kept positions int32 (T_div,).
+
+    The list starts as ``0 .. R0-1`` (the initial residual list, descending attention) and ends as positions
+    into it. §2.3 suggests unrolling the rounds in Python (§1.5-P5). That is exact but compiles one sort and
+    two gathers per round, 48-68 rounds for the usual budgets: 15-60 s of XLA compile time per configuration
+    on a CPU. Instead the plan's (R, r) pairs are fed as data to ``lax.scan`` over a constant-length buffer,
+    so the round body compiles once per *phase*: each time the list has halved, the buffer and the key
+    matrix are cut down to the surviving tokens (in list order), so later rounds scan less padding. The
+    rounds themselves are exactly those of the plan.
     """
-    sizes = jnp.asarray([rnd.size for rnd in rounds], jnp.int32)
-    removals = jnp.asarray([rnd.removed for rnd in rounds], jnp.int32)
+    alive = jnp.arange(keys.shape[0], dtype=jnp.int32)  # the list, as positions into the initial list
+    for phase in _round_phases(rounds):
+        size = phase[0].size  # static: the list fills the first `size` slots of `alive`
+        alive = alive[:size]
+        phase_keys = keys if size == keys.shape[0] else keys[alive][:, alive]
+        sizes = jnp.asarray([rnd.size for rnd in phase], jnp.int32)
+        removals = jnp.asarray([rnd.removed for rnd in phase], jnp.int32)
 
-    def body(res, plan_row):
-        return _dedup_round(res, sim, *plan_row), None
+        def body(res, plan_row, phase_keys=phase_keys):
+            return _dedup_round(res, phase_keys, *plan_row), None
 
-    residual, _ = jax.lax.scan(body, residual, (sizes, removals))
-    return residual[: rounds[-1].size - rounds[-1].removed]
+        positions, _ = jax.lax.scan(body, jnp.arange(size, dtype=jnp.int32), (sizes, removals))
+        alive = alive[positions]
+    return alive[: rounds[-1].size - rounds[-1].removed]
 
 
 def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPlan, exact: bool = True) -> jax.Array:
@@ -314,8 +354,10 @@ def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPla
         return important
     residual = order[plan.num_important :]  # (R0,), in descending-attention order
     if plan.rounds:
-        sim = similarity_matrix(l2_normalize(features), exact)  # all pairs once; rounds read rows of it
-        residual = _dedup_rounds(residual, sim, plan.rounds)
+        # Only the residual tokens are ever compared: their (R0, R0) similarities, computed once; the rounds
+        # read rows of it. (The original recomputes an (A, B) block every round.)
+        keys = similarity_keys(l2_normalize(features[residual]), exact)
+        residual = residual[_dedup_rounds(keys, plan.rounds)]
     chex.assert_shape(residual, (plan.num_diverse,))
     return jnp.concatenate([important, residual])
 
@@ -335,7 +377,7 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
 
     Args:
       features: float (B, N, C). Patch features of the scoring layer (CLS removed), pre-projector. Their
-        dtype sets the numerics of the dedup rounds: float32 ranks by (almost) exact cosine similarities
+        dtype sets the numerics of the dedup rounds: float32 ranks by near-exact cosine similarities
         (module docstring, "Numerics"); float16 rounds the similarities to float16 like the original's fp16
         features on GPU (§2.1), with many ties.
       cls_attn: float (B, H, N). CLS-query attention row per head, patch columns only
@@ -343,8 +385,8 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
       num_keep: static Python int T, 1 <= T <= N. Tokens kept per tile.
       important_ratio: static Python float in [0, 1]; ``T_imp = int(T * ratio)`` tokens are chosen by
         attention, the rest by the dedup rounds.
-      exact_similarity: static bool, default True: float32 similarities computed (almost) exactly, which is
-        what matches the original's masks. False: one plain float32 matmul (see :func:`similarity_matrix`),
+      exact_similarity: static bool, default True: float32 similarities computed near-exactly, which is
+        what matches the original's masks. False: one plain float32 matmul (see :func:`similarity_keys`),
         for speed where bit-for-bit parity with the original does not matter; counts and the important
         tokens are the same, the diverse picks can differ where similarities nearly tie.
 
