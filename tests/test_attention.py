@@ -50,3 +50,26 @@ def test_cached_attention_equals_reference_on_heads_first_cache():
     mask = jnp.asarray(key_mask)[:, None, None, :]
     got = att.cached_attention(jnp.asarray(q), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=mask)
     np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, mask), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("t", [300, 577])
+def test_blocked_unmasked_attention_equals_reference(t):
+    """The CLIP path (no mask, no causality) runs in query blocks too."""
+    rng = np.random.default_rng(t)
+    q, k, v = (rng.standard_normal((1, t, 3, 16)).astype(np.float32) for _ in range(3))
+    got = jax.jit(lambda q, k, v: att.attention(q, k, v))(q, k, v)
+    np.testing.assert_allclose(np.asarray(got), _reference(q, k, v, np.ones((1, 1, t, t), bool)), atol=ATOL, rtol=0)
+
+
+def test_query_with_every_key_masked_gets_mean_of_values():
+    """A query that may see no key (a padding row) gets the mean of v, as softmax over finfo.min scores does,
+    never NaN."""
+    rng = np.random.default_rng(1)
+    t = 200
+    q, k, v = (rng.standard_normal((1, t, 2, 8)).astype(np.float32) for _ in range(3))
+    mask = np.ones((1, 1, t, t), bool)
+    mask[..., 150, :] = False
+    got = np.asarray(jax.jit(lambda q, k, v: att.attention(q, k, v, mask=jnp.asarray(mask)))(q, k, v))
+    np.testing.assert_allclose(got[0, 150], v[0].mean(0), atol=ATOL, rtol=0)
+    keep = np.arange(t) != 150
+    np.testing.assert_allclose(got[:, keep], _reference(q, k, v, mask)[:, keep], atol=ATOL, rtol=0)

@@ -295,7 +295,10 @@ def _dedup_round(residual: jax.Array, keys: jax.Array, size: jax.Array, removed:
     lowest = -jnp.inf  # below every key
     is_b = jnp.zeros((keys.shape[-1],), bool).at[side_b].max(real_b)
     best = jnp.max(jnp.where(is_b, keys[side_a], lowest), axis=-1)
-    ranked_a = _argsort_descending(jnp.where(real_a, best, lowest))  # most redundant first; real A slots lead
+    # Stable descending argsort (most redundant first, ties by list position; padding last), as one ascending
+    # sort of the negated keys: jnp.argsort(descending=True) would add two reversals per round.
+    position = jnp.arange(side_a.shape[0], dtype=jnp.int32)
+    _, ranked_a = jax.lax.sort((-jnp.where(real_a, best, lowest), position), num_keys=1, is_stable=True)
 
     # New list = ranked A minus its first r entries, then B (a concatenation with traced offsets).
     kept_a = num_a - removed
