@@ -20,7 +20,7 @@ than 16 elements), so index parity is only guaranteed where scores do not tie (Â
 
 Numerics. Each round's sort order feeds the next round's even/odd split, so VisPruner is sensitive to
 single-ulp differences in the cosine similarities. For float32 features the similarities of the residual
-tokens are therefore computed once, to within ~3e-9 of their exact values (an error-free split of the
+tokens are therefore computed once, to within ~2e-9 of their exact values (an error-free split of the
 features, :func:`similarity_keys`), and ranked on a grid of 2**-29; the result then equals the
 original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities. With near-duplicate features at N = 576
 that does happen (the maxima sit a few ulps apart and even tie exactly), and no independent implementation
@@ -224,19 +224,21 @@ def _split_on_grid(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _near_exact_similarity_keys(x: jax.Array) -> jax.Array:
-    """Keys of ``x @ x.T`` for float32 unit rows x (M, C), from dot products within ~3e-9 of exact.
+    """Keys of ``x @ x.T`` for float32 unit rows x (M, C), from dot products within ~2e-9 of exact.
 
-    ``x @ x.T = head @ head.T + (x @ tail.T + tail @ head.T)``. The first product is exact (see
-    :func:`_split_on_grid`); the bracket is about 2**-7 of the total, so its float32 rounding errors are
-    ~100x below a plain matmul's. Measured against float64 (N = 576, C = 1024, random and near-duplicate
-    features): largest error 2.4e-9, against 2e-7 (1.5e-6 on the diagonal) for one plain float32 matmul.
-    The cost is that of about 2.3 plain matmuls (both products are symmetric, :func:`_symmetric_product`).
+    With ``x = head + tail`` (:func:`_split_on_grid`) and ``mid = head + tail / 2``:
+    ``x @ x.T = head @ head.T + (Q + Q.T)`` where ``Q = mid @ tail.T``. The first product is exact; the
+    correction is about 2**-7 of the total, so its float32 rounding errors are ~100x below a plain matmul's
+    (``mid`` itself is rounded, but only by ~2**-24 of x, and it multiplies the 2**-12-sized tail). Measured
+    against float64 (N = 544, C = 1024; random, near-duplicate and golden features): at most 1.2 grid units
+    (2.2e-9) off, against ~120 units (2e-7; 1.5e-6 on the diagonal) for one plain float32 matmul. The cost is
+    about 1.6 plain matmuls (the head product is symmetric, :func:`_symmetric_product`).
     """
     chex.assert_rank(x, 2)
     head, tail = _split_on_grid(x)
     exact = _symmetric_product(head, head)
-    small = _symmetric_product(jnp.concatenate([x, tail], axis=-1), jnp.concatenate([tail, head], axis=-1))
-    return _keys_from_grid(_grid_integers(exact) + _grid_integers(small))
+    q = jnp.matmul(head + 0.5 * tail, tail.T, precision=jax.lax.Precision.HIGHEST)
+    return _keys_from_grid(_grid_integers(exact) + _grid_integers(q + q.T))
 
 
 def similarity_keys(normalized: jax.Array, exact: bool = True) -> jax.Array:
@@ -245,10 +247,10 @@ def similarity_keys(normalized: jax.Array, exact: bool = True) -> jax.Array:
     A key stands for ``round(sim * 2**29)`` (see ``_KEY_SCALE``): comparing keys compares similarities, and
     values closer than 2**-29 (~1.9e-9) may tie.
 
-    * float32 with ``exact`` (default): the dot products are computed to within ~3e-9 of their exact values
+    * float32 with ``exact`` (default): the dot products are computed to within ~2e-9 of their exact values
       (:func:`_near_exact_similarity_keys`), so the ranking agrees with the original's wherever the original's
       own float32 rounding (~1e-7) does not reorder two similarities.
-    * float32 with ``exact=False``: one plain float32 matmul, about 2.5x cheaper, off by up to ~2e-7, so
+    * float32 with ``exact=False``: one plain float32 matmul, about 1.5x cheaper, off by up to ~2e-7, so
       near-equal similarities may be ranked in another order than the original's.
     * lower precision (float16/bfloat16, the original's fp16 features): accumulated in float32 and rounded
       to the input dtype, like a cuBLAS half GEMM, then keyed (float16 values are multiples of 2**-24, so
