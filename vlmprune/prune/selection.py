@@ -65,3 +65,15 @@ def gather_tokens(x: jax.Array, selection: Selection) -> jax.Array:
     xp = jnp.concatenate([x, pad], axis=-2)
     idx = jnp.where(selection.valid, selection.indices, x.shape[-2])
     return jnp.take_along_axis(xp, idx[..., None], axis=-2)
+
+
+def map_tiles(fn, *args):
+    """``fn`` over the leading (image/tile) axis of every array in ``args``; results stacked on that axis.
+
+    On CPU a sequential ``lax.map``: each item then runs XLA:CPU's fast unbatched matmul kernels (vmapped, a
+    batch of even one image runs the similarity matmuls 1.2-1.5x slower: VisPruner 14 -> 11 ms, DivPrune
+    20 -> 14 ms at N = 576 on 2 cores). Elsewhere ``jax.vmap``: one batched kernel for all tiles.
+    """
+    if jax.default_backend() == "cpu":
+        return jax.lax.map(lambda items: fn(*items), args)
+    return jax.vmap(fn)(*args)

@@ -22,9 +22,9 @@ Numerics. Each round's sort order feeds the next round's even/odd split, so VisP
 single-ulp differences in the cosine similarities. For float32 features the similarities of the residual
 tokens are therefore computed once, to within ~2e-9 of their exact values (an error-free split of the
 features, :func:`similarity_keys`), and ranked on a grid of 2**-29; the result then equals the
-original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities. With near-duplicate features at N = 576
-that does happen (the maxima sit a few ulps apart and even tie exactly), and no independent implementation
-can reproduce the original's masks there; see tests/test_prune_vispruner.py (``ILL_CONDITIONED``).
+original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities. With
+near-duplicate features at N = 576 that does happen (the maxima sit a few ulps apart and even tie exactly),
+and no independent implementation can reproduce the original's masks there; see tests/test_prune_vispruner.py (``ILL_CONDITIONED``).
 
 Where the original crashes (§2.2, "Crash condition") we generalise; see :func:`vispruner_plan`. On every
 configuration the original runs, the plan is the original's and the output is identical.
@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmprune import _checks
-from vlmprune.prune.selection import Selection, from_indices
+from vlmprune.prune.selection import Selection, from_indices, map_tiles
 
 # §2.2 step 4: `r = min(8, R - T_div)`: a round deletes at most this many A tokens.
 MAX_REMOVALS_PER_ROUND = 8
@@ -192,18 +192,21 @@ def _keys_from_grid(k: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _symmetric_product(left: jax.Array, right: jax.Array, levels: int = 2) -> jax.Array:
+def _symmetric_product(left: jax.Array, right: jax.Array, levels: int = 2, preferred_element_type=None) -> jax.Array:
     """``left @ right.T`` (M, M) for operands (M, K) whose product is symmetric, from about 2/3 of the work.
 
     The two diagonal blocks recurse and one off-diagonal block is computed; the other is its transpose.
-    ``levels`` = 2 was fastest for M ~ 500 on 2 CPU cores.
+    ``levels`` = 2 was fastest for M ~ 500 on 2 CPU cores. ``precision=HIGHEST``; ``preferred_element_type``
+    as for ``jnp.matmul`` (e.g. float32 accumulation of float16 operands).
     """
     m = left.shape[0] // 2
     if levels == 0 or m == 0:
-        return jnp.matmul(left, right.T, precision=jax.lax.Precision.HIGHEST)
-    top = _symmetric_product(left[:m], right[:m], levels - 1)
-    bottom = _symmetric_product(left[m:], right[m:], levels - 1)
-    off = jnp.matmul(left[:m], right[m:].T, precision=jax.lax.Precision.HIGHEST)
+        return jnp.matmul(left, right.T, precision=jax.lax.Precision.HIGHEST,
+                          preferred_element_type=preferred_element_type)
+    top = _symmetric_product(left[:m], right[:m], levels - 1, preferred_element_type)
+    bottom = _symmetric_product(left[m:], right[m:], levels - 1, preferred_element_type)
+    off = jnp.matmul(left[:m], right[m:].T, precision=jax.lax.Precision.HIGHEST,
+                     preferred_element_type=preferred_element_type)
     return jnp.block([[top, off], [off.T, bottom]])
 
 
@@ -371,7 +374,7 @@ def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPla
 def _vispruner_jit(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float,
                    exact_similarity: bool = True) -> Selection:
     plan = vispruner_plan(features.shape[1], num_keep, important_ratio)
-    kept = jax.vmap(lambda f, a: _vispruner_tile(f, a, plan, exact_similarity))(features, cls_attn)
+    kept = map_tiles(lambda f, a: _vispruner_tile(f, a, plan, exact_similarity), features, cls_attn)
     chex.assert_shape(kept, (features.shape[0], num_keep))
     return from_indices(kept, features.shape[1])
 
