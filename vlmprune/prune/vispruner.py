@@ -24,7 +24,8 @@ tokens are therefore computed once, to within ~2e-9 of their exact values (an er
 features, :func:`similarity_keys`), and ranked on a grid of 2**-29; the result then equals the
 original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities. With
 near-duplicate features at N = 576 that does happen (the maxima sit a few ulps apart and even tie exactly),
-and no independent implementation can reproduce the original's masks there; see tests/test_prune_vispruner.py (``ILL_CONDITIONED``).
+and no independent implementation can reproduce the original's masks there; see
+tests/test_prune_vispruner.py (``ILL_CONDITIONED``).
 
 Where the original crashes (§2.2, "Crash condition") we generalise; see :func:`vispruner_plan`. On every
 configuration the original runs, the plan is the original's and the output is identical.
