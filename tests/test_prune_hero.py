@@ -411,6 +411,30 @@ def test_property_invariants_and_packing(seed, size):
     np.testing.assert_array_equal(np.asarray(order.patch)[:v], patch)
 
 
+def _assert_same_selection(p, q):
+    """Two HERO selections (same leading dims) agree up to float reduction order.
+
+    Scores within the golden tolerance (:func:`_assert_same`); budgets and valid counts exactly; the kept sets
+    exactly, except that a token kept by one side only must score within that tolerance of the tile's cut-off
+    (the b-th best score). Such swaps are rounding, not dependence on other batch items: HERO's double-softmax
+    scores sit ~1e-9 apart at N = 576 (all near 1/N), and jit, eager and vmap sum them in different orders.
+    """
+    for name in ("global_scores", "sub_scores", "similarity", "clip", "density", "fused"):
+        _assert_same(getattr(p, name), getattr(q, name))
+    for name in ("budgets", "valid_counts"):
+        np.testing.assert_array_equal(np.asarray(getattr(p, name)), np.asarray(getattr(q, name)))
+    mp, mq = np.asarray(p.mask(N)), np.asarray(q.mask(N))
+    scores = np.concatenate([np.asarray(p.global_scores)[..., None, :], np.asarray(p.sub_scores)], axis=-2)
+    budgets = np.asarray(p.budgets)
+    for row in np.ndindex(budgets.shape):
+        differ = mp[row] != mq[row]
+        if not differ.any():
+            continue
+        kept = np.sort(scores[row][mp[row]])[::-1]
+        cut = kept[budgets[row] - 1]
+        assert np.all(np.abs(scores[row][differ] - cut) <= 2 * (RTOL_TILE * abs(cut) + ATOL_TILE)), row
+
+
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), size=SIZES)
 def test_property_jit_eager_vmap_agree(seed, size):
@@ -420,18 +444,31 @@ def test_property_jit_eager_vmap_agree(seed, size):
     batched = hero_batched(*x, valid, **KW)
     with jax.disable_jit():
         eager = hero(*[a[0] for a in x], valid[0], **KW)
+    item = lambda sel, b: jax.tree_util.tree_map(lambda a: a[b], sel)  # noqa: E731
     for b in range(3):
-        one = hero(*[a[b] for a in x], valid[b], **KW)
-        jax.tree_util.tree_map(lambda p, q: _assert_same(p[b], q), batched, one)
-    for name in ("indices", "valid", "budgets", "valid_counts"):
-        np.testing.assert_array_equal(getattr(eager, name), getattr(batched, name)[0])
-    for name in ("global_scores", "sub_scores", "similarity", "clip", "density", "fused"):
-        _assert_same(getattr(eager, name), getattr(batched, name)[0])
+        _assert_same_selection(item(batched, b), hero(*[a[b] for a in x], valid[b], **KW))
+    _assert_same_selection(eager, item(batched, 0))
     # a user's jit / vmap around the public function
     f = jax.jit(lambda *a: hero(*a, **KW))
-    jax.tree_util.tree_map(_assert_same, f(*[a[1] for a in x], valid[1]), hero(*[a[1] for a in x], valid[1], **KW))
-    vm = jax.vmap(lambda *a: hero(*a, **KW))(*x, valid)
-    jax.tree_util.tree_map(_assert_same, vm, batched)
+    _assert_same_selection(f(*[a[1] for a in x], valid[1]), hero(*[a[1] for a in x], valid[1], **KW))
+    _assert_same_selection(jax.vmap(lambda *a: hero(*a, **KW))(*x, valid), batched)
+
+
+def test_selection_comparison_allows_only_cut_off_swaps():
+    """The tolerant comparison above still fails on a real difference: swap a clearly kept token for a
+    clearly dropped one in one tile."""
+    x = _random_inputs(5, k=2)
+    sel = hero(*x, hero_valid_mask((900, 700), (1, 2)), **KW)
+    _assert_same_selection(sel, sel)
+    row = 1
+    kept = np.asarray(sel.indices)[row][np.asarray(sel.valid)[row]]
+    scores = np.asarray(sel.sub_scores)[row - 1]
+    best, worst_out = kept[np.argmax(scores[kept])], np.setdiff1d(np.arange(N), kept)[0]
+    new_idx = np.sort(np.r_[np.setdiff1d(kept, [best]), worst_out])
+    indices = np.asarray(sel.indices).copy()
+    indices[row, : len(new_idx)] = new_idx
+    with pytest.raises(AssertionError):
+        _assert_same_selection(sel, sel.replace(indices=jax.numpy.asarray(indices)))
 
 
 def test_compile_count():
