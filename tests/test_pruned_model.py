@@ -129,6 +129,8 @@ def test_bad_pruner_settings_raise_before_compiling(setup):
         model(x["input_ids"], x["pixel_values"], pruner=prune.HiRED(budget_rate=0.0))
     with pytest.raises(ValueError, match="layer=7 is out of range"):
         model(x["input_ids"], x["pixel_values"], pruner=prune.VisPruner(num_keep=8, layer=7))
+    with pytest.raises(ValueError, match="vispruner: exact_similarity must be a bool"):
+        model(x["input_ids"], x["pixel_values"], pruner=prune.VisPruner(num_keep=8, exact_similarity=1))
     with pytest.raises(ValueError, match="unknown pruning method"):
         prune.get("nope")
     assert model.compile_counts()["forward"] == before

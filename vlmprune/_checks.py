@@ -32,6 +32,14 @@ def check_int(name: str, value, *, lo: int | None = None, hi: int | None = None,
     return value
 
 
+def check_bool(name: str, value, *, where: str = "") -> bool:
+    """A static Python bool (not an int or a NumPy bool)."""
+    if not isinstance(value, bool):
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name} must be a bool, got {value!r}")
+    return value
+
+
 def check_float(
     name: str,
     value,

@@ -475,8 +475,7 @@ def hired_single(deep_cls_attn: jax.Array, *, budget_rate: float, first_image_on
         raise ValueError(f"{where}: deep_cls_attn must be floating point, got {deep_cls_attn.dtype}")
     _checks.check_finite("deep_cls_attn", deep_cls_attn, where=where)
     budget_rate = _checks.check_float("budget_rate", budget_rate, lo=0.0, hi=1.0, lo_open=True, where=where)
-    if not isinstance(first_image_only, bool):
-        raise ValueError(f"{where}: first_image_only must be a bool, got {first_image_only!r}")
+    _checks.check_bool("first_image_only", first_image_only, where=where)
     n = deep_cls_attn.shape[-1]
     k = min(n, int(n * budget_rate))
     return _hired_single_core(jnp.asarray(deep_cls_attn), k=k, first_image_only=first_image_only)

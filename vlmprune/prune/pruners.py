@@ -185,8 +185,7 @@ class VisPruner(_NextLayout, _KeepN):
     def _check(self, n, cfg):
         super()._check(n, cfg)
         _checks.check_float("important_ratio", self.important_ratio, lo=0.0, hi=1.0, where=self.name)
-        if not isinstance(self.exact_similarity, bool):
-            raise ValueError(f"{self.name}: exact_similarity must be a bool, got {self.exact_similarity!r}")
+        _checks.check_bool("exact_similarity", self.exact_similarity, where=self.name)
 
     supports_next: ClassVar[bool] = True
 

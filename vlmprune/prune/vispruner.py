@@ -429,8 +429,7 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
     num_keep = _check_num_keep(num_keep, num_tokens, where)
     important_ratio = _checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=where)
     _checks.check_finite("features", features, where=where)
-    if not isinstance(exact_similarity, bool):
-        raise ValueError(f"{where}: exact_similarity must be a bool, got {exact_similarity!r}")
+    _checks.check_bool("exact_similarity", exact_similarity, where=where)
     return _vispruner_jit(features, cls_attn, num_keep=num_keep, important_ratio=important_ratio,
                           exact_similarity=exact_similarity)
 
