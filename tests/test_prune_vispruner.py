@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from vlmprune.prune.vispruner import _vispruner_jit, fastervlm, vispruner, vispruner_plan
+from vlmprune.prune.vispruner import _argsort_descending, _vispruner_jit, fastervlm, vispruner, vispruner_plan
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
 CASES = json.loads((GOLDEN / "cases_public.json").read_text())["vispruner"]
@@ -274,6 +274,18 @@ def test_fastervlm_equals_vispruner_ratio_one(n, data):
     a = fastervlm(jnp.asarray(cls_attn), num_keep=num_keep)
     b = vispruner(jnp.asarray(features), jnp.asarray(cls_attn), num_keep=num_keep, important_ratio=1.0)
     np.testing.assert_array_equal(a.indices, b.indices)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 700), levels=st.integers(1, 6), seed=st.integers(0, 2**31 - 1))
+def test_argsort_descending_is_stable(n, levels, seed):
+    """The rounds' and the attention order's argsort (a whole-axis ``lax.top_k``) equals NumPy's stable
+    descending argsort, ties (few distinct levels, -inf padding) included: lower position first."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, levels, size=(2, n)).astype(np.float32)
+    x[rng.random((2, n)) < 0.2] = -np.inf
+    got = np.asarray(jax.jit(_argsort_descending)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.argsort(-x, axis=-1, kind="stable"))
 
 
 def test_ties_resolve_to_lower_index():

@@ -148,8 +148,13 @@ def _check_head_attention(name: str, attn, where: str) -> None:
 
 
 def _argsort_descending(x: jax.Array) -> jax.Array:
-    """Stable descending argsort along the last axis: equal values keep their order (lower index first)."""
-    return jnp.argsort(x, axis=-1, descending=True, stable=True)
+    """Stable descending argsort along the last axis: equal values keep their order (lower index first).
+
+    ``lax.top_k`` of the whole axis is exactly that order (it lists equal values lower index first) and runs
+    as a library partial sort on CPU, about twice as fast as ``jnp.argsort``'s compiled comparator for a few
+    hundred values. (It treats -0.0 and 0.0 as equal, where a total-order sort would put 0.0 first.)
+    """
+    return jax.lax.top_k(x, x.shape[-1])[1]
 
 
 def head_mean(attn: jax.Array) -> jax.Array:
@@ -301,10 +306,8 @@ def _dedup_round(residual: jax.Array, keys: jax.Array, size: jax.Array, removed:
     lowest = -jnp.inf  # below every key
     is_b = jnp.zeros((keys.shape[-1],), bool).at[side_b].max(real_b)
     best = jnp.max(jnp.where(is_b, keys[side_a], lowest), axis=-1)
-    # Stable descending argsort (most redundant first, ties by list position; padding last), as one ascending
-    # sort of the negated keys: jnp.argsort(descending=True) would add two reversals per round.
-    position = jnp.arange(side_a.shape[0], dtype=jnp.int32)
-    _, ranked_a = jax.lax.sort((-jnp.where(real_a, best, lowest), position), num_keys=1, is_stable=True)
+    # Stable descending argsort: most redundant first, ties by list position, padding last.
+    ranked_a = _argsort_descending(jnp.where(real_a, best, lowest))
 
     # New list = ranked A minus its first r entries, then B (a concatenation with traced offsets).
     kept_a = num_a - removed
