@@ -18,9 +18,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from vlmprune.bench import BenchConfig, BenchError, markdown, run_bench  # noqa: E402
 
-#: the issue's method list: no pruning, VisPruner at 64/128/192 of 576, FasterVLM 64, HiRED 20 %, DivPrune 64
-CPU_METHODS = ("none", "vispruner:64,128,192", "fastervlm:64", "hired:0.2", "divprune:64")
-GPU_METHODS = CPU_METHODS + ("visionzip:64", "fastv:0.25")
+#: the issue's method list: no pruning, VisPruner at 64/128/192 of 576, FasterVLM 64, HiRED 20 %, DivPrune 64,
+#: VisionZip 64; on CPU also VisPruner's plain float32 similarity (``exact_similarity=False``) at 64
+_METHODS = ("none", "vispruner:64,128,192", "fastervlm:64", "hired:0.2", "divprune:64", "visionzip:64")
+CPU_METHODS = _METHODS + ("vispruner:64:exact_similarity=False",)
+GPU_METHODS = _METHODS + ("fastv:0.25",)
 #: LLaVA-NeXT budgets are per tile (up to 5 tiles of 576)
 NEXT_METHODS = ("none", "vispruner:64,128", "fastervlm:64", "hired:0.2")
 

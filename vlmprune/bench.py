@@ -224,6 +224,11 @@ def _torch_sync(x):
     return x
 
 
+#: the selection alone is timed over at least this many calls: it takes milliseconds, and its median is the
+#: numerator of a target (share of the encoder's time) that 3 calls on a noisy host leave ~10 % uncertain
+SELECTION_REPEATS = 20
+
+
 def measure(jfn, tfn=None, *, repeats: int, warmup: int, scale: float = 1e3, invert: float | None = None):
     """Time jfn (JAX) and tfn (PyTorch, optional), interleaved. Returns (jax stats, torch stats).
 
@@ -750,7 +755,8 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
             # the selection alone on precomputed encoder outputs (and, for DivPrune, projected embeddings)
             enc_sel = dict(enc, embeddings=pieces.project(params, enc["features"]))
             sel_jit = jax.jit(lambda e, lay: p.tile_mask(e, lay, cfg))
-            jx["selection_ms"], _ = measure(lambda: sel_jit(enc_sel, layout), repeats=repeats, warmup=warmup)
+            jx["selection_ms"], _ = measure(lambda: sel_jit(enc_sel, layout),
+                                            repeats=max(repeats, SELECTION_REPEATS), warmup=warmup)
         tokens, valid = sp()
         proj_all = None
     else:
@@ -763,7 +769,8 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
             project_first = _project_first(p, enc, lambda q: q.num_slots(cfg))
             enc_sel = dict(enc, features=proj_all) if project_first else enc
             sel_jit = jax.jit(lambda e: p.apply(e, lambda f: f))
-            jx["selection_ms"], _ = measure(lambda: sel_jit(enc_sel), repeats=repeats, warmup=warmup)
+            jx["selection_ms"], _ = measure(lambda: sel_jit(enc_sel), repeats=max(repeats, SELECTION_REPEATS),
+                                            warmup=warmup)
             proj = type(model.module).project
             apply_jit = jax.jit(lambda prm, e: p.apply(e, lambda f: model.module.apply({"params": prm}, f,
                                                                                       method=proj)))
@@ -1092,7 +1099,8 @@ def _meta(bc, model, info, dev, x1, torch_side) -> dict:
         "preset": bc.preset, "preset_description": PRESETS[bc.preset].description, "dtype": bc.dtype,
         "backend": dev.platform, "device": dev.device_kind, "devices": jax.device_count(),
         "host_cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-        "repeats": bc.repeats, "warmup": bc.warmup, "decode_batch": bc.batch, "max_new_tokens": bc.max_new_tokens,
+        "repeats": bc.repeats, "selection_repeats": max(bc.repeats, SELECTION_REPEATS), "warmup": bc.warmup,
+        "decode_batch": bc.batch, "max_new_tokens": bc.max_new_tokens,
         "params": info.get("params"), "tokens_per_image": c.tokens_per_image,
         "input_tokens": int(x1["input_ids"].shape[1]),
         "vision": dataclasses.asdict(c.vision),
@@ -1294,7 +1302,8 @@ def markdown(out: dict) -> str:
         "",
         "FLOPs: analytic = 2 × §6 MACs over `n_text + kept` tokens (2ndm = papers' convention, 3ndm = SwiGLU); "
         "XLA = `cost_analysis()` of the LLM-prefill program (incl. LM head over all positions, norms, RoPE). "
-        "Selection = the method alone on precomputed encoder outputs; select+proj adds the projector.",
+        "Selection = the method alone on precomputed encoder outputs (median over "
+        f"{meta.get('selection_repeats', meta['repeats'])} calls); select+proj adds the projector.",
         "",
         "## JAX",
         "",
