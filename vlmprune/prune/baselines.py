@@ -33,14 +33,14 @@ import numpy as np
 from vlmprune import _checks
 from vlmprune.prune.selection import Selection, from_indices, from_mask, map_tiles
 
-# Shared helpers: validation messages, the head-mean top-k core and the row normalisation are the same
-# as VisPruner/FasterVLM's.
+# Shared helpers: validation messages, the head-mean top-k core, the row normalisation and the Gram matrix are
+# the same as VisPruner/FasterVLM's.
 from vlmprune.prune.vispruner import (  # noqa: F401  (re-used private helpers)
     _argsort_descending,
     _check_head_attention,
     _check_num_keep,
     _head_mean_top_k,
-    _symmetric_product,
+    gram,
     l2_normalize,
 )
 
@@ -76,12 +76,6 @@ def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
 def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
     """``a @ b.T`` for (M, C) and (P, C) -> (M, P), as :func:`_matmul`."""
     return _matmul(a, b.T)
-
-
-def _gram(x: jax.Array) -> jax.Array:
-    """``x @ x.T`` for (M, C) -> (M, M), as :func:`_matmul`, from the symmetric blocks only (~2/3 of the work)."""
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    return _symmetric_product(x, x, preferred_element_type=acc).astype(x.dtype)
 
 
 def _check_features(name: str, x, rank: int, dims: str, where: str) -> None:
@@ -192,7 +186,7 @@ def uniform(num_tokens: int, *, num_keep: int, grid: tuple[int, int] | None = No
 def cosine_distance(embeddings: jax.Array) -> jax.Array:
     """DivPrune's ``D = 1 - cos(X, X)``: (N, D) -> (N, N) in the input dtype (fp16 in the original)."""
     normalized = l2_normalize(embeddings)
-    return 1 - _gram(normalized)
+    return 1 - gram(normalized)
 
 
 def _divprune_masked_single(embeddings: jax.Array, candidates: jax.Array, count: jax.Array, num_keep: int):
@@ -510,7 +504,7 @@ def _prumerge_single(features, attn, keys, keep_table, sample_table, num_neighbo
     # are most cosine-similar to i's (kept or pruned alike); the weights are the raw attentions.
     if num_neighbors > 0:
         normalized = l2_normalize(keys)
-        sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, _gram(normalized))
+        sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, gram(normalized))
         _, neighbors = jax.lax.top_k(sim, num_neighbors)  # (N, m)
         rows = jnp.arange(n)[:, None]
         neighbor_attn = attn[neighbors].astype(features.dtype)

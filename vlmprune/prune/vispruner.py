@@ -216,6 +216,16 @@ def _symmetric_product(left: jax.Array, right: jax.Array, levels: int = 2, prefe
     return jnp.block([[top, off], [off.T, bottom]])
 
 
+def gram(x: jax.Array) -> jax.Array:
+    """``x @ x.T`` for (M, C) -> (M, M), accumulated in (at least) float32 and rounded to x's dtype.
+
+    For float16 inputs the rounding mirrors a cuBLAS half GEMM (the originals run these products in fp16).
+    Computed from the symmetric blocks only (:func:`_symmetric_product`).
+    """
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    return _symmetric_product(x, x, preferred_element_type=acc).astype(x.dtype)
+
+
 def _split_on_grid(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Split float32 unit rows x (M, C) into ``head + tail == x`` (exactly), head on the grid ``2**-11``.
 
@@ -266,9 +276,7 @@ def similarity_keys(normalized: jax.Array, exact: bool = True) -> jax.Array:
     """
     if normalized.dtype == jnp.float32 and exact:
         return _near_exact_similarity_keys(normalized)
-    acc = jnp.promote_types(normalized.dtype, jnp.float32)
-    out = jnp.matmul(normalized, normalized.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
-    return _keys_from_grid(_grid_integers(out.astype(normalized.dtype)))
+    return _keys_from_grid(_grid_integers(gram(normalized)))
 
 
 # --------------------------------------------------------------------------------------------------------
