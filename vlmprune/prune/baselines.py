@@ -39,8 +39,8 @@ from vlmprune.prune.vispruner import (  # noqa: F401  (re-used private helpers)
     _argsort_descending,
     _check_head_attention,
     _check_num_keep,
+    _gram,
     _head_mean_top_k,
-    gram,
     l2_normalize,
 )
 
@@ -186,7 +186,7 @@ def uniform(num_tokens: int, *, num_keep: int, grid: tuple[int, int] | None = No
 def cosine_distance(embeddings: jax.Array) -> jax.Array:
     """DivPrune's ``D = 1 - cos(X, X)``: (N, D) -> (N, N) in the input dtype (fp16 in the original)."""
     normalized = l2_normalize(embeddings)
-    return 1 - gram(normalized)
+    return 1 - _gram(normalized)
 
 
 def _divprune_masked_single(embeddings: jax.Array, candidates: jax.Array, count: jax.Array, num_keep: int):
@@ -504,7 +504,7 @@ def _prumerge_single(features, attn, keys, keep_table, sample_table, num_neighbo
     # are most cosine-similar to i's (kept or pruned alike); the weights are the raw attentions.
     if num_neighbors > 0:
         normalized = l2_normalize(keys)
-        sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, gram(normalized))
+        sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, _gram(normalized))
         _, neighbors = jax.lax.top_k(sim, num_neighbors)  # (N, m)
         rows = jnp.arange(n)[:, None]
         neighbor_attn = attn[neighbors].astype(features.dtype)

@@ -216,7 +216,7 @@ def _symmetric_product(left: jax.Array, right: jax.Array, levels: int = 2, prefe
     return jnp.block([[top, off], [off.T, bottom]])
 
 
-def gram(x: jax.Array) -> jax.Array:
+def _gram(x: jax.Array) -> jax.Array:
     """``x @ x.T`` for (M, C) -> (M, M), accumulated in (at least) float32 and rounded to x's dtype.
 
     For float16 inputs the rounding mirrors a cuBLAS half GEMM (the originals run these products in fp16).
@@ -276,7 +276,7 @@ def similarity_keys(normalized: jax.Array, exact: bool = True) -> jax.Array:
     """
     if normalized.dtype == jnp.float32 and exact:
         return _near_exact_similarity_keys(normalized)
-    return _keys_from_grid(_grid_integers(gram(normalized)))
+    return _keys_from_grid(_grid_integers(_gram(normalized)))
 
 
 # --------------------------------------------------------------------------------------------------------
