@@ -94,7 +94,7 @@ def test_decoder_rules_load_a_standalone_causal_lm(tmp_path, model_type):
 def test_rules_move_under_a_prefix():
     rules = prefix_rules(clip.WEIGHT_RULES, "vision_tower.vision_model.", "vision_tower")
     hits = [re.fullmatch(p, "vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight") for p, _, _ in rules]
-    (m, tmpl), = [(m, t) for m, (_, t, _) in zip(hits, rules) if m]
+    (m, tmpl), = [(m, t) for m, (_, t, _) in zip(hits, rules, strict=True) if m]
     assert m.expand(tmpl) == "vision_tower/layers_3/fc1/kernel"
 
 

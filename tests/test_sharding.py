@@ -118,5 +118,6 @@ def test_mesh_is_validated():
     assert check_mesh(auto) is auto
     mesh = Mesh(dev, ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     rules = PROJECTOR_SHARDING
-    assert param_spec("multi_modal_projector/linear_2/kernel", (8, 4), mesh, rules) == jax.sharding.PartitionSpec("model", None)
+    spec = param_spec("multi_modal_projector/linear_2/kernel", (8, 4), mesh, rules)
+    assert spec == jax.sharding.PartitionSpec("model", None)
     assert param_spec("multi_modal_projector/linear_2/bias", (4,), mesh, rules) == jax.sharding.PartitionSpec()

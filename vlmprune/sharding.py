@@ -59,7 +59,7 @@ def param_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules: ShardingRul
     for pattern, spec in rules:
         if re.match(pattern + "$", path):
             dims = []
-            for size, axis in zip(shape, spec):
+            for size, axis in zip(shape, spec, strict=False):  # a shorter spec replicates the rest
                 ok = axis is not None and axis in mesh.shape and size % mesh.shape[axis] == 0
                 dims.append(axis if ok else None)
             return P(*dims)
