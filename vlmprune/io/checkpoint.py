@@ -86,8 +86,9 @@ def restore_params(path: str, abstract, dtype, shardings=None):
             else:
                 saved = {"/".join(k): v for k, v in flatten_dict(tree).items()}
                 place = {"/".join(k): v for k, v in flatten_dict(shardings).items()}
+                cast = lambda d: dtype if jnp.issubdtype(d, jnp.floating) else d  # noqa: E731
                 want = jax.tree_util.tree_map_with_path(
-                    lambda p, a: jax.ShapeDtypeStruct(a.shape, saved[_key(p)].dtype, sharding=place[_key(p)]),
+                    lambda p, a: jax.ShapeDtypeStruct(a.shape, cast(saved[_key(p)].dtype), sharding=place[_key(p)]),
                     abstract)
                 restored = ckpt.restore(target, want)
     except CheckpointError:
