@@ -207,3 +207,6 @@ def test_models_and_io_import_only_downward(pkg, name, tree):
         for m in mods:
             target = m if m != "vlmprune" else "vlmprune." + node.names[0].name
             assert any(target == a or target.startswith(a + ".") for a in ALLOWED[pkg]), f"{name} imports {target}"
+            family_file = name.startswith(("vlmprune.models.vision.", "vlmprune.models.text."))
+            other = target.startswith(("vlmprune.models.vision", "vlmprune.models.text")) and target != name
+            assert not (family_file and other), f"family {name} imports another family ({target})"

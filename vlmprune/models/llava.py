@@ -21,9 +21,9 @@ from vlmprune import sharding
 from vlmprune.io import checkpoint, weights
 from vlmprune.io.weights import Rules, identity, prefix_rules, transpose
 from vlmprune.models import FAMILIES, Family, family_of
+from vlmprune.models.activations import activation
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.text.llama import KVCache
-from vlmprune.models.vision.clip import activation
 
 Array = jax.Array
 

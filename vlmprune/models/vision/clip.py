@@ -32,6 +32,7 @@ from vlmprune import _checks
 from vlmprune.io.checkpoint import read_hf_config
 from vlmprune.io.dtypes import parse_dtype
 from vlmprune.io.weights import Rules, abstract_params, identity, load_params, patch_conv, prefix_rules, transpose
+from vlmprune.models.activations import activation
 from vlmprune.models.attention import attention
 from vlmprune.models.family import VISION, Family
 from vlmprune.sharding import ShardingRules
@@ -108,19 +109,6 @@ class CLIPTextConfig:
             eos_token_id=c.eos_token_id,
             projection_dim=getattr(c, "projection_dim", 768),
         )
-
-
-def activation(name: str):
-    """HF activation names -> jax functions (exact variants, not approximations HF does not use)."""
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "silu":
-        return jax.nn.silu
-    raise ValueError(f"unsupported activation {name!r}")
 
 
 class CLIPAttention(nn.Module):
