@@ -575,7 +575,7 @@ BUDGETS_SEEN: list[int] = []
 
 def time_encoder(batch: int, layers: int, image_size: int, repeats: int, seed: int) -> dict:
     """Median time of the jitted Flax CLIP vision tower asked for LLaVA's outputs (hidden -2, CLS row of L-2)."""
-    from vlmprune.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+    from vlmprune.models.vision.clip import CLIPVisionConfig, CLIPVisionTransformer
 
     cfg = CLIPVisionConfig(num_hidden_layers=layers, image_size=image_size)
     cls_layer = layers - 2 if layers >= 2 else 0  # 22 for the 24-layer CLIP-L

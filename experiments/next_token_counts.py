@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import prune
-from vlmprune.config import LlavaConfig
-from vlmprune.models.clip import CLIPVisionConfig
-from vlmprune.models.llama import LlamaConfig
+from vlmprune.models.llava_config import LlavaConfig
+from vlmprune.models.text.llama import LlamaConfig
+from vlmprune.models.vision.clip import CLIPVisionConfig
 from vlmprune.next_layout import batch_layout, layout_keep, max_tiles, reference_pinpoints
 from vlmprune.prune.anyres import hero_valid_mask
 

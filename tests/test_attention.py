@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from vlmprune.models import attention as att
-from vlmprune.models.llama import _prefill_mask
+from vlmprune.models.text.llama import _prefill_mask
 
 ATOL = 1e-6  # float32, same products summed in another order
 

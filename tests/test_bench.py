@@ -70,14 +70,13 @@ def test_random_params_on_device():
     import jax
     import jax.numpy as jnp
 
-    from vlmprune.checkpoint import _abstract
-    from vlmprune.config import LlavaConfig
-    from vlmprune.models.llava import Llava
+    from vlmprune.models.llava import Llava, param_shapes
+    from vlmprune.models.llava_config import LlavaConfig
 
     _, hf, _ = bench._hf_config(bench.PRESETS["tiny"])
     cfg = LlavaConfig.from_hf(hf)
     module = Llava(cfg, dtype=jnp.bfloat16)
-    abstract = _abstract(module, cfg)
+    abstract = param_shapes(module)
     params = bench._random_params(abstract, jnp.bfloat16, seed=0)
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
     assert all(x.dtype == jnp.bfloat16 and x.shape == a.shape
@@ -114,7 +113,8 @@ def test_torch_side_from_params_equals_checkpoint(tmp_path, dtype):
 
 
 def test_export_reports_every_mismatch():
-    from vlmprune.weights import LLAVA_RENAMES, LLAVA_RULES, CheckpointError, export_params
+    from vlmprune.io.weights import CheckpointError, export_params
+    from vlmprune.models.llava import LLAVA_RENAMES, LLAVA_RULES
 
     params = {"language_model": {"norm": {"weight": np.ones(4, np.float32)},
                                  "lm_head": {"kernel": np.zeros((4, 10), np.float32)}}}

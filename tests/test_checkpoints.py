@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 import vlmprune
 from conftest import demo_inputs
-from vlmprune.weights import CheckpointError
+from vlmprune.io.weights import CheckpointError
 
 
 def _copy_with(src, dst, transform):

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from vlmprune.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from vlmprune.models.vision.clip import CLIPVisionConfig, CLIPVisionTransformer
 
 
 def _square_outputs(jaxpr, t):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vlmprune.models.llama import LlamaConfig as OurConfig
+from vlmprune.models.text.llama import LlamaConfig as OurConfig
 
 VARIANTS = {
     "default": None,
@@ -49,7 +49,7 @@ def test_rotation_matches_transformers_apply_rotary_pos_emb(name):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-    from vlmprune.models.llama import apply_rope, rope_tables
+    from vlmprune.models.text.llama import apply_rope, rope_tables
 
     kw = dict(hidden_size=256, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64, vocab_size=10,
               max_position_embeddings=1024, rope_theta=10000.0)

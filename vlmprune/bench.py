@@ -345,10 +345,9 @@ def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints
     import jax
 
     import vlmprune
-    from vlmprune.checkpoint import _abstract
-    from vlmprune.config import LlavaConfig
+    from vlmprune.models.llava_config import LlavaConfig
     from vlmprune.model import DTYPES, LlavaModel
-    from vlmprune.models.llava import Llava
+    from vlmprune.models.llava import Llava, param_shapes
 
     if preset not in PRESETS:
         raise BenchError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -366,7 +365,7 @@ def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints
     try:
         cfg = LlavaConfig.from_hf(hf)
         module = Llava(cfg, dtype=DTYPES[dtype])
-        abstract = _abstract(module, cfg)
+        abstract = param_shapes(module)
     except (ValueError, NotImplementedError) as e:
         raise BenchError(f"{preset}: this vlmprune cannot build the model: {e}") from e
     n_params = _param_count(abstract)
@@ -413,7 +412,7 @@ class JaxPieces:
         import jax.numpy as jnp
 
         from vlmprune import model as model_mod
-        from vlmprune.models.llama import KVCache
+        from vlmprune.models.text.llama import KVCache
         from vlmprune.models.llava import Llava
 
         self.model = model
@@ -558,7 +557,8 @@ class TorchSide:
         torch = self.torch
         from transformers import LlavaForConditionalGeneration
 
-        from vlmprune.weights import LLAVA_RENAMES, LLAVA_RULES, iter_export
+        from vlmprune.io.weights import iter_export
+        from vlmprune.models.llava import LLAVA_RENAMES, LLAVA_RULES
 
         if model.hf_config is None or model.config.model_type != "llava":
             raise BenchError("the PyTorch comparison supports LLaVA-1.5 models with an HF config")

@@ -21,9 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import _checks
-from vlmprune.config import LlavaConfig
-from vlmprune.models.llama import KVCache
-from vlmprune.models.llava import Llava
+from vlmprune.io.checkpoint import save_model
+from vlmprune.models.llava import Llava, load_llava, shard_params
+from vlmprune.models.llava_config import LlavaConfig
+from vlmprune.models.text.llama import KVCache
+from vlmprune.models.vision.clip import load_clip
+from vlmprune.sharding import batch_sharding
 from vlmprune.next_layout import layout_keep
 from vlmprune.sequence import SequencePlan, plan_sequence
 
@@ -211,9 +214,7 @@ class LlavaModel:
         self.config = config
         self.mesh = mesh
         if mesh is not None:
-            from vlmprune.sharding import shard_params
-
-            params = shard_params(params, mesh)
+            params = shard_params(params, mesh, config)
         self.params = params
         self.dtype = _dtype(dtype)
         self.processor = processor
@@ -346,8 +347,6 @@ class LlavaModel:
 
     def auxiliary_clip(self, path: str):
         """A full CLIP model used by a pruner (HERO), loaded once per model instance."""
-        from vlmprune.clip_model import load_clip
-
         if path not in self._aux:
             self._aux[path] = load_clip(path, dtype={jnp.float32: "float32", jnp.bfloat16: "bfloat16",
                                                       jnp.float16: "float16"}[self.dtype])
@@ -360,8 +359,6 @@ class LlavaModel:
         )
         if self.mesh is None:
             return args
-        from vlmprune.sharding import batch_sharding
-
         return jax.tree.map(lambda a: jax.device_put(a, batch_sharding(self.mesh, a.shape)), args)
 
     def _check_pruner(self, pruner):
@@ -454,8 +451,6 @@ class LlavaModel:
 
     def save(self, directory: str) -> None:
         """Write params with orbax plus the HF config (and processor) so ``vlmprune.load`` restores it."""
-        from vlmprune.checkpoint import save_model
-
         save_model(self, directory)
 
 
@@ -467,16 +462,16 @@ def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
         or a vlmprune (orbax) checkpoint directory.
       dtype: "float32", "bfloat16" or "float16" for params and activations.
       mesh: optional ``jax.sharding.Mesh`` with axes "data" and/or "model": params are placed with
-        ``vlmprune.sharding.RULES`` (tensor parallel over heads and MLP), inputs split over the batch.
+        the families' sharding rules (tensor parallel over heads and MLP) straight from the files, inputs
+        split over the batch. Default ``jax.make_mesh`` meshes (explicit axis types) are converted to auto ones.
 
     Raises:
       FileNotFoundError / ValueError / CheckpointError naming every problem with the files.
     """
-    from vlmprune.checkpoint import load_model
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected a HF LLaVA checkpoint or a vlmprune checkpoint)")
-    return load_model(path, dtype=_dtype(dtype), mesh=mesh)
+    got = load_llava(path, dtype=_dtype(dtype), mesh=mesh)
+    return LlavaModel(got.config, got.params, dtype=dtype, processor=got.processor, hf_config=got.hf_config, mesh=mesh)
 
 
 def hf_config_dict(model: LlavaModel) -> dict:

@@ -1,20 +1,29 @@
-"""LLaVA assembly (flax.linen): CLIP tower + ``mlp2x_gelu`` projector + LLaMA decoder.
+"""LLaVA assembly (flax.linen): a vision tower + ``mlp2x_gelu`` projector + a decoder, each taken from its
+family by the config (``vlmprune.models.FAMILIES``); LLaVA-1.5 and LLaVA-NeXT.
 
 The module exposes its pieces as methods (``encode``, ``project``, ``embed``, ``prefill``, ``decode_step``) so
 that the pruning step can sit between encoder and decoder as a plain array function; see ``vlmprune.model``.
+The checkpoint side is composed the same way: the families' weight and sharding rules, prefixed
+(:func:`weight_rules`, :func:`sharding_rules`), and :func:`load_llava` reads a HF or converted directory with
+every tensor placed straight onto its devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vlmprune.config import LlavaConfig
-from vlmprune.models.clip import CLIPVisionTransformer, activation
-from vlmprune.models.llama import KVCache, LlamaForCausalLM
+from vlmprune import sharding
+from vlmprune.io import checkpoint, weights
+from vlmprune.io.weights import Rules, identity, prefix_rules, transpose
+from vlmprune.models import FAMILIES, Family, family_of
+from vlmprune.models.activations import activation
+from vlmprune.models.llava_config import LlavaConfig
+from vlmprune.models.text.llama import KVCache
 
 Array = jax.Array
 
@@ -40,11 +49,11 @@ class Llava(nn.Module):
 
     def setup(self):
         c = self.config
-        self.vision_tower = CLIPVisionTransformer(c.vision, dtype=self.dtype)
+        self.vision_tower = family_of(c.vision).module(c.vision, dtype=self.dtype)
         self.multi_modal_projector = Projector(
             c.text.hidden_size, c.projector_hidden_act, c.projector_bias, dtype=self.dtype
         )
-        self.language_model = LlamaForCausalLM(c.text, dtype=self.dtype)
+        self.language_model = family_of(c.text).module(c.text, dtype=self.dtype)
         if c.model_type == "llava_next":
             self.image_newline = self.param("image_newline", nn.initializers.zeros, (c.text.hidden_size,))
 
@@ -106,3 +115,101 @@ class Llava(nn.Module):
 
     def decode_step(self, token_ids, positions, cache: KVCache, slot):
         return self.language_model.decode_step(self.embed(token_ids), positions, cache, slot)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+# The pre-4.52 llava-hf layout is the one the rules use: each sub-model's keys are those of the HF model alone
+# ("vision_tower.vision_model.*" = CLIPVisionModel, "language_model.model.*" / "language_model.lm_head.*" =
+# LlamaForCausalLM) under one prefix. Newer layouts are renamed to it.
+LLAVA_RENAMES = [
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^model\.vision_tower\.", "vision_tower."),
+    (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+    (r"^model\.image_newline$", "image_newline"),
+    # transformers 5.x flattens CLIPVisionModel and saves "vision_tower.embeddings.*" (no "vision_model.").
+    (r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model."),
+]
+
+PROJECTOR_RULES: Rules = [
+    (r"multi_modal_projector\.(linear_1|linear_2)\.weight", r"multi_modal_projector/\1/kernel", transpose),
+    (r"multi_modal_projector\.(linear_1|linear_2)\.bias", r"multi_modal_projector/\1/bias", identity),
+    (r"image_newline", "image_newline", identity),
+]
+
+PROJECTOR_SHARDING: sharding.ShardingRules = [
+    (r"multi_modal_projector/linear_1/kernel", (None, "model")),
+    (r"multi_modal_projector/linear_1/bias", ("model",)),
+    (r"multi_modal_projector/linear_2/kernel", ("model", None)),
+]
+
+
+def _compose(vision: Family, text: Family) -> Rules:
+    return [*prefix_rules(vision.weight_rules, "vision_tower.vision_model.", "vision_tower"), *PROJECTOR_RULES,
+            *prefix_rules(text.weight_rules, "language_model.", "language_model")]
+
+
+def weight_rules(config: LlavaConfig) -> Rules:
+    """HF key -> param rules of a LLaVA with ``config``'s tower and decoder (keys as :data:`LLAVA_RENAMES`
+    normalises them)."""
+    return _compose(family_of(config.vision), family_of(config.text))
+
+
+def sharding_rules(config: LlavaConfig) -> sharding.ShardingRules:
+    """Param path -> partition spec rules of a LLaVA with ``config``'s tower and decoder."""
+    v, t = family_of(config.vision), family_of(config.text)
+    return [*sharding.prefix_rules(v.sharding_rules, "vision_tower"), *PROJECTOR_SHARDING,
+            *sharding.prefix_rules(t.sharding_rules, "language_model")]
+
+
+# The table of the llava-hf 1.5 / NeXT checkpoints (CLIP tower, LLaMA decoder), e.g. to export to PyTorch.
+LLAVA_RULES: Rules = _compose(FAMILIES["clip_vision_model"], FAMILIES["llama"])
+
+
+def param_shapes(module: Llava) -> dict:
+    """The param tree of ``module`` as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
+    v = module.config.vision
+    pix = jnp.zeros((1, v.num_channels, v.image_size, v.image_size), module.dtype)
+    return weights.abstract_params(module, jnp.zeros((1, 2), jnp.int32), pix)
+
+
+def shard_params(params: dict, mesh, config: LlavaConfig) -> dict:
+    """Place LLaVA params on ``mesh`` by the families' sharding rules (already placed leaves are not copied)."""
+    return sharding.shard_params(params, mesh, sharding_rules(config))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedLlava:
+    """What :func:`load_llava` reads: config, params (placed), the HF processor (or None) and the HF config."""
+
+    config: LlavaConfig
+    params: dict
+    processor: Any
+    hf_config: Any
+
+
+def load_llava(path: str, *, dtype, mesh=None) -> LoadedLlava:
+    """Read a HF LLaVA directory (safetensors, any llava-hf key layout) or one written by
+    ``io.checkpoint.save_model``.
+
+    Params are built from ``jax.eval_shape`` and each tensor goes from the file to its devices: with a ``mesh``,
+    shard by shard to its ``NamedSharding`` (the whole model is never on one device), else to the default device.
+
+    Raises:
+      FileNotFoundError / ValueError / CheckpointError naming every problem with the files.
+    """
+    hf = checkpoint.read_hf_config(path)
+    cfg = LlavaConfig.from_hf(hf)
+    module = Llava(cfg, dtype=dtype)
+    abstract = param_shapes(module)
+    shardings = None if mesh is None else sharding.param_shardings(abstract, mesh, sharding_rules(cfg))
+    if checkpoint.is_converted(path):
+        params = checkpoint.restore_params(path, abstract, dtype, shardings)
+    else:
+        tied = family_of(cfg.text).tied
+        params = weights.load_params(
+            path, abstract, weight_rules(cfg), renames=LLAVA_RENAMES, dtype=dtype, shardings=shardings,
+            tied=None if tied is None else tuple(f"language_model/{p}" for p in tied),
+        )
+    return LoadedLlava(cfg, params, checkpoint.load_processor(path), hf)

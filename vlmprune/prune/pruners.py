@@ -634,7 +634,7 @@ class FastV(Pruner):
             raise ValueError(f"fastv: keep_ratio={self.keep_ratio} keeps int({n}·ratio) = 0 visual tokens")
 
     def llm_config(self, cfg, visual: Array, images_per_row: int):
-        from vlmprune.models.llama import FastVConfig
+        from vlmprune.models.text.llama import FastVConfig
 
         n = cfg.tokens_per_image
         return FastVConfig(visual=visual, layer=self.layer, keep=self.kept_per_image(cfg) * images_per_row,

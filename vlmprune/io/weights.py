@@ -1,13 +1,15 @@
-"""HF safetensors -> Flax params through one table of ``regex -> (param path, transform)``.
+"""HF safetensors -> Flax params through a table of ``regex -> (param path, transform)``, and back.
 
-Both llava-hf key layouts are accepted: the pre-4.52 ``language_model.model.*`` / ``vision_tower.*`` /
-``multi_modal_projector.*`` and the newer ``model.language_model.*`` / ``model.vision_tower.*``. Every missing,
-unexpected or mis-shaped tensor (and every unreadable file) is collected and reported in one error.
-The param tree's shapes come from ``jax.eval_shape`` so nothing is allocated twice.
+The machinery only: each model family owns its table (``vlmprune.models.vision.clip``, ``...text.llama``) and a
+composite model prefixes and joins them (``vlmprune.models.llava``). Renames normalise other key layouts first.
+Every missing, unexpected or mis-shaped tensor (and every unreadable file) is collected and reported in one error.
+The param tree's shapes come from ``jax.eval_shape`` so nothing is allocated twice, and with ``shardings`` each
+tensor goes from the file straight to its devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Any, Callable, Iterator
@@ -17,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from vlmprune.safetensors_io import iter_tensors, list_files
+from vlmprune.io.safetensors import iter_tensors, list_files
 
 
 class CheckpointError(ValueError):
@@ -29,74 +31,36 @@ class CheckpointError(ValueError):
         super().__init__("\n  - ".join([head, *problems]))
 
 
-def _t(w):  # torch Linear (out, in) -> flax Dense kernel (in, out)
-    return w.T
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """One re-layout HF tensor -> param, with the shape it produces and its inverse (used by the export)."""
+
+    name: str
+    forward: Callable[[np.ndarray], np.ndarray]
+    shape: Callable[[tuple[int, ...]], tuple[int, ...]]  # HF shape -> param shape, read from file headers
+    inverse: Callable[[Any, tuple[int, ...]], Any]  # (param, HF shape) -> HF tensor
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return self.forward(w)
 
 
-def _conv(w):  # patch conv (D, C, p, p) -> Dense kernel (C*p*p, D)
-    return w.reshape(w.shape[0], -1).T
+# torch ``Linear`` weight (out, in) -> flax ``Dense`` kernel (in, out)
+transpose = Transform("transpose", lambda w: w.T, lambda s: tuple(s)[::-1], lambda a, s: a.T)
+# patch convolution (D, C, p, p) -> ``Dense`` kernel (C*p*p, D) over flattened (C, p, p) patches
+patch_conv = Transform("patch_conv", lambda w: w.reshape(w.shape[0], -1).T,
+                       lambda s: (math.prod(s[1:]), s[0]), lambda a, s: a.T.reshape(s))
+identity = Transform("identity", lambda w: w, tuple, lambda a, s: a)
 
 
-def _id(w):
-    return w
+# One rule: (regex over a normalised HF key, param path template with ``\1`` groups, its Transform).
+Rules = list[tuple[str, str, Transform]]
 
 
-def _clip_rules(src: str, dst: str) -> list[tuple[str, str, Callable]]:
-    """Rules for one CLIP transformer under HF prefix ``src`` and param prefix ``dst``."""
-    s = re.escape(src)
-    layer = rf"{s}encoder\.layers\.(\d+)\."
-    return [
-        (rf"{s}embeddings\.patch_embedding\.weight", f"{dst}/patch_embedding/kernel", _conv),
-        (rf"{s}embeddings\.class_embedding", f"{dst}/class_embedding", _id),
-        (rf"{s}embeddings\.position_embedding\.weight", f"{dst}/position_embedding", _id),
-        (rf"{s}embeddings\.token_embedding\.weight", f"{dst}/token_embedding/embedding", _id),
-        (rf"{s}(pre_layrnorm|post_layernorm|final_layer_norm)\.weight", dst + r"/\1/scale", _id),
-        (rf"{s}(pre_layrnorm|post_layernorm|final_layer_norm)\.bias", dst + r"/\1/bias", _id),
-        (layer + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight", dst + r"/layers_\1/self_attn/\2/kernel", _t),
-        (layer + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", dst + r"/layers_\1/self_attn/\2/bias", _id),
-        (layer + r"(layer_norm1|layer_norm2)\.weight", dst + r"/layers_\1/\2/scale", _id),
-        (layer + r"(layer_norm1|layer_norm2)\.bias", dst + r"/layers_\1/\2/bias", _id),
-        (layer + r"mlp\.(fc1|fc2)\.weight", dst + r"/layers_\1/\2/kernel", _t),
-        (layer + r"mlp\.(fc1|fc2)\.bias", dst + r"/layers_\1/\2/bias", _id),
-    ]
+def prefix_rules(rules: Rules, src: str, dst: str) -> Rules:
+    """``rules`` of a sub-model moved under the HF key prefix ``src`` (e.g. ``"vision_tower."``) and the param
+    path prefix ``dst`` (e.g. ``"vision_tower"``; ``""`` keeps the paths as they are)."""
+    return [(re.escape(src) + pat, f"{dst}/{tmpl}" if dst else tmpl, fn) for pat, tmpl, fn in rules]
 
-
-_LLAMA = r"model\.language_model\."
-LLAVA_RULES: list[tuple[str, str, Callable]] = [
-    *_clip_rules("model.vision_tower.vision_model.", "vision_tower"),
-    (r"model\.multi_modal_projector\.(linear_1|linear_2)\.weight", r"multi_modal_projector/\1/kernel", _t),
-    (r"model\.multi_modal_projector\.(linear_1|linear_2)\.bias", r"multi_modal_projector/\1/bias", _id),
-    (r"model\.image_newline", "image_newline", _id),
-    (_LLAMA + r"embed_tokens\.weight", "language_model/embed_tokens/embedding", _id),
-    (_LLAMA + r"norm\.weight", "language_model/norm/weight", _id),
-    (_LLAMA + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight",
-     r"language_model/layers_\1/self_attn/\2/kernel", _t),
-    (_LLAMA + r"layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.bias",
-     r"language_model/layers_\1/self_attn/\2/bias", _id),
-    (_LLAMA + r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight", r"language_model/layers_\1/mlp/\2/kernel", _t),
-    (_LLAMA + r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.bias", r"language_model/layers_\1/mlp/\2/bias", _id),
-    (_LLAMA + r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
-     r"language_model/layers_\1/\2/weight", _id),
-    (r"lm_head\.weight", "language_model/lm_head/kernel", _t),
-]
-
-# Old (pre-4.52) llava-hf prefixes -> new ones.
-LLAVA_RENAMES = [
-    (r"^language_model\.model\.", "model.language_model."),
-    (r"^language_model\.lm_head\.", "lm_head."),
-    (r"^vision_tower\.", "model.vision_tower."),
-    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
-    (r"^image_newline$", "model.image_newline"),
-    # transformers 5.x flattens CLIPVisionModel and saves "vision_tower.embeddings.*" (no "vision_model.").
-    (r"^model\.vision_tower\.(?!vision_model\.)", "model.vision_tower.vision_model."),
-]
-
-CLIP_RULES: list[tuple[str, str, Callable]] = [
-    *_clip_rules("vision_model.", "vision_model"),
-    *_clip_rules("text_model.", "text_model"),
-    (r"visual_projection\.weight", "visual_projection/kernel", _t),
-    (r"text_projection\.weight", "text_projection/kernel", _t),
-]
 
 # Buffers some checkpoints carry that have no parameter counterpart.
 IGNORED = [r".*rotary_emb\.inv_freq$", r".*embeddings\.position_ids$", r"^logit_scale$"]
@@ -128,28 +92,35 @@ class _RuleTable:
 def load_params(
     directory: str,
     abstract_params: dict,
-    rules: list[tuple[str, str, Callable]],
+    rules: Rules,
     *,
     renames: list[tuple[str, str]] = (),
     dtype=jnp.float32,
     tied: tuple[str, str] | None = None,
+    shardings: dict | None = None,
 ) -> dict:
     """Read a HF safetensors directory into a param pytree shaped like ``abstract_params``.
+
+    Every key, shape and file is checked from the safetensors headers before any tensor is read; then each tensor
+    is read, re-laid out, cast and placed on its own, so at most one tensor at a time is held on the host.
 
     Args:
       directory: HF checkpoint directory (single file or sharded with ``model.safetensors.index.json``).
       abstract_params: pytree of ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape(module.init, ...)``).
-      rules: (regex over the normalised HF key, param path template with ``\\1`` groups, numpy transform).
-      renames: (regex, replacement) applied to every HF key first (old layouts -> new).
+      rules: (regex over the normalised HF key, param path template with ``\\1`` groups, :class:`Transform`).
+      renames: (regex, replacement) applied to every HF key first (other layouts -> the one ``rules`` use).
       dtype: floating dtype of the result.
       tied: (target, source) param paths: fill target with source.T when the checkpoint lacks it.
+      shardings: optional pytree of ``jax.sharding.Sharding`` shaped like ``abstract_params``: each tensor is
+        built shard by shard on its devices (``jax.make_array_from_callback``) and never lands on the default
+        device first. None: every tensor on the default device.
 
     Raises:
       CheckpointError: listing every missing, unexpected or mis-shaped tensor and unreadable file.
     """
     expected = {"/".join(k): v for k, v in flatten_dict(abstract_params).items()}
     table = _RuleTable(rules, renames)
-    out: dict[str, np.ndarray] = {}
+    plan: dict[str, tuple] = {}  # target -> (file, key, transform)
     seen: set[str] = set()  # targets present in the checkpoint, even if mis-shaped
     problems: list[str] = []
     files = list_files(directory)
@@ -165,30 +136,47 @@ def load_params(
             problems.append(f"unexpected tensor {key!r} (maps to {target!r}, which this model config does not have)")
             continue
         seen.add(target)
-        arr = fn(f.get(key))
+        shape = tuple(fn.shape(f.shape(key)))
         want = tuple(expected[target].shape)
-        if arr.shape != want:
-            problems.append(f"shape mismatch for {key!r}: checkpoint {list(f.shape(key))} (as {list(arr.shape)}) "
+        if shape != want:
+            problems.append(f"shape mismatch for {key!r}: checkpoint {list(f.shape(key))} (as {list(shape)}) "
                             f"but the config expects {list(want)} at {target!r}")
             continue
-        if target in out:
+        if target in plan:
             problems.append(f"duplicate tensor for {target!r} (key {key!r})")
             continue
-        out[target] = arr
+        plan[target] = (f, key, fn)
     if tied is not None:
         tgt, src = tied
-        if tgt in expected and tgt not in out and src in out:
-            out[tgt] = out[src].T
-    missing = sorted(set(expected) - set(out) - seen)
+        if tgt in expected and tgt not in plan and src in plan:
+            f, key, fn = plan[src]
+            plan[tgt] = (f, key, _then_transpose(fn))
+    missing = sorted(set(expected) - set(plan) - seen)
     for m in missing:
         problems.append(f"missing tensor for parameter {m!r} {list(expected[m].shape)}")
     if problems:
         raise CheckpointError(directory, problems)
+    placement = {} if shardings is None else {"/".join(k): v for k, v in flatten_dict(shardings).items()}
     flat = {}
-    for k, v in out.items():
+    for k, (f, key, fn) in plan.items():
         want_dtype = dtype if jnp.issubdtype(expected[k].dtype, jnp.floating) else expected[k].dtype
-        flat[tuple(k.split("/"))] = jnp.asarray(v, dtype=want_dtype)
+        flat[tuple(k.split("/"))] = _place(fn(f.get(key)), want_dtype, placement.get(k))
     return unflatten_dict(flat)
+
+
+def _then_transpose(fn: Transform) -> Transform:
+    return Transform(f"{fn.name}.T", lambda w: fn(w).T, lambda s: tuple(fn.shape(s))[::-1],
+                     lambda a, s: fn.inverse(a.T, s))
+
+
+def _place(arr: np.ndarray, dtype, sharding) -> jax.Array:
+    """One host tensor as a jax array of ``dtype``: on the default device, or built shard by shard on its
+    devices (each device receives only its slice; also right on several hosts, where every host reads the file
+    and fills its own devices)."""
+    if sharding is None:
+        return jnp.asarray(arr, dtype=dtype)
+    host = np.asarray(arr, dtype=dtype)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def abstract_params(module, *args) -> dict:
@@ -197,19 +185,10 @@ def abstract_params(module, *args) -> dict:
     return shapes["params"]
 
 
-def _inverse(fn: Callable, arr, shape: tuple[int, ...]):
-    """Undo a loading transform: Flax layout -> the HF tensor of ``shape``."""
-    if fn is _t:
-        arr = arr.T
-    elif fn is _conv:
-        arr = arr.T.reshape(shape)
-    return arr
-
-
 def iter_export(
     params: dict,
     hf_shapes: dict[str, tuple[int, ...]],
-    rules: list[tuple[str, str, Callable]],
+    rules: Rules,
     *,
     renames: list[tuple[str, str]] = (),
     convert: Callable | None = None,
@@ -248,11 +227,7 @@ def iter_export(
             problems.append(f"HF tensor {key!r} maps to {target!r}, which the params do not have")
             continue
         have = tuple(flat[target].shape)
-        want = tuple(shape)
-        if fn is _t:
-            want = want[::-1]
-        elif fn is _conv:
-            want = (math.prod(want[1:]), want[0])
+        want = tuple(fn.shape(tuple(shape)))
         if have != want:
             problems.append(f"shape mismatch for {key!r}: HF expects {list(shape)}, params have {list(have)} "
                             f"at {target!r}")
@@ -261,7 +236,7 @@ def iter_export(
     if problems:
         raise CheckpointError("export", problems)
     for key, target, fn, shape in plan:
-        yield key, _inverse(fn, convert(flat[target]), shape)
+        yield key, fn.inverse(convert(flat[target]), shape)
 
 
 def export_params(params: dict, hf_shapes: dict[str, tuple[int, ...]], rules, *, renames=(), convert=None) -> dict:

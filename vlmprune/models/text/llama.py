@@ -1,4 +1,5 @@
-"""LLaMA / Mistral decoder (flax.linen) with a preallocated KV cache, matching HF ``LlamaForCausalLM``.
+"""LLaMA / Mistral decoder (flax.linen) with a preallocated KV cache, matching HF ``LlamaForCausalLM``; the
+``llama`` and ``mistral`` families (config, module, weight and sharding rules).
 
 Layout conventions:
   * the cache holds ``k`` and ``v``, one (B, kv_heads, S, head_dim) array per layer; slot ``s`` of a row is the
@@ -21,7 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmprune.io.weights import Rules, identity, transpose
 from vlmprune.models.attention import attention, cached_attention
+from vlmprune.models.family import TEXT, Family
+from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
 
@@ -426,3 +430,33 @@ def _fill_cache(cache: KVCache, kv_early, kv_late, slots, full_mask, kept_mask, 
     late_mask = jnp.zeros_like(cache.key_mask).at[rows, slots].set(kept_mask)
     k, v = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)
     return KVCache(k=tuple(k), v=tuple(v), key_mask=key_mask, late_mask=late_mask, late_from=late_from)
+
+
+# ---------------------------------------------------------------------------------------------- weights, sharding
+
+# HF ``LlamaForCausalLM`` keys -> :class:`LlamaForCausalLM` params.
+_LAYER = r"model\.layers\.(\d+)\."
+WEIGHT_RULES: Rules = [
+    (r"model\.embed_tokens\.weight", "embed_tokens/embedding", identity),
+    (r"model\.norm\.weight", "norm/weight", identity),
+    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", r"layers_\1/self_attn/\2/kernel", transpose),
+    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.bias", r"layers_\1/self_attn/\2/bias", identity),
+    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", r"layers_\1/mlp/\2/kernel", transpose),
+    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.bias", r"layers_\1/mlp/\2/bias", identity),
+    (_LAYER + r"(input_layernorm|post_attention_layernorm)\.weight", r"layers_\1/\2/weight", identity),
+    (r"lm_head\.weight", "lm_head/kernel", transpose),
+]
+
+# Tensor parallel over heads and MLP width (Megatron style); the vocabulary splits the embedding and the LM head.
+SHARDING_RULES: ShardingRules = [
+    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
+    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
+    (r"layers_\d+/mlp/(gate_proj|up_proj)/kernel", (None, "model")),
+    (r"layers_\d+/mlp/(gate_proj|up_proj)/bias", ("model",)),
+    (r"layers_\d+/(self_attn/o_proj|mlp/down_proj)/kernel", ("model", None)),
+    (r"embed_tokens/embedding", ("model", None)),
+    (r"lm_head/kernel", (None, "model")),
+]
+
+FAMILY = Family(name="LLaMA", kind=TEXT, config=LlamaConfig, module=LlamaForCausalLM, weight_rules=WEIGHT_RULES,
+                sharding_rules=SHARDING_RULES, tied=("lm_head/kernel", "embed_tokens/embedding"))

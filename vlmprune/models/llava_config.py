@@ -1,24 +1,24 @@
-"""Model configuration: read through transformers' own config classes, frozen into hashable dataclasses.
+"""LLaVA configuration: read through transformers' own config classes, frozen into hashable dataclasses.
 
 Reading ``config.json`` with ``AutoConfig`` means a sparse, transformers-4.36-era llava-hf config gets exactly
-the defaults HF gives it (vision tower, text tower, rope, ids).
+the defaults HF gives it (vision tower, text tower, rope, ids). The tower and the decoder are parsed by their
+families, chosen by ``vision_config.model_type`` and ``text_config.model_type`` (``vlmprune.models.FAMILIES``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+from typing import Any
 
-from vlmprune.models.clip import CLIPTextConfig, CLIPVisionConfig
-from vlmprune.models.llama import LlamaConfig
+from vlmprune.models import TEXT, VISION, family
 
 SUPPORTED = ("llava", "llava_next")
 
 
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
-    vision: CLIPVisionConfig
-    text: LlamaConfig
+    vision: Any  # a vision family's config (``CLIPVisionConfig``, ...)
+    text: Any  # a decoder family's config (``LlamaConfig``, ...)
     model_type: str = "llava"
     image_token_id: int = 32000
     vision_feature_layer: int = -2
@@ -32,18 +32,17 @@ class LlavaConfig:
 
     @property
     def tokens_per_image(self) -> int:
-        """Visual tokens one 1.5 image (or one NeXT tile) contributes before pruning."""
-        n = self.vision.num_patches
-        return n + 1 if self.vision_feature_select_strategy == "full" else n
+        """Visual tokens one 1.5 image (or one NeXT tile) contributes before pruning: every token the tower
+        outputs ("full"), or all but the first ("default", as HF drops it)."""
+        n = self.vision.num_positions
+        return n if self.vision_feature_select_strategy == "full" else n - 1
 
     @classmethod
     def from_hf(cls, hf) -> "LlavaConfig":
         if hf.model_type not in SUPPORTED:
             raise ValueError(f"unsupported model_type {hf.model_type!r}; vlmprune loads {SUPPORTED}")
-        if hf.vision_config.model_type not in ("clip_vision_model",):
-            raise ValueError(f"unsupported vision tower {hf.vision_config.model_type!r} (only CLIP is implemented)")
-        if hf.text_config.model_type not in ("llama", "mistral"):
-            raise ValueError(f"unsupported language model {hf.text_config.model_type!r} (llama, mistral)")
+        vision = family(hf.vision_config.model_type, VISION)
+        text = family(hf.text_config.model_type, TEXT)
         layer = hf.vision_feature_layer
         if not isinstance(layer, int):
             raise ValueError(f"vision_feature_layer={layer!r}: multi-layer feature concatenation is not supported")
@@ -58,8 +57,8 @@ class LlavaConfig:
         if pad is None:
             pad = eos[0]
         return cls(
-            vision=CLIPVisionConfig.from_hf(hf.vision_config),
-            text=LlamaConfig.from_hf(tc),
+            vision=vision.config.from_hf(hf.vision_config),
+            text=text.config.from_hf(tc),
             model_type=hf.model_type,
             image_token_id=int(hf.image_token_id),
             vision_feature_layer=int(layer),
@@ -80,23 +79,3 @@ def _eos_ids(hf) -> tuple[int, ...]:
     if eos is None:
         eos = 2
     return tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-
-
-def read_hf_config(path: str):
-    """HF config object for a checkpoint directory, via AutoConfig (local files only)."""
-    from transformers import AutoConfig
-
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face LLaVA directory or a vlmprune checkpoint)")
-    try:
-        return AutoConfig.from_pretrained(path, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raise with the file named
-        raise ValueError(f"{cfg_file}: could not be read as a transformers config: {e}") from e
-
-
-def clip_configs(hf) -> tuple[CLIPVisionConfig, CLIPTextConfig, int]:
-    """(vision, text, projection_dim) of a HF ``CLIPConfig``."""
-    if hf.model_type != "clip":
-        raise ValueError(f"expected a full CLIP checkpoint (model_type 'clip'), got {hf.model_type!r}")
-    return CLIPVisionConfig.from_hf(hf.vision_config), CLIPTextConfig.from_hf(hf.text_config), int(hf.projection_dim)

@@ -1,4 +1,5 @@
-"""CLIP vision and text towers (flax.linen), numerically matching HF transformers' ``CLIPModel``.
+"""CLIP (the ``clip_vision_model`` family): vision and text towers (flax.linen), numerically matching HF
+transformers' ``CLIPModel``, their weight and sharding rules, and the full CLIP model HERO scores with.
 
 The vision tower returns only what LLaVA and the pruning methods consume:
 
@@ -8,19 +9,33 @@ The vision tower returns only what LLaVA and the pruning methods consume:
   through ``vlmprune.models.attention`` (fused ``jax.nn.dot_product_attention`` on GPU/TPU),
 * optionally the raw key projections of some layers (VisionZip and PruMerge+ use them).
 
-Parameter names mirror HF's module names so the weight table in ``vlmprune.weights`` stays one line per tensor.
+Parameter names mirror HF's module names so the weight table below stays one line per tensor.
+
+    clip = vlmprune.load_clip("openai/clip-vit-large-patch14-336 local dir")
+    img = clip.image_features(pixel_values)        # (B, E), HF get_image_features
+    txt = clip.text_features(["a red sign"])      # (B, E), HF get_text_features
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from vlmprune import _checks
+from vlmprune.io.checkpoint import read_hf_config
+from vlmprune.io.dtypes import parse_dtype
+from vlmprune.io.weights import Rules, abstract_params, identity, load_params, patch_conv, prefix_rules, transpose
+from vlmprune.models.activations import activation
 from vlmprune.models.attention import attention
+from vlmprune.models.family import VISION, Family
+from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
 
@@ -45,6 +60,11 @@ class CLIPVisionConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        """Tokens the tower outputs: the class token, then the patches."""
+        return self.num_patches + 1
 
     @classmethod
     def from_hf(cls, c) -> "CLIPVisionConfig":
@@ -89,19 +109,6 @@ class CLIPTextConfig:
             eos_token_id=c.eos_token_id,
             projection_dim=getattr(c, "projection_dim", 768),
         )
-
-
-def activation(name: str):
-    """HF activation names -> jax functions (exact variants, not approximations HF does not use)."""
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name in ("gelu_new", "gelu_pytorch_tanh"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "silu":
-        return jax.nn.silu
-    raise ValueError(f"unsupported activation {name!r}")
 
 
 class CLIPAttention(nn.Module):
@@ -310,3 +317,126 @@ class CLIPModel(nn.Module):
     def text_features(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         """(B, T) -> projected, unnormalised text embeddings (B, E), as HF ``get_text_features``."""
         return self.text_projection(self.text_model(input_ids, attention_mask)["pooled"])
+
+
+def clip_configs(hf) -> tuple[CLIPVisionConfig, CLIPTextConfig, int]:
+    """(vision, text, projection_dim) of a HF ``CLIPConfig``."""
+    if hf.model_type != "clip":
+        raise ValueError(f"expected a full CLIP checkpoint (model_type 'clip'), got {hf.model_type!r}")
+    return CLIPVisionConfig.from_hf(hf.vision_config), CLIPTextConfig.from_hf(hf.text_config), int(hf.projection_dim)
+
+
+# ---------------------------------------------------------------------------------------------- weights, sharding
+
+# HF ``CLIPEncoderLayer`` i -> ``layers_i`` (shared by both towers).
+_LAYER = r"encoder\.layers\.(\d+)\."
+ENCODER_RULES: Rules = [
+    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight", r"layers_\1/self_attn/\2/kernel", transpose),
+    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", r"layers_\1/self_attn/\2/bias", identity),
+    (_LAYER + r"(layer_norm1|layer_norm2)\.weight", r"layers_\1/\2/scale", identity),
+    (_LAYER + r"(layer_norm1|layer_norm2)\.bias", r"layers_\1/\2/bias", identity),
+    (_LAYER + r"mlp\.(fc1|fc2)\.weight", r"layers_\1/\2/kernel", transpose),
+    (_LAYER + r"mlp\.(fc1|fc2)\.bias", r"layers_\1/\2/bias", identity),
+]
+
+# HF ``CLIPVisionTransformer`` keys -> :class:`CLIPVisionTransformer` params.
+WEIGHT_RULES: Rules = [
+    (r"embeddings\.patch_embedding\.weight", "patch_embedding/kernel", patch_conv),
+    (r"embeddings\.class_embedding", "class_embedding", identity),
+    (r"embeddings\.position_embedding\.weight", "position_embedding", identity),
+    (r"(pre_layrnorm|post_layernorm)\.weight", r"\1/scale", identity),
+    (r"(pre_layrnorm|post_layernorm)\.bias", r"\1/bias", identity),
+    *ENCODER_RULES,
+]
+
+# HF ``CLIPTextTransformer`` keys -> :class:`CLIPTextTransformer` params.
+TEXT_WEIGHT_RULES: Rules = [
+    (r"embeddings\.token_embedding\.weight", "token_embedding/embedding", identity),
+    (r"embeddings\.position_embedding\.weight", "position_embedding", identity),
+    (r"final_layer_norm\.weight", "final_layer_norm/scale", identity),
+    (r"final_layer_norm\.bias", "final_layer_norm/bias", identity),
+    *ENCODER_RULES,
+]
+
+# HF ``CLIPModel`` keys -> :class:`CLIPModel` params.
+CLIP_RULES: Rules = [
+    *prefix_rules(WEIGHT_RULES, "vision_model.", "vision_model"),
+    *prefix_rules(TEXT_WEIGHT_RULES, "text_model.", "text_model"),
+    (r"visual_projection\.weight", "visual_projection/kernel", transpose),
+    (r"text_projection\.weight", "text_projection/kernel", transpose),
+]
+
+# Tensor parallel over heads and MLP width: q/k/v and fc1 split by columns, out_proj and fc2 by rows.
+SHARDING_RULES: ShardingRules = [
+    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
+    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
+    (r"layers_\d+/fc1/kernel", (None, "model")),
+    (r"layers_\d+/fc1/bias", ("model",)),
+    (r"layers_\d+/(self_attn/out_proj|fc2)/kernel", ("model", None)),
+]
+
+FAMILY = Family(name="CLIP", kind=VISION, config=CLIPVisionConfig, module=CLIPVisionTransformer,
+                weight_rules=WEIGHT_RULES, sharding_rules=SHARDING_RULES)
+
+
+# ---------------------------------------------------------------------------------------------- full CLIP, loaded
+
+
+class ClipModel:
+    """Loaded CLIP: ``image_features``, ``text_features`` (unnormalised projected embeddings)."""
+
+    def __init__(self, module: CLIPModel, params, tokenizer=None):
+        self.module = module
+        self.params = params
+        self.tokenizer = tokenizer
+        self._image = jax.jit(functools.partial(module.apply, method=CLIPModel.image_features))
+        self._text = jax.jit(functools.partial(module.apply, method=CLIPModel.text_features))
+
+    def image_features(self, pixel_values) -> jax.Array:
+        """float (B, C, S, S) CLIP-normalised pixels -> (B, E)."""
+        v = self.module.vision
+        shape = tuple(np.shape(pixel_values))
+        if len(shape) != 4 or shape[1:] != (v.num_channels, v.image_size, v.image_size):
+            raise ValueError(f"pixel_values must be (B, {v.num_channels}, {v.image_size}, {v.image_size}), got {shape}")
+        _checks.check_finite("pixel_values", pixel_values)
+        return self._image({"params": self.params}, jnp.asarray(pixel_values, self.module.dtype))
+
+    def text_features(self, text_or_ids, attention_mask=None) -> jax.Array:
+        """A list of strings (tokenized with the checkpoint's tokenizer) or int ids (B, T) -> (B, E).
+
+        Raises ValueError for text longer than the tower's context (77 tokens for CLIP; the HERO original crashes).
+        """
+        if isinstance(text_or_ids, (str, list, tuple)) and (isinstance(text_or_ids, str) or isinstance(text_or_ids[0], str)):
+            if self.tokenizer is None:
+                raise ValueError("this CLIP checkpoint has no tokenizer files: pass token ids instead of text")
+            texts = [text_or_ids] if isinstance(text_or_ids, str) else list(text_or_ids)
+            enc = self.tokenizer(texts, padding=True, return_tensors="np")
+            ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+        else:
+            ids = np.asarray(text_or_ids)
+        if ids.ndim != 2 or ids.shape[1] == 0:
+            raise ValueError(f"token ids must be (B, T) with T >= 1, got shape {ids.shape}")
+        limit = self.module.text.max_position_embeddings
+        if ids.shape[1] > limit:
+            raise ValueError(f"text is {ids.shape[1]} tokens long; the CLIP text tower takes at most {limit}")
+        mask = None if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+        return self._text({"params": self.params}, jnp.asarray(ids, jnp.int32), mask)
+
+
+def load_clip(path: str, *, dtype="float32") -> ClipModel:
+    """Load a HF ``CLIPModel`` directory (config.json + safetensors)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: not a directory (expected a HF CLIP checkpoint)")
+    dt = parse_dtype(dtype)
+    vis, txt, proj = clip_configs(read_hf_config(path))
+    module = CLIPModel(vis, txt, proj, dtype=dt)
+    abstract = abstract_params(
+        module, jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, vis.num_channels, vis.image_size, vis.image_size), dt)
+    )
+    params = load_params(path, abstract, CLIP_RULES, dtype=dt)
+    tok = None
+    if any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json")):
+        from transformers import AutoTokenizer  # heavy (pulls in torch): only when the checkpoint ships one
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return ClipModel(module, params, tok)

@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: safetensors files, HF weight tables, orbax directories."""

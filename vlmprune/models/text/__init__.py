@@ -1,0 +1,1 @@
+"""Decoders, one file per HF family (config, module, weight and sharding rules)."""

@@ -1,0 +1,1 @@
+"""Vision towers, one file per HF family (config, module, weight and sharding rules)."""
