@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vlmprune.config import LlavaConfig, read_hf_config
-from vlmprune.weights import LLAVA_RENAMES, LLAVA_RULES, CheckpointError, abstract_params, load_params
+from vlmprune.safe_output import OutputKind, staged_dir, write_marker
+from vlmprune.weights import (
+    LLAVA_RENAMES, LLAVA_RULES, CheckpointError, abstract_params, array_problems, load_params, numpy_dtype,
+)
 
 FORMAT_FILE = "vlmprune.json"
 PARAMS_DIR = "params"
+#: what ``LlavaModel.save`` / ``vlmprune convert`` write, recognised by its marker file
+ORBAX_CHECKPOINT = OutputKind(FORMAT_FILE, "vlmprune-orbax", "vlmprune checkpoint")
 
 
 def _abstract(module, cfg: LlavaConfig):
@@ -29,46 +32,65 @@ def load_processor(path: str):
         return None
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoProcessor.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - name the directory and the processor files
+        names = [f for f in sorted(os.listdir(path)) if f.endswith(".json") and f != "config.json"
+                 and not f.startswith("model.safetensors")]
+        raise ValueError(f"{path}: the processor/tokenizer files could not be read ({', '.join(names)}): "
+                         f"{type(e).__name__}: {e}") from e
 
 
-def load_model(path: str, *, dtype, mesh=None):
+def load_config(path: str):
+    """(HF config, ``LlavaConfig``) of a checkpoint directory, every field range-checked (no weights read)."""
+    hf = read_hf_config(path)
+    return hf, LlavaConfig.from_hf(hf, source=os.path.join(path, "config.json"))
+
+
+def load_model(path: str, *, dtype, mesh=None, check_finite: bool = True):
+    """Load a HF LLaVA directory or a vlmprune (orbax) checkpoint; ``check_finite`` scans weights for NaN/inf."""
     from vlmprune.model import LlavaModel
     from vlmprune.models.llava import Llava
 
-    hf = read_hf_config(path)
-    cfg = LlavaConfig.from_hf(hf)
+    hf, cfg = load_config(path)
     module = Llava(cfg, dtype=dtype)
     abstract = _abstract(module, cfg)
     if os.path.exists(os.path.join(path, FORMAT_FILE)):
-        params = _restore_orbax(path, abstract, dtype)
+        params = _restore_orbax(path, abstract, dtype, check_finite=check_finite)
     else:
         params = load_params(
-            path, abstract, LLAVA_RULES, renames=LLAVA_RENAMES, dtype=dtype,
+            path, abstract, LLAVA_RULES, renames=LLAVA_RENAMES, dtype=dtype, check_finite=check_finite,
             tied=("language_model/lm_head/kernel", "language_model/embed_tokens/embedding"),
         )
     name = {jnp.float32: "float32", jnp.bfloat16: "bfloat16", jnp.float16: "float16"}[dtype]
     return LlavaModel(cfg, params, dtype=name, processor=load_processor(path), hf_config=hf, mesh=mesh)
 
 
-def save_model(model, directory: str) -> None:
+def save_model(model, directory: str, *, overwrite: bool = False, protect=(), flag: str = "overwrite=True") -> None:
+    """Write params (orbax), the HF config and processor into ``directory``.
+
+    Only into an absent or empty directory, or one holding an earlier vlmprune checkpoint (replaced whole);
+    any other directory needs ``overwrite=True`` (see ``vlmprune.safe_output``). Everything is written into a
+    temporary sibling first and renamed into place when complete.
+
+    Raises:
+      OutputExistsError: the directory holds other files (nothing is written).
+    """
     import orbax.checkpoint as ocp
 
     directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    target = os.path.join(directory, PARAMS_DIR)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(target, model.params, force=True)
-    model.hf_config.save_pretrained(directory)
-    if model.processor is not None:
-        model.processor.save_pretrained(directory)
-    with open(os.path.join(directory, FORMAT_FILE), "w") as f:
-        json.dump({"format": "vlmprune-orbax", "version": 1, "params": PARAMS_DIR}, f)
+    with staged_dir(directory, ORBAX_CHECKPOINT, overwrite=overwrite, protect=protect, flag=flag) as tmp:
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(os.path.join(tmp, PARAMS_DIR), model.params)
+        model.hf_config.save_pretrained(tmp)
+        if model.processor is not None:
+            model.processor.save_pretrained(tmp)
+        write_marker(tmp, ORBAX_CHECKPOINT, version=1, params=PARAMS_DIR)
 
 
-def _restore_orbax(path: str, abstract, dtype):
+def _restore_orbax(path: str, abstract, dtype, *, check_finite: bool = True):
     import orbax.checkpoint as ocp
-    from flax.traverse_util import flatten_dict
+    from flax.traverse_util import flatten_dict, unflatten_dict
 
     target = os.path.join(os.path.abspath(path), PARAMS_DIR)
     if not os.path.isdir(target):
@@ -87,7 +109,14 @@ def _restore_orbax(path: str, abstract, dtype):
     problems += [f"unexpected tensor {k!r}" for k in sorted(set(got) - set(want))]
     problems += [f"shape mismatch at {k!r}: checkpoint {list(np.shape(got[k]))}, config {list(want[k].shape)}"
                  for k in sorted(set(want) & set(got)) if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+    cast = {}
+    for k in sorted(set(want) & set(got)):
+        if tuple(np.shape(got[k])) != tuple(want[k].shape):
+            continue
+        target = numpy_dtype(dtype) if jnp.issubdtype(want[k].dtype, jnp.floating) else np.dtype(want[k].dtype)
+        arr, bad = array_problems(k, np.asarray(got[k]), target, check_finite=check_finite, where=PARAMS_DIR)
+        problems += bad
+        cast[k] = arr
     if problems:
         raise CheckpointError(path, problems)
-    return jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x),
-                        restored)
+    return unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in cast.items()})

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks
+from vlmprune import _checks, inputs
 from vlmprune.config import LlavaConfig
 from vlmprune.models.llama import KVCache
 from vlmprune.models.llava import Llava
@@ -237,8 +237,7 @@ class LlavaModel:
 
     def _check_pixels(self, pixel_values):
         v = self.config.vision
-        if pixel_values is None:
-            raise ValueError("pixel_values is required (one image per <image> placeholder)")
+        pixel_values = inputs.check_pixel_values(pixel_values)
         shape = tuple(getattr(pixel_values, "shape", ()))
         want = (v.num_channels, v.image_size, v.image_size)
         if self.config.model_type == "llava_next":
@@ -253,7 +252,6 @@ class LlavaModel:
                 f"pixel_values must have shape (num_images, {want[0]}, {want[1]}, {want[2]}) for this vision "
                 f"tower (image_size={v.image_size}), got {shape}; preprocess images with the model's processor"
             )
-        _checks.check_finite("pixel_values", pixel_values)
         return pixel_values
 
     def _next_layout(self, pixel_values, image_sizes, pruner=None):
@@ -293,8 +291,8 @@ class LlavaModel:
         """Validate everything on the host. Returns (plan, pixels, layout arrays or None, stride or None)."""
         pixel_values = self._check_pixels(pixel_values)
         c = self.config
-        ids = np.asarray(input_ids)
-        mask = None if attention_mask is None else np.asarray(attention_mask)
+        ids = inputs.check_token_ids(input_ids, c.text.vocab_size)
+        mask = inputs.check_attention_mask(attention_mask)
         if c.model_type == "llava":
             tokens = c.tokens_per_image
             slots = tokens if pruner is None else pruner.num_slots(c)
@@ -414,6 +412,9 @@ class LlavaModel:
         _checks.check_int("max_new_tokens", max_new_tokens, lo=1)
         plan, pix, layout, stride = self._plan(input_ids, attention_mask, pixel_values, pruner, image_sizes, text)
         max_len = plan.length + max_new_tokens
+        inputs.check_generation_memory(self.config.text, batch=plan.text_src.shape[0], prompt_len=plan.length,
+                                       max_new_tokens=max_new_tokens, dtype=self.dtype,
+                                       devices=None if self.mesh is None else self.mesh.devices.flat)
         rope_type = dict(self.config.text.rope_scaling).get("rope_type", "default")
         if rope_type == "dynamic" and max_len > self.config.text.max_position_embeddings:
             raise ValueError(f"sequence of {max_len} tokens exceeds max_position_embeddings "
@@ -436,6 +437,7 @@ class LlavaModel:
             input_ids, pixel_values, attention_mask=attention_mask, image_sizes=image_sizes, pruner=pruner,
             max_new_tokens=max_new_tokens, text=text,
         )
+        inputs.check_logits_finite(logits)
         out = self._decode_jit(
             self.params, logits, cache, next_pos, jax.random.PRNGKey(seed), jnp.float32(temperature),
             jnp.float32(top_p), start_slot=plan.length + 1, max_new_tokens=int(max_new_tokens),
@@ -452,14 +454,15 @@ class LlavaModel:
             "vision": self._vision_jit._cache_size(),
         }
 
-    def save(self, directory: str) -> None:
-        """Write params with orbax plus the HF config (and processor) so ``vlmprune.load`` restores it."""
+    def save(self, directory: str, *, overwrite: bool = False) -> None:
+        """Write params with orbax plus the HF config (and processor) so ``vlmprune.load`` restores it; an
+        existing directory that is not a vlmprune checkpoint needs ``overwrite=True`` (see ``save_model``)."""
         from vlmprune.checkpoint import save_model
 
-        save_model(self, directory)
+        save_model(self, directory, overwrite=overwrite)
 
 
-def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
+def load(path: str, *, dtype="float32", mesh=None, check_finite: bool = True) -> LlavaModel:
     """Load a HF LLaVA directory (safetensors) or a directory written by ``LlavaModel.save``.
 
     Args:
@@ -468,6 +471,7 @@ def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
       dtype: "float32", "bfloat16" or "float16" for params and activations.
       mesh: optional ``jax.sharding.Mesh`` with axes "data" and/or "model": params are placed with
         ``vlmprune.sharding.RULES`` (tensor parallel over heads and MLP), inputs split over the batch.
+      check_finite: scan every weight for NaN/inf (and float16 overflow); False skips it for a faster load.
 
     Raises:
       FileNotFoundError / ValueError / CheckpointError naming every problem with the files.
@@ -476,7 +480,7 @@ def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected a HF LLaVA checkpoint or a vlmprune checkpoint)")
-    return load_model(path, dtype=_dtype(dtype), mesh=mesh)
+    return load_model(path, dtype=_dtype(dtype), mesh=mesh, check_finite=check_finite)
 
 
 def hf_config_dict(model: LlavaModel) -> dict:

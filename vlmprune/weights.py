@@ -2,7 +2,8 @@
 
 Both llava-hf key layouts are accepted: the pre-4.52 ``language_model.model.*`` / ``vision_tower.*`` /
 ``multi_modal_projector.*`` and the newer ``model.language_model.*`` / ``model.vision_tower.*``. Every missing,
-unexpected or mis-shaped tensor (and every unreadable file) is collected and reported in one error.
+unexpected, mis-shaped, non-float or non-finite tensor (and every unreadable file) is collected and reported in
+one error, naming the tensor and its file.
 The param tree's shapes come from ``jax.eval_shape`` so nothing is allocated twice.
 """
 
@@ -133,6 +134,7 @@ def load_params(
     renames: list[tuple[str, str]] = (),
     dtype=jnp.float32,
     tied: tuple[str, str] | None = None,
+    check_finite: bool = True,
 ) -> dict:
     """Read a HF safetensors directory into a param pytree shaped like ``abstract_params``.
 
@@ -143,20 +145,25 @@ def load_params(
       renames: (regex, replacement) applied to every HF key first (old layouts -> new).
       dtype: floating dtype of the result.
       tied: (target, source) param paths: fill target with source.T when the checkpoint lacks it.
+      check_finite: scan every tensor for NaN/inf (and for values that overflow ``dtype``); off for speed only.
 
     Raises:
-      CheckpointError: listing every missing, unexpected or mis-shaped tensor and unreadable file.
+      CheckpointError: listing every missing, unexpected, mis-shaped, non-float or non-finite tensor and every
+        unreadable file; unreadable files come first and the tensors they would have held are summarised in
+        one line.
     """
     expected = {"/".join(k): v for k, v in flatten_dict(abstract_params).items()}
     table = _RuleTable(rules, renames)
     out: dict[str, np.ndarray] = {}
-    seen: set[str] = set()  # targets present in the checkpoint, even if mis-shaped
+    seen: set[str] = set()  # targets present in the checkpoint, even if mis-shaped or refused
     problems: list[str] = []
+    file_problems: list[str] = []  # unreadable files: reported first, their missing tensors summarised
     files = list_files(directory)
-    for key, f in iter_tensors(files, problems):
+    for key, f in iter_tensors(files, file_problems):
+        fname = f.path.rsplit("/", 1)[-1]
         hit = table.match(key)
         if hit is None:
-            problems.append(f"unexpected tensor {key!r} {list(f.shape(key))} in {f.path.rsplit('/', 1)[-1]}")
+            problems.append(f"unexpected tensor {key!r} {list(f.shape(key))} in {fname}")
             continue
         if hit is _RuleTable.IGNORE:
             continue
@@ -165,30 +172,87 @@ def load_params(
             problems.append(f"unexpected tensor {key!r} (maps to {target!r}, which this model config does not have)")
             continue
         seen.add(target)
-        arr = fn(f.get(key))
+        floating = jnp.issubdtype(expected[target].dtype, jnp.floating)
+        if floating and f.dtype(key) not in FLOAT_DTYPES:
+            problems.append(f"tensor {key!r} in {fname} has dtype {f.dtype(key)}, not a floating-point type "
+                            f"({', '.join(FLOAT_DTYPES)}); quantised or integer weights are not supported")
+            continue
         want = tuple(expected[target].shape)
-        if arr.shape != want:
-            problems.append(f"shape mismatch for {key!r}: checkpoint {list(f.shape(key))} (as {list(arr.shape)}) "
-                            f"but the config expects {list(want)} at {target!r}")
+        if _transformed_shape(fn, f.shape(key)) != want:
+            problems.append(f"shape mismatch for {key!r}: checkpoint {list(f.shape(key))} "
+                            f"(as {list(_transformed_shape(fn, f.shape(key)))}) but the config expects {list(want)} "
+                            f"at {target!r}")
             continue
         if target in out:
             problems.append(f"duplicate tensor for {target!r} (key {key!r})")
             continue
+        want_dtype = numpy_dtype(dtype) if floating else np.dtype(expected[target].dtype)
+        arr, bad = array_problems(key, fn(f.get(key)), want_dtype, check_finite=check_finite, where=fname)
+        problems += bad
         out[target] = arr
     if tied is not None:
         tgt, src = tied
         if tgt in expected and tgt not in out and src in out:
             out[tgt] = out[src].T
     missing = sorted(set(expected) - set(out) - seen)
-    for m in missing:
-        problems.append(f"missing tensor for parameter {m!r} {list(expected[m].shape)}")
+    if file_problems and missing:
+        # the unreadable file(s) explain the missing tensors: one line instead of one per tensor
+        shown = ", ".join(repr(m) for m in missing[:3])
+        problems.insert(0, f"{len(missing)} parameter(s) were not loaded because of the unreadable file(s) above "
+                           f"(e.g. {shown})")
+    else:
+        for m in missing:
+            problems.append(f"missing tensor for parameter {m!r} {list(expected[m].shape)}")
+    problems = file_problems + problems
     if problems:
         raise CheckpointError(directory, problems)
-    flat = {}
-    for k, v in out.items():
-        want_dtype = dtype if jnp.issubdtype(expected[k].dtype, jnp.floating) else expected[k].dtype
-        flat[tuple(k.split("/"))] = jnp.asarray(v, dtype=want_dtype)
-    return unflatten_dict(flat)
+    return unflatten_dict({tuple(k.split("/")): jnp.asarray(v) for k, v in out.items()})
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def numpy_dtype(dtype) -> np.dtype:
+    """A jnp/np dtype (or scalar type) as a NumPy dtype (bfloat16 via ml_dtypes, as jnp uses it)."""
+    return np.dtype(jnp.dtype(dtype))
+
+
+def array_problems(name: str, arr: np.ndarray, target: np.dtype, *, check_finite: bool = True,
+                   where: str = "") -> tuple[np.ndarray, list[str]]:
+    """Cast one loaded tensor to ``target`` and say what is wrong with it.
+
+    Returns ``(arr as target, problems)``; problems name ``name`` (and ``where``, the file) for a non-float
+    tensor where a float one is needed, NaN/inf values (when ``check_finite``), and values that become
+    infinite in ``target`` (e.g. float32 weights beyond float16's 65504).
+    """
+    loc = f" in {where}" if where else ""
+    target = np.dtype(target)
+    if jnp.issubdtype(target, jnp.floating) and not jnp.issubdtype(arr.dtype, jnp.floating):
+        return arr, [f"tensor {name!r}{loc} has dtype {arr.dtype}, not a floating-point type; quantised or integer "
+                     "weights are not supported"]
+    out = arr.astype(target, copy=False)
+    if not check_finite or not jnp.issubdtype(target, jnp.floating):
+        return out, []
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        return out, [f"tensor {name!r}{loc} holds {bad} NaN/inf value(s) of {arr.size} (a corrupt or diverged "
+                     "checkpoint; pass check_finite=False / --no-weight-scan to load it anyway)"]
+    over = int(out.size - np.count_nonzero(np.isfinite(out)))
+    if over:
+        big = float(np.max(np.abs(arr.astype(np.float64))))
+        return out, [f"tensor {name!r}{loc} has {over} value(s) beyond the {target.name} range (largest |x| = "
+                     f"{big:.4g}); load it in float32 or bfloat16"]
+    return out, []
+
+
+def _transformed_shape(fn: Callable, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a loading transform gives a tensor of ``shape`` (checked before the data is read)."""
+    shape = tuple(shape)
+    if fn is _t:
+        return shape[::-1]
+    if fn is _conv:
+        return (math.prod(shape[1:]), shape[0]) if shape else shape
+    return shape
 
 
 def abstract_params(module, *args) -> dict:
