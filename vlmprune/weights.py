@@ -230,7 +230,8 @@ def array_problems(name: str, arr: np.ndarray, target: np.dtype, *, check_finite
     if jnp.issubdtype(target, jnp.floating) and not jnp.issubdtype(arr.dtype, jnp.floating):
         return arr, [f"tensor {name!r}{loc} has dtype {arr.dtype}, not a floating-point type; quantised or integer "
                      "weights are not supported"]
-    out = arr.astype(target, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+        out = arr.astype(target, copy=False)
     if not check_finite or not jnp.issubdtype(target, jnp.floating):
         return out, []
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
