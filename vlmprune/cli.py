@@ -339,8 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: what a user's bad flag, file or input raises; anything else is a bug and keeps its traceback
-USER_ERRORS = (ValueError, OSError)
+#: what a user's bad flag, file or input raises (NotImplementedError: a method/model pairing not implemented);
+#: anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, OSError, NotImplementedError)
 
 
 def main(argv=None) -> int:
