@@ -260,3 +260,15 @@ def test_a_bug_keeps_its_traceback(mha_dir, img, monkeypatch):
     monkeypatch.setattr(cli, "_read_config", broken)
     with pytest.raises(KeyError):
         main(["generate", "--model", mha_dir, "--image", img, "--prompt", "x"])
+
+
+def test_convert_next_and_generate_from_the_conversion(next_dir, img, tmp_path, capsys):
+    out = tmp_path / "next_conv"
+    assert main(["convert", next_dir, str(out)]) == 0
+    before = sorted(os.listdir(out))
+    with pytest.raises(SystemExit, match="being read"):
+        main(["convert", str(out), str(out)])
+    assert sorted(os.listdir(out)) == before
+    assert main(["generate", "--model", str(out), "--image", img, "--prompt", PROMPT, "--max-new-tokens", "2",
+                 "--method", "vispruner", "--keep", "4"]) == 0
+    assert "LLaVA-NeXT image" in capsys.readouterr().err

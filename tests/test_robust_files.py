@@ -164,12 +164,17 @@ def test_tiny_checkpoint_is_built_once_and_reused(tmp_path):
     os.remove(os.path.join(d, "model.safetensors"))  # its own, incomplete: rebuilt
     ensure_tiny_checkpoint(d)
     assert snapshot(d) == before
+    os.remove(os.path.join(d, "vlmprune-tiny.json"))  # built by an older vlmprune: only its README marks it
+    ensure_tiny_checkpoint(d)
+    assert snapshot(d) == {k: v for k, v in before.items() if k != "vlmprune-tiny.json"}
     user = tmp_path / "user"
     user.mkdir()
     (user / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="not empty"):
         write_random_llava(str(user))
     assert (user / "keep.txt").read_text() == "mine"
+    ensure_tiny_checkpoint(str(user), overwrite=True)  # explicit: replaced whole
+    assert not (user / "keep.txt").exists() and os.path.isfile(user / "vlmprune-tiny.json")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune.config import LlavaConfig, read_hf_config
+from vlmprune.config import LlavaConfig, check_json_files, read_hf_config
 from vlmprune.safe_output import OutputKind, staged_dir, write_marker
 from vlmprune.weights import (
     LLAVA_RENAMES, LLAVA_RULES, CheckpointError, abstract_params, array_problems, load_params, numpy_dtype,
@@ -32,6 +32,8 @@ def load_processor(path: str):
         return None
     from transformers import AutoProcessor
 
+    check_json_files(path, [f for f in sorted(os.listdir(path)) if f.endswith(".json") and f != "config.json"
+                            and not f.startswith("model.safetensors")])
     try:
         return AutoProcessor.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - name the directory and the processor files

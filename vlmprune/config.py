@@ -7,6 +7,7 @@ the defaults HF gives it (vision tower, text tower, rope, ids).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -159,10 +160,26 @@ def read_hf_config(path: str):
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face LLaVA directory or a vlmprune checkpoint)")
+    check_json_files(path, ["config.json"])
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - re-raise with the file named
         raise ValueError(f"{cfg_file}: could not be read as a transformers config: {e}") from e
+
+
+def check_json_files(path: str, names=None) -> None:
+    """Raise ValueError naming the first of ``names`` (default: every ``*.json`` in ``path``) that is not valid
+    JSON, so a broken file is reported by name rather than by the library that trips over it."""
+    names = sorted(f for f in os.listdir(path) if f.endswith(".json")) if names is None else names
+    for name in names:
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            continue
+        try:
+            with open(f, encoding="utf-8") as fh:
+                json.load(fh)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{f}: not valid JSON ({e})") from None
 
 
 def clip_configs(hf) -> tuple[CLIPVisionConfig, CLIPTextConfig, int]:
