@@ -103,3 +103,31 @@ def test_cache_estimate_against_available_memory(mx, monkeypatch):
         with pytest.raises(ValueError, match=rf"max_new_tokens={n}: the KV cache for 1 row\(s\) x {length + n} "
                                              r"positions needs .* free on test device"):
             no_compile(model, lambda: model.generate(x["input_ids"], x["pixel_values"], max_new_tokens=n))
+
+
+class FakeDevice:
+    platform = "gpu"
+
+    def __init__(self, limit, used):
+        self.stats = {"bytes_limit": limit, "bytes_in_use": used}
+
+    def memory_stats(self):
+        return self.stats
+
+
+def test_available_memory_reads_accelerator_stats():
+    """The accelerator branch (no GPU in CI): free = bytes_limit - bytes_in_use, summed over a mesh's devices."""
+    free, where = inputs.available_memory([FakeDevice(100 << 30, 30 << 30), FakeDevice(100 << 30, 10 << 30)])
+    assert free == 160 << 30 and where == "2 gpu device(s)"
+
+    class Cfg:
+        num_hidden_layers, num_key_value_heads, head_dim = 32, 8, 128  # a 7B-sized cache: 128 KiB per position
+
+    big = FakeDevice(41 << 30, 1 << 30)  # 40 GiB free
+    inputs.check_generation_memory(Cfg, batch=1, prompt_len=600, max_new_tokens=300_000, dtype=np.float16,
+                                   devices=[big])  # 300 600 x 128 KiB = 36.7 GiB: fits
+    for batch, n in [(1, 400_000), (2, 200_000), (64, 10_000)]:
+        with pytest.raises(ValueError, match=rf"max_new_tokens={n}: .*needs [0-9.]+ GiB .* than the 40.0 GiB free on "
+                                             r"1 gpu device\(s\)"):
+            inputs.check_generation_memory(Cfg, batch=batch, prompt_len=600, max_new_tokens=n, dtype=np.float16,
+                                           devices=[big])
