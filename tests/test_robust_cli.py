@@ -77,10 +77,9 @@ def forbid_load(monkeypatch):
 HERO = ["--keep-ratio", "0.3", "--low-layers", "0,1", "--high-layers", "1,2"]
 METHOD_FLAGS = {
     "none": [], "vispruner": ["--keep", "4", "--important-ratio", "0.5"], "fastervlm": ["--keep", "4"],
-    "hired": ["--budget-rate", "0.25"], "divprune": ["--keep", "4"], "visionzip": ["--dominant", "3", "--contextual", "1"],
-    "prumerge_plus": [], "random": ["--keep", "4"], "uniform": ["--keep", "4"], "fastv": ["--layer", "1", "--keep-ratio",
-                                                                                          "0.5"],
-    "hero": HERO,
+    "hired": ["--budget-rate", "0.25"], "divprune": ["--keep", "4"],
+    "visionzip": ["--dominant", "3", "--contextual", "1"], "prumerge_plus": [], "random": ["--keep", "4"],
+    "uniform": ["--keep", "4"], "fastv": ["--layer", "1", "--keep-ratio", "0.5"], "hero": HERO,
 }
 assert set(METHOD_FLAGS) == set(prune.REGISTRY) | {"none"}  # every registered method is exercised
 
@@ -175,9 +174,10 @@ def test_bad_generate_flags_fail_before_loading(flags, msg, mha_dir, img, forbid
 
 NEXT_BAD = [
     (["--method", "hero", "--low-layers", "0", "--high-layers", "1"], "clip_path"),
-    (["--method", "hero", "--clip-path", "/nonexistent/clip"] + HERO, "--clip-path '/nonexistent/clip' is not a directory"),
-    (["--method", "hero", "--low-layers", "0,9", "--high-layers", "1", "--clip-path", "CLIP"], "low_layers=9 is out of "
-                                                                                                "range"),
+    (["--method", "hero", "--clip-path", "/nonexistent/clip"] + HERO,
+     "--clip-path '/nonexistent/clip' is not a directory"),
+    (["--method", "hero", "--low-layers", "0,9", "--high-layers", "1", "--clip-path", "CLIP"],
+     "low_layers=9 is out of range"),
     (["--method", "random", "--keep", "4"], "random on llava_next (anyres tiles) is not implemented"),
     (["--method", "hero", "--clip-path", "MODEL"] + HERO, "expected a full CLIP checkpoint"),
 ]

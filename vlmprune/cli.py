@@ -90,7 +90,8 @@ def pruner_from_args(args):
         return None
     cls = prune.REGISTRY.get(args.method.lower().replace("-", "_"))
     if cls is None:
-        raise SystemExit(f"error: unknown --method {args.method!r}; choose from none, {', '.join(sorted(prune.REGISTRY))}")
+        raise SystemExit(f"error: unknown --method {args.method!r}; choose from none, "
+                         f"{', '.join(sorted(prune.REGISTRY))}")
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {}
     for flag, v in given.items():
