@@ -23,16 +23,23 @@ def log(msg: str) -> None:
     print(f"[vlmprune] {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_tiny_checkpoint(directory: str = DEFAULT_DIR) -> str:
-    """Build the tiny random checkpoint once; reuse it afterwards."""
-    from vlmprune.tiny import write_random_llava
+def ensure_tiny_checkpoint(directory: str = DEFAULT_DIR, *, overwrite: bool = False,
+                           flag: str = "overwrite=True") -> str:
+    """Build the tiny random checkpoint once; reuse it afterwards.
 
-    if os.path.exists(os.path.join(directory, "model.safetensors")):
+    A directory is reused only when it is a complete tiny checkpoint written by vlmprune; it is built only into
+    an absent or empty directory (or over an incomplete tiny checkpoint). Any other directory (a real
+    checkpoint, sharded or not) is refused with ``OutputExistsError`` and left untouched unless ``overwrite``.
+    """
+    from vlmprune.tiny import is_tiny_checkpoint, write_random_llava
+
+    if not overwrite and is_tiny_checkpoint(directory):
         return directory
     log(f"building a tiny random-weight LLaVA-1.5 (HF format) in {directory} ...")
     t = time.perf_counter()
-    write_random_llava(directory, seed=0, vision_image_size=112, vision_num_hidden_layers=4,
-                       text_num_hidden_layers=4, text_hidden_size=128, text_intermediate_size=256)
+    write_random_llava(directory, seed=0, overwrite=overwrite, flag=flag, vision_image_size=112,
+                       vision_num_hidden_layers=4, text_num_hidden_layers=4, text_hidden_size=128,
+                       text_intermediate_size=256)
     log(f"built in {time.perf_counter() - t:.1f}s")
     return directory
 
@@ -77,12 +84,13 @@ def timed_generate(model, x, *, pruner=None, max_new_tokens=16, repeats=3):
     return float(np.median(ttft)), float(np.median(tps)), np.asarray(out), plan
 
 
-def run_demo(directory: str | None = None, *, methods=None, max_new_tokens: int = 16) -> list[dict]:
+def run_demo(directory: str | None = None, *, methods=None, max_new_tokens: int = 16, overwrite: bool = False,
+             flag: str = "overwrite=True") -> list[dict]:
     import vlmprune
     from vlmprune.flops import prefill_macs
     from vlmprune.tiny import demo_image
 
-    directory = ensure_tiny_checkpoint(directory or DEFAULT_DIR)
+    directory = ensure_tiny_checkpoint(directory or DEFAULT_DIR, overwrite=overwrite, flag=flag)
     log(f"loading {directory} ...")
     model = vlmprune.load(directory)
     x = prepare_inputs(model, [demo_image()], [DEMO_PROMPT])

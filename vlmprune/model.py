@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks
+from vlmprune import _checks, inputs
 from vlmprune.io.checkpoint import save_model
 from vlmprune.models.llava import Llava, load_llava, shard_params
 from vlmprune.models.llava_config import LlavaConfig
@@ -238,8 +238,7 @@ class LlavaModel:
 
     def _check_pixels(self, pixel_values):
         v = self.config.vision
-        if pixel_values is None:
-            raise ValueError("pixel_values is required (one image per <image> placeholder)")
+        pixel_values = inputs.check_pixel_values(pixel_values)
         shape = tuple(getattr(pixel_values, "shape", ()))
         want = (v.num_channels, v.image_size, v.image_size)
         if self.config.model_type == "llava_next":
@@ -254,7 +253,6 @@ class LlavaModel:
                 f"pixel_values must have shape (num_images, {want[0]}, {want[1]}, {want[2]}) for this vision "
                 f"tower (image_size={v.image_size}), got {shape}; preprocess images with the model's processor"
             )
-        _checks.check_finite("pixel_values", pixel_values)
         return pixel_values
 
     def _next_layout(self, pixel_values, image_sizes, pruner=None):
@@ -294,8 +292,8 @@ class LlavaModel:
         """Validate everything on the host. Returns (plan, pixels, layout arrays or None, stride or None)."""
         pixel_values = self._check_pixels(pixel_values)
         c = self.config
-        ids = np.asarray(input_ids)
-        mask = None if attention_mask is None else np.asarray(attention_mask)
+        ids = inputs.check_token_ids(input_ids, c.text.vocab_size)
+        mask = inputs.check_attention_mask(attention_mask)
         if c.model_type == "llava":
             tokens = c.tokens_per_image
             slots = tokens if pruner is None else pruner.num_slots(c)
@@ -411,6 +409,9 @@ class LlavaModel:
         _checks.check_int("max_new_tokens", max_new_tokens, lo=1)
         plan, pix, layout, stride = self._plan(input_ids, attention_mask, pixel_values, pruner, image_sizes, text)
         max_len = plan.length + max_new_tokens
+        inputs.check_generation_memory(self.config.text, batch=plan.text_src.shape[0], prompt_len=plan.length,
+                                       max_new_tokens=max_new_tokens, dtype=self.dtype,
+                                       devices=None if self.mesh is None else self.mesh.devices.flat)
         rope_type = dict(self.config.text.rope_scaling).get("rope_type", "default")
         if rope_type == "dynamic" and max_len > self.config.text.max_position_embeddings:
             raise ValueError(f"sequence of {max_len} tokens exceeds max_position_embeddings "
@@ -433,6 +434,7 @@ class LlavaModel:
             input_ids, pixel_values, attention_mask=attention_mask, image_sizes=image_sizes, pruner=pruner,
             max_new_tokens=max_new_tokens, text=text,
         )
+        inputs.check_logits_finite(logits)
         out = self._decode_jit(
             self.params, logits, cache, next_pos, jax.random.PRNGKey(seed), jnp.float32(temperature),
             jnp.float32(top_p), start_slot=plan.length + 1, max_new_tokens=int(max_new_tokens),
@@ -449,12 +451,13 @@ class LlavaModel:
             "vision": self._vision_jit._cache_size(),
         }
 
-    def save(self, directory: str) -> None:
-        """Write params with orbax plus the HF config (and processor) so ``vlmprune.load`` restores it."""
-        save_model(self, directory)
+    def save(self, directory: str, *, overwrite: bool = False) -> None:
+        """Write params with orbax plus the HF config (and processor) so ``vlmprune.load`` restores it; an
+        existing directory that is not a vlmprune checkpoint needs ``overwrite=True`` (see ``save_model``)."""
+        save_model(self, directory, overwrite=overwrite)
 
 
-def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
+def load(path: str, *, dtype="float32", mesh=None, check_finite: bool = True) -> LlavaModel:
     """Load a HF LLaVA directory (safetensors) or a directory written by ``LlavaModel.save``.
 
     Args:
@@ -464,13 +467,14 @@ def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
       mesh: optional ``jax.sharding.Mesh`` with axes "data" and/or "model": params are placed with
         the families' sharding rules (tensor parallel over heads and MLP) straight from the files, inputs
         split over the batch. Default ``jax.make_mesh`` meshes (explicit axis types) are converted to auto ones.
+      check_finite: scan every weight for NaN/inf (and float16 overflow); False skips it for a faster load.
 
     Raises:
       FileNotFoundError / ValueError / CheckpointError naming every problem with the files.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected a HF LLaVA checkpoint or a vlmprune checkpoint)")
-    got = load_llava(path, dtype=_dtype(dtype), mesh=mesh)
+    got = load_llava(path, dtype=_dtype(dtype), mesh=mesh, check_finite=check_finite)
     return LlavaModel(got.config, got.params, dtype=dtype, processor=got.processor, hf_config=got.hf_config, mesh=mesh)
 
 

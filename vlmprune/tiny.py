@@ -18,6 +18,12 @@ import os
 
 import numpy as np
 
+from vlmprune.io.safe_output import OutputKind, read_marker, staged_dir, write_marker
+
+#: what ``write_random_llava`` writes, recognised by its marker file
+TINY_CHECKPOINT = OutputKind("vlmprune-tiny.json", "vlmprune-tiny-llava", "vlmprune tiny random checkpoint")
+README_TEXT = "Random-weight tiny LLaVA-1.5 built offline by vlmprune (seed %d). Its text is meaningless.\n"
+
 CORPUS = """
 A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful,
 detailed, and polite answers to the human's questions. USER: ASSISTANT: What is in the image? Describe the
@@ -160,20 +166,40 @@ def random_llava_tensors(hf_config, seed: int = 0, std: float = 0.05) -> dict[st
     return out
 
 
-def write_random_llava(directory: str, *, seed: int = 0, **overrides) -> str:
-    """Write a complete tiny HF LLaVA-1.5 directory (weights, config, tokenizer, processor). Returns the path."""
+def write_random_llava(directory: str, *, seed: int = 0, overwrite: bool = False, flag: str = "overwrite=True",
+                       **overrides) -> str:
+    """Write a complete tiny HF LLaVA-1.5 directory (weights, config, tokenizer, processor). Returns the path.
+
+    The directory must be absent, empty or an earlier tiny checkpoint (replaced whole) unless ``overwrite``;
+    it is built in a temporary sibling and renamed into place (``vlmprune.io.safe_output``).
+    """
     from safetensors.numpy import save_file
 
-    os.makedirs(directory, exist_ok=True)
     tok = build_tokenizer()
     image_id = tok.convert_tokens_to_ids("<image>")
     cfg = tiny_llava_config(len(tok), image_id, tok.pad_token_id, **overrides)
-    save_file(random_llava_tensors(cfg, seed), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-    cfg.save_pretrained(directory)
-    build_processor(tok, cfg).save_pretrained(directory)
-    with open(os.path.join(directory, "README.md"), "w") as f:
-        f.write("Random-weight tiny LLaVA-1.5 built offline by vlmprune (seed %d). Its text is meaningless.\n" % seed)
+    with staged_dir(directory, TINY_CHECKPOINT, overwrite=overwrite, flag=flag) as tmp:
+        save_file(random_llava_tensors(cfg, seed), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        cfg.save_pretrained(tmp)
+        build_processor(tok, cfg).save_pretrained(tmp)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(README_TEXT % seed)
+        write_marker(tmp, TINY_CHECKPOINT, seed=seed, overrides={k: repr(v) for k, v in overrides.items()})
     return directory
+
+
+def is_tiny_checkpoint(directory: str) -> bool:
+    """True for a complete directory written by ``write_random_llava`` (or by earlier vlmprune versions, which
+    left only their README as a mark)."""
+    if not all(os.path.isfile(os.path.join(directory, f)) for f in ("model.safetensors", "config.json")):
+        return False
+    if read_marker(directory, TINY_CHECKPOINT) is not None:
+        return True
+    try:
+        with open(os.path.join(directory, "README.md")) as f:
+            return f.read(80).startswith(README_TEXT.split(" (seed")[0])
+    except OSError:
+        return False
 
 
 def demo_image(path: str | None = None):

@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from vlmprune.io.safe_output import staged_file
+
 DEFAULT_PROMPT = "What is in the image?"
 PANEL_INCHES = 3.0  # side of one image panel
 TITLE_INCHES = 0.6  # room above a panel for its title
@@ -443,39 +445,58 @@ def figure(views: Sequence[KeptView], *, grid_lines: bool = True, dim: float = D
     return fig
 
 
-def save(fig, path: str, *, dpi: int = 100) -> str:
-    """Write ``fig`` as PNG at exactly figsize·dpi pixels. Returns the path."""
+#: file suffix -> the image format ``save`` writes for it
+IMAGE_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".pdf": "pdf", ".svg": "svg"}
+
+
+def image_format(path: str) -> str:
+    """The format for ``path``'s suffix (``IMAGE_FORMATS``); ValueError for any other suffix."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise ValueError(f"{os.fspath(path)}: unsupported image suffix {ext or '(none)'!r}; use one of "
+                         f"{', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[ext]
+
+
+def save(fig, path: str, *, dpi: int = 100, overwrite: bool = False, flag: str = "overwrite=True") -> str:
+    """Write ``fig`` at exactly figsize·dpi pixels, in the format its suffix names (PNG, JPEG, PDF, SVG).
+
+    An existing file is kept (``OutputExistsError``) unless ``overwrite``; the image is written to a temporary
+    sibling and moved into place when complete. Returns the path.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    d = os.path.dirname(os.fspath(path))
-    if d:
-        os.makedirs(d, exist_ok=True)
+    fmt = image_format(path)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=dpi, format="png")
+    with staged_file(os.fspath(path), overwrite=overwrite, flag=flag) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=fmt)
     return os.fspath(path)
 
 
 def plot_kept(model, image, pruner=None, prompt: str = DEFAULT_PROMPT, *, out: str | None = None,
-              grid_lines: bool = True, dim: float = DIM, dpi: int = 100):
-    """Draw the tokens ``pruner`` keeps over the preprocessed ``image``; write a PNG when ``out`` is given.
+              grid_lines: bool = True, dim: float = DIM, dpi: int = 100, overwrite: bool = False):
+    """Draw the tokens ``pruner`` keeps over the preprocessed ``image``; write it to ``out`` when given (see
+    ``save``: the suffix picks the format, an existing file needs ``overwrite``).
 
     Returns the matplotlib Figure (one panel; LLaVA-NeXT: base image above the tile grid).
     """
+    if out is not None:
+        image_format(out)
     fig = figure([kept_view(model, preprocess(model, image, prompt), pruner, text=prompt)],
                  grid_lines=grid_lines, dim=dim)
     if out is not None:
-        save(fig, out, dpi=dpi)
+        save(fig, out, dpi=dpi, overwrite=overwrite)
     return fig
 
 
 def compare(model, image, methods: Iterable, prompt: str = DEFAULT_PROMPT, *, out: str | None = None,
-            grid_lines: bool = True, dim: float = DIM, dpi: int = 100):
+            grid_lines: bool = True, dim: float = DIM, dpi: int = 100, overwrite: bool = False):
     """One panel per (method, budget), side by side, titled "method — k/N tokens".
 
     Args:
       methods: items of ``(method, budget)`` (budget None for defaults), spec strings ``"vispruner:64"``,
         pruners, or None (no pruning); or one comma-separated string ``"vispruner:64,fastervlm:64"``.
-      out: PNG path to write (optional).
+      out: image path to write (optional; see ``save``).
 
     Returns:
       The matplotlib Figure (``len(methods)`` titled panels).
@@ -493,12 +514,15 @@ def compare(model, image, methods: Iterable, prompt: str = DEFAULT_PROMPT, *, ou
             pruners.append(m)
     if not pruners:
         raise ValueError("compare needs at least one method")
+    if out is not None:
+        image_format(out)
     x = preprocess(model, image, prompt)
     fig = figure([kept_view(model, x, p, text=prompt) for p in pruners], grid_lines=grid_lines, dim=dim)
     if out is not None:
-        save(fig, out, dpi=dpi)
+        save(fig, out, dpi=dpi, overwrite=overwrite)
     return fig
 
 
-__all__ = ["KeptView", "compare", "denormalize", "figure", "kept_mask", "kept_view", "make_pruner", "parse_spec",
+__all__ = ["IMAGE_FORMATS", "KeptView", "compare", "denormalize", "figure", "image_format", "kept_mask", "kept_view",
+           "make_pruner", "parse_spec",
            "parse_specs", "plot_kept", "preprocess", "save", "shade", "stitch"]

@@ -33,6 +33,24 @@ class SafetensorsError(ValueError):
     pass
 
 
+def _check_entry(path: str, key: str, e) -> None:
+    """One header entry: a known dtype, a shape of non-negative ints, offsets spanning exactly its bytes."""
+    if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+        raise SafetensorsError(f"{path}: corrupt safetensors header: entry {key!r} lacks dtype/shape/data_offsets")
+    if e["dtype"] not in _DTYPES:
+        raise SafetensorsError(f"{path}: tensor {key!r} has unsupported dtype {e['dtype']}")
+    shape, off = e["shape"], e["data_offsets"]
+    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                   for x in xs)
+    if not ints(shape) or not ints(off) or len(off) != 2 or off[1] < off[0]:
+        raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {key!r} has shape {shape!r} and "
+                               f"data_offsets {off!r}")
+    need = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[e["dtype"]]).itemsize
+    if off[1] - off[0] != need:
+        raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {key!r} {e['dtype']} {shape} needs "
+                               f"{need} bytes but its data_offsets span {off[1] - off[0]}")
+
+
 class SafetensorsFile:
     """Lazy view of one .safetensors file: ``keys()``, ``shape(key)``, ``get(key)`` -> np.ndarray (a copy)."""
 
@@ -49,18 +67,19 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{path}: corrupt safetensors header (not a JSON object)")
         header.pop("__metadata__", None)
         self._base = 8 + n
         self._size = size
+        for k, e in header.items():
+            _check_entry(path, k, e)
         self._entries = header
         end = max((e["data_offsets"][1] for e in header.values()), default=0)
         if self._base + end > size:
             raise SafetensorsError(
                 f"{path}: truncated safetensors file: tensors need {self._base + end} bytes, file has {size}"
             )
-        for k, e in header.items():
-            if e["dtype"] not in _DTYPES:
-                raise SafetensorsError(f"{path}: tensor {k!r} has unsupported dtype {e['dtype']}")
         self._mm = None
 
     def keys(self) -> list[str]:
@@ -68,6 +87,10 @@ class SafetensorsFile:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._entries[key]["shape"])
+
+    def dtype(self, key: str) -> str:
+        """The tensor's safetensors dtype name (``"F32"``, ``"BF16"``, ``"I8"``, ...)."""
+        return self._entries[key]["dtype"]
 
     def get(self, key: str) -> np.ndarray:
         if self._mm is None:
@@ -89,8 +112,14 @@ def list_files(directory: str) -> list[str]:
     """The safetensors files of a HF checkpoint directory (sharded via index.json or single)."""
     idx = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(idx):
-        with open(idx) as f:
-            weight_map = json.load(f).get("weight_map", {})
+        try:
+            with open(idx) as f:
+                index = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SafetensorsError(f"{idx}: not a readable JSON file ({e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise SafetensorsError(f"{idx}: has no \"weight_map\" object of tensor name -> shard file")
         files = sorted(set(weight_map.values()))
         missing = [fn for fn in files if not os.path.exists(os.path.join(directory, fn))]
         if missing:

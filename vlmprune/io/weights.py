@@ -2,7 +2,8 @@
 
 The machinery only: each model family owns its table (``vlmprune.models.vision.clip``, ``...text.llama``) and a
 composite model prefixes and joins them (``vlmprune.models.llava``). Renames normalise other key layouts first.
-Every missing, unexpected or mis-shaped tensor (and every unreadable file) is collected and reported in one error.
+Every missing, unexpected, mis-shaped, non-float or non-finite tensor (and every unreadable file) is collected and
+reported in one error, naming the tensor and its file; unreadable files lead.
 The param tree's shapes come from ``jax.eval_shape`` so nothing is allocated twice, and with ``shardings`` each
 tensor goes from the file straight to its devices.
 """
@@ -92,17 +93,17 @@ class _RuleTable:
 def load_params(
     directory: str,
     abstract_params: dict,
-    rules: Rules,
+    rules,
     *,
     renames: list[tuple[str, str]] = (),
     dtype=jnp.float32,
     tied: tuple[str, str] | None = None,
     shardings: dict | None = None,
+    check_finite: bool = True,
 ) -> dict:
     """Read a HF safetensors directory into a param pytree shaped like ``abstract_params``.
 
-    Every key, shape and file is checked from the safetensors headers before any tensor is read; then each tensor
-    is read, re-laid out, cast and placed on its own, so at most one tensor at a time is held on the host.
+    Every key, shape and dtype is checked from the file headers before any tensor is read.
 
     Args:
       directory: HF checkpoint directory (single file or sharded with ``model.safetensors.index.json``).
@@ -114,20 +115,25 @@ def load_params(
       shardings: optional pytree of ``jax.sharding.Sharding`` shaped like ``abstract_params``: each tensor is
         built shard by shard on its devices (``jax.make_array_from_callback``) and never lands on the default
         device first. None: every tensor on the default device.
+      check_finite: scan every tensor for NaN/inf (and for values that overflow ``dtype``); off for speed only.
 
     Raises:
-      CheckpointError: listing every missing, unexpected or mis-shaped tensor and unreadable file.
+      CheckpointError: listing every missing, unexpected, mis-shaped, non-float or non-finite tensor and every
+        unreadable file; unreadable files come first and the tensors they would have held are summarised in
+        one line.
     """
     expected = {"/".join(k): v for k, v in flatten_dict(abstract_params).items()}
     table = _RuleTable(rules, renames)
     plan: dict[str, tuple] = {}  # target -> (file, key, transform)
-    seen: set[str] = set()  # targets present in the checkpoint, even if mis-shaped
+    seen: set[str] = set()  # targets present in the checkpoint, even if mis-shaped or refused
     problems: list[str] = []
+    file_problems: list[str] = []  # unreadable files: reported first, their missing tensors summarised
     files = list_files(directory)
-    for key, f in iter_tensors(files, problems):
+    for key, f in iter_tensors(files, file_problems):
+        fname = f.path.rsplit("/", 1)[-1]
         hit = table.match(key)
         if hit is None:
-            problems.append(f"unexpected tensor {key!r} {list(f.shape(key))} in {f.path.rsplit('/', 1)[-1]}")
+            problems.append(f"unexpected tensor {key!r} {list(f.shape(key))} in {fname}")
             continue
         if hit is _RuleTable.IGNORE:
             continue
@@ -136,6 +142,10 @@ def load_params(
             problems.append(f"unexpected tensor {key!r} (maps to {target!r}, which this model config does not have)")
             continue
         seen.add(target)
+        if jnp.issubdtype(expected[target].dtype, jnp.floating) and f.dtype(key) not in FLOAT_DTYPES:
+            problems.append(f"tensor {key!r} in {fname} has dtype {f.dtype(key)}, not a floating-point type "
+                            f"({', '.join(FLOAT_DTYPES)}); quantised or integer weights are not supported")
+            continue
         shape = tuple(fn.shape(f.shape(key)))
         want = tuple(expected[target].shape)
         if shape != want:
@@ -152,16 +162,66 @@ def load_params(
             f, key, fn = plan[src]
             plan[tgt] = (f, key, _then_transpose(fn))
     missing = sorted(set(expected) - set(plan) - seen)
-    for m in missing:
-        problems.append(f"missing tensor for parameter {m!r} {list(expected[m].shape)}")
+    if file_problems and missing:
+        # the unreadable file(s) explain the missing tensors: one line instead of one per tensor
+        shown = ", ".join(repr(m) for m in missing[:3])
+        problems.insert(0, f"{len(missing)} parameter(s) were not loaded because of the unreadable file(s) above "
+                           f"(e.g. {shown})")
+    else:
+        problems += [f"missing tensor for parameter {m!r} {list(expected[m].shape)}" for m in missing]
+    problems = file_problems + problems
     if problems:
         raise CheckpointError(directory, problems)
     placement = {} if shardings is None else {"/".join(k): v for k, v in flatten_dict(shardings).items()}
     flat = {}
     for k, (f, key, fn) in plan.items():
-        want_dtype = dtype if jnp.issubdtype(expected[k].dtype, jnp.floating) else expected[k].dtype
-        flat[tuple(k.split("/"))] = _place(fn(f.get(key)), want_dtype, placement.get(k))
+        floating = jnp.issubdtype(expected[k].dtype, jnp.floating)
+        want_dtype = numpy_dtype(dtype) if floating else np.dtype(expected[k].dtype)
+        arr, bad = array_problems(key, fn(f.get(key)), want_dtype, check_finite=check_finite,
+                                  where=f.path.rsplit("/", 1)[-1])
+        problems += bad
+        if not bad:
+            flat[tuple(k.split("/"))] = _place(arr, want_dtype, placement.get(k))
+    if problems:
+        raise CheckpointError(directory, problems)
     return unflatten_dict(flat)
+
+
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def numpy_dtype(dtype) -> np.dtype:
+    """A jnp/np dtype (or scalar type) as a NumPy dtype (bfloat16 via ml_dtypes, as jnp uses it)."""
+    return np.dtype(jnp.dtype(dtype))
+
+
+def array_problems(name: str, arr: np.ndarray, target: np.dtype, *, check_finite: bool = True,
+                   where: str = "") -> tuple[np.ndarray, list[str]]:
+    """Cast one loaded tensor to ``target`` and say what is wrong with it.
+
+    Returns ``(arr as target, problems)``; problems name ``name`` (and ``where``, the file) for a non-float
+    tensor where a float one is needed, NaN/inf values (when ``check_finite``), and values that become
+    infinite in ``target`` (e.g. float32 weights beyond float16's 65504).
+    """
+    loc = f" in {where}" if where else ""
+    target = np.dtype(target)
+    if jnp.issubdtype(target, jnp.floating) and not jnp.issubdtype(arr.dtype, jnp.floating):
+        return arr, [f"tensor {name!r}{loc} has dtype {arr.dtype}, not a floating-point type; quantised or integer "
+                     "weights are not supported"]
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
+        out = arr.astype(target, copy=False)
+    if not check_finite or not jnp.issubdtype(target, jnp.floating):
+        return out, []
+    bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        return out, [f"tensor {name!r}{loc} holds {bad} NaN/inf value(s) of {arr.size} (a corrupt or diverged "
+                     "checkpoint; pass check_finite=False / --no-weight-scan to load it anyway)"]
+    over = int(out.size - np.count_nonzero(np.isfinite(out)))
+    if over:
+        big = float(np.max(np.abs(arr.astype(np.float64))))
+        return out, [f"tensor {name!r}{loc} has {over} value(s) beyond the {target.name} range (largest |x| = "
+                     f"{big:.4g}); load it in float32 or bfloat16"]
+    return out, []
 
 
 def _then_transpose(fn: Transform) -> Transform:

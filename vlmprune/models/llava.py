@@ -11,6 +11,7 @@ every tensor placed straight onto its devices.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -189,27 +190,35 @@ class LoadedLlava:
     hf_config: Any
 
 
-def load_llava(path: str, *, dtype, mesh=None) -> LoadedLlava:
+def load_config(path: str):
+    """(HF config, ``LlavaConfig``) of a checkpoint directory, every field range-checked (no weights read)."""
+    hf = checkpoint.read_hf_config(path)
+    return hf, LlavaConfig.from_hf(hf, source=os.path.join(path, "config.json"))
+
+
+def load_llava(path: str, *, dtype, mesh=None, check_finite: bool = True) -> LoadedLlava:
     """Read a HF LLaVA directory (safetensors, any llava-hf key layout) or one written by
     ``io.checkpoint.save_model``.
 
     Params are built from ``jax.eval_shape`` and each tensor goes from the file to its devices: with a ``mesh``,
     shard by shard to its ``NamedSharding`` (the whole model is never on one device), else to the default device.
 
+    ``check_finite`` scans every weight for NaN/inf (and float16 overflow), naming the tensor.
+
     Raises:
       FileNotFoundError / ValueError / CheckpointError naming every problem with the files.
     """
-    hf = checkpoint.read_hf_config(path)
-    cfg = LlavaConfig.from_hf(hf)
+    hf, cfg = load_config(path)
     module = Llava(cfg, dtype=dtype)
     abstract = param_shapes(module)
     shardings = None if mesh is None else sharding.param_shardings(abstract, mesh, sharding_rules(cfg))
     if checkpoint.is_converted(path):
-        params = checkpoint.restore_params(path, abstract, dtype, shardings)
+        params = checkpoint.restore_params(path, abstract, dtype, shardings, check_finite=check_finite)
     else:
         tied = family_of(cfg.text).tied
         params = weights.load_params(
             path, abstract, weight_rules(cfg), renames=LLAVA_RENAMES, dtype=dtype, shardings=shardings,
+            check_finite=check_finite,
             tied=None if tied is None else tuple(f"language_model/{p}" for p in tied),
         )
     return LoadedLlava(cfg, params, checkpoint.load_processor(path), hf)

@@ -8,7 +8,11 @@ families, chosen by ``vision_config.model_type`` and ``text_config.model_type`` 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from typing import Any
+
+import numpy as np
 
 from vlmprune.models import TEXT, VISION, family
 
@@ -38,24 +42,66 @@ class LlavaConfig:
         return n if self.vision_feature_select_strategy == "full" else n - 1
 
     @classmethod
-    def from_hf(cls, hf) -> "LlavaConfig":
+    def from_hf(cls, hf, source: str | None = None) -> "LlavaConfig":
+        """Freeze a HF ``LlavaConfig`` / ``LlavaNextConfig``; every index and id is range-checked.
+
+        Args:
+          hf: the transformers config object.
+          source: the file it was read from, named in errors (default "config.json").
+
+        Raises:
+          ValueError: "<source>: <field>=<value> ...": an unsupported tower or strategy, a feature layer outside
+            the vision tower, a token id outside the vocabulary, a non-positive size.
+        """
+        where = source or "config.json"
         if hf.model_type not in SUPPORTED:
-            raise ValueError(f"unsupported model_type {hf.model_type!r}; vlmprune loads {SUPPORTED}")
-        vision = family(hf.vision_config.model_type, VISION)
-        text = family(hf.text_config.model_type, TEXT)
+            raise ValueError(f"{where}: unsupported model_type {hf.model_type!r}; vlmprune loads {SUPPORTED}")
+        try:
+            vision = family(hf.vision_config.model_type, VISION)
+            text = family(hf.text_config.model_type, TEXT)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        check_sizes(hf, where)
+        n_layers = hf.vision_config.num_hidden_layers
         layer = hf.vision_feature_layer
+        for i, v in enumerate(layer if isinstance(layer, (list, tuple)) else [layer]):
+            field = f"vision_feature_layer[{i}]" if isinstance(layer, (list, tuple)) else "vision_feature_layer"
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{where}: {field}={v!r} must be an integer")
+            if not -(n_layers + 1) <= v <= n_layers:
+                raise ValueError(f"{where}: {field}={v} is out of range for a vision tower with {n_layers} layers "
+                                 f"(hidden states -{n_layers + 1}..{n_layers})")
         if not isinstance(layer, int):
-            raise ValueError(f"vision_feature_layer={layer!r}: multi-layer feature concatenation is not supported")
+            raise ValueError(f"{where}: vision_feature_layer={layer!r}: multi-layer feature concatenation is not "
+                             "supported")
         strat = hf.vision_feature_select_strategy
         if strat not in ("default", "full"):
-            raise ValueError(f"unknown vision_feature_select_strategy {strat!r}")
+            raise ValueError(f"{where}: unknown vision_feature_select_strategy {strat!r} (default, full)")
         eos = _eos_ids(hf)
         tc = hf.text_config
         pad = getattr(hf, "pad_token_id", None)
+        pad_field = "pad_token_id"
         if pad is None:
-            pad = getattr(tc, "pad_token_id", None)
+            pad, pad_field = getattr(tc, "pad_token_id", None), "text_config.pad_token_id"
         if pad is None:
-            pad = eos[0]
+            pad, pad_field = eos[0], "eos_token_id"
+        bos = getattr(tc, "bos_token_id", None)
+        vocab = tc.vocab_size
+        ids = [("image_token_index", getattr(hf, "image_token_id", None)), (pad_field, pad),
+               ("text_config.bos_token_id", bos)] + [("eos_token_id", e) for e in eos]
+        for field, v in ids:
+            if v is None and field == "text_config.bos_token_id":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < vocab:
+                raise ValueError(f"{where}: {field}={v!r} is not a token id of the vocabulary "
+                                 f"(text_config.vocab_size={vocab}: ids 0..{vocab - 1})")
+        pins = tuple(tuple(p) for p in (getattr(hf, "image_grid_pinpoints", None) or ()))
+        for i, p in enumerate(pins):
+            if len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in p):
+                raise ValueError(f"{where}: image_grid_pinpoints[{i}]={list(p)!r} must be a (height, width) pair "
+                                 "of positive pixel counts")
+        if hf.model_type == "llava_next" and not pins:
+            raise ValueError(f"{where}: image_grid_pinpoints is empty; a LLaVA-NeXT model needs its tile grids")
         return cls(
             vision=vision.config.from_hf(hf.vision_config),
             text=text.config.from_hf(tc),
@@ -67,9 +113,37 @@ class LlavaConfig:
             projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
             eos_token_ids=eos,
             pad_token_id=int(pad),
-            bos_token_id=int(getattr(tc, "bos_token_id", None) or 1),
-            image_grid_pinpoints=tuple(tuple(p) for p in (getattr(hf, "image_grid_pinpoints", None) or ())),
+            bos_token_id=int(bos or 1),
+            image_grid_pinpoints=pins,
         )
+
+
+def check_sizes(hf, where: str) -> None:
+    """Positive sizes and layer counts, heads that divide the width, a patch grid that tiles the image."""
+    v, t = hf.vision_config, hf.text_config
+    for prefix, c, fields in (
+        ("vision_config", v, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                              "image_size", "patch_size", "num_channels")),
+        ("text_config", t, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                            "num_attention_heads", "max_position_embeddings")),
+    ):
+        for f in fields:
+            x = getattr(c, f, None)
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(f"{where}: {prefix}.{f}={x!r} must be a positive integer")
+    if v.hidden_size % v.num_attention_heads:
+        raise ValueError(f"{where}: vision_config.hidden_size={v.hidden_size} is not a multiple of "
+                         f"num_attention_heads={v.num_attention_heads}")
+    if v.image_size % v.patch_size:
+        raise ValueError(f"{where}: vision_config.image_size={v.image_size} is not a multiple of "
+                         f"patch_size={v.patch_size}")
+    kv = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
+    if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or t.num_attention_heads % kv:
+        raise ValueError(f"{where}: text_config.num_key_value_heads={kv!r} must be a positive divisor of "
+                         f"num_attention_heads={t.num_attention_heads}")
+    if not getattr(t, "head_dim", None) and t.hidden_size % t.num_attention_heads:
+        raise ValueError(f"{where}: text_config.hidden_size={t.hidden_size} is not a multiple of "
+                         f"num_attention_heads={t.num_attention_heads}")
 
 
 def _eos_ids(hf) -> tuple[int, ...]:
