@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from vlmprune.prune.anyres import (
+from reference.hero_geometry import (
     LLAVA_V16_PINPOINTS,
     anyres_grid_shape,
     grid_to_tiles,

@@ -66,7 +66,7 @@ class LlavaModel:
         self.dtype = _dtype(dtype)
         self.processor = processor
         self.hf_config = hf_config
-        self._aux = {}  # auxiliary models pruners declare (HERO's CLIP), keyed by path
+        self._aux = {}  # auxiliary models pruners declare (HostNeeds.clip_path), keyed by path
         self.module = Llava(config, dtype=self.dtype)
         m = self.module
         self._forward_jit = jax.jit(functools.partial(forward, m), static_argnames=("pruner", "stride"))
@@ -106,7 +106,7 @@ class LlavaModel:
         return shard_inputs(inputs, self.mesh, batch_sharding)
 
     def auxiliary_clip(self, path: str):
-        """A full CLIP model a pruner declares (HERO), loaded once per model instance."""
+        """A full CLIP model a pruner declares (``HostNeeds.clip_path``), loaded once per model instance."""
         from vlmprune.clip_model import load_clip
 
         if path not in self._aux:
@@ -127,7 +127,7 @@ class LlavaModel:
           image_sizes: LLaVA-NeXT only: (NI, 2) original (height, width) of each image, as the HF processor
             returns it; pixel_values is then (NI, tiles, C, S, S).
           pruner: a pruner (``vlmprune.prune.get(name, ...)``) or None.
-          text: instruction per batch row for text-guided pruners (HERO); default: decoded from the prompt.
+          text: instruction per batch row for text-guided pruners (``HostNeeds.text``); default: decoded from the prompt.
 
         Returns:
           ModelOutput(logits float32 (B, L', V), mask bool (B, L')), L' = L when not pruning.

@@ -205,8 +205,8 @@ def keep_mask_llava(model, pixel_values, pruner) -> np.ndarray:
 
 
 def next_layout(model, image_sizes):
-    """LLaVA-NeXT host layout (``vlmprune.next_layout.BatchLayout``) for image_sizes (NI, 2) (height, width)."""
-    from vlmprune.next_layout import batch_layout
+    """LLaVA-NeXT host layout (``vlmprune.anyres.BatchLayout``) for image_sizes (NI, 2) (height, width)."""
+    from vlmprune.anyres import batch_layout
 
     c = model.config
     return batch_layout(np.asarray(image_sizes), c.image_grid_pinpoints, tile_size=c.vision.image_size,
@@ -231,7 +231,7 @@ def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str]
     """
     import jax.numpy as jnp
 
-    from vlmprune.next_layout import max_tiles
+    from vlmprune.anyres import max_tiles
 
     c = model.config
     n = c.tokens_per_image

@@ -76,7 +76,7 @@ def encode(module: Llava, params, pixel_values: Array, request: TapRequest = Tap
 def prune(pruner, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
     """The visual pruner's result on ``taps``; every token kept without one (or for an in-LLM pruner)."""
     p = visual_pruner(pruner)
-    return keep_all(taps) if p is None else p.prune(taps, ctx)
+    return keep_all(taps, ctx) if p is None else p.prune(taps, ctx)
 
 
 def visual_tokens(module: Llava, params, pixel_values: Array, pruner=None, layout: NextLayout | None = None,

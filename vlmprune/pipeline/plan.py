@@ -118,7 +118,7 @@ def next_layout(config, pixel_values, image_sizes, pruner=None):
 
 
 def image_texts(config, ids, mask, plan: SequencePlan, text, tokenizer) -> list[str]:
-    """The instruction text per image, for text-guided pruners (HERO): ``text`` (one string per batch row) or,
+    """The instruction text per image, for text-guided pruners (``HostNeeds.text``): ``text`` (one string per batch row) or,
     by default, the row's real tokens after its last image placeholder, decoded without special tokens."""
     b = ids.shape[0]
     if text is not None:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import _checks
-from vlmprune.anyres.pack import selection_mask
+from vlmprune.anyres.pack import selection_mask, tiles_to_image_indices
 from vlmprune.prune.selection import Selection, gather_tokens
 from vlmprune.types import NextLayout, PruneResult, TapRequest, VisionTaps
 
@@ -292,11 +292,22 @@ class LLMPruner(PrunerBase):
 # ----------------------------------------------------------------------------------------------- results
 
 
-def keep_all(taps: VisionTaps) -> PruneResult:
-    """Every token kept (no pruner)."""
+def per_image(sel: Selection, ctx: PruneContext, num_tokens: int) -> Selection:
+    """LLaVA-1.5: ``sel`` as is. LLaVA-NeXT: a per-tile selection ((NI·T, K) or (NI, T, K)) over N tokens as one
+    selection per image (NI, T·K) over its T·N tile tokens."""
+    if ctx.layout is None:
+        return sel
+    ni, t = ctx.layout.tile_valid.shape
+    k = sel.indices.shape[-1]
+    idx, valid = tiles_to_image_indices(sel.indices.reshape(ni, t, k), sel.valid.reshape(ni, t, k), num_tokens)
+    return Selection(indices=idx, valid=valid)
+
+
+def keep_all(taps: VisionTaps, ctx: PruneContext) -> PruneResult:
+    """Every token kept (no visual pruner)."""
     b, n = taps.features.shape[:2]
     idx = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    return PruneResult(selection=Selection(indices=idx, valid=jnp.ones((b, n), bool)))
+    return PruneResult(selection=per_image(Selection(indices=idx, valid=jnp.ones((b, n), bool)), ctx, n))
 
 
 def tokens_for_llm(result: PruneResult, taps: VisionTaps, project: Callable[[Array], Array]) -> tuple[Array, Array]:

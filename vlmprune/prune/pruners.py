@@ -6,7 +6,7 @@ LLaVA's features" (``vision_feature_layer``; layer 22 of CLIP-L/14-336 for LLaVA
 VisPruner, FasterVLM and HiRED's selection stage read in the originals.
 
 On LLaVA-NeXT ``prune`` receives the taps of all NI·T tiles (T padded to the largest grid) and returns a
-selection per image over its T·N tile tokens (:func:`per_image`).
+selection per image over its T·N tile tokens (``vlmprune.prune.base.per_image``).
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import numpy as np
 from vlmprune import _checks
 from vlmprune.anyres.geometry import hero_valid_mask
 from vlmprune.anyres.layout import reference_pinpoints
-from vlmprune.anyres.pack import layout_candidates, tiles_to_image_indices
+from vlmprune.anyres.pack import layout_candidates
 from vlmprune.prune.base import (
-    LAYOUTS, Budget, HostInputs, HostNeeds, PruneContext, VisualPruner, check_keep, register, resolve_layer,
+    LAYOUTS, Budget, HostInputs, HostNeeds, PruneContext, VisualPruner, check_keep, per_image, register,
+    resolve_layer,
 )
 from vlmprune.prune.baselines import (
     divprune, divprune_masked, prumerge_plus, random_keep, uniform, visionzip, visionzip_dominant,
@@ -35,17 +36,6 @@ from vlmprune.prune.vispruner import fastervlm, vispruner
 from vlmprune.types import PruneResult, TapRequest, VisionTaps
 
 Array = jax.Array
-
-
-def per_image(sel: Selection, ctx: PruneContext, num_tokens: int) -> Selection:
-    """LLaVA-1.5: ``sel`` as is. LLaVA-NeXT: a per-tile selection ((NI·T, K) or (NI, T, K)) over N tokens as one
-    selection per image (NI, T·K) over its T·N tile tokens."""
-    if ctx.layout is None:
-        return sel
-    ni, t = ctx.layout.tile_valid.shape
-    k = sel.indices.shape[-1]
-    idx, valid = tiles_to_image_indices(sel.indices.reshape(ni, t, k), sel.valid.reshape(ni, t, k), num_tokens)
-    return Selection(indices=idx, valid=valid)
 
 
 class _NextLayout:
