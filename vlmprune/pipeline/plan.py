@@ -102,7 +102,7 @@ def next_layout(config, pixel_values, image_sizes, pruner=None):
         raise ValueError(f"image_sizes must have shape ({ni}, 2) (one (height, width) per image), got {sizes.shape}")
     geo = dict(tile_size=c.vision.image_size, tokens_per_side=c.vision.image_size // c.vision.patch_size)
     lay = batch_layout(sizes, pins, style=style, **geo)
-    official = lay if style == "official" else batch_layout(sizes, c.image_grid_pinpoints, **geo)
+    official = lay if style == "official" else batch_layout(sizes, pins, **geo)  # what the processor expanded
     t_max = max_tiles(c.image_grid_pinpoints, c.vision.image_size)
     for i, li in enumerate(lay.layouts):
         if li.num_tiles > pixel_values.shape[1]:
