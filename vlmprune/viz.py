@@ -26,6 +26,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from vlmprune.prune.base import LLMPruner, VisualPruner
+
 DEFAULT_PROMPT = "What is in the image?"
 PANEL_INCHES = 3.0  # side of one image panel
 TITLE_INCHES = 0.6  # room above a panel for its title
@@ -121,7 +123,7 @@ def _resolve_pruner(model, pruner):
         pruner = make_pruner(*parse_spec(pruner), num_tokens=model.config.tokens_per_image)
     if pruner is None:
         return None
-    if not hasattr(pruner, "vision_request") or not hasattr(pruner, "validate"):
+    if not isinstance(pruner, (VisualPruner, LLMPruner)):
         raise TypeError(f"pruner must be a vlmprune pruner, a spec like 'vispruner:64' or None, got {pruner!r}")
     if pruner.inside_llm:
         raise ValueError(f"{pruner.name} prunes inside the LLM (by the text's attention after decoder layer "
