@@ -7,7 +7,8 @@
 """
 
 from vlmprune.pipeline.forward import (  # noqa: F401
-    Assembled, assemble, decoder_prefill, encode, forward, prefill, project, prune, tap_request, visual_tokens,
+    Assembled, assemble, decoder_prefill, encode, forward, prefill, project, prune, tap_request, tokens_from_taps,
+    visual_tokens,
 )
 from vlmprune.pipeline.generate import decode  # noqa: F401
 from vlmprune.pipeline.plan import (  # noqa: F401

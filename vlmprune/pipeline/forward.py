@@ -2,7 +2,8 @@
 
     encode   (pixels, TapRequest)            -> VisionTaps
     prune    (VisionTaps, PruneContext)      -> PruneResult           (the pruner's own pure function)
-    visual_tokens (pixels, pruner, layout)   -> tokens (NI, K, D_llm), valid (NI, K)   (LLaVA-1.5 or NeXT packing)
+    tokens_from_taps (taps, pruner, layout)  -> tokens (NI, K, D_llm), valid (NI, K)   (LLaVA-1.5 or NeXT packing)
+    visual_tokens = encode + tokens_from_taps
     assemble (DeviceInputs, pruner, stride)  -> Assembled(embeds, mask, positions, hook)
     prefill / forward                        -> logits (and a filled KV cache)
 
@@ -79,23 +80,23 @@ def prune(pruner, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
     return keep_all(taps, ctx) if p is None else p.prune(taps, ctx)
 
 
-def visual_tokens(module: Llava, params, pixel_values: Array, pruner=None, layout: NextLayout | None = None,
-                  aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
-    """Encode, prune and project the images: (tokens (NI, K, D_llm), valid bool (NI, K)).
+def tokens_from_taps(module: Llava, params, taps: VisionTaps, pruner=None, layout: NextLayout | None = None,
+                     aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
+    """Prune and project encoded images: (tokens (NI, K, D_llm), valid bool (NI, K)).
 
-    LLaVA-1.5: pixel_values (NI, C, S, S), K = the pruner's budget (all tokens without one).
-    LLaVA-NeXT: pixel_values (NI, T_max, C, S, S) and ``layout``; kept tile tokens are packed in layout order
-    (``vlmprune.anyres.pack``), appended tokens after each image's block, into ``stride`` slots.
+    LLaVA-1.5: taps of NI images, K = the pruner's budget (all tokens without one).
+    LLaVA-NeXT: taps of the NI·T tiles (T padded to the largest grid) and ``layout``; kept tile tokens are packed
+    in layout order (``vlmprune.anyres.pack``), appended tokens after each image's block, into ``stride`` slots.
+    ``taps.embeddings`` is filled here when the pruner's request asks for it.
     """
     cfg = module.config
     request = tap_request(cfg, pruner)
     ctx = PruneContext(layout=layout, aux=dict(aux or {}), config=cfg)
     if layout is None:
-        taps = encode(module, params, pixel_values, request)
+        if request.projected and taps.embeddings is None:
+            taps = taps.replace(embeddings=project(module, params, taps.features))
         return tokens_for_llm(prune(pruner, taps, ctx), taps, lambda f: project(module, params, f))
-    ni, t = pixel_values.shape[:2]
-    taps = encode(module, params, pixel_values.reshape((-1,) + pixel_values.shape[2:]),
-                  request.replace(projected=False))
+    ni, t = layout.tile_valid.shape
     n = taps.num_tokens
     flat_emb = project(module, params, taps.features)  # (NI·T, N, D): what the LLM receives
     if request.projected:
@@ -107,6 +108,16 @@ def visual_tokens(module: Llava, params, pixel_values: Array, pruner=None, layou
     newline = module.apply({"params": params}, method=lambda m: m.image_newline)
     return pack(flat_emb.reshape(ni, t * n, -1), image_keep_mask(res, t * n), newline, layout, stride=stride,
                 appended=appended, appended_valid=res.appended_valid)
+
+
+def visual_tokens(module: Llava, params, pixel_values: Array, pruner=None, layout: NextLayout | None = None,
+                  aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
+    """``encode`` with the pruner's request, then ``tokens_from_taps``. pixel_values (NI, C, S, S) (LLaVA-1.5)
+    or (NI, T_max, C, S, S) with ``layout`` (LLaVA-NeXT)."""
+    request = tap_request(module.config, pruner).replace(projected=False)  # projected in tokens_from_taps
+    pix = pixel_values if layout is None else pixel_values.reshape((-1,) + pixel_values.shape[2:])
+    taps = encode(module, params, pix, request)
+    return tokens_from_taps(module, params, taps, pruner, layout, aux, stride)
 
 
 def assemble(module: Llava, params, inputs: DeviceInputs, pruner=None, stride: int | None = None) -> Assembled:
