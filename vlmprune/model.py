@@ -26,7 +26,7 @@ from vlmprune.models.llava import Llava
 from vlmprune.pipeline.forward import encode, forward, prefill
 from vlmprune.pipeline.generate import decode
 from vlmprune.pipeline.plan import Plan, check_pixels, image_texts, next_layout, plan_inputs, shard_inputs
-from vlmprune.pipeline.sampling import sample_token, sampler  # noqa: F401  (sample_token: public re-export)
+from vlmprune.pipeline.sampling import Greedy, sample_token, sampler  # noqa: F401  (sample_token: re-export)
 from vlmprune.pipeline.sequence import SequencePlan
 from vlmprune.prune.base import check_pruner
 from vlmprune.sharding import batch_sharding, shard_params
@@ -183,11 +183,20 @@ class LlavaModel:
             input_ids, pixel_values, attention_mask=attention_mask, image_sizes=image_sizes, pruner=pruner,
             max_new_tokens=max_new_tokens, text=text,
         )
-        out = self._decode_jit(
-            self.params, logits, cache, next_pos, jax.random.PRNGKey(seed), pick, start_slot=seq.length + 1,
-            max_new_tokens=int(max_new_tokens), eos_ids=self.config.eos_token_ids, pad_id=self.config.pad_token_id,
-        )
-        return np.asarray(out)
+        return np.asarray(self.decode(logits, cache, next_pos, seq, max_new_tokens=max_new_tokens, sampler=pick,
+                                      seed=seed))
+
+    def decode(self, logits, cache, next_pos, plan: SequencePlan, *, max_new_tokens: int, sampler=None, seed: int = 0,
+               stop_at_eos: bool = True):
+        """The decode loop after ``prefill`` (its outputs as they come): new token ids int32 (B, max_new_tokens)
+        as a device array. ``sampler``: ``vlmprune.pipeline.Greedy()`` (default) or ``TopP.create(...)``;
+        ``stop_at_eos=False`` runs every step (for timing)."""
+        _checks.check_int("max_new_tokens", max_new_tokens, lo=1)
+        pick = Greedy() if sampler is None else sampler
+        eos = self.config.eos_token_ids if stop_at_eos else (-1,)
+        return self._decode_jit(self.params, logits, cache, next_pos, jax.random.PRNGKey(seed), pick,
+                                start_slot=plan.length + 1, max_new_tokens=int(max_new_tokens), eos_ids=eos,
+                                pad_id=self.config.pad_token_id)
 
     def compile_counts(self) -> dict[str, int]:
         """How many programs each jitted entry point has compiled (for tests and diagnostics)."""
