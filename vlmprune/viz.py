@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from vlmprune.pipeline.plan import prepare_host
 from vlmprune.prune.base import LLMPruner, VisualPruner
 
 DEFAULT_PROMPT = "What is in the image?"
@@ -251,7 +252,8 @@ def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str]
         enc = {**enc, "embeddings": projector(model)(enc["features"])}  # as the model passes them (DivPrune)
         layout = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row),
                   "tile_valid": jnp.asarray(lay.tile_valid)}
-        extra = pruner.host_inputs(model, pix, lay.layouts, None, list(text) if text is not None else [""] * ni)
+        texts = list(text) if text is not None else [""] * ni
+        extra = prepare_host(pruner, c, pix, lay.layouts, lambda: texts, model.auxiliary_clip)
         layout.update({k: jnp.asarray(v) for k, v in extra.items()})
         keep = np.asarray(pruner.tile_mask(enc, layout, c))
     return [keep[i, : li.num_tiles] & in_layout_mask(li.token, li.num_tiles, n) for i, li in enumerate(lay.layouts)]

@@ -160,7 +160,7 @@ def taps_from_dict(enc: dict) -> VisionTaps:
 
 
 class LegacyVisualAPI:
-    """The hooks of earlier versions (dict taps, ``num_slots``, ``apply``, ``tile_mask``, ``host_inputs`` ...),
+    """The hooks of earlier versions (dict taps, ``num_slots``, ``apply``, ``tile_mask`` ...),
     written on top of the protocol for callers not yet moved to it (``viz``, ``bench``, experiments).
     New code uses ``request`` / ``budget`` / ``prune`` and the ``vlmprune.pipeline`` functions."""
 
@@ -219,12 +219,6 @@ class LegacyVisualAPI:
             return keep, None
         tail = res.appended if res.projected else project(res.appended)
         return keep, (tail, res.appended_valid)
-
-    def host_inputs(self, model, pixel_values, layouts, input_ids, text) -> dict:
-        needs = self.needs
-        clip = model.auxiliary_clip(needs.clip_path) if needs.clip_path else None
-        return self.prepare(HostInputs(model.config, pixel_values, layouts, None if text is None else list(text),
-                                       clip))
 
 
 @dataclasses.dataclass(frozen=True)
