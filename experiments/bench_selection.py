@@ -110,9 +110,9 @@ def make_inputs(batch: int, n: int, dim: int, heads: int, emb_dim: int, seed: in
     rng = np.random.default_rng(seed)
     s = int(round(n**0.5))
     k_tiles = 4
-    from vlmprune.prune.anyres import hero_valid_mask
+    from vlmprune.anyres import hero_valid_mask
 
-    valid = hero_valid_mask((800, 600), (2, 2), tokens_per_side=s)  # 2x2 grid, padding above and below
+    valid = hero_valid_mask((600, 800), (2, 2), tokens_per_side=s)  # (h, w) on a 2x2 grid: padding above, below
     hidden_full = rng.standard_normal((batch, n + 1, dim), dtype=np.float32)
     return Inputs(
         features=hidden_full[:, 1:].copy(),

@@ -21,8 +21,8 @@ from vlmprune import prune
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.text.llama import LlamaConfig
 from vlmprune.models.vision.clip import CLIPVisionConfig
-from vlmprune.next_layout import batch_layout, layout_keep, max_tiles, reference_pinpoints
-from vlmprune.prune.anyres import hero_valid_mask
+from vlmprune.anyres import batch_layout, layout_keep, max_tiles, reference_pinpoints
+from vlmprune.anyres import hero_valid_mask
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # HF (height, width)
 IMAGES = {"672x672": (672, 672), "1008x336 (w x h)": (336, 1008)}  # (height, width)
@@ -61,7 +61,7 @@ def count(pruner, hw, cfg, rng):
             li = lay.layouts[0]
             k = li.grid_rows * li.grid_cols
             valid = np.zeros((1, t - 1, N), bool)
-            valid[0, :k] = hero_valid_mask((hw[1], hw[0]), (li.grid_cols, li.grid_rows))
+            valid[0, :k] = hero_valid_mask(hw, li.grid)
             layout.update(clip_image=jnp.asarray(rng.normal(size=(1, t - 1, 768)).astype(np.float32)),
                           clip_text=jnp.asarray(rng.normal(size=(1, 1, 768)).astype(np.float32)),
                           hero_valid=jnp.asarray(valid))

@@ -9,7 +9,7 @@ from PIL import Image
 
 import vlmprune
 from vlmprune import prune
-from vlmprune.next_layout import grid_shape
+from vlmprune.anyres import Grid, grid_for
 
 LOGITS_ATOL = 1e-4  # fp32 through the whole stack
 
@@ -62,7 +62,7 @@ def test_sizes_select_every_grid(models):
     model, _ = models
     c = model.config
     for hw, grid in SIZES.items():
-        assert grid_shape(hw, c.image_grid_pinpoints, c.vision.image_size) == grid
+        assert grid_for(hw, c.image_grid_pinpoints, tile_size=c.vision.image_size) == Grid(*grid)
 
 
 def _hf_logits(hf, x):
@@ -200,8 +200,7 @@ def test_hero_on_next_equals_per_image_reference(models, tiny_clip_dir):
                 pruner=pruner, text=["What is in the image?", "Is there a cat?"])
     assert np.isfinite(np.asarray(out.logits)).all()
     # Reference: the unpadded per-image hero() on the model's own tower outputs and the same CLIP embeddings.
-    from vlmprune.next_layout import image_layout
-    from vlmprune.prune.anyres import hero_valid_mask
+    from vlmprune.anyres import hero_valid_mask, image_layout
 
     clip = model.auxiliary_clip(tiny_clip_dir)
     text_emb = np.asarray(clip.text_features(["What is in the image?", "Is there a cat?"]))
@@ -215,7 +214,7 @@ def test_hero_on_next_equals_per_image_reference(models, tiny_clip_dir):
         a = enc["cls_attn"]
         sel = prune.hero(np.stack([a[1][0], a[2][0]]), np.stack([a[0][1:], a[1][1:]], axis=1),
                          np.asarray(enc["hidden_states"][3][:, 0]), np.asarray(clip.image_features(pix[1:])),
-                         text_emb[i:i + 1], hero_valid_mask((hw[1], hw[0]), (lay.grid_cols, lay.grid_rows), 4),
+                         text_emb[i:i + 1], hero_valid_mask(hw, lay.grid, 4),
                          keep_ratio=0.3, alpha=0.5, t_cls=0.1, t_clip=0.1, tokens_per_side=4)
         mask = np.asarray(sel.mask(16))
         grid = mask[1:].reshape(lay.grid_rows, lay.grid_cols, 4, 4).transpose(0, 2, 1, 3).reshape(
@@ -272,7 +271,7 @@ def _reference_sequence(hf, x, keep, style):
 
 @pytest.mark.parametrize("hw", [(100, 100), (30, 120)])
 def test_reference_layouts_match_hf_language_model(models, hw):
-    from vlmprune.next_layout import reference_processor
+    from vlmprune.anyres import reference_processor
 
     model, hf = models
     # VisPruner's own layout: fixed 2x2 canvas (reference processor), no unpad, no newline, exactly 5·T tokens.
@@ -568,12 +567,13 @@ def test_hired_swapped_grid_layout_equals_the_forks_stitching(hw):
     (num_patch_height, num_patch_width) = (cols, rows), stitched, then HF's own ``unpad_image``."""
     from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-    from vlmprune.next_layout import grid_shape, image_layout
+    from vlmprune.anyres import grid_for, image_layout
 
     pins = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     n, ts = 24, 336
     lay = image_layout(hw, pins, tile_size=ts, tokens_per_side=n, style="cropped_swapped")
-    rows, cols = grid_shape(hw, pins, ts)
+    g = grid_for(hw, pins, tile_size=ts)
+    rows, cols = g.rows, g.cols
     ids = torch.arange(1, 1 + rows * cols)[:, None, None] * n * n + torch.arange(n * n).reshape(1, n, n)
     feat = ids.reshape(rows * cols, n * n, 1)  # (tiles, N, D=1): the value is the tile-token index
     num_patch_width, num_patch_height = rows, cols  # the fork's assignment of (rows, cols)

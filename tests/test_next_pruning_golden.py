@@ -13,8 +13,7 @@ from vlmprune import prune
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.text.llama import LlamaConfig
 from vlmprune.models.vision.clip import CLIPVisionConfig
-from vlmprune.next_layout import batch_layout
-from vlmprune.prune.anyres import hero_valid_mask
+from vlmprune.anyres import batch_layout, hero_valid_mask
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 CASES = json.load(open(os.path.join(GOLDEN, "cases_public.json")))
@@ -76,7 +75,7 @@ def test_hero_golden_through_next_path(case):
     img = np.zeros((1, t - 1, 768), np.float32)
     img[0, :k] = g[f"c{case}_clip_image_embeds"]
     valid = np.zeros((1, t - 1, 576), bool)
-    valid[0, :k] = hero_valid_mask((w, h), meta["grid_cols_rows"])
+    valid[0, :k] = hero_valid_mask((h, w), li.grid)  # (height, width) on the (rows, cols) grid
     np.testing.assert_array_equal(valid[0, :k], g[f"c{case}_valid_mask"])
     enc = {"features": jnp.zeros((t, 576, 1)), "cls_attn": {l: jnp.asarray(a) for l, a in attn.items()},
            "hidden_states": {24: jnp.asarray(last)}}

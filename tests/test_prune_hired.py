@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from vlmprune.prune.anyres import anyres_grid_shape, select_best_resolution
+from reference.hero_geometry import anyres_grid_shape, select_best_resolution
 from vlmprune.prune.hired import (
     HIRED_K_SP_TOP100,
     hired,
@@ -404,7 +404,7 @@ def test_anyres_validation():
         select_best_resolution((600, 800), [(336, -672)], convention="height_width")
     with pytest.raises(ValueError, match="convention must be"):
         select_best_resolution((600, 800), pins, convention="hw")
-    with pytest.raises(ValueError, match="multiple of patch_size"):
+    with pytest.raises(ValueError, match="multiple of the tile size"):
         anyres_grid_shape((600, 800), [(300, 600)], convention="height_width")
 
 

@@ -345,9 +345,10 @@ def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints
     import jax
 
     import vlmprune
-    from vlmprune.models.llava_config import LlavaConfig
+    from vlmprune.checkpoint import _abstract
+    from vlmprune.config import LlavaConfig
     from vlmprune.model import DTYPES, LlavaModel
-    from vlmprune.models.llava import Llava, param_shapes
+    from vlmprune.models.llava import Llava
 
     if preset not in PRESETS:
         raise BenchError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -365,7 +366,7 @@ def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints
     try:
         cfg = LlavaConfig.from_hf(hf)
         module = Llava(cfg, dtype=DTYPES[dtype])
-        abstract = param_shapes(module)
+        abstract = _abstract(module, cfg)
     except (ValueError, NotImplementedError) as e:
         raise BenchError(f"{preset}: this vlmprune cannot build the model: {e}") from e
     n_params = _param_count(abstract)
@@ -411,8 +412,8 @@ class JaxPieces:
         import jax
         import jax.numpy as jnp
 
-        from vlmprune import model as model_mod
-        from vlmprune.models.text.llama import KVCache
+        from vlmprune import pipeline
+        from vlmprune.models.llama import KVCache
         from vlmprune.models.llava import Llava
 
         self.model = model
@@ -421,7 +422,7 @@ class JaxPieces:
         def llm_prefill(params, embeds, positions, mask, extra, *, max_len):
             """The model's prefill minus the assembly: ``Llava.prefill`` into a fresh cache, last-token logits.
 
-            ``extra``: whatever ``_assemble`` returns after (embeds, mask, positions) (FastV's config), passed on.
+            ``extra``: (the in-LLM pruner's decoder hook or None,), passed on.
             """
             b = embeds.shape[0]
             cache = KVCache.zeros(m.config.text, b, max_len, embeds.dtype)
@@ -431,15 +432,17 @@ class JaxPieces:
             return logits[jnp.arange(b), last], cache
 
         self.llm_prefill = jax.jit(llm_prefill, static_argnames=("max_len",))
-        self.assemble = jax.jit(functools.partial(model_mod._assemble, m), static_argnames=("pruner", "stride"))
+        self.assemble = jax.jit(functools.partial(pipeline.assemble, m), static_argnames=("pruner", "stride"))
         self.project = jax.jit(lambda params, f: m.apply({"params": params}, f, method=Llava.project))
-        self._next_tokens = getattr(model_mod, "_next_visual_tokens", None)
+        self._encode = jax.jit(lambda params, px, request: pipeline.encode(m, params, px, request).as_dict(),
+                               static_argnames=("request",))
 
     def llm_prefill_program(self, args, static, max_len: int):
         """The assembled sequence of ``args``/``static`` (from :func:`plan_inputs`) and the compiled LLM prefill on
         it: (compiled, its call arguments, XLA's FLOP count of the program)."""
         params = self.model.params
-        embeds, mask, positions, *extra = self.assemble(params, *args, **static)
+        seq = self.assemble(params, *args, **static)
+        embeds, mask, positions, extra = seq.embeds, seq.mask, seq.positions, [seq.hook]
         call = (params, embeds, positions, mask, tuple(extra))
         lowered = self.llm_prefill.lower(*call, max_len=max_len)
         # FLOPs of the program as written (pre-optimisation HLO): after compilation the GPU backend moves the
@@ -448,29 +451,26 @@ class JaxPieces:
 
     def vision_fn(self, pruner, pix):
         """pix: the pixel array the model itself encodes (NeXT: (NI, T, C, S, S), flattened to tiles here)."""
-        req = pruner.vision_request(self.model.config) if pruner is not None else {}
-        kw = dict(cls_attention_layers=tuple(req.get("cls_attention_layers", ())),
-                  key_layers=tuple(req.get("key_layers", ())),
-                  post_layernorm=bool(req.get("post_layernorm", False)))
-        if req.get("hidden_state_layers"):
-            kw["hidden_state_layers"] = tuple(req["hidden_state_layers"])
-        pv = {"params": self.model.params}
+        from vlmprune import pipeline
+
+        request = pipeline.tap_request(self.model.config, pruner).replace(projected=False)
         px = pix.reshape((-1,) + tuple(pix.shape[-3:])) if pix.ndim == 5 else pix
-        return lambda: self.model._vision_jit(pv, px, **kw)
+        return lambda: self._encode(self.model.params, px, request)
 
     def next_select_project(self, pruner, stride):
         """NeXT: jitted (params, enc, layout) -> (tokens, valid) with the official packing (model internals)."""
         import jax
 
-        from vlmprune.models.llava import Llava
+        from vlmprune import pipeline
+        from vlmprune.prune.base import taps_from_dict
+        from vlmprune.types import NextLayout
 
-        if self._next_tokens is None:
-            raise NotImplementedError("this vlmprune.model has no LLaVA-NeXT packing")
-        m, fn = self.model.module, self._next_tokens
+        m = self.model.module
 
         def go(params, enc, layout):
-            project = lambda f: m.apply({"params": params}, f, method=Llava.project)  # noqa: E731
-            return fn(m, params, enc, project, pruner, layout, stride)
+            tables = NextLayout(token=layout["token"], row=layout["row"], tile_valid=layout["tile_valid"])
+            aux = {k: v for k, v in layout.items() if k not in ("token", "row", "tile_valid")}
+            return pipeline.tokens_from_taps(m, params, taps_from_dict(enc), pruner, tables, aux, stride)
 
         return jax.jit(go)
 
@@ -478,18 +478,16 @@ class JaxPieces:
 def plan_inputs(model, x, pruner):
     """The model's own host planning: (plan, jit args, static kwargs, layout or None).
 
-    Goes through ``LlavaModel._plan`` / ``_args`` so that the timed pieces see exactly the arrays
-    ``LlavaModel.prefill`` builds (older versions of these return fewer items; both are handled).
+    Goes through ``LlavaModel.plan`` / ``device_inputs`` so that the timed pieces see exactly the arrays
+    ``LlavaModel.prefill`` builds. args = (DeviceInputs,); layout: the NeXT tables and prepared arrays as a dict.
     """
     ids, am, pix = x["input_ids"], x["attention_mask"], x["pixel_values"]
-    if model.config.model_type == "llava_next":
-        out = model._plan(ids, am, pix, pruner, x.get("image_sizes"))
-    else:
-        out = model._plan(ids, am, pix, pruner)
-    if isinstance(out, tuple):
-        plan, pix2, layout, stride = out
-        return plan, model._args(ids, pix2, plan, layout), {"pruner": pruner, "stride": stride}, layout
-    return out, model._args(ids, pix, out), {"pruner": pruner}, None
+    plan = model.plan(ids, pix, attention_mask=am, image_sizes=x.get("image_sizes"), pruner=pruner)
+    dev = model.device_inputs(ids, plan)
+    layout = None
+    if dev.layout is not None:
+        layout = {"token": dev.layout.token, "row": dev.layout.row, "tile_valid": dev.layout.tile_valid, **dev.aux}
+    return plan.sequence, (dev,), {"pruner": pruner, "stride": plan.stride}, layout
 
 
 def _prefill_kw(model, x) -> dict:
@@ -557,8 +555,7 @@ class TorchSide:
         torch = self.torch
         from transformers import LlavaForConditionalGeneration
 
-        from vlmprune.io.weights import iter_export
-        from vlmprune.models.llava import LLAVA_RENAMES, LLAVA_RULES
+        from vlmprune.weights import LLAVA_RENAMES, LLAVA_RULES, iter_export
 
         if model.hf_config is None or model.config.model_type != "llava":
             raise BenchError("the PyTorch comparison supports LLaVA-1.5 models with an HF config")
@@ -707,6 +704,7 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
 
     from vlmprune.flops import prefill_macs
     from vlmprune.model import sample_token
+    from vlmprune.pipeline.sampling import Greedy
 
     cfg = model.config
     p = run.pruner
@@ -732,7 +730,7 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
         progress(f"  {run.label}: {name} ({time.perf_counter() - tick:.1f}s)")
 
     plan, args, static, layout = plan_inputs(model, x1, p)
-    pix_model = args[1]  # the pixel array the model encodes (NeXT: padded to the largest tile grid)
+    pix_model = args[0].pixel_values  # the pixel array the model encodes (NeXT: padded to the largest tile grid)
 
     # ---- vision encoder
     step("vision encoder")
@@ -870,9 +868,8 @@ def run_one(model, pieces: JaxPieces, run: MethodRun, x1, xb, *, torch_side: Tor
 
     def jdecode(st):
         return lambda: model._decode_jit(
-            params, st["logits"], st["cache"], st["pos"], jax.random.PRNGKey(0), jnp.float32(1.0),
-            jnp.float32(1.0), start_slot=st["plan"].length + 1, max_new_tokens=n_new, do_sample=False,
-            eos_ids=(-1,), pad_id=cfg.pad_token_id)
+            params, st["logits"], st["cache"], st["pos"], jax.random.PRNGKey(0), Greedy(),
+            start_slot=st["plan"].length + 1, max_new_tokens=n_new, eos_ids=(-1,), pad_id=cfg.pad_token_id)
 
     with _torch_mode(torch_side):
         tdec = (torch_side.decode(tst["tok"], tst["cache"], tst["mask"], tst["pos"], n_new)

@@ -59,8 +59,6 @@ def prepare_inputs(model, images, prompts):
 
 def timed_generate(model, x, *, pruner=None, max_new_tokens=16, repeats=3):
     """Median time to first token (prefill + first sample) and decode tokens/s, after one warm-up run."""
-    import jax.numpy as jnp
-
     from vlmprune.model import sample_token
 
     ttft, tps, out = [], [], None
@@ -71,11 +69,8 @@ def timed_generate(model, x, *, pruner=None, max_new_tokens=16, repeats=3):
         first = sample_token(logits, None, do_sample=False, temperature=1.0, top_p=1.0)
         jax.block_until_ready(first)
         t1 = time.perf_counter()
-        out = model._decode_jit(
-            model.params, logits, cache, pos, jax.random.PRNGKey(0), jnp.float32(1.0), jnp.float32(1.0),
-            start_slot=plan.length + 1, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_ids=(-1,), pad_id=model.config.pad_token_id,  # no EOS stop: time a fixed number of steps
-        )
+        out = model.decode(logits, cache, pos, plan, max_new_tokens=max_new_tokens,
+                           stop_at_eos=False)  # no EOS stop: time a fixed number of steps
         jax.block_until_ready(out)
         t2 = time.perf_counter()
         if i:  # the first run compiles

@@ -27,6 +27,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from vlmprune.io.safe_output import staged_file
+from vlmprune.pipeline.plan import prepare_host
+from vlmprune.prune.base import LLMPruner, VisualPruner
 
 DEFAULT_PROMPT = "What is in the image?"
 PANEL_INCHES = 3.0  # side of one image panel
@@ -123,7 +125,7 @@ def _resolve_pruner(model, pruner):
         pruner = make_pruner(*parse_spec(pruner), num_tokens=model.config.tokens_per_image)
     if pruner is None:
         return None
-    if not hasattr(pruner, "vision_request") or not hasattr(pruner, "validate"):
+    if not isinstance(pruner, (VisualPruner, LLMPruner)):
         raise TypeError(f"pruner must be a vlmprune pruner, a spec like 'vispruner:64' or None, got {pruner!r}")
     if pruner.inside_llm:
         raise ValueError(f"{pruner.name} prunes inside the LLM (by the text's attention after decoder layer "
@@ -207,8 +209,8 @@ def keep_mask_llava(model, pixel_values, pruner) -> np.ndarray:
 
 
 def next_layout(model, image_sizes):
-    """LLaVA-NeXT host layout (``vlmprune.next_layout.BatchLayout``) for image_sizes (NI, 2) (height, width)."""
-    from vlmprune.next_layout import batch_layout
+    """LLaVA-NeXT host layout (``vlmprune.anyres.BatchLayout``) for image_sizes (NI, 2) (height, width)."""
+    from vlmprune.anyres import batch_layout
 
     c = model.config
     return batch_layout(np.asarray(image_sizes), c.image_grid_pinpoints, tile_size=c.vision.image_size,
@@ -233,7 +235,7 @@ def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str]
     """
     import jax.numpy as jnp
 
-    from vlmprune.next_layout import max_tiles
+    from vlmprune.anyres import max_tiles
 
     c = model.config
     n = c.tokens_per_image
@@ -251,7 +253,8 @@ def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str]
         enc = {**enc, "embeddings": projector(model)(enc["features"])}  # as the model passes them (DivPrune)
         layout = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row),
                   "tile_valid": jnp.asarray(lay.tile_valid)}
-        extra = pruner.host_inputs(model, pix, lay.layouts, None, list(text) if text is not None else [""] * ni)
+        texts = list(text) if text is not None else [""] * ni
+        extra = prepare_host(pruner, c, pix, lay.layouts, lambda: texts, model.auxiliary_clip)
         layout.update({k: jnp.asarray(v) for k, v in extra.items()})
         keep = np.asarray(pruner.tile_mask(enc, layout, c))
     return [keep[i, : li.num_tiles] & in_layout_mask(li.token, li.num_tiles, n) for i, li in enumerate(lay.layouts)]

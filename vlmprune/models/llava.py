@@ -111,8 +111,9 @@ class Llava(nn.Module):
     def embed(self, input_ids: Array) -> Array:
         return self.language_model.embed(input_ids)
 
-    def prefill(self, embeds, positions, key_mask, cache: KVCache | None, fastv=None, last_only=False):
-        return self.language_model(embeds, positions, key_mask, cache, fastv, last_only)
+    def prefill(self, embeds, positions, key_mask, cache: KVCache | None, hook=None, last_only=False):
+        """The decoder's prefill; ``hook``: an in-LLM pruner's decoder hook or None (see ``LlamaForCausalLM``)."""
+        return self.language_model(embeds, positions, key_mask, cache, hook, last_only)
 
     def decode_step(self, token_ids, positions, cache: KVCache, slot):
         return self.language_model.decode_step(self.embed(token_ids), positions, cache, slot)

@@ -1,16 +1,26 @@
-"""Pruning methods as pure, static-shape JAX functions, and the model-facing pruners that wrap them.
+"""Pruning methods as pure, static-shape JAX functions, and the pruners that connect them to the model.
 
 Functional API (arrays in, ``Selection`` out): ``vispruner``, ``fastervlm``, ``hired``, ``hired_single``,
 ``hired_batched``, ``hero``, and the baselines in ``vlmprune.prune.baselines``.
-Model-facing: ``VisPruner(num_keep=64, important_ratio=0.5)``, ``FasterVLM``, ``HiRED``, ``HERO``, ... or
-``get(name, **settings)``; pass one as ``model(..., pruner=...)``.
+Pruners: ``VisPruner(num_keep=64, important_ratio=0.5)``, ``FasterVLM``, ``HiRED``, ``HERO``, ... or
+``get(name, **settings)``; pass one as ``model(..., pruner=...)``. The protocols (``VisualPruner``,
+``LLMPruner``) and ``register`` (for methods defined outside the package) are in ``vlmprune.prune.base``;
+``docs/adding_a_method.md`` walks through a new method.
 """
 
 from vlmprune.prune.selection import Selection, from_indices, from_mask, gather_tokens  # noqa: F401
 from vlmprune.prune.vispruner import fastervlm, vispruner  # noqa: F401
 from vlmprune.prune.hired import hired, hired_batched, hired_single  # noqa: F401
 from vlmprune.prune.hero import hero  # noqa: F401
-from vlmprune.prune.pruners import (  # noqa: F401
-    HERO, REGISTRY, DivPrune, FasterVLM, FastV, HiRED, PruMergePlus, Pruner, RandomKeep, Uniform, VisionZip, VisPruner,
-    demo_settings, get,
+from vlmprune.prune.base import (  # noqa: F401
+    REGISTRY, Budget, HostInputs, HostNeeds, LLMPruner, PruneContext, VisualPruner, get, register, resolve_layer,
 )
+from vlmprune.prune.pruners import (  # noqa: F401
+    HERO, DivPrune, FasterVLM, HiRED, PruMergePlus, RandomKeep, Uniform, VisionZip, VisPruner, demo_settings,
+    hero_clip_inputs,
+)
+from vlmprune.prune.fastv import FastV  # noqa: F401
+from vlmprune.types import PruneResult, TapRequest, VisionTaps  # noqa: F401
+
+#: the base class of earlier versions (every built-in visual pruner derives from it)
+Pruner = VisualPruner

@@ -154,8 +154,8 @@ class KVCache:
     and one buffer per layer so that each step's in-place write touches only that layer (slices of one stacked
     array made XLA:CPU copy the whole cache); key_mask: bool (B, S) real slots.
 
-    ``late_mask`` (B, S) is the key mask of layers >= ``late_from`` (FastV drops visual tokens there); it equals
-    ``key_mask`` when nothing is dropped inside the LLM.
+    ``late_mask`` (B, S) is the key mask of layers >= ``late_from`` (a decoder hook dropped tokens there); it
+    equals ``key_mask`` when nothing is dropped inside the LLM.
     """
 
     k: Array
@@ -175,48 +175,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return int(sum(a.size * a.dtype.itemsize for a in (*self.k, *self.v)))
-
-
-@flax.struct.dataclass
-class FastVConfig:
-    """FastV inside the LLM: after layer ``layer`` keep ``keep`` of the ``num_visual`` visual tokens of each row,
-    chosen by the head-mean attention of the last real token at layer ``layer - 1`` (algorithms.md §5.2).
-    ``visual`` (B, T) marks the visual slots (exactly ``num_visual`` per row)."""
-
-    visual: Array
-    layer: int = flax.struct.field(pytree_node=False, default=2)
-    keep: int = flax.struct.field(pytree_node=False, default=288)
-    num_visual: int = flax.struct.field(pytree_node=False, default=576)
-
-
-def last_token_attention(q: Array, k: Array, key_mask: Array) -> Array:
-    """Head-mean softmax attention of each row's last real query over all keys.
-
-    q (B, T, H, D) with RoPE applied, k (B, T, KVH, D), key_mask bool (B, T) -> float32 (B, T).
-    """
-    b, t, h, d = q.shape
-    last = t - 1 - jnp.argmax(key_mask[:, ::-1], axis=1)
-    ql = q[jnp.arange(b), last].astype(jnp.float32)  # (B, H, D)
-    kk = jnp.repeat(k.astype(jnp.float32), h // k.shape[2], axis=2)  # (B, T, H, D)
-    logits = jnp.einsum("bhd,bthd->bht", ql, kk) * d**-0.5
-    logits = jnp.where(key_mask[:, None, :], logits, -jnp.inf)
-    return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
-
-
-def fastv_keep(scores: Array, visual: Array, *, keep: int, num_visual: int) -> Array:
-    """Slots kept after FastV's layer: all non-visual slots and the ``keep`` best visual ones, ascending.
-
-    scores float (B, T), visual bool (B, T) -> int32 (B, T - num_visual + keep). Ties: lower slot first.
-    """
-    t = scores.shape[1]
-
-    def row(s, vis):
-        (vis_idx,) = jnp.nonzero(vis, size=num_visual)
-        (txt_idx,) = jnp.nonzero(~vis, size=t - num_visual)
-        _, top = jax.lax.top_k(s[vis_idx], keep)
-        return jnp.sort(jnp.concatenate([txt_idx, vis_idx[top]])).astype(jnp.int32)
-
-    return jax.vmap(row)(scores, visual)
 
 
 class RMSNorm(nn.Module):
@@ -348,27 +306,31 @@ class LlamaForCausalLM(nn.Module):
         return rope_tables(positions, jnp.asarray(inv), scale, dtype)
 
     def __call__(self, inputs_embeds: Array, positions: Array, key_mask: Array, cache: KVCache | None = None,
-                 fastv: FastVConfig | None = None, last_only: bool = False):
+                 hook=None, last_only: bool = False):
         """Prefill: run the whole sequence and (optionally) fill the cache from slot 0.
 
         inputs_embeds (B, T, D); positions int32 (B, T); key_mask bool (B, T) real tokens.
-        fastv: drop visual tokens after a layer (in-place variant: the shorter sequence keeps its original
-          positions; the cache keeps all slots and masks the dropped ones for the later layers).
+        hook: None, or a pytree with a static ``layer`` (>= 1) and ``hook(q, k, key_mask) -> int32 (B, T')`` (an
+          in-LLM pruner's ``decoder_hook``): before that layer it gets the previous layer's queries and keys
+          (RoPE applied) and returns the slots kept from there on, ascending. The shorter sequence keeps its
+          original positions; the cache keeps all slots and masks the dropped ones for the later layers.
         last_only: apply the LM head only at each row's last real token (generation's prefill): logits (B, 1, V).
-        Returns (logits float32 (B, T', V), mask bool (B, T'), cache); T' = T unless FastV dropped tokens.
+        Returns (logits float32 (B, T', V), mask bool (B, T'), cache); T' = T unless the hook dropped tokens.
         """
         x = inputs_embeds
         rope = self._rope(positions, x.dtype)
         b, t = key_mask.shape
         slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))  # cache slot of every sequence entry
-        late_from = self.cfg.num_hidden_layers if fastv is None else fastv.layer
+        late_from = self.cfg.num_hidden_layers if hook is None else hook.layer
+        if not 1 <= late_from <= self.cfg.num_hidden_layers:
+            raise ValueError(f"decoder hook layer {late_from} must be in [1, {self.cfg.num_hidden_layers}]")
         kv_early, kv_late = [], []
         full_key_mask = key_mask
         mask = _prefill_mask(key_mask)
+        q = k = None  # the previous layer's queries and keys, read by the hook
         for i, layer in enumerate(self.layers):
             if i == late_from:
-                scores = last_token_attention(q, k, key_mask)
-                keep = fastv_keep(scores, fastv.visual & key_mask, keep=fastv.keep, num_visual=fastv.num_visual)
+                keep = hook(q, k, key_mask)
                 take = lambda a: jnp.take_along_axis(a, keep.reshape(keep.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
                 x, positions, key_mask, slots = take(x), take(positions), take(key_mask), keep
                 mask = _prefill_mask(key_mask)
@@ -410,7 +372,7 @@ def _prefill_mask(key_mask: Array) -> Array:
 
 
 def _fill_cache(cache: KVCache, kv_early, kv_late, slots, full_mask, kept_mask, late_from: int) -> KVCache:
-    """Write prefill keys/values from slot 0: layers < late_from hold every slot; later layers (after FastV)
+    """Write prefill keys/values from slot 0: layers < late_from hold every slot; later layers (after the hook)
     hold only the kept slots ``slots`` (B, T'), and their key mask ``late_mask`` excludes the dropped ones."""
     b, t = full_mask.shape
     # written sequence-major (layers, B, S, KVH, hd), then stored heads-first (prefill-time copies only)

@@ -1,0 +1,1 @@
+"""References shared by tests (and benchmarks): the originals' own spellings and code paths, re-expressed."""

@@ -1,0 +1,190 @@
+"""Host planning (NumPy, before anything is traced): validate a batch and lay it out for the jitted stages.
+
+``plan_inputs(config, inputs, pruner, ...) -> Plan``: checks the pixels and placeholders, builds the LLaVA-NeXT
+layout in the pruner's packing style, counts the static visual slots of every image from the pruner's budget,
+runs the pruner's declared host preparation (instruction texts, auxiliary CLIP) and maps every output slot to a
+text token or a visual slot (``vlmprune.pipeline.sequence``). Nothing here knows which method runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlmprune import inputs as input_checks
+from vlmprune.anyres.geometry import max_tiles
+from vlmprune.anyres.layout import BatchLayout, batch_layout
+from vlmprune.pipeline.sequence import SequencePlan, plan_sequence
+from vlmprune.prune.base import HostInputs, HostNeeds, VisualPruner, check_pruner, slot_count
+from vlmprune.types import ModelInputs, NextLayout
+
+
+@flax.struct.dataclass
+class DeviceInputs:
+    """The arrays the jitted stages take (one pytree, so that sharding is one ``tree.map``).
+
+    input_ids int32 (B, L); pixel_values (NI, C, S, S) or (NI, T_max, C, S, S); text_src, vis_src int32 (B, L')
+    and text_mask bool (B, L') from the :class:`SequencePlan`; layout: NextLayout or None; aux: the pruner's
+    prepared host arrays.
+    """
+
+    input_ids: Any
+    pixel_values: Any
+    text_src: Any
+    vis_src: Any
+    text_mask: Any
+    layout: Optional[NextLayout] = None
+    aux: dict = flax.struct.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A validated batch: the sequence plan, the (tile-padded) pixels, the NeXT layout, the pruner's prepared
+    arrays and the static visual slot stride (None on LLaVA-1.5)."""
+
+    sequence: SequencePlan
+    pixel_values: np.ndarray
+    layout: Optional[BatchLayout]
+    aux: dict
+    stride: Optional[int]
+
+    def device_inputs(self, input_ids, dtype) -> DeviceInputs:
+        return DeviceInputs(
+            input_ids=jnp.asarray(input_ids, jnp.int32), pixel_values=jnp.asarray(self.pixel_values, dtype),
+            text_src=jnp.asarray(self.sequence.text_src), vis_src=jnp.asarray(self.sequence.vis_src),
+            text_mask=jnp.asarray(self.sequence.text_mask),
+            layout=None if self.layout is None else self.layout.tables(),
+            aux={k: jnp.asarray(v) for k, v in self.aux.items()},
+        )
+
+
+def check_pixels(config, pixel_values):
+    """pixel_values of the right rank and tile shape for ``config``, finite; ValueError naming the problem."""
+    v = config.vision
+    pixel_values = input_checks.check_pixel_values(pixel_values)
+    shape = tuple(getattr(pixel_values, "shape", ()))
+    want = (v.num_channels, v.image_size, v.image_size)
+    if config.model_type == "llava_next":
+        if len(shape) != 5 or shape[2:] != want:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, num_tiles, {want[0]}, {want[1]}, {want[2]}) for "
+                f"this LLaVA-NeXT model (tile size {v.image_size}), got {shape}; preprocess images with the "
+                "model's processor"
+            )
+    elif len(shape) != 4 or shape[1:] != want:
+        raise ValueError(
+            f"pixel_values must have shape (num_images, {want[0]}, {want[1]}, {want[2]}) for this vision "
+            f"tower (image_size={v.image_size}), got {shape}; preprocess images with the model's processor"
+        )
+    return pixel_values
+
+
+def next_layout(config, pixel_values, image_sizes, pruner=None):
+    """Host-side anyres layout of a NeXT batch in the pruner's packing style; pads tiles to the largest grid.
+
+    Returns (pixels (NI, T_max, C, S, S) float32, BatchLayout, placeholder counts per image (official layout))."""
+    c = config
+    style, pins = "official", c.image_grid_pinpoints
+    if isinstance(pruner, VisualPruner):
+        style, pins = pruner.layout_style(c)
+    if image_sizes is None:
+        raise ValueError("image_sizes (num_images, 2) as (height, width) is required for LLaVA-NeXT inputs")
+    sizes = np.asarray(image_sizes)
+    ni = pixel_values.shape[0]
+    if sizes.shape != (ni, 2):
+        raise ValueError(f"image_sizes must have shape ({ni}, 2) (one (height, width) per image), got {sizes.shape}")
+    geo = dict(tile_size=c.vision.image_size, tokens_per_side=c.vision.image_size // c.vision.patch_size)
+    lay = batch_layout(sizes, pins, style=style, **geo)
+    official = lay if style == "official" else batch_layout(sizes, pins, **geo)  # what the processor expanded
+    t_max = max_tiles(c.image_grid_pinpoints, c.vision.image_size)
+    for i, li in enumerate(lay.layouts):
+        if li.num_tiles > pixel_values.shape[1]:
+            raise ValueError(f"image {i} of size {tuple(sizes[i])} needs {li.num_tiles} tiles "
+                             f"({li.grid_rows}x{li.grid_cols} grid + base) but pixel_values holds "
+                             f"{pixel_values.shape[1]}")
+    if pixel_values.shape[1] > t_max:
+        raise ValueError(f"pixel_values holds {pixel_values.shape[1]} tiles per image; the pinpoints allow at "
+                         f"most {t_max}")
+    pix = np.zeros((ni, t_max) + tuple(pixel_values.shape[2:]), np.float32)
+    pix[:, : pixel_values.shape[1]] = np.asarray(pixel_values, np.float32)
+    return pix, lay, [li.length for li in official.layouts]
+
+
+def image_texts(config, ids, mask, plan: SequencePlan, text, tokenizer) -> list[str]:
+    """The instruction text per image, for text-guided pruners (``HostNeeds.text``): ``text`` (one string per batch row) or,
+    by default, the row's real tokens after its last image placeholder, decoded without special tokens."""
+    b = ids.shape[0]
+    if text is not None:
+        text = [text] if isinstance(text, str) else list(text)
+        if len(text) != b:
+            raise ValueError(f"text must hold one string per batch row ({b}), got {len(text)}")
+    rows = []
+    for r in range(b):
+        if text is not None:
+            rows.append(text[r])
+            continue
+        if tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer: pass text=[...] for text-guided pruning")
+        m = np.ones(ids.shape[1], bool) if mask is None else np.asarray(mask[r]).astype(bool)
+        img = np.where((ids[r] == config.image_token_id) & m)[0]
+        start = img[-1] + 1 if img.size else 0
+        rows.append(tokenizer.decode(ids[r, start:][m[start:]], skip_special_tokens=True).strip())
+    out = [""] * plan.num_images
+    for r in range(b):
+        for v in np.unique(plan.vis_src[r][plan.vis_src[r] >= 0] // plan.slots):
+            out[int(v)] = rows[r]
+    return out
+
+
+def prepare_host(pruner, config, pixel_values, layouts, texts: Callable[[], Sequence[str]],
+                 clip_loader: Callable[[str], Any] | None) -> dict:
+    """Run the pruner's declared host preparation: the texts and auxiliary CLIP model it ``needs``, then its
+    ``prepare``. Returns a dict of host arrays (empty for pruners that need nothing)."""
+    if not isinstance(pruner, VisualPruner):
+        return {}
+    needs: HostNeeds = pruner.needs
+    clip = None
+    if needs.clip_path is not None:
+        if clip_loader is None:
+            raise ValueError(f"{pruner.name} needs an auxiliary CLIP model ({needs.clip_path}) and no loader was given")
+        clip = clip_loader(needs.clip_path)
+    host = HostInputs(config, pixel_values, layouts, texts() if needs.text else None, clip)
+    return dict(pruner.prepare(host))
+
+
+def plan_inputs(config, inputs: ModelInputs, pruner=None, *, text=None, tokenizer=None,
+                clip_loader: Callable[[str], Any] | None = None) -> Plan:
+    """Validate a batch on the host and plan it (see the module docstring). ValueError names any problem."""
+    pruner = check_pruner(pruner)
+    if pruner is not None:
+        pruner.validate(config)
+    pixel_values = check_pixels(config, inputs.pixel_values)
+    c = config
+    ids = input_checks.check_token_ids(inputs.input_ids, c.text.vocab_size)
+    mask = input_checks.check_attention_mask(inputs.attention_mask)
+    if c.model_type == "llava":
+        n = c.tokens_per_image
+        slots = slot_count(pruner, c, None, n, 0)
+        seq = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=n,
+                            num_images=pixel_values.shape[0], slots=slots)
+        aux = prepare_host(pruner, c, np.asarray(pixel_values), None,
+                           lambda: image_texts(c, ids, mask, seq, text, tokenizer), clip_loader)
+        return Plan(seq, pixel_values, None, aux, None)
+    pix, lay, placeholders = next_layout(c, pixel_values, inputs.image_sizes, pruner)
+    slots = [slot_count(pruner, c, li.num_tiles, li.length, li.num_newlines) for li in lay.layouts]
+    stride = max(slots)
+    seq = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=placeholders,
+                        num_images=pix.shape[0], slots=slots, slot_stride=stride)
+    aux = prepare_host(pruner, c, pix, lay.layouts, lambda: image_texts(c, ids, mask, seq, text, tokenizer),
+                       clip_loader)
+    return Plan(seq, pix, lay, aux, stride)
+
+
+def shard_inputs(inputs: DeviceInputs, mesh, sharding_for: Callable) -> DeviceInputs:
+    """Every array of ``inputs`` placed with ``sharding_for(mesh, shape)`` (the batch axis split)."""
+    return jax.tree.map(lambda a: jax.device_put(a, sharding_for(mesh, a.shape)), inputs)
