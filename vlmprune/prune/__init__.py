@@ -1,7 +1,10 @@
 """Pruning methods as pure, static-shape JAX functions, and the model-facing pruners that wrap them.
 
-Functional API (arrays in, ``Selection`` out): ``vispruner``, ``fastervlm``, ``hired``, ``hired_single``,
-``hired_batched``, ``hero``, and the baselines in ``vlmprune.prune.baselines``.
+Functional API (arrays in, ``Selection`` or ``MergeResult`` out): ``vispruner``, ``fastervlm``, ``hired``,
+``hired_single``, ``hired_batched``, ``hero``, and the baselines ``divprune`` (``divprune_picks``,
+``divprune_masked``), ``visionzip`` (``visionzip_dominant``), ``prumerge_plus``, ``fastv_select``, ``random_keep``
+and ``uniform``. Shared numerics (correctly rounded normalisation, torch-order head means, ranking helpers) live in
+``vlmprune.prune.ops``.
 Model-facing: ``VisPruner(num_keep=64, important_ratio=0.5)``, ``FasterVLM``, ``HiRED``, ``HERO``, ... or
 ``get(name, **settings)``; pass one as ``model(..., pruner=...)``.
 """
@@ -10,6 +13,11 @@ from vlmprune.prune.selection import Selection, from_indices, from_mask, gather_
 from vlmprune.prune.vispruner import fastervlm, vispruner  # noqa: F401
 from vlmprune.prune.hired import hired, hired_batched, hired_single  # noqa: F401
 from vlmprune.prune.hero import hero  # noqa: F401
+from vlmprune.prune.baselines import (  # noqa: F401
+    MergeResult, cosine_distance, divprune, divprune_masked, divprune_num_keep, divprune_picks, fastv_select,
+    prumerge_plus, prumerge_tables, random_keep, uniform, uniform_grid_indices, visionzip, visionzip_dominant,
+    visionzip_targets,
+)
 from vlmprune.prune.pruners import (  # noqa: F401
     HERO, REGISTRY, DivPrune, FasterVLM, FastV, HiRED, PruMergePlus, Pruner, RandomKeep, Uniform, VisionZip, VisPruner,
     demo_settings, get,

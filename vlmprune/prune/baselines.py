@@ -31,18 +31,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import _checks
-from vlmprune.prune.selection import Selection, from_indices, from_mask, map_tiles
-
-# Shared helpers: validation messages, the head-mean top-k core, the row normalisation and the Gram matrix are
-# the same as VisPruner/FasterVLM's.
-from vlmprune.prune.vispruner import (  # noqa: F401  (re-used private helpers)
-    _argsort_descending,
-    _check_head_attention,
-    _check_num_keep,
-    _gram,
-    _head_mean_top_k,
+from vlmprune.prune.ops import (
+    argsort_descending,
+    check_head_attention,
+    check_num_keep,
+    divide,
+    gram,
+    head_mean_top_k,
     l2_normalize,
+    matmul,
+    matmul_t,
+    mean,
 )
+from vlmprune.prune.selection import Selection, from_indices, from_mask, map_tiles
 
 
 @flax.struct.dataclass
@@ -60,22 +61,6 @@ class MergeResult:
     tokens: jax.Array
     valid: jax.Array
     selection: Selection
-
-
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` with float32 accumulation, rounded to a's dtype.
-
-    ``precision=HIGHEST`` avoids TF32/bf16 passes on accelerators; for float16 inputs the rounding of the
-    float32 accumulator to float16 mirrors a cuBLAS half GEMM (the originals run these matmuls in fp16).
-    """
-    acc = jnp.promote_types(a.dtype, jnp.float32)
-    out = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
-    return out.astype(a.dtype)
-
-
-def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b.T`` for (M, C) and (P, C) -> (M, P), as :func:`_matmul`."""
-    return _matmul(a, b.T)
 
 
 def _check_features(name: str, x, rank: int, dims: str, where: str) -> None:
@@ -110,7 +95,7 @@ def random_keep(key: jax.Array, num_tokens: int, *, num_keep: int, batch: int | 
     """
     where = "random_keep"
     num_tokens = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
-    num_keep = _check_num_keep(num_keep, num_tokens, where)
+    num_keep = check_num_keep(num_keep, num_tokens, where)
     if batch is not None:
         batch = _checks.check_int("batch", batch, lo=1, where=where)
     if not hasattr(key, "dtype"):
@@ -162,7 +147,7 @@ def uniform(num_tokens: int, *, num_keep: int, grid: tuple[int, int] | None = No
     """
     where = "uniform"
     num_tokens = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
-    num_keep = _check_num_keep(num_keep, num_tokens, where)
+    num_keep = check_num_keep(num_keep, num_tokens, where)
     if grid is None:
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:
@@ -186,7 +171,7 @@ def uniform(num_tokens: int, *, num_keep: int, grid: tuple[int, int] | None = No
 def cosine_distance(embeddings: jax.Array) -> jax.Array:
     """DivPrune's ``D = 1 - cos(X, X)``: (N, D) -> (N, N) in the input dtype (fp16 in the original)."""
     normalized = l2_normalize(embeddings)
-    return 1 - _gram(normalized)
+    return 1 - gram(normalized)
 
 
 def _divprune_masked_single(embeddings: jax.Array, candidates: jax.Array, count: jax.Array, num_keep: int):
@@ -235,9 +220,24 @@ def _divprune_single(embeddings: jax.Array, num_keep: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("num_keep",))
+def _divprune_picks_jit(embeddings: jax.Array, *, num_keep: int) -> jax.Array:
+    return map_tiles(lambda e: _divprune_single(e, num_keep), embeddings)
+
+
+@functools.partial(jax.jit, static_argnames=("num_keep",))
 def _divprune_jit(embeddings: jax.Array, *, num_keep: int) -> Selection:
-    picked = map_tiles(lambda e: _divprune_single(e, num_keep), embeddings)
-    return from_indices(picked, embeddings.shape[1])
+    return from_indices(_divprune_picks_jit(embeddings, num_keep=num_keep), embeddings.shape[1])
+
+
+def divprune_picks(embeddings: jax.Array, *, num_keep: int) -> jax.Array:
+    """DivPrune's picks in the order it makes them (the original's ``s``), int32 (B, K).
+
+    Same rule and arguments as :func:`divprune`, which returns these indices sorted (raster order).
+    """
+    where = "divprune_picks"
+    _check_features("embeddings", embeddings, 3, "(B, N, D)", where)
+    num_keep = check_num_keep(num_keep, embeddings.shape[1], where)
+    return _divprune_picks_jit(embeddings, num_keep=num_keep)
 
 
 def divprune_num_keep(num_tokens: int, ratio: float = 0.098) -> int:
@@ -263,7 +263,7 @@ def divprune(embeddings: jax.Array, *, num_keep: int) -> Selection:
     """
     where = "divprune"
     _check_features("embeddings", embeddings, 3, "(B, N, D)", where)
-    num_keep = _check_num_keep(num_keep, embeddings.shape[1], where)
+    num_keep = check_num_keep(num_keep, embeddings.shape[1], where)
     return _divprune_jit(embeddings, num_keep=num_keep)
 
 
@@ -297,7 +297,7 @@ def divprune_masked(embeddings: jax.Array, candidates: jax.Array, count: jax.Arr
     """
     where = "divprune_masked"
     _check_features("embeddings", embeddings, 3, "(B, M, D)", where)
-    max_keep = _check_num_keep(max_keep, embeddings.shape[1], where)
+    max_keep = check_num_keep(max_keep, embeddings.shape[1], where)
     candidates = jnp.asarray(candidates, bool)
     count = jnp.asarray(count, jnp.int32)
     if candidates.shape != embeddings.shape[:2]:
@@ -339,7 +339,7 @@ def visionzip_dominant(cls_attn: jax.Array, *, dominant: int) -> Selection:
     cls_attn float (B, H, N) -> ``Selection`` (B, dominant - 1) over the N patches, ascending, all valid.
     """
     where = "visionzip_dominant"
-    _check_head_attention("cls_attn", cls_attn, where)
+    check_head_attention("cls_attn", cls_attn, where)
     dominant = _checks.check_int("dominant", dominant, lo=2, hi=cls_attn.shape[2] + 1, where=where)
     return _visionzip_dominant_jit(cls_attn, dominant=dominant)
 
@@ -368,11 +368,11 @@ def _visionzip_single(hidden, cls_attn, keys, dominant: int, contextual: int):
         target_pos = visionzip_targets(remaining, contextual)
         other_pos = np.setdiff1d(np.arange(remaining), target_pos)
         # metric = raw layer keys averaged over heads, L2-normalised (over the remaining tokens only).
-        metric = l2_normalize(jnp.mean(keys, axis=1)[rest_idx])
-        sim = _matmul_t(metric[other_pos], metric[target_pos])  # (R - contextual, contextual)
+        metric = l2_normalize(mean(keys, axis=1)[rest_idx])  # torch's head mean, then x / ||x||
+        sim = matmul_t(metric[other_pos], metric[target_pos])  # (R - contextual, contextual)
         assign = jax.nn.one_hot(jnp.argmax(sim, axis=1), contextual, dtype=hidden.dtype)  # first index on ties
         counts = jnp.maximum(jnp.sum(assign, axis=0), 1)[:, None]  # clamp(min=1): unassigned targets
-        merged = _matmul(assign.T, hidden[rest_idx[other_pos]]) / counts  # mean of assigned hiddens
+        merged = divide(matmul(assign.T, hidden[rest_idx[other_pos]]), counts)  # mean of assigned hiddens
         tokens.append(hidden[rest_idx[target_pos]] + merged)
         anchors.append(rest_idx[target_pos] - 1)
     return jnp.concatenate(tokens), jnp.concatenate(anchors).astype(jnp.int32)
@@ -415,7 +415,7 @@ def visionzip(
     """
     where = "visionzip"
     _check_features("hidden_with_cls", hidden_with_cls, 3, "(B, 1+N, C)", where)
-    _check_head_attention("cls_attn", cls_attn, where)
+    check_head_attention("cls_attn", cls_attn, where)
     _check_features("keys", keys, 4, "(B, 1+N, H, dh)", where)
     batch, total, _ = hidden_with_cls.shape
     _checks.check_dims_equal(
@@ -493,7 +493,7 @@ def _prumerge_single(features, attn, keys, keep_table, sample_table, num_neighbo
     num_top = keep_table[outliers]
 
     # P2: the top-k set for a traced k; `order` is also the original's output order (descending score).
-    order = _argsort_descending(attn).astype(jnp.int32)
+    order = argsort_descending(attn).astype(jnp.int32)
     is_top = jnp.zeros((n,), bool).at[order].set(slot[:n] < num_top)
     is_sample = sample_table[outliers] & ~is_top  # PruMerge+ samples not already kept
     anchors = is_top | is_sample
@@ -504,16 +504,16 @@ def _prumerge_single(features, attn, keys, keep_table, sample_table, num_neighbo
     # are most cosine-similar to i's (kept or pruned alike); the weights are the raw attentions.
     if num_neighbors > 0:
         normalized = l2_normalize(keys)
-        sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, _gram(normalized))
+        sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, gram(normalized))
         _, neighbors = jax.lax.top_k(sim, num_neighbors)  # (N, m)
         rows = jnp.arange(n)[:, None]
         neighbor_attn = attn[neighbors].astype(features.dtype)
         weights = jnp.zeros((n, n), features.dtype).at[rows, neighbors].set(neighbor_attn)  # (N, N)
-        merged = features + _matmul(weights, features)
+        merged = features + matmul(weights, features)
     else:
         merged = features
     pruned_weights = jnp.where(anchors, 0, attn).astype(features.dtype)
-    extra = _matmul(pruned_weights[None, :], features)[0]  # sum over pruned tokens of a_j x_j
+    extra = matmul(pruned_weights[None, :], features)[0]  # sum over pruned tokens of a_j x_j
 
     # Output slots: top-k (score order), then samples (ascending), then the extra token, then zero padding.
     at = slot[:, None]
@@ -613,6 +613,6 @@ def fastv_select(last_row_attn: jax.Array, *, num_keep: int) -> Selection:
       the input dtype; pass fp16 probabilities to mimic the original's fp16 LLM.
     """
     where = "fastv_select"
-    _check_head_attention("last_row_attn", last_row_attn, where)
-    num_keep = _check_num_keep(num_keep, last_row_attn.shape[2], where)
-    return _head_mean_top_k(last_row_attn, num_keep=num_keep)
+    check_head_attention("last_row_attn", last_row_attn, where)
+    num_keep = check_num_keep(num_keep, last_row_attn.shape[2], where)
+    return head_mean_top_k(last_row_attn, num_keep=num_keep)

@@ -1,0 +1,115 @@
+"""The shared numerics of vlmprune.prune.ops round like torch: correctly rounded division (no rounded reciprocal),
+half-precision sums accumulated in float32, torch's two-step mean. Compared bit for bit with torch on random rows."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from vlmprune.prune import ops
+
+DTYPES = {
+    "float32": (jnp.float32, torch.float32),
+    "float16": (jnp.float16, torch.float16),
+    "bfloat16": (jnp.bfloat16, torch.bfloat16),
+}
+
+
+def _rows(seed, shape, scale_spread=True):
+    """Random rows with per-row scales spread over a few binades (so the norms are not all alike)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape)
+    if scale_spread:
+        x *= np.exp2(rng.uniform(-3, 3, size=shape[:-1] + (1,)))
+    return x.astype(np.float32)
+
+
+def _to_torch(x, tdtype):
+    return torch.from_numpy(np.asarray(x, np.float32)).to(tdtype)
+
+
+def _bits(a):
+    """The raw bits of a float array (torch tensor or JAX/NumPy array), for exact comparison incl. -0.0."""
+    if isinstance(a, torch.Tensor):
+        a = a.float().numpy() if a.dtype == torch.bfloat16 else a.numpy()
+    else:
+        a = np.asarray(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a)
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint16)
+
+
+@pytest.mark.parametrize("name", list(DTYPES))
+def test_divide_is_torch_division_bit_for_bit(name):
+    """x / d with d broadcast over rows: every quotient equals torch's (correctly rounded) one."""
+    jdtype, tdtype = DTYPES[name]
+    x = _rows(0, (256, 96))
+    d = np.abs(_rows(1, (256, 1), scale_spread=False)) + 0.5
+    xt, dt = _to_torch(x, tdtype), _to_torch(d, tdtype)
+    ours = jax.jit(ops.divide)(jnp.asarray(xt.float().numpy(), jdtype), jnp.asarray(dt.float().numpy(), jdtype))
+    np.testing.assert_array_equal(_bits(ours), _bits(xt / dt))
+
+
+def test_plain_division_by_a_broadcast_is_rewritten_by_xla_and_divide_is_not():
+    """Why ops.divide exists: on XLA:CPU a plain ``x / d[:, None]`` compiles to a multiplication by a reciprocal
+    (wrong in the last bit for many entries), ``ops.divide`` keeps the division. Checked in the compiled HLO."""
+    x = jnp.ones((8, 16), jnp.float32)
+    d = jnp.ones((8, 1), jnp.float32)
+    plain = jax.jit(lambda a, b: a / b).lower(x, d).compile().as_text()
+    ours = jax.jit(ops.divide).lower(x, d).compile().as_text()
+    if jax.default_backend() == "cpu":
+        # the rewrite guarded against: the (8, 16) result is a multiply, the only divide forms the (8, 1) reciprocal
+        assert "f32[8,16]{1,0} multiply(" in plain and "f32[8,16]{1,0} divide(" not in plain
+    assert "f32[8,16]{1,0} divide(" in ours
+    # numerically: the plain form differs from true division somewhere, ops.divide nowhere
+    xs = _rows(2, (512, 64))
+    ds = np.abs(_rows(3, (512, 1), scale_spread=False)) + 0.5
+    exact = (xs.astype(np.float64) / ds.astype(np.float64)).astype(np.float32)  # correctly rounded quotient
+    np.testing.assert_array_equal(np.asarray(jax.jit(ops.divide)(xs, ds)), exact)
+    rewritten = np.asarray(jax.jit(lambda a, b: a / b)(xs, ds))
+    if jax.default_backend() == "cpu":
+        assert (rewritten != exact).mean() > 0.05  # about a fifth of the quotients are one ulp off
+
+
+@pytest.mark.parametrize("name", list(DTYPES))
+def test_l2_normalize_matches_torch_bit_for_bit(name):
+    """``x / x.norm(dim=-1, keepdim=True)`` in torch, on random rows: identical bits in every dtype."""
+    jdtype, tdtype = DTYPES[name]
+    for c in (16, 64, 1024):
+        x = _to_torch(_rows(c, (300, c)), tdtype)
+        expected = x / x.norm(dim=-1, keepdim=True)
+        ours = jax.jit(ops.l2_normalize)(jnp.asarray(x.float().numpy(), jdtype))
+        np.testing.assert_array_equal(_bits(ours), _bits(expected), err_msg=f"{name}, C={c}")
+
+
+def test_l2_normalize_with_eps_is_torch_functional_normalize():
+    x = _rows(5, (64, 32))
+    x[3] = 0.0  # the eps clamp: a zero row stays zero instead of NaN
+    expected = torch.nn.functional.normalize(torch.from_numpy(x), dim=-1)
+    ours = jax.jit(lambda a: ops.l2_normalize(a, eps=1e-12))(jnp.asarray(x))
+    np.testing.assert_array_equal(_bits(ours), _bits(expected))
+
+
+@pytest.mark.parametrize("name", list(DTYPES))
+def test_head_mean_matches_torch_mean_bit_for_bit(name):
+    """``attn.mean(dim=1)`` of (B, H, N) attention in torch (the originals' head mean), for power-of-two and other
+    head counts."""
+    jdtype, tdtype = DTYPES[name]
+    rng = np.random.default_rng(7)
+    for heads in (2, 12, 16, 32):
+        logits = rng.normal(size=(2, heads, 577)) * 2
+        attn = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))[:, :, 1:].astype(np.float32)
+        at = _to_torch(attn, tdtype)
+        ours = jax.jit(ops.head_mean)(jnp.asarray(at.float().numpy(), jdtype))
+        np.testing.assert_array_equal(_bits(ours), _bits(at.mean(dim=1)), err_msg=f"{name}, H={heads}")
+
+
+def test_cosine_gram_of_normalised_fp16_rows_matches_torch():
+    """DivPrune's ``1 - mm(xn, xn.T)`` in fp16: the normalised rows agree bit for bit (above) and so does the
+    product (fp32 accumulation, one rounding to fp16) on random rows."""
+    x = _to_torch(_rows(11, (200, 256)), torch.float16)
+    xn = x / x.norm(dim=-1, keepdim=True)
+    expected = 1.0 - torch.mm(xn, xn.t())
+    ours = jax.jit(lambda a: 1 - ops.gram(ops.l2_normalize(a)))(jnp.asarray(x.float().numpy(), jnp.float16))
+    np.testing.assert_array_equal(_bits(ours), _bits(expected))
