@@ -15,8 +15,9 @@ with a validity mask where the count is data-dependent (PruMerge) and the anchor
 Every public function validates its arguments in Python (``ValueError``) and then calls a jitted core whose
 static configuration is keyword-only; each compiles once per (shapes, dtypes, configuration). NaN/inf
 checks run only on concrete inputs (not inside a caller's ``jax.jit``/``vmap``). Ties resolve to the lower
-index everywhere; the originals' tie order (``torch.topk``/``argmax``) is unspecified or first-index, so
-exact parity is claimed on tie-free inputs only (§1.2).
+index everywhere; the originals' tie order (``torch.topk``/``argmax``) is unspecified or first-index (DivPrune's
+exact fp16 ties are broken by first index, as ``torch.argmax``). Normalisation, division and head means round as
+torch does (:mod:`vlmprune.prune.ops`), which is what makes the fp16 DivPrune picks match.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from vlmprune.prune.ops import (
     divide,
     gram,
     head_mean_top_k,
+    head_sum,
     l2_normalize,
     matmul,
     matmul_t,
@@ -327,7 +329,7 @@ def visionzip_targets(remaining: int, contextual: int) -> np.ndarray:
 def _visionzip_dominant_patches(cls_attn, dominant: int):
     """The (dominant - 1) patches (0-based, CLS excluded) with the largest head-*sum* CLS attention, cls_attn
     (H, N) -> int32 (dominant - 1,) in score order (lower index first on ties); CLS is the remaining slot."""
-    score = jnp.sum(cls_attn, axis=0)
+    score = head_sum(cls_attn)  # torch order
     if dominant > 1:
         return jax.lax.top_k(score, dominant - 1)[1].astype(jnp.int32)
     return jnp.zeros((0,), jnp.int32)
@@ -551,8 +553,12 @@ def prumerge_plus(
        with the most cosine-similar keys (kept or pruned); weights are the raw attentions (not normalised).
     4. One extra token ``sum_{j pruned} a_j x_j`` is appended.
 
-    Differences from the original, all documented: per-image statistics (the original pools the IQR over
-    the whole batch, which is one image in its use); ``num_neighbors`` is capped at N - 1 (the original's
+    Differences from the original, all documented and tested against its stored outputs
+    (tests/test_prune_golden_baselines.py): per-image statistics: the original flattens the attention of the
+    whole batch into one IQR test (B*N values) and keeps ``int(N * pooled_ratio)`` tokens in every image; here
+    each image counts its own outliers, so an image's result does not depend on what it is batched with (for
+    B = 1 both rules are the same); PruMerge+'s samples end at ``N - 1`` (the original's hard-coded 575 raises
+    for N < 576, e.g. N = 144); ``num_neighbors`` is capped at N - 1 (the original's
     ``topk(32)`` raises for N <= 32); the c = 0 and stride-0 crashes of PruMerge+ are generalised as in
     :func:`prumerge_tables`. The IQR bound is computed in float32 like the original's NumPy code, but a
     value within rounding of the bound may still be counted differently (percentile interpolation and

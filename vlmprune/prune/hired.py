@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import _checks
-from vlmprune.prune.ops import divide, top_budget_selection
+from vlmprune.prune.ops import divide, head_sum, top_budget_selection
 from vlmprune.prune.selection import Selection, from_indices
 
 Variant = Literal["reference", "paper"]
@@ -182,8 +182,8 @@ def _hired_core(shallow, deep, num_tiles, grids, *, table, k_sp, k_max, variant)
     tab = jnp.asarray(table, dtype=jnp.int32)  # (t_max + 1, 2), static constant
 
     def one(sh, dp, p, grid):
-        f0 = jnp.sum(sh, axis=1)  # (T, N), head sum (§3.1)
-        f22 = jnp.sum(dp, axis=1)  # (T, N)
+        f0 = head_sum(sh)  # (T, N), head sum (§3.1), torch order
+        f22 = head_sum(dp)  # (T, N)
         n_full, n_sub = tab[p, 0], tab[p, 1]
         if t_max > 1:
             if variant == "reference":
@@ -426,7 +426,7 @@ def hired_batched(
 
 @functools.partial(jax.jit, static_argnames=("k", "first_image_only"))
 def _hired_single_core(deep, *, k, first_image_only):
-    scores = jnp.sum(deep, axis=1)  # (B, N), head sum
+    scores = head_sum(deep)  # (B, N), head sum, torch order
     if first_image_only:
         scores = jnp.broadcast_to(scores[:1], scores.shape)
     _, idx = jax.lax.top_k(scores, k)  # ties: lower index first

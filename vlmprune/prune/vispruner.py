@@ -19,13 +19,13 @@ earlier list position) comes first, and ``lax.top_k`` (FasterVLM) follows the sa
 than 16 elements), so index parity is only guaranteed where scores do not tie (§1.2, §7).
 
 Numerics. Each round's sort order feeds the next round's even/odd split, so VisPruner is sensitive to
-single-ulp differences in the cosine similarities. For float32 features the similarities of the residual
-tokens are therefore computed once, to within ~2e-9 of their exact values (an error-free split of the
-features, :func:`similarity_keys`), and ranked on a grid of 2**-29; the result then equals the
-original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities. With
-near-duplicate features at N = 576 that does happen (the maxima sit a few ulps apart and even tie exactly),
-and no independent implementation can reproduce the original's masks there; see
-tests/test_prune_vispruner.py (``ILL_CONDITIONED``).
+single-ulp differences in the cosine similarities. The rows are normalised with torch's correctly rounded division
+(:func:`~vlmprune.prune.ops.l2_normalize`; XLA would otherwise multiply by a rounded reciprocal) and the
+attention is averaged over heads in torch's summation order (:func:`~vlmprune.prune.ops.head_mean`). For float32
+features the similarities of the residual tokens are then computed once, to within ~2e-9 of their exact values
+(an error-free split of the features, :func:`similarity_keys`), and ranked on a grid of 2**-29; the result equals
+the original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities, which is
+the case on every stored golden input (tests/test_prune_vispruner.py: all 8 cases, element for element).
 
 Where the original crashes (§2.2, "Crash condition") we generalise; see :func:`vispruner_plan`. On every
 configuration the original runs, the plan is the original's and the output is identical.
