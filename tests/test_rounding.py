@@ -87,7 +87,7 @@ def test_l2_normalize_matches_torch_bit_for_bit(name):
     """``x / x.norm(dim=-1, keepdim=True)`` in torch, on random rows. The division is torch's exactly: every row
     whose norm has torch's bits is identical bit for bit. The norm itself is a float32 sum whose order torch picks
     per CPU and shape (vector lanes), so a float32 norm differs from torch's by an ulp in a fraction of the rows;
-    rounded to fp16/bf16 that almost never shows. Either way no entry is more than one ulp off."""
+    rounded to fp16/bf16 that almost never shows. Elsewhere the difference stays within the bound of a reordered sum."""
     jdtype, tdtype = DTYPES[name]
     for c in (16, 64, 1024):
         x = _to_torch(_rows(c, (300, c)), tdtype)
@@ -95,11 +95,18 @@ def test_l2_normalize_matches_torch_bit_for_bit(name):
         expected = x / norm
         xj = jnp.asarray(x.float().numpy(), jdtype)
         ours = jax.jit(ops.l2_normalize)(xj)
-        same_norm = (_bits(ops.row_norm(xj)) == _bits(norm))[:, 0]
+        same_norm = (_bits(jax.jit(ops.row_norm)(xj)) == _bits(norm))[:, 0]
         assert same_norm.mean() > (0.99 if name != "float32" else 0.5), (name, c, same_norm.mean())
         np.testing.assert_array_equal(_bits(ours)[same_norm], _bits(expected)[same_norm], err_msg=f"{name}, C={c}")
         ours_t = torch.from_numpy(np.asarray(ours.astype(jnp.float32))).to(tdtype)
-        assert _ulps(ours_t, expected, tdtype) <= 1.0
+        if name == "float32":
+            # two float32 sums of C positive squares in different orders differ by at most 2 (C - 1) u relative,
+            # the square root halves that, and each quotient rounds once more: |q - q'| <= (C + 1) u |q|
+            rel = (ours_t.double() - expected.double()).abs() / expected.double().abs().clamp_min(1e-30)
+            assert rel.max().item() <= (c + 1) * 2.0**-24
+        else:
+            # the float32 norms round to the same half-precision norm or a neighbour: at most 2 ulps per quotient
+            assert _ulps(ours_t, expected, tdtype) <= 2.0
 
 
 def test_l2_normalize_with_eps_is_torch_functional_normalize():
@@ -109,7 +116,7 @@ def test_l2_normalize_with_eps_is_torch_functional_normalize():
     xt = torch.from_numpy(x)
     expected = torch.nn.functional.normalize(xt, dim=-1)
     ours = jax.jit(lambda a: ops.l2_normalize(a, eps=1e-12))(jnp.asarray(x))
-    same_norm = (_bits(ops.row_norm(jnp.asarray(x))) == _bits(xt.norm(dim=-1, keepdim=True)))[:, 0]
+    same_norm = (_bits(jax.jit(ops.row_norm)(jnp.asarray(x))) == _bits(xt.norm(dim=-1, keepdim=True)))[:, 0]
     assert same_norm[3] and same_norm.mean() > 0.5
     np.testing.assert_array_equal(_bits(ours)[same_norm], _bits(expected)[same_norm])
     assert not np.asarray(ours[3]).any()
@@ -121,13 +128,15 @@ def test_head_mean_matches_torch_mean_bit_for_bit(name):
     head counts."""
     jdtype, tdtype = DTYPES[name]
     rng = np.random.default_rng(7)
-    for heads in (2, 12, 16, 32):
+    for heads in (2, 12, 16, 32, 40):
         # batch of 2: torch's CPU order for a contiguous (B >= 2, H, N) mean (B = 1 takes another kernel path)
         logits = rng.normal(size=(2, heads, 577)) * 2
         attn = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True))[:, :, 1:].astype(np.float32)
         at = _to_torch(attn, tdtype)
         ours = jax.jit(ops.head_mean)(jnp.asarray(at.float().numpy(), jdtype))
         np.testing.assert_array_equal(_bits(ours), _bits(at.mean(dim=1)), err_msg=f"{name}, H={heads}")
+        summed = jax.jit(ops.head_sum)(jnp.asarray(at.float().numpy(), jdtype))
+        np.testing.assert_array_equal(_bits(summed), _bits(at.sum(dim=1)), err_msg=f"sum {name}, H={heads}")
 
 
 def test_cosine_gram_of_normalised_fp16_rows_matches_torch():
