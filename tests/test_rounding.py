@@ -147,3 +147,38 @@ def test_cosine_gram_of_normalised_fp16_rows_matches_torch():
     expected = 1.0 - torch.mm(xn, xn.t())
     ours = jax.jit(lambda a: 1 - ops.gram(ops.l2_normalize(a)))(jnp.asarray(x.float().numpy(), jnp.float16))
     np.testing.assert_array_equal(_bits(ours), _bits(expected))
+
+
+def test_no_fma_keeps_the_product_rounded():
+    """XLA:CPU fuses ``a * b + c`` into a fused multiply-add; with ``ops.no_fma`` on the product the result is
+    the twice-rounded one of separate kernels (NumPy here, torch alike)."""
+    rng = np.random.default_rng(13)
+    a, b, c = (rng.normal(size=20000).astype(np.float32) for _ in range(3))
+    separate = a * b + c  # NumPy: two ufuncs, two roundings
+    ours = np.asarray(jax.jit(lambda x, y, z: ops.no_fma(x * y) + z)(a, b, c))
+    np.testing.assert_array_equal(ours, separate)
+    fused = np.asarray(jax.jit(lambda x, y, z: x * y + z)(a, b, c))
+    if jax.default_backend() == "cpu":
+        assert (fused != separate).mean() > 0.05  # the contraction no_fma prevents
+    assert np.isnan(np.asarray(ops.no_fma(jnp.asarray([np.nan], jnp.float32)))).all()
+
+
+def test_numpy_percentile_and_iqr_bound_match_numpy_bit_for_bit():
+    """PruMerge's outlier test: NumPy's linear percentiles of float32 attention and its float32 bound
+    ``Q3 + 1.5 (Q3 - Q1)``, reproduced exactly (``jnp.percentile`` rounds differently in ~30 % of draws)."""
+    from vlmprune.prune.baselines import numpy_percentile
+
+    rng = np.random.default_rng(17)
+    quartiles = jax.jit(lambda x: (numpy_percentile(x, 25.0), numpy_percentile(x, 75.0)))
+    iqr_bound = jax.jit(lambda a, b: b + ops.no_fma(jnp.float32(1.5) * (b - a)))
+    for n in (36, 100, 144, 576, 577):
+        for _ in range(20):
+            attn = np.exp(1.3 * rng.normal(size=n)).astype(np.float32)
+            attn /= attn.sum()
+            q1, q3 = np.percentile(attn, 25), np.percentile(attn, 75)
+            bound = q3 + 1.5 * (q3 - q1)
+            assert bound.dtype == np.float32
+            ours = quartiles(jnp.asarray(attn))
+            assert np.asarray(ours[0]) == q1 and np.asarray(ours[1]) == q3
+            ours_bound = iqr_bound(q1, q3)
+            assert np.asarray(ours_bound) == bound

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import _checks
-from vlmprune.prune.ops import divide, l2_normalize, mean, top_budget_selection
+from vlmprune.prune.ops import divide, l2_normalize, mean, no_fma, top_budget_selection
 from vlmprune.prune.selection import Selection
 
 #: HERO's hard-coded density weight (§4.3-6).
@@ -178,7 +178,9 @@ def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, present
 
     # §4.3-6/7 fused score and budgets: float32 product truncated toward zero (fused >= 0, so floor == trunc),
     # clamped to the valid count; remainders are lost (no redistribution).
-    fused = DENSITY_WEIGHT * d + (1 - DENSITY_WEIGHT) * (alpha * sim + (1 - alpha) * clip)
+    # each product rounded before its add, as torch's separate kernels (no fused multiply-add, ops.no_fma)
+    blend = no_fma(alpha * sim) + no_fma((1 - alpha) * clip)
+    fused = no_fma(DENSITY_WEIGHT * d) + no_fma((1 - DENSITY_WEIGHT) * blend)
     n_local_f = jnp.asarray(n_local, f32) if n_local_dyn is None else n_local_dyn.astype(f32)
     b = jnp.minimum(jnp.floor(fused * n_local_f).astype(jnp.int32), cnt)
 

@@ -11,6 +11,8 @@ picks, VisPruner's even/odd dedup split) the port has to round as torch does:
   optimisation barrier on the *broadcast* denominator keeps the true division (one on ``d`` itself does not,
   because the rewrite happens on the broadcast). tests/test_rounding.py checks the compiled HLO and compares with
   torch bit for bit in float32, float16 and bfloat16.
+* A product that is then added is rounded first (:func:`no_fma`): XLA:CPU would otherwise fuse the two into one
+  fused multiply-add, which torch's separate kernels never do.
 * Half-precision reductions accumulate in float32 and round once at the end, as torch's CPU and CUDA kernels do
   (``acc_dtype``).
 * Means over heads are torch's: a float32 sum in torch's CPU summation order, then a correctly rounded division
@@ -55,6 +57,17 @@ def divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     numerator = jnp.broadcast_to(numerator, shape)
     denominator = jax.lax.optimization_barrier(jnp.broadcast_to(denominator, shape))
     return numerator / denominator
+
+
+def no_fma(product: jax.Array) -> jax.Array:
+    """``product`` rounded to its dtype before it is added to anything: stops XLA:CPU from fusing ``a * b + c``
+    into one fused multiply-add (a single rounding), which torch's separate CPU kernels never do.
+
+    XLA:CPU contracts a multiply feeding an add into an FMA (about a quarter of random float32 ``a * b + c`` then
+    differ from the twice-rounded result by an ulp); optimisation barriers, ``reduce_precision`` and bitcast round
+    trips are all simplified away, but a select on the product is not. NaNs stay NaN.
+    """
+    return jnp.where(jnp.isnan(product), jnp.asarray(jnp.nan, product.dtype), product)
 
 
 def row_norm(x: jax.Array) -> jax.Array:
