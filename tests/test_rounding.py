@@ -98,7 +98,7 @@ def test_l2_normalize_matches_torch_bit_for_bit(name):
         same_norm = (_bits(jax.jit(ops.row_norm)(xj)) == _bits(norm))[:, 0]
         assert same_norm.mean() > (0.99 if name != "float32" else 0.5), (name, c, same_norm.mean())
         np.testing.assert_array_equal(_bits(ours)[same_norm], _bits(expected)[same_norm], err_msg=f"{name}, C={c}")
-        ours_t = torch.from_numpy(np.asarray(ours.astype(jnp.float32))).to(tdtype)
+        ours_t = torch.from_numpy(np.array(ours.astype(jnp.float32))).to(tdtype)
         if name == "float32":
             # two float32 sums of C positive squares in different orders differ by at most 2 (C - 1) u relative,
             # the square root halves that, and each quotient rounds once more: |q - q'| <= (C + 1) u |q|
