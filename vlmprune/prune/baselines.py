@@ -15,8 +15,9 @@ with a validity mask where the count is data-dependent (PruMerge) and the anchor
 Every public function validates its arguments in Python (``ValueError``) and then calls a jitted core whose
 static configuration is keyword-only; each compiles once per (shapes, dtypes, configuration). NaN/inf
 checks run only on concrete inputs (not inside a caller's ``jax.jit``/``vmap``). Ties resolve to the lower
-index everywhere; the originals' tie order (``torch.topk``/``argmax``) is unspecified or first-index, so
-exact parity is claimed on tie-free inputs only (§1.2).
+index everywhere; the originals' tie order (``torch.topk``/``argmax``) is unspecified or first-index (DivPrune's
+exact fp16 ties are broken by first index, as ``torch.argmax``). Normalisation, division and head means round as
+torch does (:mod:`vlmprune.prune.ops`), which is what makes the fp16 DivPrune picks match.
 """
 
 from __future__ import annotations
@@ -31,18 +32,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import _checks
-from vlmprune.prune.selection import Selection, from_indices, from_mask, map_tiles
-
-# Shared helpers: validation messages, the head-mean top-k core, the row normalisation and the Gram matrix are
-# the same as VisPruner/FasterVLM's.
-from vlmprune.prune.vispruner import (  # noqa: F401  (re-used private helpers)
-    _argsort_descending,
-    _check_head_attention,
-    _check_num_keep,
-    _gram,
-    _head_mean_top_k,
+from vlmprune.prune.ops import (
+    argsort_descending,
+    check_head_attention,
+    check_num_keep,
+    divide,
+    gram,
+    head_mean_top_k,
+    head_sum,
     l2_normalize,
+    matmul,
+    matmul_t,
+    mean,
+    no_fma,
 )
+from vlmprune.prune.selection import Selection, from_indices, from_mask, map_tiles
 
 
 @flax.struct.dataclass
@@ -60,22 +64,6 @@ class MergeResult:
     tokens: jax.Array
     valid: jax.Array
     selection: Selection
-
-
-def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` with float32 accumulation, rounded to a's dtype.
-
-    ``precision=HIGHEST`` avoids TF32/bf16 passes on accelerators; for float16 inputs the rounding of the
-    float32 accumulator to float16 mirrors a cuBLAS half GEMM (the originals run these matmuls in fp16).
-    """
-    acc = jnp.promote_types(a.dtype, jnp.float32)
-    out = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=acc)
-    return out.astype(a.dtype)
-
-
-def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b.T`` for (M, C) and (P, C) -> (M, P), as :func:`_matmul`."""
-    return _matmul(a, b.T)
 
 
 def _check_features(name: str, x, rank: int, dims: str, where: str) -> None:
@@ -110,7 +98,7 @@ def random_keep(key: jax.Array, num_tokens: int, *, num_keep: int, batch: int | 
     """
     where = "random_keep"
     num_tokens = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
-    num_keep = _check_num_keep(num_keep, num_tokens, where)
+    num_keep = check_num_keep(num_keep, num_tokens, where)
     if batch is not None:
         batch = _checks.check_int("batch", batch, lo=1, where=where)
     if not hasattr(key, "dtype"):
@@ -162,7 +150,7 @@ def uniform(num_tokens: int, *, num_keep: int, grid: tuple[int, int] | None = No
     """
     where = "uniform"
     num_tokens = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
-    num_keep = _check_num_keep(num_keep, num_tokens, where)
+    num_keep = check_num_keep(num_keep, num_tokens, where)
     if grid is None:
         side = math.isqrt(num_tokens)
         if side * side != num_tokens:
@@ -186,7 +174,7 @@ def uniform(num_tokens: int, *, num_keep: int, grid: tuple[int, int] | None = No
 def cosine_distance(embeddings: jax.Array) -> jax.Array:
     """DivPrune's ``D = 1 - cos(X, X)``: (N, D) -> (N, N) in the input dtype (fp16 in the original)."""
     normalized = l2_normalize(embeddings)
-    return 1 - _gram(normalized)
+    return 1 - gram(normalized)
 
 
 def _divprune_masked_single(embeddings: jax.Array, candidates: jax.Array, count: jax.Array, num_keep: int):
@@ -235,9 +223,24 @@ def _divprune_single(embeddings: jax.Array, num_keep: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("num_keep",))
+def _divprune_picks_jit(embeddings: jax.Array, *, num_keep: int) -> jax.Array:
+    return map_tiles(lambda e: _divprune_single(e, num_keep), embeddings)
+
+
+@functools.partial(jax.jit, static_argnames=("num_keep",))
 def _divprune_jit(embeddings: jax.Array, *, num_keep: int) -> Selection:
-    picked = map_tiles(lambda e: _divprune_single(e, num_keep), embeddings)
-    return from_indices(picked, embeddings.shape[1])
+    return from_indices(_divprune_picks_jit(embeddings, num_keep=num_keep), embeddings.shape[1])
+
+
+def divprune_picks(embeddings: jax.Array, *, num_keep: int) -> jax.Array:
+    """DivPrune's picks in the order it makes them (the original's ``s``), int32 (B, K).
+
+    Same rule and arguments as :func:`divprune`, which returns these indices sorted (raster order).
+    """
+    where = "divprune_picks"
+    _check_features("embeddings", embeddings, 3, "(B, N, D)", where)
+    num_keep = check_num_keep(num_keep, embeddings.shape[1], where)
+    return _divprune_picks_jit(embeddings, num_keep=num_keep)
 
 
 def divprune_num_keep(num_tokens: int, ratio: float = 0.098) -> int:
@@ -263,7 +266,7 @@ def divprune(embeddings: jax.Array, *, num_keep: int) -> Selection:
     """
     where = "divprune"
     _check_features("embeddings", embeddings, 3, "(B, N, D)", where)
-    num_keep = _check_num_keep(num_keep, embeddings.shape[1], where)
+    num_keep = check_num_keep(num_keep, embeddings.shape[1], where)
     return _divprune_jit(embeddings, num_keep=num_keep)
 
 
@@ -297,7 +300,7 @@ def divprune_masked(embeddings: jax.Array, candidates: jax.Array, count: jax.Arr
     """
     where = "divprune_masked"
     _check_features("embeddings", embeddings, 3, "(B, M, D)", where)
-    max_keep = _check_num_keep(max_keep, embeddings.shape[1], where)
+    max_keep = check_num_keep(max_keep, embeddings.shape[1], where)
     candidates = jnp.asarray(candidates, bool)
     count = jnp.asarray(count, jnp.int32)
     if candidates.shape != embeddings.shape[:2]:
@@ -327,7 +330,7 @@ def visionzip_targets(remaining: int, contextual: int) -> np.ndarray:
 def _visionzip_dominant_patches(cls_attn, dominant: int):
     """The (dominant - 1) patches (0-based, CLS excluded) with the largest head-*sum* CLS attention, cls_attn
     (H, N) -> int32 (dominant - 1,) in score order (lower index first on ties); CLS is the remaining slot."""
-    score = jnp.sum(cls_attn, axis=0)
+    score = head_sum(cls_attn)  # torch order
     if dominant > 1:
         return jax.lax.top_k(score, dominant - 1)[1].astype(jnp.int32)
     return jnp.zeros((0,), jnp.int32)
@@ -339,7 +342,7 @@ def visionzip_dominant(cls_attn: jax.Array, *, dominant: int) -> Selection:
     cls_attn float (B, H, N) -> ``Selection`` (B, dominant - 1) over the N patches, ascending, all valid.
     """
     where = "visionzip_dominant"
-    _check_head_attention("cls_attn", cls_attn, where)
+    check_head_attention("cls_attn", cls_attn, where)
     dominant = _checks.check_int("dominant", dominant, lo=2, hi=cls_attn.shape[2] + 1, where=where)
     return _visionzip_dominant_jit(cls_attn, dominant=dominant)
 
@@ -368,11 +371,11 @@ def _visionzip_single(hidden, cls_attn, keys, dominant: int, contextual: int):
         target_pos = visionzip_targets(remaining, contextual)
         other_pos = np.setdiff1d(np.arange(remaining), target_pos)
         # metric = raw layer keys averaged over heads, L2-normalised (over the remaining tokens only).
-        metric = l2_normalize(jnp.mean(keys, axis=1)[rest_idx])
-        sim = _matmul_t(metric[other_pos], metric[target_pos])  # (R - contextual, contextual)
+        metric = l2_normalize(mean(keys, axis=1)[rest_idx])  # torch's head mean, then x / ||x||
+        sim = matmul_t(metric[other_pos], metric[target_pos])  # (R - contextual, contextual)
         assign = jax.nn.one_hot(jnp.argmax(sim, axis=1), contextual, dtype=hidden.dtype)  # first index on ties
         counts = jnp.maximum(jnp.sum(assign, axis=0), 1)[:, None]  # clamp(min=1): unassigned targets
-        merged = _matmul(assign.T, hidden[rest_idx[other_pos]]) / counts  # mean of assigned hiddens
+        merged = divide(matmul(assign.T, hidden[rest_idx[other_pos]]), counts)  # mean of assigned hiddens
         tokens.append(hidden[rest_idx[target_pos]] + merged)
         anchors.append(rest_idx[target_pos] - 1)
     return jnp.concatenate(tokens), jnp.concatenate(anchors).astype(jnp.int32)
@@ -415,7 +418,7 @@ def visionzip(
     """
     where = "visionzip"
     _check_features("hidden_with_cls", hidden_with_cls, 3, "(B, 1+N, C)", where)
-    _check_head_attention("cls_attn", cls_attn, where)
+    check_head_attention("cls_attn", cls_attn, where)
     _check_features("keys", keys, 4, "(B, 1+N, H, dh)", where)
     batch, total, _ = hidden_with_cls.shape
     _checks.check_dims_equal(
@@ -471,15 +474,36 @@ def prumerge_tables(num_tokens: int, plus: bool) -> tuple[np.ndarray, np.ndarray
     return keep_count, samples
 
 
+def numpy_percentile(x: jax.Array, q: float) -> jax.Array:
+    """``np.percentile(x, q)`` (linear method) of a float32 vector (N,), with NumPy's own rounding.
+
+    NumPy sorts, takes the virtual index ``(N - 1) q / 100`` in float64, and interpolates between its neighbours
+    a <= b in float32 as ``a + (b - a) t`` for ``t < 0.5`` and ``b - (b - a) (1 - t)`` otherwise. ``jnp.percentile``
+    weights the two neighbours instead, which differs from NumPy in the last bit for about 30 % of random inputs;
+    the index and ``t`` are static here, so this is a sort, two reads and two float32 operations.
+    """
+    n = x.shape[0]
+    virtual = (n - 1) * (q / 100.0)
+    lo = int(math.floor(virtual))
+    hi = min(lo + 1, n - 1)
+    t = np.float32(virtual - lo)
+    ordered = jnp.sort(x)
+    a, b = ordered[lo], ordered[hi]
+    diff = b - a
+    if t >= 0.5:
+        return b - no_fma(diff * jnp.float32(1 - t))
+    return a + no_fma(diff * jnp.float32(t))
+
+
 def _iqr_outlier_count(attn: jax.Array) -> jax.Array:
     """Number of values above ``Q3 + 1.5 (Q3 - Q1)``, attn (N,) -> int32 scalar.
 
-    Like the original's ``outlier_dectection``, which moves the attention to float32 NumPy and uses
-    ``np.percentile`` (linear interpolation); the bound is computed in float32.
+    As the original's ``outlier_dectection``: the attention as float32, NumPy's linear percentiles
+    (:func:`numpy_percentile`, NumPy's rounding), the bound in float32 (NumPy >= 2 keeps float32 scalars float32).
     """
     attn = attn.astype(jnp.float32)
-    q1, q3 = jnp.percentile(attn, jnp.asarray([25.0, 75.0], jnp.float32), method="linear")
-    return jnp.sum(attn > q3 + 1.5 * (q3 - q1), dtype=jnp.int32)
+    q1, q3 = numpy_percentile(attn, 25.0), numpy_percentile(attn, 75.0)
+    return jnp.sum(attn > q3 + no_fma(jnp.float32(1.5) * (q3 - q1)), dtype=jnp.int32)
 
 
 def _prumerge_single(features, attn, keys, keep_table, sample_table, num_neighbors: int):
@@ -493,7 +517,7 @@ def _prumerge_single(features, attn, keys, keep_table, sample_table, num_neighbo
     num_top = keep_table[outliers]
 
     # P2: the top-k set for a traced k; `order` is also the original's output order (descending score).
-    order = _argsort_descending(attn).astype(jnp.int32)
+    order = argsort_descending(attn).astype(jnp.int32)
     is_top = jnp.zeros((n,), bool).at[order].set(slot[:n] < num_top)
     is_sample = sample_table[outliers] & ~is_top  # PruMerge+ samples not already kept
     anchors = is_top | is_sample
@@ -504,16 +528,16 @@ def _prumerge_single(features, attn, keys, keep_table, sample_table, num_neighbo
     # are most cosine-similar to i's (kept or pruned alike); the weights are the raw attentions.
     if num_neighbors > 0:
         normalized = l2_normalize(keys)
-        sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, _gram(normalized))
+        sim = jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, gram(normalized))
         _, neighbors = jax.lax.top_k(sim, num_neighbors)  # (N, m)
         rows = jnp.arange(n)[:, None]
         neighbor_attn = attn[neighbors].astype(features.dtype)
         weights = jnp.zeros((n, n), features.dtype).at[rows, neighbors].set(neighbor_attn)  # (N, N)
-        merged = features + _matmul(weights, features)
+        merged = features + matmul(weights, features)
     else:
         merged = features
     pruned_weights = jnp.where(anchors, 0, attn).astype(features.dtype)
-    extra = _matmul(pruned_weights[None, :], features)[0]  # sum over pruned tokens of a_j x_j
+    extra = matmul(pruned_weights[None, :], features)[0]  # sum over pruned tokens of a_j x_j
 
     # Output slots: top-k (score order), then samples (ascending), then the extra token, then zero padding.
     at = slot[:, None]
@@ -551,12 +575,16 @@ def prumerge_plus(
        with the most cosine-similar keys (kept or pruned); weights are the raw attentions (not normalised).
     4. One extra token ``sum_{j pruned} a_j x_j`` is appended.
 
-    Differences from the original, all documented: per-image statistics (the original pools the IQR over
-    the whole batch, which is one image in its use); ``num_neighbors`` is capped at N - 1 (the original's
+    Differences from the original, all documented and tested against its stored outputs
+    (tests/test_prune_golden_baselines.py): per-image statistics: the original flattens the attention of the
+    whole batch into one IQR test (B*N values) and keeps ``int(N * pooled_ratio)`` tokens in every image; here
+    each image counts its own outliers, so an image's result does not depend on what it is batched with (for
+    B = 1 both rules are the same); PruMerge+'s samples end at ``N - 1`` (the original's hard-coded 575 raises
+    for N < 576, e.g. N = 144); ``num_neighbors`` is capped at N - 1 (the original's
     ``topk(32)`` raises for N <= 32); the c = 0 and stride-0 crashes of PruMerge+ are generalised as in
-    :func:`prumerge_tables`. The IQR bound is computed in float32 like the original's NumPy code, but a
-    value within rounding of the bound may still be counted differently (percentile interpolation and
-    NumPy 1.x's float64 scalar promotion); away from the bound the count is exact.
+    :func:`prumerge_tables`. The IQR bound is computed as the original's NumPy (>= 2) code computes it, percentile
+    rounding included (:func:`numpy_percentile`); under NumPy 1.x the original promoted the bound to float64,
+    which can count a value within a float32 ulp of the bound differently.
 
     Args:
       features: float (B, N, C). Patch features (``hidden_states[-2][:, 1:]``).
@@ -613,6 +641,6 @@ def fastv_select(last_row_attn: jax.Array, *, num_keep: int) -> Selection:
       the input dtype; pass fp16 probabilities to mimic the original's fp16 LLM.
     """
     where = "fastv_select"
-    _check_head_attention("last_row_attn", last_row_attn, where)
-    num_keep = _check_num_keep(num_keep, last_row_attn.shape[2], where)
-    return _head_mean_top_k(last_row_attn, num_keep=num_keep)
+    check_head_attention("last_row_attn", last_row_attn, where)
+    num_keep = check_num_keep(num_keep, last_row_attn.shape[2], where)
+    return head_mean_top_k(last_row_attn, num_keep=num_keep)

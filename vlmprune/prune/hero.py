@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmprune import _checks
-from vlmprune.prune.hired import _top_budget_selection
+from vlmprune.prune.ops import divide, l2_normalize, mean, no_fma, top_budget_selection
 from vlmprune.prune.selection import Selection
 
 #: HERO's hard-coded density weight (§4.3-6).
@@ -102,12 +102,6 @@ def hero_max_keep(num_local_tiles: int, keep_ratio: float, num_tokens: int = 576
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    """``x / max(||x||_2, 1e-12)`` row-wise (torch ``F.normalize``); elementwise so no matmul precision mode applies."""
-    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-    return x / jnp.maximum(norm, 1e-12)
-
-
 def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, present=None, n_local_dyn=None, *,
                n_global, n_local, alpha, t_cls, t_clip):
     """present (K,) bool marks real tiles when tiles are padded to a common K (absent tiles take no part in the
@@ -118,25 +112,27 @@ def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, present
     n = valid.shape[-1]
 
     # §4.3-1 double softmax: softmax over the N patch entries per (layer, head), mean over heads, then over layers.
-    g = jnp.mean(jnp.mean(jax.nn.softmax(thumb_attn, axis=-1), axis=1), axis=0)  # (N,)
-    s = jnp.mean(jnp.mean(jax.nn.softmax(tile_attn, axis=-1), axis=2), axis=1)  # (K, N)
+    g = mean(mean(jax.nn.softmax(thumb_attn, axis=-1), axis=1), axis=0)  # (N,)
+    s = mean(mean(jax.nn.softmax(tile_attn, axis=-1), axis=2), axis=1)  # (K, N)
 
     # §4.3-2 saliency: cosine of each tile's last-layer CLS with the thumbnail's, softmax over tiles at T_cls.
-    c = _l2_normalize(cls_last)
+    c = l2_normalize(cls_last, eps=1e-12)  # torch F.normalize
     mask = (lambda x: x) if present is None else (lambda x: jnp.where(present, x, -jnp.inf))  # noqa: E731
-    sim = jax.nn.softmax(mask(jnp.sum(c[1:] * c[0], axis=-1) / t_cls))  # (K,)
+    sim = jax.nn.softmax(mask(divide(jnp.sum(c[1:] * c[0], axis=-1), jnp.asarray(t_cls, f32))))  # (K,)
     # §4.3-3 relevance: full-CLIP image/text cosine; T_clip replaces CLIP's logit scale.
-    u, v = _l2_normalize(img_emb), _l2_normalize(txt_emb)
-    clip = jax.nn.softmax(mask(jnp.sum(u * v[0], axis=-1) / t_clip))  # (K,)
+    u, v = l2_normalize(img_emb, eps=1e-12), l2_normalize(txt_emb, eps=1e-12)
+    clip = jax.nn.softmax(mask(divide(jnp.sum(u * v[0], axis=-1), jnp.asarray(t_clip, f32))))  # (K,)
 
     # §4.3-5 density, float32.
     cnt = jnp.sum(valid, axis=-1, dtype=jnp.int32)  # (K,)
-    d = cnt.astype(f32) / n
-    d = d / (jnp.sum(d) + 1e-6)
+    d = divide(cnt.astype(f32), jnp.asarray(n, f32))
+    d = divide(d, jnp.sum(d) + jnp.asarray(1e-6, f32))
 
     # §4.3-6/7 fused score and budgets: float32 product truncated toward zero (fused >= 0, so floor == trunc),
     # clamped to the valid count; remainders are lost (no redistribution).
-    fused = DENSITY_WEIGHT * d + (1 - DENSITY_WEIGHT) * (alpha * sim + (1 - alpha) * clip)
+    # each product rounded before its add, as torch's separate kernels (no fused multiply-add, ops.no_fma)
+    blend = no_fma(alpha * sim) + no_fma((1 - alpha) * clip)
+    fused = no_fma(DENSITY_WEIGHT * d) + no_fma((1 - DENSITY_WEIGHT) * blend)
     n_local_f = jnp.asarray(n_local, f32) if n_local_dyn is None else n_local_dyn.astype(f32)
     b = jnp.minimum(jnp.floor(fused * n_local_f).astype(jnp.int32), cnt)
 
@@ -144,7 +140,7 @@ def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, present
     # -inf (padding) entry is never inside a tile's budget.
     scores = jnp.concatenate([g[None], jnp.where(valid, s, -jnp.inf)], axis=0)  # (1+K, N)
     budgets = jnp.concatenate([jnp.full((1,), n_global, jnp.int32), b])
-    indices, kept = _top_budget_selection(scores, budgets, max(n_global, min(n, n_local)))
+    indices, kept = top_budget_selection(scores, budgets, max(n_global, min(n, n_local)))
 
     return HeroSelection(
         indices=indices,

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import _checks
+from vlmprune.prune.ops import divide, head_sum, top_budget_selection
 from vlmprune.prune.selection import Selection, from_indices
 
 Variant = Literal["reference", "paper"]
@@ -137,22 +138,6 @@ def _budget_table(max_tiles: int, num_tokens: int, budget_rate: float, alpha: fl
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _top_budget_selection(scores: jax.Array, budgets: jax.Array, k_max: int) -> tuple[jax.Array, jax.Array]:
-    """Row t keeps its ``budgets[t]`` highest scores (§1.5 P2 under the static bound ``k_max``).
-
-    ``scores`` (T, N), ``budgets`` int (T,) with ``budgets <= k_max <= N``. Returns Selection fields
-    ``(indices int32 (T, k_max) ascending with fill N, valid bool (T, k_max))``. ``lax.top_k`` lists equal scores
-    lower index first, so ties go to the lower index. (Shared with HERO; a candidate for ``selection.py``.)
-    """
-    t, n = scores.shape
-    if k_max == 0:
-        return jnp.zeros((t, 0), jnp.int32), jnp.zeros((t, 0), bool)
-    _, idx = jax.lax.top_k(scores, k_max)  # (T, k_max), best first
-    take = jnp.arange(k_max, dtype=jnp.int32)[None, :] < budgets[:, None]
-    idx = jnp.sort(jnp.where(take, idx.astype(jnp.int32), n), axis=-1)  # raster order, fill N at the tail
-    return idx, idx < n
-
-
 def _reference_tile_budgets(f0_base, k, n_sub, *, num_slots: int, k_sp: int) -> jax.Array:
     """Reference-compat Phase 1 (§3.2 steps 4a-4d): band counts of a binary top-K_sp map. int32 (num_slots,)."""
     n = f0_base.shape[0]
@@ -168,7 +153,7 @@ def _reference_tile_budgets(f0_base, k, n_sub, *, num_slots: int, k_sp: int) -> 
     total = jnp.sum(counts)
     # int64 / int64 -> float32 in the original; then `* N_sub` in float32 and `.int()` truncation (values >= 0, so
     # floor == trunc). (c / total) * N_sub can land on x.99999 and lose one token; we reproduce that on purpose.
-    ratio = counts.astype(jnp.float32) / jnp.maximum(total, 1).astype(jnp.float32)
+    ratio = divide(counts.astype(jnp.float32), jnp.maximum(total, 1).astype(jnp.float32))  # correctly rounded
     b = jnp.floor(ratio * n_sub.astype(jnp.float32)).astype(jnp.int32)
     b = jnp.where(total > 0, b, 0)  # K_sp == 0: 0/0 in the original; defined here as "tiles keep nothing"
     return jnp.minimum(b, n)
@@ -185,7 +170,7 @@ def _paper_tile_budgets(f0_base, grid, n_sub, *, num_slots: int) -> jax.Array:
     tile = ((y * rows) // s) * cols + (x * cols) // s
     mass = jax.ops.segment_sum(f0_base.astype(jnp.float32), tile, num_segments=num_slots)
     total = jnp.sum(mass)
-    b = jnp.floor(mass * n_sub.astype(jnp.float32) / jnp.where(total > 0, total, 1.0)).astype(jnp.int32)
+    b = jnp.floor(divide(mass * n_sub.astype(jnp.float32), jnp.where(total > 0, total, 1.0))).astype(jnp.int32)
     b = jnp.where(total > 0, b, 0)
     return jnp.clip(b, 0, n)
 
@@ -197,8 +182,8 @@ def _hired_core(shallow, deep, num_tiles, grids, *, table, k_sp, k_max, variant)
     tab = jnp.asarray(table, dtype=jnp.int32)  # (t_max + 1, 2), static constant
 
     def one(sh, dp, p, grid):
-        f0 = jnp.sum(sh, axis=1)  # (T, N), head sum (§3.1)
-        f22 = jnp.sum(dp, axis=1)  # (T, N)
+        f0 = head_sum(sh)  # (T, N), head sum (§3.1), torch order
+        f22 = head_sum(dp)  # (T, N)
         n_full, n_sub = tab[p, 0], tab[p, 1]
         if t_max > 1:
             if variant == "reference":
@@ -209,7 +194,7 @@ def _hired_core(shallow, deep, num_tiles, grids, *, table, k_sp, k_max, variant)
         else:
             budgets = n_full[None]
         budgets = jnp.where(jnp.arange(t_max) < p, budgets, 0).astype(jnp.int32)  # padding tiles keep nothing
-        indices, valid = _top_budget_selection(f22, budgets, k_max)
+        indices, valid = top_budget_selection(f22, budgets, k_max)
         return indices, valid, budgets
 
     indices, valid, budgets = jax.vmap(one)(shallow, deep, num_tiles, grids)
@@ -441,7 +426,7 @@ def hired_batched(
 
 @functools.partial(jax.jit, static_argnames=("k", "first_image_only"))
 def _hired_single_core(deep, *, k, first_image_only):
-    scores = jnp.sum(deep, axis=1)  # (B, N), head sum
+    scores = head_sum(deep)  # (B, N), head sum, torch order
     if first_image_only:
         scores = jnp.broadcast_to(scores[:1], scores.shape)
     _, idx = jax.lax.top_k(scores, k)  # ties: lower index first

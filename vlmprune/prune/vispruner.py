@@ -19,13 +19,13 @@ earlier list position) comes first, and ``lax.top_k`` (FasterVLM) follows the sa
 than 16 elements), so index parity is only guaranteed where scores do not tie (§1.2, §7).
 
 Numerics. Each round's sort order feeds the next round's even/odd split, so VisPruner is sensitive to
-single-ulp differences in the cosine similarities. For float32 features the similarities of the residual
-tokens are therefore computed once, to within ~2e-9 of their exact values (an error-free split of the
-features, :func:`similarity_keys`), and ranked on a grid of 2**-29; the result then equals the
-original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities. With
-near-duplicate features at N = 576 that does happen (the maxima sit a few ulps apart and even tie exactly),
-and no independent implementation can reproduce the original's masks there; see
-tests/test_prune_vispruner.py (``ILL_CONDITIONED``).
+single-ulp differences in the cosine similarities. The rows are normalised with torch's correctly rounded division
+(:func:`~vlmprune.prune.ops.l2_normalize`; XLA would otherwise multiply by a rounded reciprocal) and the
+attention is averaged over heads in torch's summation order (:func:`~vlmprune.prune.ops.head_mean`). For float32
+features the similarities of the residual tokens are then computed once, to within ~2e-9 of their exact values
+(an error-free split of the features, :func:`similarity_keys`), and ranked on a grid of 2**-29; the result equals
+the original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities, which is
+the case on every stored golden input (tests/test_prune_vispruner.py: all 8 cases, element for element).
 
 Where the original crashes (§2.2, "Crash condition") we generalise; see :func:`vispruner_plan`. On every
 configuration the original runs, the plan is the original's and the output is identical.
@@ -42,6 +42,16 @@ import jax
 import jax.numpy as jnp
 
 from vlmprune import _checks
+from vlmprune.prune.ops import (
+    argsort_descending,
+    check_head_attention,
+    check_num_keep,
+    gram,
+    head_mean,
+    head_mean_top_k,
+    l2_normalize,
+    symmetric_product,
+)
 from vlmprune.prune.selection import Selection, from_indices, map_tiles
 
 # §2.2 step 4: `r = min(8, R - T_div)`: a round deletes at most this many A tokens.
@@ -124,58 +134,8 @@ def vispruner_plan(num_tokens: int, num_keep: int, important_ratio: float) -> Vi
 
 
 # --------------------------------------------------------------------------------------------------------
-# Validation helpers (shared with baselines.py)
-# --------------------------------------------------------------------------------------------------------
-
-
-def _check_num_keep(num_keep, num_tokens: int, where: str) -> int:
-    """num_keep must be a Python int in [1, N]; the message names both."""
-    num_keep = _checks.check_int("num_keep", num_keep, where=where)
-    if not 1 <= num_keep <= num_tokens:
-        raise ValueError(f"{where}: num_keep must be in [1, N={num_tokens}], got {num_keep}")
-    return num_keep
-
-
-def _check_head_attention(name: str, attn, where: str) -> None:
-    """A (B, H, N) attention array with finite values (checked only when concrete)."""
-    _checks.check_rank(name, attn, 3, where=where, dims="(B, H, N)")
-    _checks.check_finite(name, attn, where=where)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Numerical building blocks
 # --------------------------------------------------------------------------------------------------------
-
-
-def _argsort_descending(x: jax.Array) -> jax.Array:
-    """Stable descending argsort along the last axis: equal values keep their order (lower index first).
-
-    ``lax.top_k`` of the whole axis is exactly that order (it lists equal values lower index first) and runs
-    as a library partial sort on CPU, about twice as fast as ``jnp.argsort``'s compiled comparator for a few
-    hundred values. (It treats -0.0 and 0.0 as equal, where a total-order sort would put 0.0 first.)
-    """
-    return jax.lax.top_k(x, x.shape[-1])[1]
-
-
-def head_mean(attn: jax.Array) -> jax.Array:
-    """Mean over heads of a (..., H, N) attention array -> (..., N), in the input dtype (§2.2 step 1).
-
-    ``jnp.mean`` accumulates low-precision floats in float32 and rounds the result back, like torch.
-    """
-    return jnp.mean(attn, axis=-2)
-
-
-def l2_normalize(x: jax.Array) -> jax.Array:
-    """Row-wise ``x / ||x||_2`` over the last axis, result in x's dtype (§2.2 step 3).
-
-    The norm is accumulated in (at least) float32 and rounded to x's dtype before the division, as torch
-    does for half-precision inputs; for float32 inputs (the golden runs) everything is plain float32.
-    """
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(acc)), axis=-1, keepdims=True)).astype(x.dtype)
-    # Without the barrier XLA rewrites `x / sqrt(s)` as `x * rsqrt(s)`, which is off by an ulp or so; the
-    # dedup ranking is sensitive to that (module docstring, "Numerics"), so keep the true division torch does.
-    return x / jax.lax.optimization_barrier(norm)
 
 
 # Similarities are ranked on a fixed grid of 2**-29 (~1.9e-9): ``k = round(sim * 2**29)`` is an integer in
@@ -196,34 +156,6 @@ def _keys_from_grid(k: jax.Array) -> jax.Array:
     """int32 grid integers (:func:`_grid_integers`) -> float32 keys with the same order."""
     bits = jnp.clip(k + _KEY_OFFSET, 2**23, 2**30 + 2**24)  # cosines round into [-1, 1] up to a few units
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _symmetric_product(left: jax.Array, right: jax.Array, levels: int = 2, preferred_element_type=None) -> jax.Array:
-    """``left @ right.T`` (M, M) for operands (M, K) whose product is symmetric, from about 2/3 of the work.
-
-    The two diagonal blocks recurse and one off-diagonal block is computed; the other is its transpose.
-    ``levels`` = 2 was fastest for M ~ 500 on 2 CPU cores. ``precision=HIGHEST``; ``preferred_element_type``
-    as for ``jnp.matmul`` (e.g. float32 accumulation of float16 operands).
-    """
-    m = left.shape[0] // 2
-    if levels == 0 or m == 0:
-        return jnp.matmul(left, right.T, precision=jax.lax.Precision.HIGHEST,
-                          preferred_element_type=preferred_element_type)
-    top = _symmetric_product(left[:m], right[:m], levels - 1, preferred_element_type)
-    bottom = _symmetric_product(left[m:], right[m:], levels - 1, preferred_element_type)
-    off = jnp.matmul(left[:m], right[m:].T, precision=jax.lax.Precision.HIGHEST,
-                     preferred_element_type=preferred_element_type)
-    return jnp.block([[top, off], [off.T, bottom]])
-
-
-def _gram(x: jax.Array) -> jax.Array:
-    """``x @ x.T`` for (M, C) -> (M, M), accumulated in (at least) float32 and rounded to x's dtype.
-
-    For float16 inputs the rounding mirrors a cuBLAS half GEMM (the originals run these products in fp16).
-    Computed from the symmetric blocks only (:func:`_symmetric_product`).
-    """
-    acc = jnp.promote_types(x.dtype, jnp.float32)
-    return _symmetric_product(x, x, preferred_element_type=acc).astype(x.dtype)
 
 
 def _split_on_grid(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -250,11 +182,11 @@ def _near_exact_similarity_keys(x: jax.Array) -> jax.Array:
     against float64 (N = 544-576, C = 64-4096; random, near-duplicate and golden features): at most 1.01 grid
     units (1.9e-9) off (the correction's float32 rounding and its rounding to the grid), against ~120 units
     (2e-7; 1.5e-6 on the diagonal) for one plain float32 matmul. The cost is about 1.6 plain matmuls (the
-    head product is symmetric, :func:`_symmetric_product`).
+    head product is symmetric, :func:`~vlmprune.prune.ops.symmetric_product`).
     """
     chex.assert_rank(x, 2)
     head, tail = _split_on_grid(x)
-    exact = _symmetric_product(head, head)
+    exact = symmetric_product(head, head)
     q = jnp.matmul(head + 0.5 * tail, tail.T, precision=jax.lax.Precision.HIGHEST)
     return _keys_from_grid(_grid_integers(exact) + _grid_integers(q + q.T))
 
@@ -276,7 +208,7 @@ def similarity_keys(normalized: jax.Array, exact: bool = True) -> jax.Array:
     """
     if normalized.dtype == jnp.float32 and exact:
         return _near_exact_similarity_keys(normalized)
-    return _keys_from_grid(_grid_integers(_gram(normalized)))
+    return _keys_from_grid(_grid_integers(gram(normalized)))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -314,7 +246,7 @@ def _dedup_round(residual: jax.Array, keys: jax.Array, size: jax.Array, removed:
     is_b = jnp.zeros((keys.shape[-1],), bool).at[side_b].max(real_b)
     best = jnp.max(jnp.where(is_b, keys[side_a], lowest), axis=-1)
     # Stable descending argsort: most redundant first, ties by list position, padding last.
-    ranked_a = _argsort_descending(jnp.where(real_a, best, lowest))
+    ranked_a = argsort_descending(jnp.where(real_a, best, lowest))
 
     # New list = ranked A minus its first r entries, then B (a concatenation with traced offsets).
     kept_a = num_a - removed
@@ -367,7 +299,7 @@ def _dedup_rounds(keys: jax.Array, rounds: tuple[DedupRound, ...]) -> jax.Array:
 
 def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPlan, exact: bool = True) -> jax.Array:
     """VisPruner on one tile: features (N, C), cls_attn (H, N) -> kept indices int32 (T,), unsorted."""
-    order = _argsort_descending(head_mean(cls_attn)).astype(jnp.int32)  # (N,) descending attention
+    order = argsort_descending(head_mean(cls_attn)).astype(jnp.int32)  # (N,) descending attention
     important = order[: plan.num_important]
     if plan.num_diverse == 0:
         return important
@@ -427,7 +359,7 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
     """
     where = "vispruner"
     _checks.check_rank("features", features, 3, where=where, dims="(B, N, C)")
-    _check_head_attention("cls_attn", cls_attn, where)
+    check_head_attention("cls_attn", cls_attn, where)
     batch, num_tokens, _ = features.shape
     _checks.check_dims_equal(
         [
@@ -436,7 +368,7 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
         ],
         where=where,
     )
-    num_keep = _check_num_keep(num_keep, num_tokens, where)
+    num_keep = check_num_keep(num_keep, num_tokens, where)
     important_ratio = _checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=where)
     _checks.check_finite("features", features, where=where)
     _checks.check_bool("exact_similarity", exact_similarity, where=where)
@@ -447,13 +379,6 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
 # --------------------------------------------------------------------------------------------------------
 # FasterVLM (and the shared "top-k of head-mean attention" core)
 # --------------------------------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("num_keep",))
-def _head_mean_top_k(attn: jax.Array, *, num_keep: int) -> Selection:
-    """Top-k of the head-mean attention, attn (B, H, N) -> Selection (B, k); ties: lower index first."""
-    _, top = jax.lax.top_k(head_mean(attn), num_keep)
-    return from_indices(top, attn.shape[-1])
 
 
 def fastervlm(cls_attn: jax.Array, *, num_keep: int) -> Selection:
@@ -474,6 +399,6 @@ def fastervlm(cls_attn: jax.Array, *, num_keep: int) -> Selection:
       ValueError: wrong rank, num_keep outside [1, N], NaN/inf in a concrete input.
     """
     where = "fastervlm"
-    _check_head_attention("cls_attn", cls_attn, where)
-    num_keep = _check_num_keep(num_keep, cls_attn.shape[2], where)
-    return _head_mean_top_k(cls_attn, num_keep=num_keep)
+    check_head_attention("cls_attn", cls_attn, where)
+    num_keep = check_num_keep(num_keep, cls_attn.shape[2], where)
+    return head_mean_top_k(cls_attn, num_keep=num_keep)
