@@ -14,3 +14,4 @@ from vlmprune.prune.pruners import (  # noqa: F401
     HERO, REGISTRY, DivPrune, FasterVLM, FastV, HiRED, PruMergePlus, Pruner, RandomKeep, Uniform, VisionZip, VisPruner,
     demo_settings, get,
 )
+from vlmprune.prune.spec import format_spec, parse_spec, parse_specs  # noqa: F401,E402
