@@ -53,7 +53,7 @@ def test_parse_methods():
     assert runs[2].pruner.num_keep == 128 and runs[3].pruner.budget_rate == 0.2
     assert (runs[4].pruner.dominant, runs[4].pruner.contextual) == (54, 10)
     assert runs[5].pruner.important_ratio == 0.25
-    with pytest.raises(bench.BenchError, match="unknown method 'nope'"):
+    with pytest.raises(bench.BenchError, match="unknown pruning method 'nope'"):
         bench.parse_methods(["nope:3"])
     with pytest.raises(bench.BenchError, match="takes no budget"):
         bench.parse_methods(["prumerge_plus:64"])
@@ -70,15 +70,13 @@ def test_random_params_on_device():
     import jax
     import jax.numpy as jnp
 
-    from vlmprune.checkpoint import _abstract
-    from vlmprune.config import LlavaConfig
-    from vlmprune.models.llava import Llava
+    from vlmprune.bench import model_access as access
 
-    _, hf, _ = bench._hf_config(bench.PRESETS["tiny"])
-    cfg = LlavaConfig.from_hf(hf)
-    module = Llava(cfg, dtype=jnp.bfloat16)
-    abstract = _abstract(module, cfg)
-    params = bench._random_params(abstract, jnp.bfloat16, seed=0)
+    _, hf, _ = bench.hf_config(bench.PRESETS["tiny"])
+    cfg = access.LlavaConfig.from_hf(hf)
+    module = access.Llava(cfg, dtype=jnp.bfloat16)
+    abstract = access.abstract_params(module, cfg)
+    params = bench.random_params(abstract, jnp.bfloat16, seed=0)
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
     assert all(x.dtype == jnp.bfloat16 and x.shape == a.shape
                for x, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
@@ -153,7 +151,7 @@ def test_merge_split_runs(tmp_path):
     bench.run_bench(bench.BenchConfig(methods=("none",), tag="a", **common))
     bench.run_bench(bench.BenchConfig(methods=("vispruner:4",), tag="b", **common))
     parts = [str(tmp_path / "parts" / f"efficiency_{t}.json") for t in "ab"]
-    out = bench.merge_outputs(parts, bench.BenchConfig(out_dir=str(tmp_path / "m"), tag="ab", plots=False))
+    out = bench.merge_outputs(parts, str(tmp_path / "m"), "ab", plots=False)
     assert [r["label"] for r in out["runs"]] == ["none", "vispruner@4"]
     vp = out["runs"][1]
     assert 0 < vp["reduction_vs_none"]["analytic_2ndm"] < 1  # needs the baseline from the other file
@@ -164,4 +162,4 @@ def test_merge_split_runs(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(other))
     with pytest.raises(bench.BenchError, match="cannot merge"):
-        bench.merge_outputs([parts[1], str(bad)], bench.BenchConfig(out_dir=str(tmp_path / "m"), tag="x"))
+        bench.merge_outputs([parts[1], str(bad)], str(tmp_path / "m"), "x")
