@@ -312,3 +312,95 @@ def merge_outputs(paths: list[str], out_dir: str, tag: str, *, plots: bool = Tru
     out = {"meta": meta, "runs": results, "targets": targets.evaluate_targets(results, meta)}
     out["files"] = write_outputs(out, out_dir, tag, plots=plots)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- selection suite
+
+
+def _fmt_ms(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3f}" if x < 1 else f"{x:.2f}" if x < 100 else f"{x:.1f}"
+
+
+def _exact_note(r: dict) -> str:
+    if r.get("agree_exact_ref") is None:
+        return ""
+    return f"; JAX vs float64 reference: {'same' if r['agree_exact_ref'] else r['agree_exact_ref_detail']}"
+
+
+def selection_table(rows: list[dict]) -> str:
+    head = ("| method | budget | JAX jit ms (median ± IQR) | JAX API ms | PyTorch ms (median ± IQR) | "
+            "speed-up (torch/jax): median (min) | % of encoder | JAX compile s | selections agree |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        agree = {True: "yes", False: "NO", None: "n/a"}[r["agree"]]
+        j, t = r["jax"], r["torch"]
+        lines.append(
+            f"| {r['method']} | {r['budget']} | {_fmt_ms(j['median'])} ± {_fmt_ms(j['iqr'])} | "
+            f"{_fmt_ms(median(r.get('jax_api')))} | {_fmt_ms(t['median'])} ± {_fmt_ms(t['iqr'])} | "
+            f"{r['speedup']:.1f}× ({r['speedup_min']:.1f}×) | {r['pct_encoder']:.3f} % | {r['jax_compile_s']:.1f} | "
+            f"{agree} ({r['agree_detail']}{_exact_note(r)}) |")
+    return "\n".join(lines)
+
+
+def selection_verdicts(rows: list[dict], speedup: float, encoder_pct: float) -> list[str]:
+    out = []
+    for r in rows:
+        if r["method"] != "vispruner":
+            continue
+        fast, small = r["speedup"] >= speedup, r["pct_encoder"] <= encoder_pct
+        out.append(f"VisPruner T={r['budget']}: speed-up {r['speedup']:.1f}× "
+                   f"({'meets' if fast else 'MISSES'} ≥{speedup:g}×), {r['pct_encoder']:.2f} % of encoder "
+                   f"({'meets' if small else 'MISSES'} ≤{encoder_pct:g} %)")
+    return out
+
+
+def _selection_notes(rows: list[dict], budgets: list[int]) -> list[str]:
+    first = str(min(budgets)) if budgets else None
+    notes = [f"* {r['method']}: {r['note']}" for r in rows if r["note"] and r["budget"] in (first, "adaptive")]
+    for r in rows:
+        o = r.get("torch_1thread")
+        if o:
+            notes.append(
+                f"* {r['method']} T={r['budget']} re-timed with `torch.set_num_threads(1)` (interleaved again): "
+                f"JAX {_fmt_ms(o['jax']['median'])} ms, PyTorch {_fmt_ms(o['torch']['median'])} ms, speed-up "
+                f"{o['speedup']:.1f}× (min/min {o['torch']['min'] / o['jax']['min']:.1f}×)")
+    return notes
+
+
+def selection_markdown(result: dict, command: str, speedup: float, encoder_pct: float) -> str:
+    """The selection suite's results as markdown: machine, inputs, encoder, the table, notes and targets."""
+    info, cfg, enc, rows = result["machine"], result["config"], result["encoder"], result["rows"]
+    md = [
+        "# Token-selection speed on CPU: JAX (jit) vs a straightforward PyTorch implementation", "",
+        f"Command: `{command}`", "",
+        f"Machine: {info['processor']}, {info['host_cpus']} CPU cores, {info['platform']}; jax {info['jax']} "
+        f"(jaxlib {info['jaxlib']}, backend {info['backend']}), flax {info['flax']}, torch {info.get('torch')} "
+        f"({info.get('torch_threads')} threads), numpy {info['numpy']}; {info['date']}. Load average (1/5/15 min) "
+        f"at start {info['load_average']}, at end {result.get('loadavg_end')}.", "",
+        f"Inputs: seeded random, B={cfg['batch']}, N={cfg['num_tokens']}, C={cfg['dim']}, H={cfg['heads']}, float32. "
+        f"Timings: median ± IQR over {cfg['repeats']} calls after one warm-up, JAX and PyTorch calls interleaved "
+        "(JAX: jitted, `block_until_ready`; JAX API: the public function called eagerly, validation and host-side "
+        "NaN check included; PyTorch: eager, `torch.no_grad()`, default threads). Speed-up = PyTorch median / "
+        "JAX median (in brackets: fastest PyTorch call / fastest JAX call, less sensitive to background load); "
+        "% of encoder = JAX median / encoder median. \"selections agree\" compares the JAX and PyTorch outputs "
+        "of this run (index sets, masks, or merged tokens to 1e-3). For VisPruner and HERO it also compares JAX "
+        "with an untimed float64 reference: float32 rounding can reorder near-equal scores (VisPruner's "
+        "best-similarity ranking, HERO's double-softmax scores) and so change the kept set; see `exact_vispruner`.",
+        "",
+        f"Encoder: Flax CLIP vision tower, {enc['layers']} layers ({enc['layers_run']} run, as LLaVA: hidden state -2 "
+        f"and the CLS attention row of layer {enc['cls_attention_layer']}), {enc['image_size']} px, B={cfg['batch']}, "
+        f"random weights ({enc['params'] / 1e6:.0f} M params), jitted: **{enc['median']:.1f} ms** "
+        f"(IQR {enc['iqr']:.1f} ms over {enc['n']} calls; compile {enc['compile_s']:.1f} s).", "",
+        selection_table(rows), "",
+    ]
+    notes = _selection_notes(rows, cfg["budgets"])
+    if notes:
+        md += ["Notes:", *notes, ""]
+    if result["skipped"]:
+        md += ["Skipped:", *[f"* {s['method']}: {s['reason']}" for s in result["skipped"]], ""]
+    if result["verdicts"]:
+        md += [f"Targets (VisPruner ≥ {speedup:g}× faster than PyTorch, ≤ {encoder_pct:g} % of encoder):",
+               *[f"* {v}" for v in result["verdicts"]], ""]
+    return "\n".join(md)
