@@ -66,7 +66,8 @@ def main_from_args(args) -> int:
     print(markdown(out))
     failed = [r for r in out["runs"] if "error" in r]
     if failed:  # the tables are written, but a run that asked for a method and did not get it says so
-        which = "every requested method" if len(failed) == len(out["runs"]) else f"{len(failed)} of {len(out['runs'])} runs"
+        n = len(out["runs"])
+        which = "every requested method" if len(failed) == n else f"{len(failed)} of {n} runs"
         print(f"error: {which} failed: " + "; ".join(f"{r['label']}: {r['error']}" for r in failed), file=sys.stderr)
         return 1
     return 0

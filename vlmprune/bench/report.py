@@ -85,8 +85,10 @@ def _jax_table(runs: list[dict], b: int) -> list[str]:
         share = r.get("selection_share_of_vision")
         sel = "—" if j.get("selection_ms") is None else f"{_fmt_t(j['selection_ms'], 2)} ({100 * share:.2f}%)"
         lines.append(
-            f"| {r['label']} | {r['visual_tokens']:g} | {_fmt_g(r['analytic']['flops_2ndm'])}{_cut(r, 'analytic_2ndm')} | "
-            f"{_fmt_g(r.get('xla_flops_llm_prefill'))}{_cut(r, 'xla_llm_prefill')} | {_fmt_t(j['vision_ms'])} | {sel} | "
+            f"| {r['label']} | {r['visual_tokens']:g} | "
+            f"{_fmt_g(r['analytic']['flops_2ndm'])}{_cut(r, 'analytic_2ndm')} | "
+            f"{_fmt_g(r.get('xla_flops_llm_prefill'))}{_cut(r, 'xla_llm_prefill')} | {_fmt_t(j['vision_ms'])} | "
+            f"{sel} | "
             f"{_fmt_t(j['select_project_ms'], 2)} | {_fmt_t(j['llm_prefill_ms'])}{_cut(r, 'jax_llm_prefill_ms')} | "
             f"{_fmt_t(j['ttft_ms'])} | {_fmt_t(j['decode_tok_s_b1'])} | {_fmt_t(j.get(f'decode_tok_s_b{b}'))} | "
             f"{_fmt_b(j['kv_cache_bytes'])} | {_fmt_b(j.get('peak_device_bytes'))} |")

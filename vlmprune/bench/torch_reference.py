@@ -87,7 +87,9 @@ def torch_hired_single(cls_attn: torch.Tensor, budget_rate: float) -> torch.Tens
 
 
 def torch_hired(shallow: torch.Tensor, deep: torch.Tensor, budget_rate: float, alpha: float) -> torch.Tensor:
-    """HiRED reference-compat (algorithms.md §3.2), one image at a time. shallow/deep (B, P, H, N) -> masks (B, P, N)."""
+    """HiRED reference-compat (algorithms.md §3.2), one image at a time.
+
+    shallow/deep (B, P, H, N) -> masks (B, P, N)."""
     bsz, p, _, n = shallow.shape
     masks = torch.zeros(bsz, p, n, dtype=torch.bool)
     for i in range(bsz):

@@ -63,7 +63,8 @@ class TorchSide:
         if model.hf_config is None or model.config.model_type != "llava":
             raise BenchError("the PyTorch comparison supports LLaVA-1.5 models with an HF config")
         with torch.device(self.device):
-            tm = LlavaForConditionalGeneration._from_config(model.hf_config, attn_implementation="sdpa",
+            # HF's way to build a model from a config without loading weights
+            tm = LlavaForConditionalGeneration._from_config(model.hf_config, attn_implementation="sdpa",  # noqa: SLF001
                                                             dtype=self.dtype)
         state = tm.state_dict()
 

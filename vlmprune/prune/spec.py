@@ -146,7 +146,8 @@ def method_class(name: str) -> type[Pruner]:
     """The registered class of ``name``; ValueError naming the choices for an unknown one."""
     key = _norm(name)
     if key not in REGISTRY:
-        raise ValueError(f"unknown pruning method {name!r}; available: {', '.join(NO_PRUNING[:1] + tuple(sorted(REGISTRY)))}")
+        choices = ", ".join(NO_PRUNING[:1] + tuple(sorted(REGISTRY)))
+        raise ValueError(f"unknown pruning method {name!r}; available: {choices}")
     return REGISTRY[key]
 
 
@@ -230,6 +231,11 @@ def _convert(text: str, tp) -> Any:
     return _literal(text)
 
 
+def field_names(name: str) -> tuple[str, ...]:
+    """The settings of method ``name``."""
+    return tuple(_field_types(method_class(name)))
+
+
 def _kind(tp) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             type(None): "none"}.get(tp, str(tp))
@@ -259,6 +265,15 @@ def visionzip_split(total: int) -> dict:
     return {"dominant": total - contextual, "contextual": contextual}
 
 
+def as_number(text: str) -> int | float:
+    """A budget's text as a number: an int where it is a whole number >= 1, else a float."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"budget {text!r} is not a number") from None
+    return int(value) if value.is_integer() and value >= 1 else value
+
+
 def _as_count(name: str, budget) -> int:
     if isinstance(budget, bool) or not float(budget).is_integer() or budget < 1:
         raise ValueError(f"{name}: the budget is a token count (an integer >= 1), got {budget!r}")
@@ -273,10 +288,9 @@ def budget_settings(name: str, budget, *, num_tokens: int | None = None) -> dict
         raise ValueError(f"{cls.name} takes no budget (its kept count is adaptive); write just {cls.name!r}")
     if isinstance(budget, str):
         try:
-            budget = float(budget)
-        except ValueError:
-            raise ValueError(f"{cls.name}: budget {budget!r} is not a number") from None
-        budget = int(budget) if budget.is_integer() and budget >= 1 else budget
+            budget = as_number(budget)
+        except ValueError as e:
+            raise ValueError(f"{cls.name}: {e}") from None
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ValueError(f"{cls.name}: the budget must be a positive number, got {budget!r}")
     is_count = float(budget).is_integer() and budget >= 1
