@@ -120,6 +120,10 @@ def cmd_visualize(args) -> int:
         if bad:
             raise SystemExit(f"error: unknown method(s) {bad} in --compare; choose from none, "
                              f"{', '.join(sorted(prune.REGISTRY))}")
+        try:
+            prune.parse_specs(args.compare)  # settings checked before the model loads
+        except ValueError as e:
+            raise SystemExit(f"error: --compare: {e}")
     else:
         pruner = pruner_from_args(args)
     print(f"[vlmprune] loading {args.model} ...", file=sys.stderr, flush=True)
@@ -127,7 +131,7 @@ def cmd_visualize(args) -> int:
     kw = dict(out=args.out, grid_lines=not args.no_grid, dpi=args.dpi)
     try:
         if specs is not None:
-            viz.compare(model, args.image, specs, args.prompt, **kw)
+            viz.compare(model, args.image, args.compare, args.prompt, **kw)
         else:
             viz.plot_kept(model, args.image, pruner, args.prompt, **kw)
     except (ValueError, NotImplementedError) as e:
