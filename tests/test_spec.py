@@ -90,3 +90,18 @@ def test_a_user_method_gets_specs(monkeypatch):
     with pytest.raises(ValueError, match="mine: setting rounds='x' must be an integer"):
         prune.parse_spec("mine:0.25:rounds=x")
     assert spec.budget_setting(Mine) == "share"
+
+
+def test_cli_method_flag_takes_a_spec():
+    from vlmprune.cli import build_parser, pruner_from_args
+
+    def args(*extra):
+        return build_parser().parse_args(["generate", "--model", "m", "--image", "i", "--prompt", "p", *extra])
+
+    assert pruner_from_args(args("--method", "vispruner:8:important_ratio=0.25")) == prune.VisPruner(
+        num_keep=8, important_ratio=0.25)
+    assert pruner_from_args(args("--method", "vispruner", "--keep", "8")) == prune.VisPruner(num_keep=8)
+    with pytest.raises(SystemExit, match="not both"):
+        pruner_from_args(args("--method", "vispruner:8", "--keep", "8"))
+    with pytest.raises(SystemExit, match="--method: vispruner: unknown setting 'x'"):
+        pruner_from_args(args("--method", "vispruner:8:x=1"))

@@ -12,7 +12,8 @@ import time
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning (see vlmprune.prune.REGISTRY)")
     g.add_argument("--method", default="none", help="none, vispruner, fastervlm, hired, divprune, visionzip, "
-                                                     "prumerge_plus, random, uniform")
+                                                     "prumerge_plus, random, uniform; or a spec such as "
+                                                     "vispruner:64:important_ratio=0.25")
     g.add_argument("--keep", type=int, help="visual tokens kept per image (num_keep)")
     g.add_argument("--important-ratio", type=float, help="VisPruner: share of tokens chosen by CLS attention")
     g.add_argument("--budget-rate", type=float, help="HiRED: token budget rate")
@@ -27,6 +28,15 @@ def pruner_from_args(args):
 
     if args.method in (None, "none"):
         return None
+    flags = ("keep", "important_ratio", "budget_rate", "alpha", "layer", "dominant", "contextual")
+    if ":" in args.method:  # a spec, e.g. vispruner:64:important_ratio=0.25 (vlmprune.prune.parse_spec)
+        given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f, None) is not None]
+        if given:
+            raise SystemExit(f"error: give the settings in the --method spec or as flags, not both ({given})")
+        try:
+            return prune.parse_spec(args.method)
+        except ValueError as e:
+            raise SystemExit(f"error: --method: {e}") from None
     names = {"keep": "num_keep", "important_ratio": "important_ratio", "budget_rate": "budget_rate",
              "alpha": "alpha", "layer": "layer", "dominant": "dominant", "contextual": "contextual"}
     cls = prune.REGISTRY.get(args.method.replace("-", "_"))
