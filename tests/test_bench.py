@@ -163,3 +163,17 @@ def test_merge_split_runs(tmp_path):
     bad.write_text(json.dumps(other))
     with pytest.raises(bench.BenchError, match="cannot merge"):
         bench.merge_outputs([parts[1], str(bad)], str(tmp_path / "m"), "x")
+
+
+def test_one_stats_schema_and_timer():
+    """Both suites report every timed figure in one schema; measure interleaves JAX and PyTorch calls."""
+    from vlmprune.bench import timing
+
+    s = timing.stats([4.0, 1.0, 3.0, 2.0])
+    assert s == {"median": 2.5, "min": 1.0, "max": 4.0, "n": 4, "spread": 0.6, "iqr": 1.5}
+    assert timing.stats([]) is None and timing.median(s) == 2.5 and timing.median(None) is None
+    calls = []
+    js, ts = timing.measure(lambda: calls.append("j"), lambda: calls.append("t"), repeats=2, warmup=1)
+    assert calls == ["j", "t"] * 3 and js["n"] == ts["n"] == 2
+    rate, none = timing.measure(lambda: None, repeats=2, warmup=0, invert=5.0)
+    assert none is None and rate["min"] > 5.0  # 5 tokens in far less than a second
