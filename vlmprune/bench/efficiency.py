@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from typing import Any
 
 import jax
@@ -361,8 +362,6 @@ def _one_safely(model, pieces, run, x1, xb, bc, torch_side) -> dict:
     except (NotImplementedError, ValueError, ImportError, OSError) as e:
         log(f"  {run.label}: FAILED: {type(e).__name__}: {e}")
         if os.environ.get("VLMPRUNE_BENCH_DEBUG"):
-            import traceback
-
             traceback.print_exc()
         return {"label": run.label, "method": run.method, "budget": run.budget, "settings": run.settings,
                 "error": f"{type(e).__name__}: {e}"}

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Any, Callable
 
+import flax
 import jax
 import numpy as np
 
@@ -83,8 +84,6 @@ def load_average() -> list[float] | None:
 
 def machine_info() -> dict:
     """Host, device and library versions (torch's only where it is already imported)."""
-    import flax
-
     dev = jax.devices()[0]
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
