@@ -1,4 +1,4 @@
-"""Full efficiency tables (issue #5): drives ``vlmprune bench`` for every preset the backend can run.
+"""Full efficiency tables (issue #5): a thin driver of ``vlmprune.bench`` for every preset the backend can run.
 
     python experiments/efficiency.py                 # CPU: cpu-small fp32 with --compare-torch -> efficiency_cpu.*
     python experiments/efficiency.py --suite gpu     # GPU/TPU: llava-1.5-7b / 13b / next-7b in bfloat16
@@ -80,6 +80,10 @@ def main(argv=None) -> int:
             failures += 1
             continue
         print(markdown(out))
+        failed = [r["label"] for r in out["runs"] if "error" in r]
+        if failed:
+            print(f"[efficiency] {spec['preset']}: failed runs: {', '.join(failed)}", file=sys.stderr)
+            failures += 1
     return 1 if failures else 0
 
 

@@ -53,7 +53,7 @@ def test_parse_methods():
     assert runs[2].pruner.num_keep == 128 and runs[3].pruner.budget_rate == 0.2
     assert (runs[4].pruner.dominant, runs[4].pruner.contextual) == (54, 10)
     assert runs[5].pruner.important_ratio == 0.25
-    with pytest.raises(bench.BenchError, match="unknown method 'nope'"):
+    with pytest.raises(bench.BenchError, match="unknown pruning method 'nope'"):
         bench.parse_methods(["nope:3"])
     with pytest.raises(bench.BenchError, match="takes no budget"):
         bench.parse_methods(["prumerge_plus:64"])
@@ -70,14 +70,13 @@ def test_random_params_on_device():
     import jax
     import jax.numpy as jnp
 
-    from vlmprune.models.llava import Llava, param_shapes
-    from vlmprune.models.llava_config import LlavaConfig
+    from vlmprune.bench import model_access as access
 
-    _, hf, _ = bench._hf_config(bench.PRESETS["tiny"])
-    cfg = LlavaConfig.from_hf(hf)
-    module = Llava(cfg, dtype=jnp.bfloat16)
-    abstract = param_shapes(module)
-    params = bench._random_params(abstract, jnp.bfloat16, seed=0)
+    _, hf, _ = bench.hf_config(bench.PRESETS["tiny"])
+    cfg = access.LlavaConfig.from_hf(hf)
+    module = access.Llava(cfg, dtype=jnp.bfloat16)
+    abstract = access.abstract_params(module, cfg)
+    params = bench.random_params(abstract, jnp.bfloat16, seed=0)
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
     assert all(x.dtype == jnp.bfloat16 and x.shape == a.shape
                for x, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
@@ -153,7 +152,7 @@ def test_merge_split_runs(tmp_path):
     bench.run_bench(bench.BenchConfig(methods=("none",), tag="a", **common))
     bench.run_bench(bench.BenchConfig(methods=("vispruner:4",), tag="b", **common))
     parts = [str(tmp_path / "parts" / f"efficiency_{t}.json") for t in "ab"]
-    out = bench.merge_outputs(parts, bench.BenchConfig(out_dir=str(tmp_path / "m"), tag="ab", plots=False))
+    out = bench.merge_outputs(parts, str(tmp_path / "m"), "ab", plots=False)
     assert [r["label"] for r in out["runs"]] == ["none", "vispruner@4"]
     vp = out["runs"][1]
     assert 0 < vp["reduction_vs_none"]["analytic_2ndm"] < 1  # needs the baseline from the other file
@@ -164,4 +163,18 @@ def test_merge_split_runs(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(other))
     with pytest.raises(bench.BenchError, match="cannot merge"):
-        bench.merge_outputs([parts[1], str(bad)], bench.BenchConfig(out_dir=str(tmp_path / "m"), tag="x"))
+        bench.merge_outputs([parts[1], str(bad)], str(tmp_path / "m"), "x")
+
+
+def test_one_stats_schema_and_timer():
+    """Both suites report every timed figure in one schema; measure interleaves JAX and PyTorch calls."""
+    from vlmprune.bench import timing
+
+    s = timing.stats([4.0, 1.0, 3.0, 2.0])
+    assert s == {"median": 2.5, "min": 1.0, "max": 4.0, "n": 4, "spread": 0.6, "iqr": 1.5}
+    assert timing.stats([]) is None and timing.median(s) == 2.5 and timing.median(None) is None
+    calls = []
+    js, ts = timing.measure(lambda: calls.append("j"), lambda: calls.append("t"), repeats=2, warmup=1)
+    assert calls == ["j", "t"] * 3 and js["n"] == ts["n"] == 2
+    rate, none = timing.measure(lambda: None, repeats=2, warmup=0, invert=5.0)
+    assert none is None and rate["min"] > 5.0  # 5 tokens in far less than a second

@@ -51,7 +51,8 @@ def _flag(dest: str) -> str:
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning (see vlmprune.prune.REGISTRY)")
     g.add_argument("--method", default="none", help="none, vispruner, fastervlm, hired, hero, divprune, visionzip, "
-                                                     "prumerge_plus, random, uniform, fastv")
+                                                     "prumerge_plus, random, uniform, fastv; or a spec such as "
+                                                     "vispruner:64:important_ratio=0.25")
     g.add_argument("--keep", type=positive_int, help="visual tokens kept per image (num_keep)")
     g.add_argument("--important-ratio", type=float, help="VisPruner: share of tokens chosen by CLS attention")
     g.add_argument("--budget-rate", type=float, help="HiRED: token budget rate")
@@ -88,6 +89,14 @@ def pruner_from_args(args):
             raise SystemExit(f"error: {', '.join(_flag(d) for d in given)} given without --method; add --method "
                              f"(one of {', '.join(sorted(prune.REGISTRY))})")
         return None
+    if ":" in args.method:  # a spec, e.g. vispruner:64:important_ratio=0.25 (vlmprune.prune.parse_spec)
+        if given:
+            raise SystemExit(f"error: give the settings in the --method spec or as flags, not both "
+                             f"({', '.join(_flag(d) for d in given)})")
+        try:
+            return prune.parse_spec(args.method)
+        except ValueError as e:
+            raise SystemExit(f"error: --method: {e}") from None
     cls = prune.REGISTRY.get(args.method.lower().replace("-", "_"))
     if cls is None:
         raise SystemExit(f"error: unknown --method {args.method!r}; choose from none, "

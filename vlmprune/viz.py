@@ -14,6 +14,7 @@ image and the stitched tile grid (tile borders drawn, the region the official la
 Budgets (``make_pruner`` / the CLI's ``--compare vispruner:64,fastervlm:64``): a token count for the keep-N
 methods (vispruner, fastervlm, divprune, random, uniform); a token count or a rate in (0, 1) for hired and hero;
 the total (CLS included) for visionzip, split 54:10 as in its README; none for prumerge_plus (adaptive).
+Settings follow the budget as in ``vlmprune.prune.parse_spec``: ``vispruner:64:important_ratio=0.25``.
 
 matplotlib is needed for the drawing functions only (``pip install "vlmprune[viz]"``).
 """
@@ -26,6 +27,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from vlmprune import prune
+from vlmprune.prune import spec as spec_mod
 from vlmprune.io.safe_output import staged_file
 from vlmprune.pipeline.plan import prepare_host
 from vlmprune.prune.base import LLMPruner, VisualPruner
@@ -35,8 +38,6 @@ PANEL_INCHES = 3.0  # side of one image panel
 TITLE_INCHES = 0.6  # room above a panel for its title
 DIM = 0.25  # brightness of dropped patches
 
-#: what a bare budget means per method (see the module docstring)
-_RATE_FIELD = {"hired": "budget_rate", "hero": "keep_ratio"}
 _MERGE_NOTES = {"visionzip": "dominant + merge targets (+CLS)", "prumerge_plus": "merge anchors (+1 pooled token)"}
 
 
@@ -45,26 +46,17 @@ _MERGE_NOTES = {"visionzip": "dominant + merge targets (+CLS)", "prumerge_plus":
 
 def parse_spec(spec: str) -> tuple[str, int | float | None]:
     """``"vispruner:64"`` -> ("vispruner", 64); ``"hired:0.25"`` -> ("hired", 0.25); ``"prumerge_plus"`` -> None
-    budget (the method's defaults)."""
-    name, _, budget = str(spec).strip().partition(":")
-    name = name.strip().lower().replace("-", "_")
-    if not name:
-        raise ValueError(f"empty method in {spec!r}; write method[:budget], e.g. vispruner:64")
-    if not budget.strip():
-        return name, None
-    try:
-        value = float(budget)
-    except ValueError:
-        raise ValueError(f"budget {budget!r} in {spec!r} is not a number") from None
-    return name, int(value) if value.is_integer() and value >= 1 else value
+    budget (the method's defaults). The syntax is ``vlmprune.prune.parse_spec``'s; settings are not returned."""
+    parts = spec_mod.split_spec(spec)
+    if len(parts.budgets) > 1:
+        raise ValueError(f"spec {spec!r} lists {len(parts.budgets)} budgets; give one per spec")
+    return parts.name, (spec_mod.as_number(parts.budgets[0]) if parts.budgets else None)
 
 
 def parse_specs(text: str) -> list[tuple[str, int | float | None]]:
     """``"vispruner:64,fastervlm:64"`` -> [("vispruner", 64), ("fastervlm", 64)]."""
-    specs = [parse_spec(s) for s in str(text).split(",") if s.strip()]
-    if not specs:
-        raise ValueError("no methods given; write e.g. vispruner:64,fastervlm:64")
-    return specs
+    return [(p.name, spec_mod.as_number(b) if b is not None else None)
+            for p in spec_mod.split_specs(text) for b in (p.budgets or (None,))]
 
 
 def make_pruner(method: str, budget: int | float | None = None, *, num_tokens: int, **settings):
@@ -80,49 +72,13 @@ def make_pruner(method: str, budget: int | float | None = None, *, num_tokens: i
     Raises:
       ValueError: unknown method, a budget larger than N, a budget a method does not take.
     """
-    from vlmprune import prune
-
-    name = str(method).lower().replace("-", "_")
-    if name in ("none", "full"):
-        if budget is not None:
-            raise ValueError("method 'none' keeps every token and takes no budget")
-        return None
-    if name not in prune.REGISTRY:
-        raise ValueError(f"unknown pruning method {method!r}; available: none, {', '.join(sorted(prune.REGISTRY))}")
-    kw = dict(settings)
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-            raise ValueError(f"{name}: budget must be a positive number, got {budget!r}")
-        is_count = float(budget).is_integer() and budget >= 1
-        limit = num_tokens + 1 if name == "visionzip" else num_tokens  # visionzip's total counts CLS
-        if is_count and budget > limit:
-            raise ValueError(f"{name}: budget {int(budget)} is larger than the {num_tokens} visual tokens per "
-                             f"image{' (+ CLS)' if name == 'visionzip' else ''}")
-        fields = {f.name for f in dataclasses.fields(prune.REGISTRY[name])}
-        if name in _RATE_FIELD:
-            # int(N * (k + 0.5) / N) == k exactly, where k / N could round to k - 1
-            kw[_RATE_FIELD[name]] = min(1.0, (int(budget) + 0.5) / num_tokens) if is_count else float(budget)
-        elif name == "visionzip":
-            total = _as_count(name, budget)
-            contextual = min(max(1, round(total * 10 / 64)), total - 2) if total >= 3 else 0
-            kw.update(dominant=total - contextual, contextual=contextual)
-        elif "num_keep" in fields:
-            kw["num_keep"] = _as_count(name, budget)
-        else:
-            raise ValueError(f"{name} takes no budget (its kept count is adaptive); write just {name!r}")
-    return prune.get(name, **kw)
-
-
-def _as_count(name: str, budget) -> int:
-    if not float(budget).is_integer() or budget < 1:
-        raise ValueError(f"{name}: the budget is a token count (an integer >= 1), got {budget!r}")
-    return int(budget)
+    return spec_mod.make(method, budget, num_tokens=num_tokens, **settings)
 
 
 def _resolve_pruner(model, pruner):
     """Pruner | spec string | None -> a validated pruner (or None)."""
     if isinstance(pruner, str):
-        pruner = make_pruner(*parse_spec(pruner), num_tokens=model.config.tokens_per_image)
+        pruner = prune.parse_spec(pruner, num_tokens=model.config.tokens_per_image)
     if pruner is None:
         return None
     if not isinstance(pruner, (VisualPruner, LLMPruner)):
@@ -504,15 +460,13 @@ def compare(model, image, methods: Iterable, prompt: str = DEFAULT_PROMPT, *, ou
     Returns:
       The matplotlib Figure (``len(methods)`` titled panels).
     """
-    if isinstance(methods, str):
-        methods = parse_specs(methods)
     n = model.config.tokens_per_image
     pruners = []
-    for m in methods:
+    for m in [methods] if isinstance(methods, str) else methods:
         if isinstance(m, tuple):
             pruners.append(make_pruner(*m, num_tokens=n))
         elif isinstance(m, str):
-            pruners.append(make_pruner(*parse_spec(m), num_tokens=n))
+            pruners += prune.parse_specs(m, num_tokens=n)
         else:
             pruners.append(m)
     if not pruners:

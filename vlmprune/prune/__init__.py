@@ -32,3 +32,4 @@ from vlmprune.types import PruneResult, TapRequest, VisionTaps  # noqa: F401
 
 #: the base class of earlier versions (every built-in visual pruner derives from it)
 Pruner = VisualPruner
+from vlmprune.prune.spec import format_spec, parse_spec, parse_specs  # noqa: F401
