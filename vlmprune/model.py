@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks
+from vlmprune import _checks, preprocess
 from vlmprune.config import LlavaConfig
 from vlmprune.models.llama import KVCache
 from vlmprune.models.llava import Llava
@@ -459,7 +459,7 @@ class LlavaModel:
         save_model(self, directory)
 
 
-def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
+def load(path: str, *, dtype="float32", mesh=None, image_aspect: str | None = None) -> LlavaModel:
     """Load a HF LLaVA directory (safetensors) or a directory written by ``LlavaModel.save``.
 
     Args:
@@ -468,6 +468,7 @@ def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
       dtype: "float32", "bfloat16" or "float16" for params and activations.
       mesh: optional ``jax.sharding.Mesh`` with axes "data" and/or "model": params are placed with
         ``vlmprune.sharding.RULES`` (tensor parallel over heads and MLP), inputs split over the batch.
+      image_aspect: None keeps the checkpoint's processor; "pad" / "crop" picks the pipeline (``vlmprune.preprocess``).
 
     Raises:
       FileNotFoundError / ValueError / CheckpointError naming every problem with the files.
@@ -476,7 +477,12 @@ def load(path: str, *, dtype="float32", mesh=None) -> LlavaModel:
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected a HF LLaVA checkpoint or a vlmprune checkpoint)")
-    return load_model(path, dtype=_dtype(dtype), mesh=mesh)
+    if image_aspect is not None:
+        preprocess.check_aspect(image_aspect)
+    model = load_model(path, dtype=_dtype(dtype), mesh=mesh)
+    if image_aspect is not None:
+        preprocess.set_image_aspect(model.processor, image_aspect, is_next=model.config.model_type == "llava_next")
+    return model
 
 
 def hf_config_dict(model: LlavaModel) -> dict:
