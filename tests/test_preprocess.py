@@ -102,5 +102,9 @@ def test_load_with_image_aspect(tmp_path):
     m = vlmprune.load(d, image_aspect="pad")
     assert preprocess.image_aspect(m.processor) == "pad"
     assert preprocess.image_aspect(vlmprune.load(d).processor) == "crop"
+    # saving writes the checkpoint's own processor (the aspect is chosen at load time)
+    m.save(str(tmp_path / "saved"))
+    assert preprocess.image_aspect(vlmprune.load(str(tmp_path / "saved")).processor) == "crop"
+    assert preprocess.image_aspect(vlmprune.load(str(tmp_path / "saved"), image_aspect="pad").processor) == "pad"
     with pytest.raises(ValueError, match="image aspect must be one of"):
         vlmprune.load(d, image_aspect="stretch")

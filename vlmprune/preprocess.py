@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image
+from transformers.utils import PushToHubMixin
 
 ASPECTS = ("crop", "pad")
 
@@ -88,11 +89,13 @@ def pad_pixels(images: Sequence[Image.Image], image_processor) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
-class PadToSquareImageProcessor:
+class PadToSquareImageProcessor(PushToHubMixin):
     """Wraps a checkpoint's CLIP image processor so that it runs the pad pipeline (``pad_pixels``).
 
-    Every attribute but the call is the wrapped processor's (sizes, mean, ``save_pretrained``: a saved checkpoint
-    keeps its own processor; the aspect is a load-time choice, ``vlmprune.load(..., image_aspect="pad")``)."""
+    Every attribute but the call is the wrapped processor's (sizes, mean, ``to_dict``, ``save_pretrained``: a
+    saved checkpoint keeps its own processor; the aspect is a load-time choice,
+    ``vlmprune.load(..., image_aspect="pad")``). The ``PushToHubMixin`` base is what transformers' processor
+    serialisation looks for before it calls ``to_dict``."""
 
     image_aspect = "pad"
 
@@ -100,6 +103,8 @@ class PadToSquareImageProcessor:
         self.inner = inner
 
     def __getattr__(self, name):
+        if name == "inner":  # not set yet (copy / unpickling): no delegation loop
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def __call__(self, images, return_tensors=None, **kwargs):

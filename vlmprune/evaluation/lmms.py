@@ -19,7 +19,6 @@ log-likelihoods, sampling, beams, several images or no image are refused with th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 from lmms_eval.api.model import lmms
@@ -150,12 +149,3 @@ class VlmpruneLMM(lmms):
         tasks = sorted({_task_of(r) for r in requests})
         raise NotImplementedError(f"vlmprune: task(s) {', '.join(tasks)} are multi-round; not implemented")
 
-
-def describe(model: VlmpruneLMM) -> dict:
-    """The settings a run used (for logs): pruner fields and the image aspect."""
-    from vlmprune.preprocess import image_aspect
-
-    p = model.pruner
-    return dict(method=None if p is None else p.name,
-                settings={} if p is None else {f.name: getattr(p, f.name) for f in dataclasses.fields(p)},
-                image_aspect=image_aspect(model.model.processor))
