@@ -155,3 +155,58 @@ def test_refusals_name_the_task(mha_dir):
         pruner_from_model_args("vispruner", {"budget_rate": 0.2})
     hero = pruner_from_model_args("hero", {"keep_ratio": 0.2, "clip_path": "/c"})
     assert hero.clip_path == "/c"
+
+
+@pytest.fixture(scope="module")
+def next_dir(tmp_path_factory):
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    from vlmprune.tiny import build_next_processor, build_tokenizer, tiny_llava_next_config
+
+    d = tmp_path_factory.mktemp("lmms_next")
+    tok = build_tokenizer()
+    cfg = tiny_llava_next_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    torch.manual_seed(5)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(d)
+    build_next_processor(tok, cfg).save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_generate_until_in_request_order(family, mha_dir, next_dir):
+    """Both families, one image per request: answers in request order, equal to ``model_predict_fn``'s, requests
+    with other generation settings in their own batches, ``until`` cutting the text."""
+    from lmms_eval.api.instance import Instance
+
+    from vlmprune.evaluation.lmms import VlmpruneLMM
+
+    path = mha_dir if family == "llava" else next_dir
+    method = dict(method="vispruner", keep=4) if family == "llava" else dict(method="hired", budget_rate=0.25)
+    m = VlmpruneLMM(pretrained=path, batch_size=2, pad_multiple=256, **method)
+    rng = np.random.default_rng(3)
+    sizes = [(24, 40), (40, 24), (30, 30)]  # (height, width): different NeXT grids
+    docs = [dict(image=Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), q=f"Question {i}?")
+            for i, (h, w) in enumerate(sizes)]
+    m.task_dict = {"t": {"test": docs}}
+    # request 1 has other settings (a stop string that never occurs): its own batch, the same compiled shapes
+    gk = [{"max_new_tokens": 3}, {"max_new_tokens": 3, "until": ["\x00"]}, {"max_new_tokens": 3}]
+    reqs = [Instance("generate_until", (docs[i]["q"], dict(gk[i]), lambda d: [d["image"]], i, "t", "test"), i,
+                     _meta("t")) for i in range(3)]
+    got = m.generate_until(reqs)
+    fn3 = runner.model_predict_fn(m.model, pruner=m.pruner, max_new_tokens=3, batch_size=2, pad_multiple=256)
+    want3 = fn3([docs[0]["q"], docs[2]["q"]], [docs[0]["image"], docs[2]["image"]], [{}, {}])
+    want1 = fn3([docs[1]["q"]], [docs[1]["image"]], [{}])
+    assert got == [want3[0], want1[0], want3[1]]
+    if got[0]:  # a stop string cuts the answer where it first occurs
+        stop = got[0][len(got[0]) // 2:] or got[0]
+        req = Instance("generate_until", (docs[0]["q"], {"max_new_tokens": 3, "until": [stop]},
+                                          lambda d: [d["image"]], 0, "t", "test"), 0, _meta("t"))
+        assert m.generate_until([req]) == [got[0][: got[0].index(stop)]]
+    if family == "llava_next":
+        with pytest.raises(ValueError, match="LLaVA-1.5 only"):
+            VlmpruneLMM(pretrained=path, image_aspect="pad")
