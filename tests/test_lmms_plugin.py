@@ -142,7 +142,8 @@ def test_refusals_name_the_task(mha_dir):
     ll = Instance("loglikelihood", ("ctx", "cont", None, 0, "mmmu_val", "test"), 0, _meta("mmmu_val"))
     with pytest.raises(NotImplementedError, match="mmmu_val need log-likelihoods"):
         m.loglikelihood([ll])
-    gen = Instance("generate_until", ("q", {"do_sample": True, "temperature": 0.7}, None, 0, "nocaps", "test"), 0, _meta("nocaps"))
+    gen = Instance("generate_until", ("q", {"do_sample": True, "temperature": 0.7}, None, 0, "nocaps", "test"), 0,
+                   _meta("nocaps"))
     with pytest.raises(NotImplementedError, match="task nocaps asks for sampling"):
         m.generate_until([gen])
     m.task_dict = {"two_img": {"test": [{"a": 1}]}}

@@ -399,7 +399,8 @@ def run_from_args(args, pruner) -> dict:
     data_key = os.path.abspath(args.data) if args.data and os.path.isdir(args.data) else args.data
     summary = run_eval(
         args.task, out_dir, model=model, pruner=pruner, data=td, split=args.split, config=args.config,
-        images=args.images, limit=args.limit, data_key=data_key, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        images=args.images, limit=args.limit, data_key=data_key, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
         system_prompt=args.system_prompt, ocr=not args.no_ocr, pad_multiple=args.pad_multiple,
         progress=not args.no_progress,
         overwrite=args.overwrite, run_info=dict(model=os.path.abspath(args.model), dtype=args.dtype),
