@@ -4,7 +4,10 @@
 Each table names the model it was measured on, the runs (method + settings per budget) and the benchmarks; the
 published numbers (``/work/shared/algorithms.md`` §2.6 and §3.6) sit in ``PUBLISHED`` below. The script runs every
 (run, benchmark) pair through ``run_eval`` -- resumable, so an interrupted reproduction picks up where it stopped
--- and prints a markdown table of ``ours (paper)`` cells, also written to ``<out-dir>/<table>.md`` and ``.json``.
+-- and prints a markdown table of ``ours (paper)`` cells, also written to ``<out-dir>/<table>.md`` and ``.json``,
+with one PNG per benchmark (``<table>_<task>.png``: accuracy against kept visual tokens, ours beside the paper's).
+Images are preprocessed as the paper did (``IMAGE_ASPECT``: pad for VisPruner's table, crop for HiRED's;
+``--image-aspect`` overrides).
 
 Tables:
 
@@ -72,6 +75,10 @@ REPRODUCED = {
     },
 }
 
+# The preprocessing each paper ran (vlmprune.preprocess): VisPruner used the original LLaVA code (pad to a
+# mean-colour square); HiRED used lmms-eval's llava-hf pipeline (centre crop; NeXT tiles either way).
+IMAGE_ASPECT = {"vispruner-llava15": "pad", "hired-llava15": "crop", "hired-llava-next-7b": "crop"}
+
 # table -> (model, tasks, runs [(label, method or None, settings)], run_eval options)
 TABLES = {
     "vispruner-llava15": (
@@ -119,6 +126,68 @@ def format_table(table: str, results: dict, tasks=None) -> str:
     return "\n".join(lines) + f"\n\n{note}; – = not run / not published.\n"
 
 
+def kept_tokens(table: str, label: str, method, settings: dict) -> float | None:
+    """Visual tokens a run keeps per image (LLaVA-1.5: 576 patches), for the x axis; None for the unpruned run."""
+    if method is None:
+        return None
+    if "num_keep" in settings:
+        return float(settings["num_keep"])
+    if "budget_rate" in settings:
+        return 576.0 * settings["budget_rate"]  # HiRED's budget is a share of the (per-tile) tokens
+    if "keep_ratio" in settings:
+        return 576.0 * settings["keep_ratio"]
+    return None
+
+
+def plot_table(table: str, results: dict, out_dir: str, tasks=None) -> list[str]:
+    """One PNG per task, ``<out_dir>/<table>_<task>.png``: accuracy against kept visual tokens, one line per
+    method (ours solid with dots, the paper's published points dashed with crosses), the unpruned model as
+    horizontal lines (ours solid, paper dotted). Returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, all_tasks, runs, _ = TABLES[table]
+    pub = PUBLISHED.get(table, {})
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for task in tasks or all_tasks:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=100)
+        by_method: dict[str, list] = {}
+        for label, method, settings in runs:
+            x = kept_tokens(table, label, method, settings)
+            ours, paper = results.get(label, {}).get(task), pub.get(label, {}).get(task)
+            if method is None:
+                if ours is not None:
+                    ax.axhline(ours, color="black", lw=1.2, label="unpruned (ours)")
+                if paper is not None:
+                    ax.axhline(paper, color="black", lw=1.0, ls=":", label="unpruned (paper)")
+                continue
+            if x is not None:
+                by_method.setdefault(method, []).append((x, ours, paper))
+        for i, (method, pts) in enumerate(sorted(by_method.items())):
+            pts.sort()
+            colour = f"C{i}"
+            mine = [(x, y) for x, y, _ in pts if y is not None]
+            theirs = [(x, p) for x, _, p in pts if p is not None]
+            if mine:
+                ax.plot(*zip(*mine), "o-", color=colour, label=f"{method} (ours)")
+            if theirs:
+                ax.plot(*zip(*theirs), "x--", color=colour, label=f"{method} (paper)")
+        ax.set_xlabel("visual tokens kept per image")
+        ax.set_ylabel(NAMES.get(task, task))
+        ax.set_title(f"{table}: {NAMES.get(task, task)}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{table}_{task}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--table", choices=sorted(TABLES), default="vispruner-llava15")
@@ -132,6 +201,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=None, help="first N samples of each benchmark (smoke runs)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--image-aspect", default=None, choices=["pad", "crop"],
+                   help="preprocessing (default: the paper's own, see IMAGE_ASPECT)")
     p.add_argument("--out-dir", default=os.path.join("experiments", "results", "accuracy"))
     args = p.parse_args(argv)
 
@@ -156,7 +227,8 @@ def main(argv=None) -> int:
     from vlmprune import prune
     from vlmprune.evaluation import run_eval
 
-    model = vlmprune.load(args.model, dtype=args.dtype)
+    aspect = args.image_aspect or IMAGE_ASPECT.get(args.table)
+    model = vlmprune.load(args.model, dtype=args.dtype, **({} if aspect is None else dict(image_aspect=aspect)))
     results: dict = {}
     for label, method, settings in runs:
         pruner = None if method is None else prune.get(method, **settings)
@@ -164,16 +236,20 @@ def main(argv=None) -> int:
             out = os.path.join(args.out_dir, args.table, task, label.replace(" ", "_").replace("%", "pct"))
             s = run_eval(task, out, model=model, pruner=pruner, data=data.get(task), limit=args.limit,
                          images=args.images if task == "gqa" else None, batch_size=args.batch_size,
-                         run_info=dict(model=os.path.abspath(args.model), dtype=args.dtype), **options)
+                         run_info=dict(model=os.path.abspath(args.model), dtype=args.dtype, image_aspect=aspect),
+                         **options)
             results.setdefault(label, {})[task] = s["headline"]
             print(f"[accuracy] {label} {task}: {s['headline']:.2f} ({s['num_samples']} samples)", file=sys.stderr)
     text = format_table(args.table, results, tasks)
     print(text)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, f"{args.table}.md"), "w") as f:
-        f.write(f"# {args.table} ({args.model}, {args.dtype}, limit={args.limit})\n\n{text}")
+        f.write(f"# {args.table} ({args.model}, {args.dtype}, image aspect {aspect}, limit={args.limit})\n\n{text}")
+    for path in plot_table(args.table, results, args.out_dir, tasks):
+        print(f"[accuracy] wrote {path}", file=sys.stderr)
     with open(os.path.join(args.out_dir, f"{args.table}.json"), "w") as f:
-        json.dump(dict(table=args.table, model=args.model, dtype=args.dtype, limit=args.limit, results=results,
+        json.dump(dict(table=args.table, model=args.model, dtype=args.dtype, image_aspect=aspect, limit=args.limit,
+                       results=results,
                        published=PUBLISHED.get(args.table), reproduced=REPRODUCED.get(args.table)), f, indent=2)
     return 0
 

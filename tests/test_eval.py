@@ -304,6 +304,9 @@ def test_runner_end_to_end(task, tiny_model, data_dir, tmp_path, monkeypatch):
     assert s["num_samples"] == 3 and s["generated_this_run"] == 3 and s["pruner"].startswith("vispruner-num_keep=4")
     assert calls == [(2, 256), (2, 256)]  # the last batch is filled up to 2 rows
     assert 0.0 <= s["headline"] <= 100.0
+    # throughput: samples/s over the run, and the selection's share of the time inside generate
+    assert s["samples_per_second"] > 0 and 0.0 < s["selection_share"] < 1.0 and s["selection_ms_per_batch"] > 0
+    assert s["image_aspect"] == "crop" and len(s["settings_fingerprint"]) == 16
     recs = runner.read_predictions(str(tmp_path / "predictions.jsonl"))
     assert len(recs) == 3 and all(isinstance(r["prediction"], str) for r in recs.values())
     # left padding: a sample's prediction does not depend on its batch mates or its row

@@ -224,9 +224,12 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vlmprune.evaluation.runner import run_from_args
+    from vlmprune.evaluation.runner import eval_pruner, run_from_args
 
-    run_from_args(args, pruner_from_args(args))
+    try:  # user errors (flags, data, labels, checkpoint files, resume conflicts): a message, no traceback
+        run_from_args(args, eval_pruner(pruner_from_args(args), args))
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        raise SystemExit(f"error: {e}")
     return 0
 
 
@@ -339,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="run a benchmark (pope, textvqa, gqa, mme, scienceqa_img); resumable")
     add_eval_args(e)
     _add_method_args(e)
+    try:
+        e.add_argument("--clip-path", default=None, help="HERO: a full HF CLIP checkpoint (both towers)")
+    except argparse.ArgumentError:  # already among the shared pruning flags
+        pass
     e.set_defaults(func=cmd_eval)
 
     from vlmprune.bench import add_arguments as add_bench_args

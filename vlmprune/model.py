@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks, inputs
+from vlmprune import _checks, inputs, preprocess
 from vlmprune.io.checkpoint import save_model
 from vlmprune.models.llava import Llava, load_llava, shard_params
 from vlmprune.models.llava_config import LlavaConfig
@@ -217,7 +217,8 @@ class LlavaModel:
         save_model(self, directory, overwrite=overwrite)
 
 
-def load(path: str, *, dtype="float32", mesh=None, check_finite: bool = True) -> LlavaModel:
+def load(path: str, *, dtype="float32", mesh=None, check_finite: bool = True,
+         image_aspect: str | None = None) -> LlavaModel:
     """Load a HF LLaVA directory (safetensors) or a directory written by ``LlavaModel.save``.
 
     Args:
@@ -228,14 +229,21 @@ def load(path: str, *, dtype="float32", mesh=None, check_finite: bool = True) ->
         the families' sharding rules (tensor parallel over heads and MLP) straight from the files, inputs
         split over the batch. Default ``jax.make_mesh`` meshes (explicit axis types) are converted to auto ones.
       check_finite: scan every weight for NaN/inf (and float16 overflow); False skips it for a faster load.
+      image_aspect: None keeps the checkpoint's processor; "pad" / "crop" picks the pipeline (``vlmprune.preprocess``).
 
     Raises:
       FileNotFoundError / ValueError / CheckpointError naming every problem with the files.
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: not a directory (expected a HF LLaVA checkpoint or a vlmprune checkpoint)")
+    if image_aspect is not None:
+        preprocess.check_aspect(image_aspect)
     got = load_llava(path, dtype=_dtype(dtype), mesh=mesh, check_finite=check_finite)
-    return LlavaModel(got.config, got.params, dtype=dtype, processor=got.processor, hf_config=got.hf_config, mesh=mesh)
+    model = LlavaModel(got.config, got.params, dtype=dtype, processor=got.processor, hf_config=got.hf_config,
+                       mesh=mesh)
+    if image_aspect is not None:
+        preprocess.set_image_aspect(model.processor, image_aspect, is_next=model.config.model_type == "llava_next")
+    return model
 
 
 def hf_config_dict(model: LlavaModel) -> dict:

@@ -16,6 +16,7 @@ Output directory layout:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -25,7 +26,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from vlmprune.evaluation.metrics import score_task
-from vlmprune.evaluation.tasks import LLAVA_SYSTEM_PROMPT, Task, TaskData, get_task, load_task_data
+from vlmprune.evaluation.tasks import (
+    LLAVA_SYSTEM_PROMPT, Task, TaskData, check_data_path, get_task, load_task_data,
+)
+from vlmprune.preprocess import ASPECTS, image_aspect
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -86,14 +90,60 @@ def decode_outputs(tokenizer, out: np.ndarray, eos_ids: Sequence[int]) -> list[s
     return texts
 
 
+def check_options(*, batch_size=1, limit=None, max_new_tokens=None, pad_multiple=1) -> None:
+    """Range checks of the run options (before any data or model is loaded); ValueError names the option."""
+    for name, v, lo, optional in (("batch_size", batch_size, 1, False), ("limit", limit, 1, True),
+                                  ("max_new_tokens", max_new_tokens, 1, True), ("pad_multiple", pad_multiple, 1,
+                                                                                 False)):
+        if v is None and optional:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+
+def time_selection(model, pruner, pixel_values, repeats: int = 3) -> float | None:
+    """Seconds one call of ``pruner``'s selection takes on these images' encoder outputs (jitted, after a warm-up
+    call; the fastest of ``repeats``). None where the selection is not a separate step: no pruner, FastV (inside
+    the LLM) and LLaVA-NeXT (selection fused with the tile packing)."""
+    if pruner is None or pruner.inside_llm or model.config.model_type != "llava":
+        return None
+    import jax
+
+    enc = model.vision(pixel_values, **pruner.vision_request(model.config))
+    sel = jax.jit(lambda e: pruner.apply(e, lambda f: f))
+    jax.block_until_ready(sel(enc))
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(sel(enc))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def throughput(generated: int, seconds: float, timing: dict) -> dict:
+    """summary.json's speed fields: samples/s over this run's wall time (data reading and compiles included),
+    and the share of the model's time spent selecting tokens (the selection timed alone on the first batch,
+    times the number of batches, over the time inside ``generate``)."""
+    out = dict(samples_per_second=round(generated / seconds, 4) if generated and seconds > 0 else None,
+               selection_share=None)
+    sel, gen, batches = timing.get("selection_s"), timing.get("generate_s", 0.0), timing.get("batches", 0)
+    if sel is not None and gen > 0 and batches:
+        out["selection_share"] = round(min(sel * batches / gen, 1.0), 6)
+        out["selection_ms_per_batch"] = round(1e3 * sel, 4)
+    return out
+
+
 def model_predict_fn(model, *, pruner=None, max_new_tokens: int = 16, batch_size: int = 1,
-                     system_prompt: str | None = LLAVA_SYSTEM_PROMPT, pad_multiple: int = 64) -> PredictFn:
+                     system_prompt: str | None = LLAVA_SYSTEM_PROMPT, pad_multiple: int = 64,
+                     timing: dict | None = None) -> PredictFn:
     """Greedy generation with ``model`` (a ``LlavaModel`` with a processor).
 
     Batches are left padded (as the model expects) to a multiple of ``pad_multiple`` tokens and short final
     batches are filled up to ``batch_size`` with copies of their last sample, so a whole benchmark compiles
-    only a few programs.
+    only a few programs. ``timing`` (a dict), when given, collects ``generate_s`` (seconds inside generate),
+    ``batches`` and ``selection_s`` (``time_selection`` on the first batch).
     """
+    check_options(batch_size=batch_size, max_new_tokens=max_new_tokens, pad_multiple=pad_multiple)
     if model.processor is None:
         raise ValueError("this checkpoint has no processor/tokenizer files; evaluation needs them")
     proc = model.processor
@@ -109,8 +159,15 @@ def model_predict_fn(model, *, pruner=None, max_new_tokens: int = 16, batch_size
             images += [images[-1]] * (batch_size - n)
         x = proc(images=images, text=chat_prompts(proc, prompts, system_prompt), return_tensors="np", padding=True)
         ids, mask = left_pad(np.asarray(x["input_ids"]), np.asarray(x["attention_mask"]), pad_multiple, pad_id)
-        out = model.generate(ids, x["pixel_values"], attention_mask=mask, image_sizes=x.get("image_sizes"),
-                             pruner=pruner, max_new_tokens=max_new_tokens)
+        t = time.perf_counter()
+        out = np.asarray(model.generate(ids, x["pixel_values"], attention_mask=mask,
+                                        image_sizes=x.get("image_sizes"), pruner=pruner,
+                                        max_new_tokens=max_new_tokens))
+        if timing is not None:
+            timing["generate_s"] = timing.get("generate_s", 0.0) + time.perf_counter() - t
+            timing["batches"] = timing.get("batches", 0) + 1
+            if "selection_s" not in timing:
+                timing["selection_s"] = time_selection(model, pruner, x["pixel_values"])
         return decode_outputs(tok, out[:n], model.config.eos_token_ids)
 
     return predict
@@ -143,22 +200,42 @@ def read_predictions(path: str) -> dict[str, dict]:
     return out
 
 
-def _check_run(out_dir: str, settings: dict, overwrite: bool) -> None:
+def settings_fingerprint(settings: dict) -> str:
+    """A short digest of a run's settings, stored in every prediction record it writes."""
+    blob = json.dumps(settings, sort_keys=True, ensure_ascii=False, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def _check_run(out_dir: str, settings: dict, done: dict[str, dict], overwrite: bool) -> dict[str, dict]:
+    """Refuse to resume predictions made with other settings; returns the records to keep.
+
+    The settings of a record are its ``settings`` fingerprint, so the check holds without run.json too; run.json
+    (when present and matching the records) names what changed. A directory without records (e.g. a run that
+    failed on its first batch) accepts any settings."""
     path = os.path.join(out_dir, RUN)
     if overwrite:
         for name in (PREDICTIONS, SUMMARY, RUN):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
-    elif os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff and os.path.exists(os.path.join(out_dir, PREDICTIONS)):
+        done = {}
+    fp = settings_fingerprint(settings)
+    seen = sorted({str(r.get("settings")) for r in done.values()})
+    if done and seen != [fp]:
+        old = None
+        if os.path.exists(path):
+            with open(path) as f:
+                old = json.load(f)
+        if old is not None and seen == [settings_fingerprint(old)]:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise ValueError(f"{out_dir} holds predictions of a run with other settings ({details}); use another "
-                             "output directory or overwrite=True (--overwrite)")
+        else:
+            details = (f"fingerprint(s) {', '.join(seen)} in the records, {fp} now"
+                       + ("" if old is not None else f"; {RUN} is missing, so what differed is unknown"))
+        raise ValueError(f"{out_dir} holds {len(done)} predictions of a run with other settings ({details}); use "
+                         "another output directory or overwrite=True (--overwrite)")
     with open(path, "w") as f:
         json.dump(settings, f, indent=2, sort_keys=True)
+    return done
 
 
 # ------------------------------------------------------------------------------------------- the runner
@@ -169,7 +246,7 @@ def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
              system_prompt: str | None = LLAVA_SYSTEM_PROMPT, ocr: bool = True, predict_fn: PredictFn | None = None,
              pad_multiple: int = 64, progress: bool = True, overwrite: bool = False, cache_dir: str | None = None,
-             run_info: dict | None = None) -> dict:
+             run_info: dict | None = None, data_key: str | None = None) -> dict:
     """Evaluate ``model`` (with ``pruner``) or ``predict_fn`` on a task; resumable. Returns the summary dict.
 
     Args:
@@ -184,29 +261,38 @@ def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data
       predict_fn: ``(prompts, images, samples) -> texts`` instead of the model.
       run_info: extra settings recorded in run.json / summary.json (e.g. the model path); they take part in the
         resume check.
+      data_key: how run.json names the data when ``data`` is an open ``TaskData`` (default: its path).
+
+    Raises:
+      ValueError / FileNotFoundError for bad options, data or labels (naming the sample), and for a resume
+      into predictions made with other settings.
     """
     task = get_task(task) if isinstance(task, str) else task
     if predict_fn is None and model is None:
         raise ValueError("pass model=... (a LlavaModel) or predict_fn=...")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    max_new_tokens = int(max_new_tokens or task.max_new_tokens)
+    check_options(batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, pad_multiple=pad_multiple)
+    max_new_tokens = task.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     td = data if isinstance(data, TaskData) else load_task_data(
         task, data, split=split, config=config, images=images, cache_dir=cache_dir, dataset=dataset)
     n = len(td) if limit is None else min(int(limit), len(td))
-    data_key = (os.path.abspath(data) if os.path.isdir(data) else data) if isinstance(data, str) else None
+    td.check_labels(n)
+    if isinstance(data, str):
+        data_key = os.path.abspath(data) if os.path.isdir(data) else data
     settings = dict(task=task.name, data=data_key, split=split or task.split,
                     pruner=pruner_label(pruner), max_new_tokens=max_new_tokens, system_prompt=system_prompt or "",
                     ocr=bool(ocr), **(run_info or {}))
+    if model is not None and predict_fn is None and "image_aspect" not in settings:
+        settings["image_aspect"] = image_aspect(model.processor)
+    fingerprint = settings_fingerprint(settings)
     os.makedirs(output_dir, exist_ok=True)
-    _check_run(output_dir, settings, overwrite)
     pred_path = os.path.join(output_dir, PREDICTIONS)
-    done = read_predictions(pred_path)
+    done = _check_run(output_dir, settings, read_predictions(pred_path), overwrite)
     ids = td.ids[:n]
     todo = [i for i in range(n) if ids[i] not in done]
+    timing = {}
     if predict_fn is None:
         predict_fn = model_predict_fn(model, pruner=pruner, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                      system_prompt=system_prompt, pad_multiple=pad_multiple)
+                                      system_prompt=system_prompt, pad_multiple=pad_multiple, timing=timing)
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -216,13 +302,13 @@ def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data
         for start in range(0, len(todo), batch_size):
             rows = [td.row(i) for i in todo[start:start + batch_size]]
             prompts = [task.prompt(r, ocr=ocr) for r in rows]
-            samples = [dict(id=ids[i], index=i, reference=task.reference(r), row=r)
+            samples = [dict(id=ids[i], index=i, reference=task.reference(r, ids[i]), row=r)
                        for i, r in zip(todo[start:start + batch_size], rows)]
             texts = list(predict_fn(prompts, [r["image"] for r in rows], samples))
             if len(texts) != len(rows):
                 raise ValueError(f"predict_fn returned {len(texts)} predictions for {len(rows)} samples")
             for s, p, t in zip(samples, prompts, texts):
-                rec = dict(id=s["id"], prompt=p, prediction=str(t), reference=s["reference"])
+                rec = dict(id=s["id"], prompt=p, prediction=str(t), reference=s["reference"], settings=fingerprint)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 done[s["id"]] = rec
             f.flush()
@@ -231,7 +317,8 @@ def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data
     elapsed = time.perf_counter() - t0
     metrics = score_task(task.name, [done[i] for i in ids])
     summary = dict(settings, **metrics, generated_this_run=generated,
-                   seconds_this_run=round(elapsed, 3), predictions=pred_path)
+                   seconds_this_run=round(elapsed, 3), predictions=pred_path, settings_fingerprint=fingerprint,
+                   **throughput(generated, elapsed, timing))
     with open(os.path.join(output_dir, SUMMARY), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return summary
@@ -259,6 +346,9 @@ def add_eval_args(p) -> None:
     p.add_argument("--pad-multiple", type=int, default=64,
                    help="left-pad prompts to a multiple of N tokens (fewer distinct shapes to compile)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--image-aspect", default=None, choices=list(ASPECTS),
+                   help="pad: the original LLaVA pipeline (mean-colour square, then CLIP); crop: the HF llava-hf "
+                        "processor's centre crop (default: the checkpoint's processor, i.e. crop)")
     p.add_argument("--system-prompt", default=LLAVA_SYSTEM_PROMPT,
                    help="system prompt before USER: (default LLaVA-1.5's vicuna_v1 one; '' for none)")
     p.add_argument("--no-ocr", action="store_true", help="TextVQA: leave out the 'Reference OCR token' line")
@@ -266,16 +356,51 @@ def add_eval_args(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def eval_pruner(pruner, args):
+    """The pruner of ``vlmprune eval`` with ``--clip-path`` attached (HERO); the flag on another method is an
+    error."""
+    clip_path = getattr(args, "clip_path", None)
+    if clip_path is None or (pruner is not None and getattr(pruner, "clip_path", None) == clip_path):
+        return pruner
+    if pruner is None or "clip_path" not in {f.name for f in dataclasses.fields(pruner)}:
+        raise ValueError(f"--clip-path applies to --method hero only (got --method {args.method})")
+    return dataclasses.replace(pruner, clip_path=clip_path)
+
+
+def check_args(args) -> None:
+    """Validate ``vlmprune eval``'s flags before anything is loaded (ValueError / FileNotFoundError)."""
+    check_options(batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                  pad_multiple=args.pad_multiple)
+    if not os.path.isdir(args.model):
+        raise FileNotFoundError(f"--model {args.model!r}: no such directory")
+    if args.data is not None:
+        check_data_path(args.data, "--data")
+    if args.images is not None:
+        check_data_path(args.images, "--images")
+    clip_path = getattr(args, "clip_path", None)
+    if clip_path is not None and not os.path.isdir(clip_path):
+        raise FileNotFoundError(f"--clip-path {clip_path!r}: no such directory")
+
+
 def run_from_args(args, pruner) -> dict:
+    """``vlmprune eval``: check the flags, open the data (labels validated), load the model, run."""
     import vlmprune
 
+    check_args(args)
     out_dir = args.output_dir or os.path.join(
         "results", "eval", os.path.basename(os.path.normpath(args.model)), args.task, pruner_label(pruner))
+    td = load_task_data(args.task, args.data, split=args.split, config=args.config, images=args.images)
+    td.check_labels(len(td) if args.limit is None else min(args.limit, len(td)))
     log(f"loading {args.model} ...")
-    model = vlmprune.load(args.model, dtype=args.dtype)
+    kw = {} if args.image_aspect is None else dict(image_aspect=args.image_aspect)
+    model = vlmprune.load(args.model, dtype=args.dtype, **kw)
+    if pruner is not None:
+        pruner.validate(model.config)
+    data_key = os.path.abspath(args.data) if args.data and os.path.isdir(args.data) else args.data
     summary = run_eval(
-        args.task, out_dir, model=model, pruner=pruner, data=args.data, split=args.split, config=args.config,
-        images=args.images, limit=args.limit, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        args.task, out_dir, model=model, pruner=pruner, data=td, split=args.split, config=args.config,
+        images=args.images, limit=args.limit, data_key=data_key, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
         system_prompt=args.system_prompt, ocr=not args.no_ocr, pad_multiple=args.pad_multiple,
         progress=not args.no_progress,
         overwrite=args.overwrite, run_info=dict(model=os.path.abspath(args.model), dtype=args.dtype),

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Callable
+
+import numpy as np
 
 from vlmprune.evaluation.metrics import LETTERS, image_digest
 
@@ -47,8 +50,13 @@ class Task:
     def prompt(self, row: dict, **options) -> str:
         return self.prompt_fn(row, options)
 
-    def reference(self, row: dict) -> dict:
-        return self.reference_fn(row)
+    def reference(self, row: dict, sample: str | None = None) -> dict:
+        """What the metric needs from ``row``; a missing or invalid label raises ValueError naming ``sample``."""
+        try:
+            return self.reference_fn(row)
+        except (ValueError, KeyError, TypeError) as e:
+            what = f"sample {sample}" if sample is not None else "a sample"
+            raise ValueError(f"{self.name}: {what}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------- prompts
@@ -76,29 +84,57 @@ def _sqa_prompt(row, opts):
 
 
 # ------------------------------------------------------------------------------------------- references
+# Each reference function validates the labels it reads (a bad label would be scored silently otherwise, e.g. a
+# POPE answer None counted as "yes"); ``Task.reference`` adds which sample it was.
+
+
+def _yes_no(row, field="answer") -> str:
+    v = row.get(field)
+    if not isinstance(v, str) or v.strip().lower() not in ("yes", "no"):
+        raise ValueError(f"label {field!r} must be 'yes' or 'no', got {v!r}")
+    return v.strip().lower()
+
+
+def _text(row, field) -> str:
+    v = row.get(field)
+    if not isinstance(v, str) or not v.strip():
+        raise ValueError(f"label {field!r} must be a non-empty string, got {v!r}")
+    return v
 
 
 def _pope_ref(row):
-    return {"answer": str(row["answer"]).strip().lower(), "category": str(row.get("category") or "all")}
+    return {"answer": _yes_no(row), "category": str(row.get("category") or "all")}
 
 
 def _textvqa_ref(row):
-    return {"answers": [str(a) for a in row["answers"]]}
+    answers = row.get("answers")
+    if not isinstance(answers, (list, tuple)) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"label 'answers' must be a non-empty list of strings, got {answers!r}")
+    return {"answers": [str(a) for a in answers]}
 
 
 def _gqa_ref(row):
-    return {"answer": str(row["answer"])}
+    return {"answer": _text(row, "answer")}
 
 
 def _mme_ref(row):
+    answer = _yes_no(row)
+    category = _text(row, "category")
     pair = row.get("question_id")
     if pair is None:  # pair the two questions of an image by its pixels
         pair = image_digest(row["image"])
-    return {"answer": str(row["answer"]).strip().lower(), "category": str(row["category"]), "pair": str(pair)}
+    return {"answer": answer, "category": category, "pair": str(pair)}
 
 
 def _sqa_ref(row):
-    return {"answer": int(row["answer"]), "num_choices": len(row["choices"])}
+    choices, answer = row.get("choices"), row.get("answer")
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+        raise ValueError(f"'choices' must be a list of at least 2 options, got {choices!r}")
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"'choices' has {len(choices)} options; at most {len(LETTERS)} can be lettered")
+    if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)) or not 0 <= answer < len(choices):
+        raise ValueError(f"label 'answer' must be an option index in [0, {len(choices)}), got {answer!r}")
+    return {"answer": int(answer), "num_choices": len(choices)}
 
 
 TASKS: dict[str, Task] = {
@@ -128,6 +164,19 @@ def get_task(name: str) -> Task:
 def _is_saved(path: str) -> bool:
     return os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_info.json"))
                                     or os.path.exists(os.path.join(path, "dataset_dict.json")))
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_data_path(path: str, what: str = "data") -> str:
+    """``path`` if it exists locally or reads as a hub id (``owner/name``); a missing local path raises
+    FileNotFoundError instead of being looked up on the hub."""
+    if os.path.exists(path):
+        return path
+    if path.startswith((".", "~", os.sep)) or os.path.isabs(path) or not _HUB_ID.match(path):
+        raise FileNotFoundError(f"{what} {path!r}: no such file or directory (and not a hub id owner/name)")
+    return path
 
 
 def _load(path: str, config: str | None, split: str | None, cache_dir: str | None):
@@ -181,6 +230,16 @@ class TaskData:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def check_labels(self, n: int) -> None:
+        """Validate the labels of the first ``n`` rows (without decoding images) so that a bad one stops a run
+        before anything is generated; the error names the sample id."""
+        cols = [c for c in self.dataset.column_names if c != "image"]
+        table = self.dataset.select(range(n)).select_columns(cols).to_dict() if n else {c: [] for c in cols}
+        for i in range(n):
+            row = {c: table[c][i] for c in cols}
+            row.setdefault("question_id", "")  # MME pairs by image when absent: not a label, so not read here
+            self.task.reference(row, self.ids[i])
+
     def row(self, i: int) -> dict:
         r = dict(self.dataset[int(i)])
         if self._image_index is not None:
@@ -223,6 +282,10 @@ def load_task_data(task: Task | str, data: str | None = None, *, split: str | No
       dataset: an already open ``datasets.Dataset`` instead of ``data``.
     """
     task = get_task(task) if isinstance(task, str) else task
+    if data is not None:
+        check_data_path(data, "data")
+    if images is not None:
+        check_data_path(images, "images")
     if dataset is None:
         dataset = _load_default_config(data or task.hub_path, config, task.hub_config, split or task.split,
                                        cache_dir)
