@@ -15,8 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
+from transformers import SiglipVisionConfig as HFConfig
+from transformers import SiglipVisionModel
 
 from vlmprune.models.vision.siglip import (
     SIGLIP_SHARDING_RULES,
@@ -40,10 +43,6 @@ GEOMETRIES = {
 
 def build_hf_siglip(directory, image_size, patch_size, use_head, seed=0):
     """Random HF SiglipVisionModel (torch, eager attention), saved with save_pretrained; returns (model, cfg)."""
-    import torch
-    from transformers import SiglipVisionConfig as HFConfig
-    from transformers import SiglipVisionModel
-
     cfg = HFConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=37,
                    num_hidden_layers=3, num_attention_heads=4, vision_use_head=use_head)
     torch.manual_seed(seed)
@@ -66,8 +65,6 @@ def load_tower(directory, hf_cfg, query_block=128, renames=None):
 
 @pytest.fixture(scope="module", params=sorted(GEOMETRIES))
 def tower(request, tmp_path_factory):
-    import torch
-
     image_size, patch_size, use_head, block = GEOMETRIES[request.param]
     d = tmp_path_factory.mktemp(f"siglip_{request.param}")
     hf, hf_cfg = build_hf_siglip(d, image_size, patch_size, use_head, seed=7)
@@ -85,8 +82,9 @@ def tower(request, tmp_path_factory):
         ref = hf(torch.from_numpy(pix), output_hidden_states=True, output_attentions=True)
     for h in hooks:
         h.remove()
-    return dict(name=request.param, dir=str(d), hf=hf, hf_cfg=hf_cfg, module=module, params=params, pix=pix,
-                ref=ref, qk=captured, block=block)
+    return {"name": request.param, "dir": str(d), "hf": hf, "hf_cfg": hf_cfg, "module": module, "params": params,
+            "pix": pix,
+                "ref": ref, "qk": captured, "block": block}
 
 
 def test_every_hidden_state_matches_hf(tower):
@@ -309,12 +307,12 @@ def test_sharding_rules_cover_the_projections():
         ((2, 1, 28, 28), jnp.float32, {}, r"must be \(B, 3, 28, 28\)"),
         ((2, 3, 56, 56), jnp.float32, {}, "no position interpolation"),
         ((2, 3, 28, 28), jnp.uint8, {}, "floating dtype"),
-        ((2, 3, 28, 28), jnp.float32, dict(received_attention_layers=(3,)), r"index 3 is out of range \[-3, 2\]"),
-        ((2, 3, 28, 28), jnp.float32, dict(received_attention_layers=(-4,)), "out of range"),
-        ((2, 3, 28, 28), jnp.float32, dict(hidden_state_layers=(5,)), r"hidden_state_layers index 5"),
-        ((2, 3, 28, 28), jnp.float32, dict(key_layers=(1.0,)), "must hold Python ints"),
-        ((2, 3, 28, 28), jnp.float32, dict(query_layers=(True,)), "must hold Python ints"),
-        ((2, 3, 28, 28), jnp.float32, dict(received_attention_layers=(2,), num_layers=2), r"num_layers 2 must be"),
+        ((2, 3, 28, 28), jnp.float32, {"received_attention_layers": (3,)}, r"index 3 is out of range \[-3, 2\]"),
+        ((2, 3, 28, 28), jnp.float32, {"received_attention_layers": (-4,)}, "out of range"),
+        ((2, 3, 28, 28), jnp.float32, {"hidden_state_layers": (5,)}, r"hidden_state_layers index 5"),
+        ((2, 3, 28, 28), jnp.float32, {"key_layers": (1.0,)}, "must hold Python ints"),
+        ((2, 3, 28, 28), jnp.float32, {"query_layers": (True,)}, "must hold Python ints"),
+        ((2, 3, 28, 28), jnp.float32, {"received_attention_layers": (2,), "num_layers": 2}, r"num_layers 2 must be"),
     ],
 )
 def test_bad_inputs_raise_named_errors_before_compile(shape, dtype, kwargs, message):
@@ -323,7 +321,8 @@ def test_bad_inputs_raise_named_errors_before_compile(shape, dtype, kwargs, mess
     module = SiglipVisionTransformer(cfg)
     params = abstract_params(module, jnp.zeros((1, 3, 28, 28)))
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(lambda p, x: module.apply({"params": p}, x, **kwargs), params, jax.ShapeDtypeStruct(shape, dtype))
+        jax.eval_shape(lambda p, x: module.apply({"params": p}, x, **kwargs), params,
+                       jax.ShapeDtypeStruct(shape, dtype))
 
 
 def test_config_rejects_what_the_port_cannot_run():

@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -87,7 +88,7 @@ class SiglipVisionConfig:
         return self.grid**2
 
     @classmethod
-    def from_hf(cls, c) -> "SiglipVisionConfig":
+    def from_hf(cls, c) -> SiglipVisionConfig:
         """From a ``transformers.SiglipVisionConfig`` (or any object with its attribute names)."""
         return cls(
             hidden_size=c.hidden_size,
@@ -206,7 +207,7 @@ class SiglipAttention(nn.Module):
         raw q (B, N, D) or None); raw = the projection outputs before any scaling."""
         b, n, d = x.shape
         hd = d // self.num_heads
-        dense = lambda name: nn.Dense(d, dtype=self.dtype, name=name)  # noqa: E731
+        dense = lambda name: nn.Dense(d, dtype=self.dtype, name=name)
         q = dense("q_proj")(x)
         k = dense("k_proj")(x)
         v = dense("v_proj")(x)
