@@ -155,6 +155,28 @@ def test_attention_and_received_against_dense_numpy():
         assert np.max(np.abs(np.asarray(r) - p.mean(-2))) < 1e-7
     with pytest.raises(ValueError, match="query block must be a positive int"):
         received_attention(jnp.asarray(q), jnp.asarray(k), block=0)
+    with pytest.raises(ValueError, match=r"received_attention: q must have rank 4 \(B, N, H, d\)"):
+        received_attention(jnp.asarray(q[0]), jnp.asarray(k))
+    with pytest.raises(ValueError, match="q, k must have one shape"):
+        received_attention(jnp.asarray(q), jnp.asarray(k[:, :5]))
+    with pytest.raises(ValueError, match="q, k, v must share one floating dtype"):
+        attention_and_received(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v, jnp.float16))
+
+
+def test_bfloat16_tower_rounds_probabilities_like_hf(tower):
+    """In bfloat16 the tap returns bfloat16 column means of bfloat16-rounded probabilities (HF's eager
+    attention casts the float32 softmax to the query dtype): close to the float32 tap, columns summing to 1."""
+    cfg = tower["module"].config
+    module16 = SiglipVisionTransformer(cfg, query_block=tower["block"], dtype=jnp.bfloat16)
+    r16 = module16.apply({"params": tower["params"]}, tower["pix"], received_attention_layers=(-1,))["received_attn"][2]
+    r32 = tower["module"].apply({"params": tower["params"]}, tower["pix"],
+                                received_attention_layers=(-1,))["received_attn"][2]
+    assert r16.dtype == jnp.bfloat16
+    r16 = np.asarray(r16, np.float32)
+    # bfloat16 keeps 8 bits: the inputs, weights and probabilities each round at ~4e-3 relative through 3
+    # layers; the column means (values ~1/N) stay within a few percent
+    np.testing.assert_allclose(r16, np.asarray(r32), rtol=0.1, atol=2e-4)
+    np.testing.assert_allclose(r16.sum(-1), 1.0, atol=2e-2)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ Everything else goes through the shared ``vlmprune.models.attention.attention`` 
 The file also holds the family's loading and placement tables: :func:`siglip_vision_rules` (HF key regex ->
 param path, transform; the format ``vlmprune.weights.load_params`` takes), :func:`siglip_vision_renames` (older
 key layouts) and :data:`SIGLIP_SHARDING_RULES` (the format of ``vlmprune.sharding.RULES``).
+Export caveat: ``vlmprune.weights.iter_export`` undoes a transform only when it is one of that module's own
+(private) functions, so exporting through these rules would leave square kernels untransposed; loading is
+unaffected. Until those transforms are public, do not export with this table.
 """
 
 from __future__ import annotations
@@ -157,6 +160,19 @@ def _check_block(block) -> int:
     return int(block)
 
 
+def _check_heads(where: str, **arrays) -> None:
+    """(B, N, H, d) arrays of one shape and one floating dtype."""
+    shapes = {name: tuple(getattr(a, "shape", ())) for name, a in arrays.items()}
+    for name, shape in shapes.items():
+        if len(shape) != 4:
+            raise ValueError(f"{where}: {name} must have rank 4 (B, N, H, d), got shape {shape}")
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"{where}: {', '.join(arrays)} must have one shape, got {shapes}")
+    dtypes = {name: a.dtype for name, a in arrays.items()}
+    if len(set(dtypes.values())) > 1 or not jnp.issubdtype(next(iter(dtypes.values())), jnp.floating):
+        raise ValueError(f"{where}: {', '.join(arrays)} must share one floating dtype, got {dtypes}")
+
+
 def attention_and_received(q: Array, k: Array, v: Array, *, scale: float | None = None,
                            block: int = QUERY_BLOCK) -> tuple[Array, Array]:
     """Unmasked self-attention and, from the same probabilities, the attention each key receives.
@@ -171,6 +187,7 @@ def attention_and_received(q: Array, k: Array, v: Array, *, scale: float | None 
       ``mean over queries`` of those probabilities (HF: ``attentions[L].mean(-2)``), both in q's dtype. The
       probabilities are rounded to q's dtype before either use, as HF's eager attention does.
     """
+    _check_heads("attention_and_received", q=q, k=k, v=v)
     block = _check_block(block)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _blocked_attention(q, k, v, scale, block)
@@ -183,6 +200,7 @@ def received_attention(q: Array, k: Array, *, scale: float | None = None, block:
     query blocks exactly as in :func:`attention_and_received` (same numbers), without the value product. Use it
     on q/k taken from elsewhere (e.g. the raw ``q_proj``/``k_proj`` taps reshaped to heads).
     """
+    _check_heads("received_attention", q=q, k=k)
     block = _check_block(block)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _blocked_attention(q, k, None, scale, block)[1]
