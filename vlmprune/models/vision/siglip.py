@@ -122,6 +122,7 @@ def _blocked_attention(q: Array, k: Array, v: Array | None, scale: float, block:
     output. The queries are zero-padded to whole blocks; padded rows are excluded from the sums.
     """
     b, n, h, d = q.shape
+    block = min(block, n)  # never pad a short sequence up to a long block
     nb = -(-n // block)
     pad = nb * block - n
     qh, kh = jnp.swapaxes(q, 1, 2), jnp.swapaxes(k, 1, 2)  # (B, H, N, d)
@@ -146,8 +147,9 @@ def _blocked_attention(q: Array, k: Array, v: Array | None, scale: float, block:
         return colsum, out
 
     colsum, outs = jax.lax.scan(step, jnp.zeros((b, h, n), jnp.float32), (qb, rows))
-    # A true division by N (torch's mean divides the sum); the barrier keeps XLA from multiplying by 1/N.
-    received = (colsum / jax.lax.optimization_barrier(jnp.float32(n))).astype(q.dtype)
+    # A true division by N, as torch's mean divides the sum. XLA rewrites a division by a broadcast scalar into a
+    # multiplication by its reciprocal (up to an ulp off); a full-shape divisor behind a barrier stays a divide.
+    received = (colsum / jax.lax.optimization_barrier(jnp.full_like(colsum, n))).astype(q.dtype)
     if outs is None:
         return None, received
     out = jnp.moveaxis(outs, 0, 2).reshape(b, h, nb * block, d)[:, :, :n]  # (B, H, N, d)
