@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from vlmprune.models.llama import KVCache
-from vlmprune.models.text.qwen2 import SHARDING_RULES, Qwen2Config, Qwen2ForCausalLM, load
+from vlmprune.models.text.qwen2 import (
+    SHARDING_RULES,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    load,
+)
 from vlmprune.weights import CheckpointError
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -27,7 +32,8 @@ VARIANTS = {
 
 def build_hf_qwen2(directory, seed, **overrides):
     import torch
-    from transformers import Qwen2Config as HFQwen2Config, Qwen2ForCausalLM as HFQwen2
+    from transformers import Qwen2Config as HFQwen2Config
+    from transformers import Qwen2ForCausalLM as HFQwen2
 
     kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6,
@@ -66,7 +72,7 @@ def _positions(mask):
 
 
 def test_config_read_from_checkpoint(qwen2_pair):
-    name, hf, cfg, _, params = qwen2_pair
+    name, _hf, cfg, _, params = qwen2_pair
     v = VARIANTS[name]
     assert cfg.num_key_value_heads == v["num_key_value_heads"]
     assert cfg.tie_word_embeddings == v["tie_word_embeddings"]
@@ -80,7 +86,7 @@ def test_config_read_from_checkpoint(qwen2_pair):
 def test_logits_left_padded(qwen2_pair):
     import torch
 
-    _, hf, cfg, module, params = qwen2_pair
+    _, hf, _cfg, module, params = qwen2_pair
     ids, mask = _batch()
     pos = _positions(mask)
     with torch.no_grad():
@@ -128,7 +134,8 @@ def test_cached_greedy_decode_matches_hf_generate(qwen2_pair):
 
 
 def test_from_hf_refuses_sliding_window_and_other_families():
-    from transformers import LlamaConfig as HFLlama, Qwen2Config as HFQwen2Config
+    from transformers import LlamaConfig as HFLlama
+    from transformers import Qwen2Config as HFQwen2Config
 
     with pytest.raises(ValueError, match="use_sliding_window"):
         Qwen2Config.from_hf(HFQwen2Config(use_sliding_window=True, sliding_window=16, max_window_layers=0))

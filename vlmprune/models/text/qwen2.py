@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,7 +31,14 @@ import numpy as np
 from transformers import AutoConfig
 
 from vlmprune.models.attention import attention, cached_attention
-from vlmprune.models.llama import LlamaConfig, LlamaForCausalLM, LlamaMLP, RMSNorm, apply_rope, rope_frequencies
+from vlmprune.models.llama import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaMLP,
+    RMSNorm,
+    apply_rope,
+    rope_frequencies,
+)
 from vlmprune.weights import load_params
 
 Array = jax.Array
@@ -81,7 +89,7 @@ class Qwen2Config:
     mlp_bias = False
 
     @classmethod
-    def from_hf(cls, c) -> "Qwen2Config":
+    def from_hf(cls, c) -> Qwen2Config:
         """From a ``transformers.Qwen2Config`` (or a LLaVA-OneVision ``text_config``).
 
         Raises ValueError, naming the field, for a config this port would not reproduce: another model_type,
