@@ -251,3 +251,37 @@ def test_processor_facts_against_hf_processor(tmp_path):
         base = np.asarray(img.resize((tile, tile), Image.BICUBIC), np.float32) / 255
         want = ((base - np.array(facts.image_mean)) / np.array(facts.image_std)).transpose(2, 0, 1)
         assert float(np.max(np.abs(out["pixel_values"][0, 0] - want))) < 1e-5  # same PIL resize, fp32 normalise
+
+
+def test_untiled_images_of_a_multi_image_prompt(ov_model):
+    """Images of a several-image prompt are one tile each: its n² tokens and one newline, mixed in one batch with
+    tiled images."""
+    _, hf, geom = ov_model
+    d = hf.config.text_config.hidden_size
+    sizes, tiled = [(30, 50), (30, 50), (61, 29), (61, 29)], [True, False, True, False]
+    tables = pack_tables(sizes, geom, tiled=tiled)
+    rng = np.random.default_rng(4)
+    feats = np.zeros((4, geom.max_tiles, geom.tokens_per_tile, d), np.float32)
+    newline = jnp.asarray(hf.model.image_newline.detach().numpy())
+    for i, (s, t) in enumerate(zip(sizes, tiled)):
+        k = image_layout(s, geom, tiled=t).num_tiles
+        feats[i, :k] = rng.standard_normal((k, geom.tokens_per_tile, d), dtype=np.float32)
+    got = np.asarray(pack_image_features(jnp.asarray(feats), newline, jax.tree.map(jnp.asarray, tables)))
+    for i, (s, t) in enumerate(zip(sizes, tiled)):
+        lay = image_layout(s, geom, tiled=t)
+        ref, v = _hf_pack(hf, feats[i, : lay.num_tiles], s)
+        assert v == lay.num_tokens == int(tables.valid[i].sum())
+        assert (v == geom.tokens_per_tile + 1) == (not t)
+        assert float(np.max(np.abs(got[i, :v] - ref))) < 1e-5  # fp32 (copies are exact; tiled ones may blend)
+
+
+def test_static_bound_on_the_real_geometry():
+    """OneVision's own geometry (384 px tiles, 27 x 27 tokens, 6 x 6 pinpoints, anyres_max_9): the bound covers a
+    scan of image sizes up to 4096 px, and downsampling keeps every scanned count far below the undownsampled one."""
+    geom = OnevisionGeometry(tile_size=384, tokens_per_side=27,
+                             pinpoints=tuple((384 * a, 384 * b) for a in range(1, 7) for b in range(1, 7)))
+    bound = max_tokens_per_image(geom)
+    counts = [image_layout((h, w), geom).num_tokens for h in range(64, 4097, 96) for w in range(64, 4097, 80)]
+    assert max(counts) <= bound
+    assert bound < 729 + 9 * 1.1**2 * 729 + 27 * 6 + 1  # anyres_max_9 caps the grid near 9·1.1²·729 tokens
+    assert bound - max(counts) < 200  # the bound is tight: the scan comes close

@@ -173,3 +173,49 @@ def test_sharding_rules_cover_every_matrix(qwen2_pair):
             assert len(spec) == v.ndim and "model" in spec, (p, spec)
         else:
             assert spec is None, p  # norms stay replicated
+
+
+def test_weight_rules_map_a_onevision_checkpoint(tmp_path):
+    """A tiny HF LlavaOnevision model's own safetensors: its text keys, normalised by the LLaVA renames (5.24 writes
+    the legacy ``language_model.model.*`` / ``language_model.lm_head.*`` names on disk), map one to one onto a
+    Qwen2 param tree under ``language_model/`` with the right shapes."""
+    import re
+
+    from flax.traverse_util import flatten_dict
+    from safetensors import safe_open
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+    )
+
+    from vlmprune.models.text.qwen2 import weight_rules
+    from vlmprune.weights import LLAVA_RENAMES
+
+    vision = {"model_type": "siglip_vision_model", "image_size": 28, "patch_size": 7, "hidden_size": 32,
+              "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
+    text = {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=100, video_token_index=101,
+                               image_grid_pinpoints=[[28, 28], [28, 56]])
+    LlavaOnevisionForConditionalGeneration(cfg).save_pretrained(tmp_path)
+    ours = Qwen2Config.from_hf(cfg.text_config)
+    module = Qwen2ForCausalLM(ours)
+    one = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), one, one, one.astype(bool),
+                                                method=Qwen2ForCausalLM.forward_ids))["params"]
+    expected = {"language_model/" + "/".join(k): v.shape for k, v in flatten_dict(shapes).items()}
+    rules = [(re.compile(p + "$"), t, f) for p, t, f in weight_rules("model.language_model.", "language_model/")]
+    mapped = {}
+    with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
+        for stored in f.keys():  # noqa: SIM118 - safe_open is not a dict
+            key = stored
+            for pat, rep in LLAVA_RENAMES:
+                key = re.sub(pat, rep, key)
+            if not key.startswith(("model.language_model.", "lm_head.")):
+                continue
+            hit = [(m.expand(t), fn) for r, t, fn in rules if (m := r.match(key))]
+            assert len(hit) == 1, key
+            target, fn = hit[0]
+            assert fn(f.get_tensor(stored)).shape == expected[target], key
+            mapped[target] = key
+    assert set(mapped) == set(expected)

@@ -115,7 +115,8 @@ def downsampled_size(uh: int, uw: int, tokens_per_side: int, max_num: int) -> tu
 @dataclasses.dataclass(frozen=True)
 class ImageLayout:
     """Host layout of one image: grid, crop of the stitched map (token rows top:bottom, columns left:right), the
-    packed map size ``out_hw`` and whether it was resized."""
+    packed map size ``out_hw`` and whether it was resized. ``tiled=False``: an image of a several-image prompt,
+    which HF does not tile (one tile, its tokens, one newline; grid and crop are all 0)."""
 
     image_size_hw: tuple[int, int]
     rows: int
@@ -126,6 +127,7 @@ class ImageLayout:
     right: int
     out_hw: tuple[int, int]
     tokens_per_side: int
+    tiled: bool = True
 
     @property
     def num_tiles(self) -> int:
@@ -142,17 +144,22 @@ class ImageLayout:
 
     @property
     def num_tokens(self) -> int:
-        """Packed visual tokens ``n² + oh·(ow + 1)`` (HF's ``_get_number_of_features``)."""
+        """Packed visual tokens ``n² + oh·(ow + 1)`` (HF's ``_get_number_of_features``); ``n² + 1`` untiled."""
+        if not self.tiled:
+            return self.tokens_per_side**2 + 1
         oh, ow = self.out_hw
         return self.tokens_per_side**2 + oh * (ow + 1)
 
 
-def image_layout(image_size_hw: Sequence[int], geom: OnevisionGeometry) -> ImageLayout:
-    """The layout of one image of (height, width) pixels. Raises ValueError for a non-positive size."""
+def image_layout(image_size_hw: Sequence[int], geom: OnevisionGeometry, *, tiled: bool = True) -> ImageLayout:
+    """The layout of one image of (height, width) pixels. ``tiled=False`` for each image of a prompt with several
+    images (HF's ``batch_num_images > 1``). Raises ValueError for a non-positive size."""
     size = tuple(int(v) for v in image_size_hw)
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f"image size must be (height, width) with positive entries, got {tuple(image_size_hw)}")
     n = geom.tokens_per_side
+    if not tiled:
+        return ImageLayout(size, 0, 0, 0, 0, 0, 0, (0, 0), n, tiled=False)
     rows, cols = grid_shape(size, geom.pinpoints, geom.tile_size)
     top, bottom, left, right = unpad_crop(size, (rows * n, cols * n))
     out = downsampled_size(bottom - top, right - left, n, geom.max_num)
@@ -164,7 +171,7 @@ def max_tokens_per_image(geom: OnevisionGeometry) -> int:
     and every symmetric crop of its stitched map (rows or columns), each through the downsampling rule. Not every
     crop is reachable from an image size, so the bound can exceed the largest real count."""
     n = geom.tokens_per_side
-    best = n * n
+    best = n * n + 1  # an untiled image
     for rows, cols in geom.grids():
         gh, gw = rows * n, cols * n
         shapes = [(gh - 2 * p, gw) for p in range(gh // 2 + 1)] + [(gh, gw - 2 * p) for p in range(gw // 2 + 1)]
@@ -249,6 +256,8 @@ def _image_tables(lay: ImageLayout, length: int):
         raise ValueError(f"image {lay.image_size_hw} packs into {v} tokens, more than the table length {length}")
     src[:nn_] = np.arange(nn_, dtype=np.int32)[:, None]
     hw[:nn_], ww[:nn_] = (1, 0), (1, 0)
+    if not lay.tiled:
+        newline[nn_] = True
     uh, uw = lay.unpadded_hw
     oh, ow = lay.out_hw
     if oh:  # (an extreme aspect ratio can crop the map to zero columns: its rows still get their newlines)
@@ -283,17 +292,22 @@ def _image_tables(lay: ImageLayout, length: int):
     return src, hw, ww, newline, valid
 
 
-def pack_tables(image_sizes_hw, geom: OnevisionGeometry, length: int | None = None) -> PackTables:
+def pack_tables(image_sizes_hw, geom: OnevisionGeometry, length: int | None = None,
+                tiled: bool | Sequence[bool] = True) -> PackTables:
     """Host tables for a batch of images of (height, width) pixels.
 
     length: packed slots per image (static); default :func:`max_tokens_per_image`, so that every image size
-    shares one shape. Raises ValueError when an image needs more slots than ``length``.
+    shares one shape. tiled: per image (or one value for all), False for the images of a several-image prompt.
+    Raises ValueError when an image needs more slots than ``length``.
     """
     sizes = np.asarray(image_sizes_hw).reshape(-1, 2).tolist()
     if not sizes:
         raise ValueError("pack_tables: no image sizes given")
+    tiled = [bool(tiled)] * len(sizes) if isinstance(tiled, (bool, np.bool_)) else [bool(t) for t in tiled]
+    if len(tiled) != len(sizes):
+        raise ValueError(f"pack_tables: tiled has {len(tiled)} entries for {len(sizes)} images")
     length = max_tokens_per_image(geom) if length is None else int(length)
-    lays = [image_layout(s, geom) for s in sizes]
+    lays = [image_layout(s, geom, tiled=t) for s, t in zip(sizes, tiled)]
     parts = [_image_tables(lay, length) for lay in lays]
     tile_valid = np.zeros((len(lays), geom.max_tiles), bool)
     for i, lay in enumerate(lays):
