@@ -1,0 +1,48 @@
+"""OneVision config parsing: read back from a tiny random HF model's saved config.json; bad fields are named."""
+
+import pytest
+
+from vlmprune.onevision_config import read_onevision_config
+from vlmprune.onevision_layout import OnevisionGeometry
+
+
+def _save(directory, **top):
+    from transformers import LlavaOnevisionConfig
+
+    vision = {"model_type": "siglip_vision_model", "image_size": 28, "patch_size": 7, "hidden_size": 32,
+              "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4, "vision_use_head": False}
+    text = {"model_type": "qwen2", "vocab_size": 120, "hidden_size": 32, "intermediate_size": 37,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
+    kw = {"image_token_index": 100, "video_token_index": 101,
+          "image_grid_pinpoints": [[28 * a, 28 * b] for a in (1, 2) for b in (1, 2)], "vision_aspect_ratio": "anyres_max_2"}
+    kw.update(top)
+    LlavaOnevisionConfig(vision_config=vision, text_config=text, **kw).save_pretrained(directory)
+    return str(directory)
+
+
+def test_reads_the_saved_config(tmp_path):
+    from transformers import AutoConfig
+
+    cfg = read_onevision_config(_save(tmp_path))
+    hf = AutoConfig.from_pretrained(str(tmp_path))
+    assert cfg.vision.tokens_per_side == 4 and cfg.vision.num_hidden_layers == 2
+    assert cfg.text.num_key_value_heads == 2 and cfg.text.tie_word_embeddings
+    assert (cfg.image_token_id, cfg.video_token_id) == (100, 101)
+    assert cfg.vision_feature_layer == hf.vision_feature_layer == -1
+    assert cfg.vision_feature_select_strategy == hf.vision_feature_select_strategy == "full"
+    assert cfg.geometry() == OnevisionGeometry.from_hf(hf)
+    assert cfg.max_num == 2
+    hash(cfg)  # static argument of jitted functions
+
+
+@pytest.mark.parametrize("top,field", [
+    ({"image_token_index": 500}, "image_token_index"),
+    ({"video_token_index": 100}, "video_token_index"),
+    ({"vision_aspect_ratio": "anyres"}, "vision_aspect_ratio"),
+    ({"vision_feature_layer": 7}, "vision_feature_layer"),
+    ({"vision_feature_layer": [-1, -2]}, "vision_feature_layer"),
+    ({"image_grid_pinpoints": [[28, 30]]}, "image_grid_pinpoints"),
+])
+def test_bad_fields_are_named(tmp_path, top, field):
+    with pytest.raises(ValueError, match=field):
+        read_onevision_config(_save(tmp_path, **top))
