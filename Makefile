@@ -14,7 +14,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build (test extra) for the PyTorch parity references; every other version is the
 	# one CI tested (constraints.txt).
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[test,lmms-cpu]"
+	# lmms-eval without its declared torchvision (PyPI's is a CUDA build that breaks the CPU torch): the lmms-cpu
+	# extra above brings what its CLI imports.
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) --no-deps lmms-eval
 	touch $@
 
 demo: setup
@@ -37,7 +40,8 @@ bench: setup
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet --upgrade pip
-	.venv-lock/bin/python -m pip install --quiet -e ".[test]"
+	.venv-lock/bin/python -m pip install --quiet -e ".[test,lmms-cpu]"
+	.venv-lock/bin/python -m pip install --quiet --no-deps "lmms-eval>=0.7,<0.8"
 	{ head -n 3 $(CONSTRAINTS); .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v '^vlmprune'; } > $(CONSTRAINTS).new
 	mv $(CONSTRAINTS).new $(CONSTRAINTS) && rm -rf .venv-lock
 

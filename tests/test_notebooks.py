@@ -36,6 +36,15 @@ def checkpoint_root(tmp_path_factory):
     return str(root)
 
 
+def _tree_listing() -> set[str]:
+    """Files directly in the repo root and under colab/ (where a notebook runs), as relative paths."""
+    root = os.path.dirname(COLAB)
+    names = {n for n in os.listdir(root)}
+    for dirpath, _, files in os.walk(COLAB):
+        names |= {os.path.relpath(os.path.join(dirpath, f), root) for f in files}
+    return names
+
+
 def _images(nb) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
@@ -47,7 +56,8 @@ def _errors(nb) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,env,min_images", [
-    ("quickstart.ipynb", {}, 3),  # the input image, plot_kept, compare
+    # the input image, plot_kept, compare; with the default checkpoint root (under $HOME, never the repo)
+    ("quickstart.ipynb", {"VLMPRUNE_CHECKPOINT_ROOT": None}, 3),
     ("method_comparison.ipynb", {}, 4),  # input image, TTFT/FLOPs plot, one picture row per budget
     ("benchmark.ipynb", {}, 0),
     ("benchmark.ipynb", {"VLMPRUNE_USE_BENCH": "0"}, 0),
@@ -56,20 +66,27 @@ def test_notebook_runs(name, env, min_images, checkpoint_root, tmp_path, monkeyp
     monkeypatch.setenv("VLMPRUNE_SKIP_INSTALL", "1")
     monkeypatch.setenv("VLMPRUNE_CHECKPOINT_ROOT", checkpoint_root)
     monkeypatch.setenv("VLMPRUNE_NOTEBOOK_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.delenv("VLMPRUNE_MODEL", raising=False)
     monkeypatch.delenv("VLMPRUNE_IMAGE", raising=False)
     monkeypatch.delenv("VLMPRUNE_BENCH_PRESET", raising=False)
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     for k, v in env.items():
-        monkeypatch.setenv(k, v)
+        if v is None:
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, v)
     nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
+    # Run from colab/ itself, as a user opening the notebook would: nothing may appear there or in the repo root.
+    before = _tree_listing()
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+                                     resources={"metadata": {"path": COLAB}})
     t = time.perf_counter()
     client.execute()  # raises CellExecutionError on the first failing cell
     print(f"{name} {env or ''}: {time.perf_counter() - t:.1f}s")
     assert not _errors(nb)
+    assert _tree_listing() == before, "the notebook wrote into the repository"
     assert _images(nb) >= min_images
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "backend: cpu" in text
