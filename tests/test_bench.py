@@ -94,6 +94,29 @@ def test_recover_indices():
     assert bench.recover_indices(tokens + 0.5, valid, proj) is None  # merged tokens are not a subset
 
 
+def test_kept_indices_from_the_typed_selection():
+    """The PyTorch side's kept indices come from the method's own PruneResult: a real pruner's selection, 0 at
+    invalid slots, and None when it hands the LLM merged or appended tokens."""
+    import jax.numpy as jnp
+
+    from vlmprune import prune
+    from vlmprune.bench.model_access import kept_indices
+    from vlmprune.prune.base import PruneContext
+    from vlmprune.types import VisionTaps
+
+    rng = np.random.default_rng(0)
+    feats = jnp.asarray(rng.standard_normal((2, 9, 6)), jnp.float32)
+    res = prune.get("uniform", num_keep=3).prune(VisionTaps(features=feats), PruneContext())
+    got = np.asarray(kept_indices(res))
+    sel = res.selection
+    assert got.shape == (2, 3) and (got == np.where(np.asarray(sel.valid), np.asarray(sel.indices), 0)).all()
+    assert len(set(got[0].tolist())) == 3 and got.max() < 9
+    masked = res.replace(selection=sel.replace(valid=sel.valid.at[:, -1].set(False)))
+    assert (np.asarray(kept_indices(masked))[:, -1] == 0).all()
+    assert kept_indices(res.replace(tokens=feats[:, :3], tokens_valid=sel.valid)) is None
+    assert kept_indices(res.replace(appended=feats[:, :1], appended_valid=sel.valid[:, :1])) is None
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_torch_side_from_params_equals_checkpoint(tmp_path, dtype):
     """The real presets' PyTorch side: HF model built from the JAX params holds exactly the checkpoint's tensors
