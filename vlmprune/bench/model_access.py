@@ -21,13 +21,12 @@ from vlmprune.model import DTYPES, LlavaModel
 from vlmprune.models.llava import Llava, param_shapes
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.text.llama import KVCache
-from vlmprune.pipeline import DeviceInputs, Greedy
-from vlmprune.pipeline.sequence import SequencePlan
+from vlmprune.pipeline import DeviceInputs, Greedy, SequencePlan
 from vlmprune.prune.base import LLMPruner, PruneContext, image_keep_mask, tokens_for_llm
 from vlmprune.types import PruneResult, VisionTaps
 
 __all__ = ["DTYPES", "LlavaConfig", "LlavaModel", "Llava", "JaxPieces", "Planned", "abstract_params", "decode",
-           "first_token", "inside_llm", "plan_inputs", "project_first"]
+           "first_token", "inside_llm", "kept_indices", "plan_inputs", "project_first"]
 
 
 def abstract_params(module: Llava):
@@ -45,7 +44,8 @@ def project_first(pruner, config, num_tokens: int) -> bool:
     fewer than the ``num_tokens`` tokens of an image."""
     if pruner is None or inside_llm(pruner):
         return False
-    return pipeline.tap_request(config, pruner).projected and pruner.num_slots(config) < num_tokens
+    budget = pruner.budget(config, None)
+    return pipeline.tap_request(config, pruner).projected and budget.kept + budget.appended < num_tokens
 
 
 @dataclasses.dataclass(frozen=True)
