@@ -75,7 +75,7 @@ def test_random_params_on_device():
     _, hf, _ = bench.hf_config(bench.PRESETS["tiny"])
     cfg = access.LlavaConfig.from_hf(hf)
     module = access.Llava(cfg, dtype=jnp.bfloat16)
-    abstract = access.abstract_params(module, cfg)
+    abstract = access.abstract_params(module)
     params = bench.random_params(abstract, jnp.bfloat16, seed=0)
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
     assert all(x.dtype == jnp.bfloat16 and x.shape == a.shape
@@ -92,6 +92,29 @@ def test_recover_indices():
     valid = np.ones(idx.shape, bool)
     assert (bench.recover_indices(tokens, valid, proj) == idx).all()
     assert bench.recover_indices(tokens + 0.5, valid, proj) is None  # merged tokens are not a subset
+
+
+def test_kept_indices_from_the_typed_selection():
+    """The PyTorch side's kept indices come from the method's own PruneResult: a real pruner's selection, 0 at
+    invalid slots, and None when it hands the LLM merged or appended tokens."""
+    import jax.numpy as jnp
+
+    from vlmprune import prune
+    from vlmprune.bench.model_access import kept_indices
+    from vlmprune.prune.base import PruneContext
+    from vlmprune.types import VisionTaps
+
+    rng = np.random.default_rng(0)
+    feats = jnp.asarray(rng.standard_normal((2, 9, 6)), jnp.float32)
+    res = prune.get("uniform", num_keep=3).prune(VisionTaps(features=feats), PruneContext())
+    got = np.asarray(kept_indices(res))
+    sel = res.selection
+    assert got.shape == (2, 3) and (got == np.where(np.asarray(sel.valid), np.asarray(sel.indices), 0)).all()
+    assert len(set(got[0].tolist())) == 3 and got.max() < 9
+    masked = res.replace(selection=sel.replace(valid=sel.valid.at[:, -1].set(False)))
+    assert (np.asarray(kept_indices(masked))[:, -1] == 0).all()
+    assert kept_indices(res.replace(tokens=feats[:, :3], tokens_valid=sel.valid)) is None
+    assert kept_indices(res.replace(appended=feats[:, :1], appended_valid=sel.valid[:, :1])) is None
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

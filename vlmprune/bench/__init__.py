@@ -4,8 +4,8 @@ Layout, in the order a run uses it:
 
 * ``config``: ``BenchConfig``, the method runs parsed from specs (``vlmprune.prune.parse_spec`` syntax);
 * ``presets``: the model shapes (random HF checkpoints on disk, or real shapes built on the device);
-* ``model_access``: the one place that reaches into the model's internals (to be repointed at the public
-  pipeline API);
+* ``model_access``: the model's stages jitted one by one from the public pipeline (``vlmprune.pipeline``) and
+  ``LlavaModel``'s planning and decode;
 * ``timing``: the one timer (interleaved JAX / PyTorch calls) and the one stats schema;
 * ``efficiency``: one method run stage by stage, and the whole suite; ``torch_side``: HF's PyTorch model with the
   same weights, fed the same tokens; ``targets``: derived figures and the issue's targets;

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlmprune import pipeline
 from vlmprune.bench import model_access as access
 from vlmprune.bench import report, targets
 from vlmprune.bench.config import BenchConfig, BenchError, MethodRun, log, parse_methods
@@ -50,19 +51,6 @@ def peak_device_bytes() -> int | None:
     if not stats or stats.get("peak_bytes_in_use") is None:
         return None
     return int(stats["peak_bytes_in_use"])
-
-
-def project_first(pruner, enc, num_slots: int) -> bool:
-    """True when the pruner projects all features before selecting (DivPrune)."""
-    shapes = []
-
-    def rec(x):
-        shapes.append(tuple(x.shape))
-        return x
-
-    jax.eval_shape(lambda e: pruner.apply(e, rec), enc)
-    full = tuple(enc["features"].shape)
-    return any(s == full for s in shapes) and num_slots < full[1]
 
 
 def ratios(jx: dict, th: dict) -> dict:
@@ -98,13 +86,14 @@ class _Run:
 
     @property
     def inside_llm(self) -> bool:
-        return self.run.pruner is not None and self.run.pruner.inside_llm
+        return access.inside_llm(self.run.pruner)
 
 
 def _vision(r: _Run) -> None:
     p, st = r.run.pruner, r.st
-    st["plan"], st["args"], st["static"], st["layout"] = access.plan_inputs(r.model, r.x1, p)
-    vis_fn = r.pieces.vision_fn(p, st["args"][1])  # the pixels the model encodes (NeXT: padded tile grid)
+    st["planned"] = planned = access.plan_inputs(r.model, r.x1, p)
+    st["plan"] = planned.sequence
+    vis_fn = r.pieces.vision_fn(p, planned.inputs.pixel_values)  # the pixels the model encodes (NeXT: padded grid)
     st["pix_t"] = r.ts.t(r.x1["pixel_values"], r.ts.dtype) if r.ts else None
     tfn = (lambda: r.ts.features(st["pix_t"])) if r.ts else None
     r.jx["vision_ms"], r.th["vision_ms"] = r.measure(vis_fn, tfn)
@@ -113,34 +102,41 @@ def _vision(r: _Run) -> None:
 
 def _selection_next(r: _Run) -> None:
     p, st, params, cfg = r.run.pruner, r.st, r.model.params, r.model.config
-    sp_jit = r.pieces.next_select_project(None if r.inside_llm else p, st["static"].get("stride"))
-    st["select_project"] = lambda: sp_jit(params, st["enc"], st["layout"])
+    sp = r.pieces.select_project_fn(None if r.inside_llm else p, st["planned"])
+    st["select_project"] = lambda: sp(st["enc"])
     r.jx["selection_ms"] = None
+    st["result"] = None
     if p is not None and not r.inside_llm:
         # the selection alone on precomputed encoder outputs (and, for DivPrune, projected embeddings)
-        enc_sel = dict(st["enc"], embeddings=r.pieces.project(params, st["enc"]["features"]))
-        sel_jit = jax.jit(lambda e, lay: p.tile_mask(e, lay, cfg))
-        r.jx["selection_ms"], _ = r.measure(lambda: sel_jit(enc_sel, st["layout"]),
-                                            repeats=max(r.repeats, SELECTION_REPEATS))
+        taps_sel = st["enc"].replace(embeddings=r.pieces.project(params, st["enc"].features))
+        sel = r.pieces.select_fn(p, st["planned"].context(cfg))
+        r.jx["selection_ms"], _ = r.measure(lambda: sel(taps_sel), repeats=max(r.repeats, SELECTION_REPEATS))
     st["tokens"], st["valid"] = st["select_project"]()
-    st["proj_all"], st["project_first"] = None, False
+    st["project_first"] = False
 
 
 def _selection_llava(r: _Run) -> None:
-    p, st, params, enc = r.run.pruner, r.st, r.model.params, r.st["enc"]
-    st["proj_all"] = proj_all = r.pieces.project(params, enc["features"])
+    p, st, params, cfg, enc = r.run.pruner, r.st, r.model.params, r.model.config, r.st["enc"]
+    proj_all = r.pieces.project(params, enc.features)
     st["project_first"] = False
+    st["result"] = None
     r.jx["selection_ms"] = None
     if p is None or r.inside_llm:
-        st["select_project"] = lambda: r.pieces.project(params, enc["features"])
+        st["select_project"] = lambda: r.pieces.project(params, enc.features)
         st["tokens"], st["valid"] = proj_all, jnp.ones(proj_all.shape[:2], bool)
         return
-    st["project_first"] = project_first(p, enc, p.num_slots(r.model.config))
-    enc_sel = dict(enc, features=proj_all) if st["project_first"] else enc
-    sel_jit = jax.jit(lambda e: p.apply(e, lambda f: f))
-    r.jx["selection_ms"], _ = r.measure(lambda: sel_jit(enc_sel), repeats=max(r.repeats, SELECTION_REPEATS))
-    apply_jit = r.pieces.apply_fn(p)
-    st["select_project"] = lambda: apply_jit(params, enc)
+    st["project_first"] = access.project_first(p, cfg, enc.num_tokens)
+    # the selection alone on precomputed encoder outputs (DivPrune: on the projected embeddings)
+    taps_sel = enc
+    if pipeline.tap_request(cfg, p).projected:
+        taps_sel = enc.replace(embeddings=proj_all)
+    if st["project_first"]:
+        taps_sel = taps_sel.replace(features=proj_all)
+    sel = r.pieces.select_fn(p, st["planned"].context(cfg))
+    r.jx["selection_ms"], _ = r.measure(lambda: sel(taps_sel), repeats=max(r.repeats, SELECTION_REPEATS))
+    st["result"] = sel(taps_sel)[0]
+    sp = r.pieces.select_project_fn(p, st["planned"])
+    st["select_project"] = lambda: sp(enc)
     st["tokens"], st["valid"] = st["select_project"]()
 
 
@@ -176,8 +172,7 @@ def _analytic(r: _Run) -> None:
 def _torch_inputs(r: _Run) -> None:
     """The PyTorch side's kept tokens and assembled sequence (the same plan as JAX's)."""
     ts, st = r.ts, r.st
-    st["tsel"] = tsel = torch_selection(ts, r.run.pruner, st["tokens"], st["valid"], st["proj_all"],
-                                        st["project_first"])
+    st["tsel"] = tsel = torch_selection(ts, st["result"], st["tokens"], st["project_first"])
     r.res["torch_tokens"] = "jax-merged" if (tsel and tsel["tokens"] is not None) else "hf-at-kept-indices"
     plan = st["plan"]
     st["plan_t"] = tuple(ts.t(a) for a in (plan.text_src, plan.vis_src, plan.text_mask)) + (
@@ -191,9 +186,9 @@ def _torch_inputs(r: _Run) -> None:
 def _llm_prefill(r: _Run) -> None:
     st, res = r.st, r.res
     max_len = st["plan"].length + r.max_new_tokens
-    compiled, call, lowered = r.pieces.llm_prefill_program(st["args"], st["static"], max_len)
+    compiled, call, lowered = r.pieces.llm_prefill_program(st["planned"], max_len)
     res["xla_flops_llm_prefill"] = xla_flops(lowered)
-    res["xla_flops_prefill"] = xla_flops(access.prefill_program(r.model, st["args"], st["static"], max_len))
+    res["xla_flops_prefill"] = xla_flops(r.pieces.prefill_program(st["planned"], max_len))
     _analytic(r)
     tfn = tfn_last = None
     if r.ts is not None:
@@ -280,8 +275,8 @@ def _batch(r: _Run) -> None:
         access.decode(r.model, stb, n_new), tdec_b, invert=bsz * (n_new - 1))
     stb.clear()  # drop the batch's caches before the batch LLM prefill allocates its own
     tdec_b = None
-    plan_b, args_b, static_b, _ = access.plan_inputs(r.model, xb, r.run.pruner)
-    comp_b, call_b, lowered_b = r.pieces.llm_prefill_program(args_b, static_b, plan_b.length + n_new)
+    planned_b = access.plan_inputs(r.model, xb, r.run.pruner)
+    comp_b, call_b, lowered_b = r.pieces.llm_prefill_program(planned_b, planned_b.sequence.length + n_new)
     r.res[f"xla_flops_llm_prefill_b{bsz}"] = xla_flops(lowered_b)
     r.jx[f"llm_prefill_ms_b{bsz}"], _ = r.measure(lambda: comp_b(*call_b))
 

@@ -183,7 +183,7 @@ def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints
     try:
         cfg = access.LlavaConfig.from_hf(hf)
         module = access.Llava(cfg, dtype=access.DTYPES[dtype])
-        abstract = access.abstract_params(module, cfg)
+        abstract = access.abstract_params(module)
     except (ValueError, NotImplementedError) as e:
         raise BenchError(f"{preset}: this vlmprune cannot build the model: {e}") from e
     n_params = param_count(abstract)

@@ -23,16 +23,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import prune as P  # noqa: N812
+from vlmprune.anyres import hero_valid_mask
 from vlmprune.bench import report
 from vlmprune.bench import torch_reference as T  # noqa: N812
 from vlmprune.bench.presets import random_params
 from vlmprune.bench.timing import load_average, machine_info, measure, timed
-from vlmprune.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from vlmprune.models.vision.clip import CLIPVisionConfig, CLIPVisionTransformer
 from vlmprune.prune import baselines as BL  # noqa: N812
 from vlmprune.prune import spec
-from vlmprune.prune.anyres import hero_valid_mask
 from vlmprune.prune.hero import hero_batched
-from vlmprune.prune.vispruner import l2_normalize
+from vlmprune.prune.ops import l2_normalize
 
 torch = T.torch
 

@@ -11,7 +11,9 @@ import copy
 import numpy as np
 
 from vlmprune.bench.config import BenchError
-from vlmprune.weights import LLAVA_RENAMES, LLAVA_RULES, iter_export
+from vlmprune.bench.model_access import kept_indices
+from vlmprune.io.weights import iter_export
+from vlmprune.models.llava import LLAVA_RENAMES, LLAVA_RULES
 
 
 def recover_indices(tokens, valid, projected_all, rtol: float = 1e-3):
@@ -177,13 +179,16 @@ def compare_logits(jax_logits, torch_logits) -> dict:
             "top1_agree": float((a.argmax(-1) == b.argmax(-1)).mean())}
 
 
-def torch_selection(ts: TorchSide, pruner, tokens, valid, proj_all, project_first):
-    if pruner is None:
+def torch_selection(ts: TorchSide, result, tokens, project_first: bool):
+    """What the PyTorch side feeds its LLM for a LLaVA-1.5 method: HF's own projected features at the indices
+    the method kept (``result``: its ``PruneResult``), or, for a method that merges or appends tokens, JAX's
+    ``tokens`` (NI, K, D_llm); None without a visual pruner."""
+    if result is None:
         return None
-    idx = recover_indices(tokens, valid, proj_all)
+    idx = kept_indices(result)
     if idx is None:
         return {"idx": None, "tokens": ts.t(np.asarray(tokens, np.float32), ts.dtype), "project_first": False}
-    return {"idx": ts.t(idx, ts.torch.long), "tokens": None, "project_first": project_first}
+    return {"idx": ts.t(np.asarray(idx), ts.torch.long), "tokens": None, "project_first": project_first}
 
 
 def torch_mode(ts: TorchSide | None):
