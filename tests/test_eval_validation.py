@@ -146,7 +146,7 @@ def test_cli_eval_user_errors(tmp_path, mha_dir, capsys, monkeypatch):
         (["--data", data, "--max-new-tokens", "0"], "error: max_new_tokens must be an integer >= 1, got 0"),
         (["--data", str(tmp_path / "nope")], "no such file or directory"),
         (["--data", data], "error: pope: sample 1: label 'answer' must be 'yes' or 'no', got None"),
-        (["--data", data, "--clip-path", mha_dir, "--method", "vispruner"], "error: --clip-path applies to"),
+        (["--data", data, "--clip-path", mha_dir, "--method", "vispruner"], "error: --clip-path does not apply to --method vispruner"),
     ]
     for extra, msg in cases:
         with pytest.raises(SystemExit) as e:

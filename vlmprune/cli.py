@@ -224,10 +224,10 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vlmprune.evaluation.runner import eval_pruner, run_from_args
+    from vlmprune.evaluation.runner import run_from_args
 
     try:  # user errors (flags, data, labels, checkpoint files, resume conflicts): a message, no traceback
-        run_from_args(args, eval_pruner(pruner_from_args(args), args))
+        run_from_args(args, pruner_from_args(args))
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}")
     return 0

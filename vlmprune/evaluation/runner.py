@@ -356,17 +356,6 @@ def add_eval_args(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def eval_pruner(pruner, args):
-    """The pruner of ``vlmprune eval`` with ``--clip-path`` attached (HERO); the flag on another method is an
-    error."""
-    clip_path = getattr(args, "clip_path", None)
-    if clip_path is None or (pruner is not None and getattr(pruner, "clip_path", None) == clip_path):
-        return pruner
-    if pruner is None or "clip_path" not in {f.name for f in dataclasses.fields(pruner)}:
-        raise ValueError(f"--clip-path applies to --method hero only (got --method {args.method})")
-    return dataclasses.replace(pruner, clip_path=clip_path)
-
-
 def check_args(args) -> None:
     """Validate ``vlmprune eval``'s flags before anything is loaded (ValueError / FileNotFoundError)."""
     check_options(batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
