@@ -341,11 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="run a benchmark (pope, textvqa, gqa, mme, scienceqa_img); resumable")
     add_eval_args(e)
-    _add_method_args(e)
-    try:
-        e.add_argument("--clip-path", default=None, help="HERO: a full HF CLIP checkpoint (both towers)")
-    except argparse.ArgumentError:  # already among the shared pruning flags
-        pass
+    _add_method_args(e)  # the pruning flags, --clip-path included
     e.set_defaults(func=cmd_eval)
 
     from vlmprune.bench import add_arguments as add_bench_args
