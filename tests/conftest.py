@@ -4,11 +4,10 @@ Every model is seeded, saved in the real HF format, and loaded by ``vlmprune.loa
 real ``llava-hf/*`` directory takes. Parity runs on CPU in float32 with the highest matmul precision.
 """
 
-
-
 import jax
 import numpy as np
 import pytest
+from reference.hf_builders import build_hf_llava
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -21,25 +20,6 @@ CONFIGS = {
 }
 
 
-def build_hf_llava(directory, seed=0, **overrides):
-    """Random HF LlavaForConditionalGeneration (torch), saved with save_pretrained, plus processor files."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from vlmprune.tiny import build_processor, build_tokenizer, tiny_llava_config
-
-    tok = build_tokenizer()
-    cfg = tiny_llava_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id, **overrides)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # HF's init leaves norms at 1/0: perturb every parameter so each one is tested
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(directory)
-    build_processor(tok, cfg).save_pretrained(directory)
-    return str(directory)
-
-
 @pytest.fixture(scope="session", params=sorted(CONFIGS))
 def hf_llava_dir(request, tmp_path_factory):
     d = tmp_path_factory.mktemp(request.param)
@@ -50,24 +30,6 @@ def hf_llava_dir(request, tmp_path_factory):
 def mha_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("mha")
     return build_hf_llava(d, seed=3)
-
-
-def demo_inputs(directory, prompts=("What is in the image?",), images=None):
-    """Processor outputs (numpy) for a batch of prompts, one demo image each, left padded."""
-    from transformers import AutoProcessor
-
-    from vlmprune.tiny import demo_image
-
-    proc = AutoProcessor.from_pretrained(directory)
-    texts = [
-        proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                                 add_generation_prompt=True)
-        for p in prompts
-    ]
-    if images is None:
-        base = demo_image()
-        images = [base.rotate(17 * i) for i in range(len(prompts))]
-    return dict(proc(images=images, text=texts, return_tensors="np", padding=True))
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_siglip import build_hf_siglip, load_tower
+from reference.siglip_builders import build_hf_siglip, load_tower
 
+from reference.paths import TESTS_DIR
 from vlmprune.models.vision.siglip import received_attention
 from vlmprune.prune.vispruner_siglip import (
     attention_order,
@@ -23,7 +24,7 @@ from vlmprune.prune.vispruner_siglip import (
     vispruner_siglip_plan,
 )
 
-GOLDEN = Path(__file__).parent / "golden" / "siglip"
+GOLDEN = Path(TESTS_DIR) / "golden" / "siglip"
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from vlmprune import prune
 from vlmprune.prune.ops import argsort_descending
 from vlmprune.prune.vispruner import _vispruner_jit, fastervlm, vispruner, vispruner_plan
+from reference.paths import TESTS_DIR
 
-GOLDEN = pathlib.Path(__file__).parent / "golden"
+GOLDEN = pathlib.Path(TESTS_DIR) / "golden"
 CASES = json.loads((GOLDEN / "cases_public.json").read_text())["vispruner"]
 
 

@@ -33,10 +33,11 @@ from reference.hero_pack import (
     hero_pack_order,
 )
 from vlmprune.prune.hero import hero, hero_batched, hero_budget_sizes, hero_max_keep
+from reference.paths import TESTS_DIR
 
 # the module (the package namespace re-exports the function under the same name)
 hero_mod = importlib.import_module("vlmprune.prune.hero")
-GOLDEN = pathlib.Path(__file__).parent / "golden"
+GOLDEN = pathlib.Path(TESTS_DIR) / "golden"
 CFG = json.loads((GOLDEN / "cases_hero_public.json").read_text())["hero"]
 CASES = CFG["cases"]
 PINS = CFG["image_grid_pinpoints_wh"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import build_hf_llava, demo_inputs
+from reference.hf_builders import build_hf_llava, demo_inputs
 from vlmprune import prune
 
 LOGITS_ATOL = 1e-4  # fp32 through the whole stack, as the unpruned parity test

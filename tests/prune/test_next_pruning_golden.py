@@ -14,8 +14,9 @@ from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.text.llama import LlamaConfig
 from vlmprune.models.vision.clip import CLIPVisionConfig
 from vlmprune.anyres import batch_layout, hero_valid_mask
+from reference.paths import GOLDEN_DIR
 
-GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+GOLDEN = GOLDEN_DIR
 CASES = json.load(open(os.path.join(GOLDEN, "cases_public.json")))
 HERO_CASES = json.load(open(os.path.join(GOLDEN, "cases_hero_public.json")))["hero"]
 

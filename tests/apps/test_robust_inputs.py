@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import vlmprune
-from conftest import demo_inputs
+from reference.hf_builders import demo_inputs
 from vlmprune import inputs
 
 

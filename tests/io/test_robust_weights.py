@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import vlmprune
-from conftest import demo_inputs
+from reference.hf_builders import demo_inputs
 from vlmprune.io.weights import CheckpointError
 
 # key names as transformers' save_pretrained writes them for the conftest checkpoint
@@ -155,7 +155,7 @@ CORRUPTIONS = {
 
 @pytest.fixture(scope="module")
 def sharded(mha_dir, tmp_path_factory):
-    from test_robust_files import sharded_copy
+    from reference.hf_builders import sharded_copy
 
     return sharded_copy(mha_dir, tmp_path_factory.mktemp("sh") / "sharded")
 

@@ -5,12 +5,13 @@ import os
 
 import numpy as np
 import pytest
+from reference.paths import REPO_DIR
 
 pytest.importorskip("matplotlib")
 
 
 def _accuracy_module():
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "accuracy.py")
+    path = os.path.join(REPO_DIR, "experiments", "accuracy.py")
     spec = importlib.util.spec_from_file_location("accuracy_experiment_plots", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

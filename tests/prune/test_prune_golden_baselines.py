@@ -18,8 +18,9 @@ import pytest
 
 from vlmprune import prune
 from vlmprune.prune import ops
+from reference.paths import TESTS_DIR
 
-GOLDEN = pathlib.Path(__file__).parent / "golden" / "baselines"
+GOLDEN = pathlib.Path(TESTS_DIR) / "golden" / "baselines"
 META = json.loads((GOLDEN / "cases.json").read_text())
 U32 = 2.0**-24  # float32 unit roundoff
 U16 = 2.0**-11  # float16 unit roundoff

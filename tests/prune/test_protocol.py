@@ -17,8 +17,9 @@ from vlmprune import prune
 from vlmprune.demo import prepare_inputs
 from vlmprune.tiny import demo_image, write_random_llava
 from vlmprune.types import PruneResult, TapRequest, VisionTaps
+from reference.paths import REPO_DIR
 
-ROOT = pathlib.Path(__file__).resolve().parents[1] / "vlmprune"
+ROOT = pathlib.Path(REPO_DIR) / "vlmprune"
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ from typing import ClassVar
 import pytest
 
 from vlmprune import prune
+from reference.paths import REPO_DIR
 
-DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "adding_a_method.md"
+DOC = pathlib.Path(REPO_DIR) / "docs" / "adding_a_method.md"
 
 
 def test_first_python_block_runs_in_an_empty_directory(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vlmprune
-from conftest import demo_inputs
+from reference.hf_builders import demo_inputs
 
 # fp32 tolerances: components see one or a few layers of fp32 rounding (~1e-6 relative) -> 1e-5;
 # logits accumulate rounding over the whole vision + LLM stack -> 1e-4.

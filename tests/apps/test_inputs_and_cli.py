@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import vlmprune
-from conftest import demo_inputs
+from reference.hf_builders import demo_inputs
 
 
 @pytest.fixture(scope="module")

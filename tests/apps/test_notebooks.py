@@ -10,13 +10,14 @@ import sys
 import time
 
 import pytest
+from reference.paths import REPO_DIR
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
-COLAB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colab")
+COLAB = os.path.join(REPO_DIR, "colab")
 CELL_TIMEOUT_S = 600  # a guard against hangs; each notebook takes well under a minute on an idle 2-core CPU
 
 

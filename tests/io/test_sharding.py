@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from reference.paths import REPO_DIR
 
 SCRIPT = textwrap.dedent('''
     import sys
@@ -17,7 +18,7 @@ SCRIPT = textwrap.dedent('''
     from vlmprune import prune
     from vlmprune.models.llava import sharding_rules
     from vlmprune.sharding import check_mesh, param_spec
-    from conftest import demo_inputs
+    from reference.hf_builders import demo_inputs
     from flax.traverse_util import flatten_dict
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
@@ -92,7 +93,7 @@ SCRIPT = textwrap.dedent('''
 
 def test_sharded_forward_and_generation_match_single_device(mha_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO_DIR
     res = subprocess.run([sys.executable, "-c", SCRIPT, mha_dir], env=env, cwd=root, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from reference.hero_geometry import anyres_grid_shape, select_best_resolution
+from reference.paths import TESTS_DIR
 from vlmprune.prune.hired import (
     HIRED_K_SP_TOP100,
     hired,
@@ -25,7 +26,7 @@ from vlmprune.prune.hired import (
 
 # the module (the package namespace re-exports the function under the same name)
 hired_mod = importlib.import_module("vlmprune.prune.hired")
-GOLDEN = pathlib.Path(__file__).parent / "golden"
+GOLDEN = pathlib.Path(TESTS_DIR) / "golden"
 CFG = json.loads((GOLDEN / "cases_public.json").read_text())["hired"]
 N = CFG["num_vision_tokens"]
 

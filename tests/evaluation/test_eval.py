@@ -11,6 +11,7 @@ datasets = pytest.importorskip("datasets")
 
 from PIL import Image  # noqa: E402
 
+from reference.paths import REPO_DIR
 from vlmprune.evaluation import metrics, runner, tasks  # noqa: E402
 from vlmprune.evaluation.metrics import (  # noqa: E402
     gqa_accuracy, mme_scores, normalize_vqa_answer, parse_mme, parse_pope, parse_sqa, pope_scores, sqa_accuracy,
@@ -349,7 +350,7 @@ def test_accuracy_experiment(tiny_model, data_dir, tmp_path, monkeypatch, capsys
 
     import vlmprune
 
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "accuracy.py")
+    path = os.path.join(REPO_DIR, "experiments", "accuracy.py")
     spec = importlib.util.spec_from_file_location("accuracy_experiment", path)
     acc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(acc)

@@ -9,7 +9,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import vlmprune
-from conftest import demo_inputs
+from reference.hf_builders import demo_inputs
 from vlmprune.io.weights import CheckpointError
 
 

@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 import vlmprune
+from reference.hf_builders import sharded_copy
+
 from vlmprune.cli import main
 from vlmprune.io.safe_output import OutputExistsError
 from vlmprune.tiny import demo_image
@@ -40,22 +42,6 @@ def forbid_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the flags/destination were checked")
     monkeypatch.setattr(vlmprune, "load", boom)
-
-
-def sharded_copy(src, dst):
-    """A copy of a HF checkpoint re-saved as two shards with an index (what a real 7B directory looks like)."""
-    from safetensors.numpy import load_file, save_file
-
-    shutil.copytree(src, dst)
-    t = load_file(os.path.join(dst, "model.safetensors"))
-    os.remove(os.path.join(dst, "model.safetensors"))
-    keys = sorted(t)
-    halves = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-    for fn, ks in halves.items():
-        save_file({k: t[k] for k in ks}, os.path.join(dst, fn), metadata={"format": "pt"})
-    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": {k: fn for fn, ks in halves.items() for k in ks}}, f)
-    return str(dst)
 
 
 def foreign_targets(tmp_path, mha_dir):

@@ -19,6 +19,7 @@ from vlmprune.models import FAMILIES, TEXT, VISION, family
 from vlmprune.models.llava import Llava, param_shapes, weight_rules
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.vision import clip
+from reference.paths import REPO_DIR
 
 VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size", "num_channels",
                  "num_patches", "num_positions")
@@ -169,7 +170,7 @@ def json_dump(obj, p):
 
 # ---------------------------------------------------------------------------------------------- layering
 
-ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "vlmprune")
+ROOT = os.path.join(REPO_DIR, "vlmprune")
 # package -> the vlmprune modules it may import (by prefix): models -> io, sharding, _checks; io -> io only
 ALLOWED = {
     "vlmprune.io": ("vlmprune.io",),

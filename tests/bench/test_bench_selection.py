@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from vlmprune.bench import selection
+from reference.paths import REPO_DIR
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = REPO_DIR
 
 
 def test_quick_run_writes_agreeing_vispruner_rows(tmp_path):
