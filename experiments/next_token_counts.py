@@ -18,11 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlmprune import prune
+from vlmprune.anyres import batch_layout, hero_valid_mask, layout_keep, max_tiles
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.text.llama import LlamaConfig
 from vlmprune.models.vision.clip import CLIPVisionConfig
-from vlmprune.anyres import batch_layout, layout_keep, max_tiles, reference_pinpoints
-from vlmprune.anyres import hero_valid_mask
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # HF (height, width)
 IMAGES = {"672x672": (672, 672), "1008x336 (w x h)": (336, 1008)}  # (height, width)

@@ -7,6 +7,7 @@ real ``llava-hf/*`` directory takes. Parity runs on CPU in float32 with the high
 import jax
 import numpy as np
 import pytest
+
 from reference.hf_builders import build_hf_llava
 
 jax.config.update("jax_default_matmul_precision", "highest")

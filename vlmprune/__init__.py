@@ -7,6 +7,6 @@
 
 __version__ = "0.1.0"
 
-from vlmprune.model import LlavaModel, ModelOutput, load  # noqa: E402,F401
 from vlmprune import prune  # noqa: E402,F401
+from vlmprune.model import LlavaModel, ModelOutput, load  # noqa: E402,F401
 from vlmprune.models.vision.clip import ClipModel, load_clip  # noqa: E402,F401

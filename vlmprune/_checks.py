@@ -8,7 +8,7 @@ user's own ``jax.jit`` the values are unknown at trace time and the check is ski
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np

@@ -229,7 +229,7 @@ def cmd_eval(args) -> int:
     try:  # user errors (flags, data, labels, checkpoint files, resume conflicts): a message, no traceback
         run_from_args(args, pruner_from_args(args))
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     return 0
 
 

@@ -10,7 +10,7 @@ This module depends on nothing else in the package.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.struct
 import jax
@@ -49,7 +49,7 @@ class TapRequest:
     post_layernorm: bool = _static(False)
     projected: bool = _static(False)
 
-    def union(self, other: "TapRequest") -> "TapRequest":
+    def union(self, other: TapRequest) -> TapRequest:
         """Both requests at once (sorted unique layers; flags or-ed)."""
         merge = lambda a, b: tuple(sorted(set(a) | set(b)))  # noqa: E731
         return TapRequest(
@@ -62,7 +62,7 @@ class TapRequest:
         )
 
 
-def _tap(kind: str, taps: dict, layer: Optional[int]) -> Array:
+def _tap(kind: str, taps: dict, layer: int | None) -> Array:
     if layer is None:
         if len(taps) != 1:
             raise ValueError(f"VisionTaps: {kind} of the only tapped layer asked for, but {len(taps)} layers "
@@ -95,28 +95,28 @@ class VisionTaps:
     """
 
     features: Array
-    feature_hidden: Optional[Array] = None
+    feature_hidden: Array | None = None
     cls_attn: dict = flax.struct.field(default_factory=dict)
     column_mean: dict = flax.struct.field(default_factory=dict)
     keys: dict = flax.struct.field(default_factory=dict)
     cls_query: dict = flax.struct.field(default_factory=dict)
     hidden_states: dict = flax.struct.field(default_factory=dict)
-    pooled: Optional[Array] = None
-    embeddings: Optional[Array] = None
+    pooled: Array | None = None
+    embeddings: Array | None = None
 
     @property
     def num_tokens(self) -> int:
         return int(self.features.shape[1])
 
-    def cls_attention(self, layer: Optional[int] = None) -> Array:
+    def cls_attention(self, layer: int | None = None) -> Array:
         """float32 (B, H, N) of ``layer`` (None: the only tapped layer)."""
         return _tap("CLS attention", self.cls_attn, layer)
 
-    def key(self, layer: Optional[int] = None) -> Array:
+    def key(self, layer: int | None = None) -> Array:
         """(B, 1+N, C) raw keys of ``layer`` (None: the only tapped layer)."""
         return _tap("keys", self.keys, layer)
 
-    def query_cls(self, layer: Optional[int] = None) -> Array:
+    def query_cls(self, layer: int | None = None) -> Array:
         """(B, C) raw CLS query of ``layer`` (None: the only tapped layer)."""
         return _tap("CLS query", self.cls_query, layer)
 
@@ -124,7 +124,7 @@ class VisionTaps:
         """(B, 1+N, C) HF hidden state ``index``."""
         return _tap("hidden state", self.hidden_states, index)
 
-    def received_attention(self, layer: Optional[int] = None) -> Array:
+    def received_attention(self, layer: int | None = None) -> Array:
         """float32 (B, H, N) column means of ``layer`` (None: the only tapped layer)."""
         return _tap("received-attention column means", self.column_mean, layer)
 
@@ -138,7 +138,7 @@ class VisionTaps:
                 out[name] = value
         return out
 
-    def reshape_images(self, shape: tuple[int, ...]) -> "VisionTaps":
+    def reshape_images(self, shape: tuple[int, ...]) -> VisionTaps:
         """Every array's leading axis B split into ``shape`` (e.g. (NI, T) for NeXT tiles)."""
         return jax.tree.map(lambda a: a.reshape(tuple(shape) + a.shape[1:]), self)
 
@@ -178,10 +178,10 @@ class PruneResult:
     """
 
     selection: Any
-    tokens: Optional[Array] = None
-    tokens_valid: Optional[Array] = None
-    appended: Optional[Array] = None
-    appended_valid: Optional[Array] = None
+    tokens: Array | None = None
+    tokens_valid: Array | None = None
+    appended: Array | None = None
+    appended_valid: Array | None = None
     projected: bool = _static(False)
 
 
@@ -202,7 +202,7 @@ class ModelInputs:
     image_sizes: Any = None
 
     @classmethod
-    def from_arrays(cls, input_ids, pixel_values, attention_mask=None, image_sizes=None) -> "ModelInputs":
+    def from_arrays(cls, input_ids, pixel_values, attention_mask=None, image_sizes=None) -> ModelInputs:
         return cls(input_ids=np.asarray(input_ids), pixel_values=pixel_values,
                    attention_mask=None if attention_mask is None else np.asarray(attention_mask),
                    image_sizes=None if image_sizes is None else np.asarray(image_sizes))

@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from vlmprune import prune
-from vlmprune.prune import spec as spec_mod
 from vlmprune.io.safe_output import staged_file
 from vlmprune.pipeline.plan import prepare_host
+from vlmprune.prune import spec as spec_mod
 from vlmprune.prune.base import LLMPruner, VisualPruner
 
 DEFAULT_PROMPT = "What is in the image?"

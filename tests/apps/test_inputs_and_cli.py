@@ -85,8 +85,8 @@ def test_cli_generate_and_convert(mha_dir, tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
-    from vlmprune.demo import run_demo
     from vlmprune import prune
+    from vlmprune.demo import run_demo
 
     rows = run_demo(str(tmp_path / "tiny"), methods=[("none", None), ("vispruner", prune.VisPruner(num_keep=16))],
                     max_new_tokens=4)

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+
 from reference.paths import REPO_DIR
 
 nbformat = pytest.importorskip("nbformat")

@@ -242,8 +242,11 @@ def test_visualize_compare_flag_rules(mha_dir, img, tmp_path, forbid_load):
 def test_errors_and_bugs_from_a_real_process(mha_dir, img, tmp_path):
     """A user error: one clean line on stderr and exit 1; --traceback shows it in full."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "vlmprune", *a], capture_output=True, text=True, env=env,
-                                    timeout=300)
+
+    def run(*a):
+        return subprocess.run([sys.executable, "-m", "vlmprune", *a], capture_output=True, text=True, env=env,
+                              timeout=300)
+
     r = run("convert", mha_dir, mha_dir)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "Traceback" not in r.stderr
     assert "being read" in r.stderr

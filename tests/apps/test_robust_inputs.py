@@ -102,7 +102,7 @@ def test_cache_estimate_against_available_memory(mx, monkeypatch):
     for n in (9, 5000, 10**6):
         with pytest.raises(ValueError, match=rf"max_new_tokens={n}: the KV cache for 1 row\(s\) x {length + n} "
                                              r"positions needs .* free on test device"):
-            no_compile(model, lambda: model.generate(x["input_ids"], x["pixel_values"], max_new_tokens=n))
+            no_compile(model, lambda n=n: model.generate(x["input_ids"], x["pixel_values"], max_new_tokens=n))
 
 
 class FakeDevice:

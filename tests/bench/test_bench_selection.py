@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlmprune.bench import selection
 from reference.paths import REPO_DIR
+from vlmprune.bench import selection
 
 _ROOT = REPO_DIR
 

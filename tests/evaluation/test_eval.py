@@ -11,13 +11,19 @@ datasets = pytest.importorskip("datasets")
 
 from PIL import Image  # noqa: E402
 
-from reference.paths import REPO_DIR
+from reference.paths import REPO_DIR  # noqa: E402
 from vlmprune.evaluation import metrics, runner, tasks  # noqa: E402
 from vlmprune.evaluation.metrics import (  # noqa: E402
-    gqa_accuracy, mme_scores, normalize_vqa_answer, parse_mme, parse_pope, parse_sqa, pope_scores, sqa_accuracy,
+    gqa_accuracy,
+    mme_scores,
+    normalize_vqa_answer,
+    parse_mme,
+    parse_pope,
+    parse_sqa,
+    pope_scores,
+    sqa_accuracy,
     vqa_accuracy,
 )
-
 
 # ------------------------------------------------------------------------------------------- metrics
 

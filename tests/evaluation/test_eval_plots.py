@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+
 from reference.paths import REPO_DIR
 
 pytest.importorskip("matplotlib")

@@ -13,7 +13,6 @@ from PIL import Image
 
 import vlmprune
 from reference.hf_builders import sharded_copy
-
 from vlmprune.cli import main
 from vlmprune.io.safe_output import OutputExistsError
 from vlmprune.tiny import demo_image

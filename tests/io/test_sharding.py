@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+
 from reference.paths import REPO_DIR
 
 SCRIPT = textwrap.dedent('''

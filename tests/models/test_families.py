@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import vlmprune
+from reference.paths import REPO_DIR
 from vlmprune.io.weights import CheckpointError, abstract_params, load_params, prefix_rules
 from vlmprune.models import FAMILIES, TEXT, VISION, family
 from vlmprune.models.llava import Llava, param_shapes, weight_rules
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.vision import clip
-from reference.paths import REPO_DIR
 
 VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size", "num_channels",
                  "num_patches", "num_positions")

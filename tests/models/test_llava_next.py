@@ -208,7 +208,6 @@ def test_hero_on_next_equals_per_image_reference(models, tiny_clip_dir):
     expected_visual = 0
     for i, hw in enumerate(sizes):
         lay = image_layout(hw, model.config.image_grid_pinpoints, tile_size=56, tokens_per_side=4)
-        k = lay.num_tiles - 1
         pix = x["pixel_values"][i, : lay.num_tiles]
         enc = model.vision(pix[None], cls_attention_layers=(0, 1, 2), hidden_state_layers=(3,))
         a = enc["cls_attn"]

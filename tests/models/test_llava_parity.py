@@ -2,7 +2,6 @@
 
 import chex
 import numpy as np
-import pytest
 import torch
 
 import vlmprune

@@ -12,8 +12,8 @@ from typing import ClassVar
 
 import pytest
 
-from vlmprune import prune
 from reference.paths import REPO_DIR
+from vlmprune import prune
 
 DOC = pathlib.Path(REPO_DIR) / "docs" / "adding_a_method.md"
 

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reference.paths import GOLDEN_DIR
 from vlmprune import prune
+from vlmprune.anyres import batch_layout, hero_valid_mask
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.text.llama import LlamaConfig
 from vlmprune.models.vision.clip import CLIPVisionConfig
-from vlmprune.anyres import batch_layout, hero_valid_mask
-from reference.paths import GOLDEN_DIR
 
 GOLDEN = GOLDEN_DIR
 CASES = json.load(open(os.path.join(GOLDEN, "cases_public.json")))

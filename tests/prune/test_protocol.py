@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 import vlmprune
+from reference.paths import REPO_DIR
 from vlmprune import prune
 from vlmprune.demo import prepare_inputs
 from vlmprune.tiny import demo_image, write_random_llava
 from vlmprune.types import PruneResult, TapRequest, VisionTaps
-from reference.paths import REPO_DIR
 
 ROOT = pathlib.Path(REPO_DIR) / "vlmprune"
 

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reference.paths import TESTS_DIR
 from vlmprune import prune
 from vlmprune.prune import ops
-from reference.paths import TESTS_DIR
 
 GOLDEN = pathlib.Path(TESTS_DIR) / "golden" / "baselines"
 META = json.loads((GOLDEN / "cases.json").read_text())

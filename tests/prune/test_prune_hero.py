@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from reference import hero_pack
 from reference.hero_geometry import (
     LLAVA_V16_PINPOINTS,
     anyres_grid_shape,
@@ -23,7 +24,6 @@ from reference.hero_geometry import (
     unpad_bounds,
     vanilla_unpad_grid,
 )
-from reference import hero_pack
 from reference.hero_pack import (
     PACK_NEWLINE,
     PACK_PAD,
@@ -32,8 +32,8 @@ from reference.hero_pack import (
     hero_pack_features,
     hero_pack_order,
 )
-from vlmprune.prune.hero import hero, hero_batched, hero_budget_sizes, hero_max_keep
 from reference.paths import TESTS_DIR
+from vlmprune.prune.hero import hero, hero_batched, hero_budget_sizes, hero_max_keep
 
 # the module (the package namespace re-exports the function under the same name)
 hero_mod = importlib.import_module("vlmprune.prune.hero")
@@ -186,7 +186,7 @@ def test_golden_batched_equals_single(npz, results):
     out = hero_batched(*batch, **_kw(case))
     for b, (ins, val) in enumerate([(x, valid_x), (y, valid_y)]):
         ref = hero(*ins, val, **_kw(case))
-        jax.tree_util.tree_map(lambda p, q: _assert_same(p[b], q), out, ref)
+        jax.tree_util.tree_map(lambda p, q, b=b: _assert_same(p[b], q), out, ref)
     np.testing.assert_array_equal(np.asarray(out.mask(N))[0], npz["c0_mask"])
     orders = hero_pack_order(out.mask(N), grid)
     assert orders.tile.shape == (2, hero_layout_length(grid))

@@ -466,7 +466,7 @@ def test_user_jit_and_vmap_over_hired():
     for b in range(4):
         ref = hired(sh[b], dp[b], budget_rate=0.3, alpha=0.5)
         jax.tree_util.tree_map(np.testing.assert_array_equal, f(sh[b], dp[b]), ref)
-        jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(x[b], y), v, ref)
+        jax.tree_util.tree_map(lambda x, y, b=b: np.testing.assert_array_equal(x[b], y), v, ref)
 
 
 def test_compile_count():

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from reference.paths import TESTS_DIR
 from vlmprune import prune
 from vlmprune.prune.ops import argsort_descending
 from vlmprune.prune.vispruner import _vispruner_jit, fastervlm, vispruner, vispruner_plan
-from reference.paths import TESTS_DIR
 
 GOLDEN = pathlib.Path(TESTS_DIR) / "golden"
 CASES = json.loads((GOLDEN / "cases_public.json").read_text())["vispruner"]

@@ -7,7 +7,7 @@ adapters let the golden tests read the authors' recorded values as they were wri
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -19,7 +19,14 @@ from vlmprune.bench.cli import add_arguments, config_from_args, main, main_from_
 from vlmprune.bench.config import DEFAULT_METHODS, PROMPT, BenchConfig, BenchError, MethodRun, parse_methods  # noqa: F401
 from vlmprune.bench.efficiency import run_bench, run_one  # noqa: F401
 from vlmprune.bench.presets import (  # noqa: F401
-    PRESETS, Preset, bench_inputs, build_model, ensure_checkpoint, hf_config, memory_estimate, preset_dir,
+    PRESETS,
+    Preset,
+    bench_inputs,
+    build_model,
+    ensure_checkpoint,
+    hf_config,
+    memory_estimate,
+    preset_dir,
     random_params,
 )
 from vlmprune.bench.report import markdown, merge_outputs, plot, write_outputs  # noqa: F401

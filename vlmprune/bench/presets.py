@@ -23,7 +23,6 @@ from vlmprune.bench import model_access as access
 from vlmprune.bench.config import PROMPT, BenchError, log
 from vlmprune.demo import prepare_inputs
 
-
 _CLIP_L336 = dict(vision_hidden_size=1024, vision_intermediate_size=4096, vision_num_hidden_layers=24,
                   vision_num_attention_heads=16, vision_image_size=336, vision_patch_size=14,
                   vision_projection_dim=768)

@@ -13,7 +13,6 @@ from vlmprune.bench.config import BenchError
 from vlmprune.bench.timing import median
 
 
-
 def json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)

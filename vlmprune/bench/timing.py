@@ -11,7 +11,8 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -86,7 +87,7 @@ def machine_info() -> dict:
     """Host, device and library versions (torch's only where it is already imported)."""
     dev = jax.devices()[0]
     info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
         "host_cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
         "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None, "flax": flax.__version__,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import defaultdict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 # ------------------------------------------------------------------------------------- VQA normalisation
 

@@ -21,13 +21,18 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from vlmprune.evaluation.metrics import score_task
 from vlmprune.evaluation.tasks import (
-    LLAVA_SYSTEM_PROMPT, Task, TaskData, check_data_path, get_task, load_task_data,
+    LLAVA_SYSTEM_PROMPT,
+    Task,
+    TaskData,
+    check_data_path,
+    get_task,
+    load_task_data,
 )
 from vlmprune.preprocess import ASPECTS, image_aspect
 

@@ -170,7 +170,7 @@ def _hero_padded_core(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, 
 
 
 def hero_padded(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid, num_local_tiles, *,
-                keep_ratio: float, alpha: float, t_cls: float, t_clip: float) -> "HeroSelection":
+                keep_ratio: float, alpha: float, t_cls: float, t_clip: float) -> HeroSelection:
     """HERO for a batch of images of different grids, sub-tiles padded to a common ``K_max``.
 
     Shapes as :func:`hero` with a leading batch axis B and ``K_max`` sub-tiles: thumb_attn (B, n_high, H, N),
@@ -229,7 +229,7 @@ def _validate(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, keep_rat
         raise ValueError(
             f"{where}: HERO needs at least one sub-tile (K >= 1); a single LLaVA-1.5 image has none (§4.6)"
         )
-    for name, (x, rank, dims) in arrays.items():
+    for name, (x, _rank, dims) in arrays.items():
         if any(d < 1 for d in x.shape):
             raise ValueError(f"{where}: {name} has an empty dimension, shape {tuple(x.shape)} {dims}")
     if batch:

@@ -51,7 +51,8 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import flax.struct
 import jax
