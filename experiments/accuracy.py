@@ -2,7 +2,7 @@
 """Reproduce a paper's accuracy table (methods x budgets) with ``vlmprune.evaluation`` (issue 6).
 
 Each table names the model it was measured on, the runs (method + settings per budget) and the benchmarks; the
-published numbers (``/work/shared/algorithms.md`` §2.6 and §3.6) sit in ``PUBLISHED`` below. The script runs every
+published numbers (the papers, as ``docs/methods.md`` §2.6 and §3.6 point to them) sit in ``PUBLISHED`` below. The script runs every
 (run, benchmark) pair through ``run_eval`` -- resumable, so an interrupted reproduction picks up where it stopped
 -- and prints a markdown table of ``ours (paper)`` cells, also written to ``<out-dir>/<table>.md`` and ``.json``,
 with one PNG per benchmark (``<table>_<task>.png``: accuracy against kept visual tokens, ours beside the paper's).
@@ -13,7 +13,7 @@ Tables:
 
 * ``vispruner-llava15``: VisPruner Table 1, LLaVA-1.5-7B (``llava-hf/llava-1.5-7b-hf``), 576 (no pruning) and
   VisPruner with 128 / 64 / 32 tokens, important_ratio 0.5; GQA, SQA-IMG, TextVQA, POPE (F1), MME perception.
-  A second reference row per budget gives the independent reproduction with the original code (algorithms.md
+  A second reference row per budget gives the independent reproduction with the original code (docs/methods.md
   §2.6), whose SQA-IMG at 576 (69.51) is what LLaVA's ScienceQA prompt gives; the paper's 66.8 is the official
   LLaVA-1.5 number.
 * ``hired-llava15``: HiRED Table 6, LLaVA-1.5-7B, Full / HiRED 40 % / 20 %; SQA-IMG, TextVQA. HiRED evaluated
@@ -65,7 +65,7 @@ PUBLISHED = {
     },
 }
 
-# Independent reproduction of VisPruner with the original code (algorithms.md §2.6), same runs.
+# Independent reproduction of VisPruner with the original code (docs/methods.md §2.6), same runs.
 REPRODUCED = {
     "vispruner-llava15": {
         "576 (none)": {"pope": 85.87, "textvqa": 58.25, "gqa": 61.95, "scienceqa_img": 69.51},

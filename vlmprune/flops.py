@@ -1,4 +1,4 @@
-"""Analytic LLM prefill cost, the convention of this literature (``algorithms.md`` §6).
+"""Analytic LLM prefill cost, the convention of this literature (``docs/methods.md`` §6).
 
 Per decoder layer with ``n`` tokens, hidden size ``d`` and FFN width ``m`` (FastV's estimate, used verbatim by
 DivPrune's ``tflops.py``):

@@ -1,4 +1,4 @@
-"""The analytic FLOPs model reproduces the worked numbers of algorithms.md §6.2."""
+"""The analytic FLOPs model reproduces the worked numbers of docs/methods.md §6.2."""
 
 import pytest
 

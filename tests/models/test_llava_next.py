@@ -562,7 +562,7 @@ def test_visionzip_next_matches_hf_language_model(models):
 
 @pytest.mark.parametrize("hw", [(400, 200), (200, 400), (600, 200), (200, 600), (300, 300), (333, 500)])
 def test_hired_swapped_grid_layout_equals_the_forks_stitching(hw):
-    """``cropped_swapped`` = the HiRED fork's packing as written (algorithms.md §3.7): tiles viewed as
+    """``cropped_swapped`` = the HiRED fork's packing as written (docs/methods.md §3.7): tiles viewed as
     (num_patch_height, num_patch_width) = (cols, rows), stitched, then HF's own ``unpad_image``."""
     from transformers.models.llava_next.modeling_llava_next import unpad_image
 

@@ -1,7 +1,7 @@
-"""Baselines (algorithms.md §5): random, uniform, DivPrune, VisionZip, PruMerge(+), FastV selection.
+"""Baselines (docs/methods.md §5): random, uniform, DivPrune, VisionZip, PruMerge(+), FastV selection.
 
 DivPrune, VisionZip and PruMerge(+) are checked against small, literal torch/NumPy transcriptions of
-algorithms.md (loops, torch.topk / argmax) on random, tie-free inputs.
+docs/methods.md (loops, torch.topk / argmax) on random, tie-free inputs.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _check_selection(sel, n, k):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# References (literal transcriptions of algorithms.md, one image at a time)
+# References (literal transcriptions of docs/methods.md, one image at a time)
 # ------------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""HERO (algorithms.md §4) and the anyres helpers: golden parity, packing, validation, properties."""
+"""HERO (docs/methods.md §4) and the anyres helpers: golden parity, packing, validation, properties."""
 
 from __future__ import annotations
 

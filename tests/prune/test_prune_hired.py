@@ -1,4 +1,4 @@
-"""HiRED (algorithms.md §3): golden parity with the authors' code, budget arithmetic, variants, properties."""
+"""HiRED (docs/methods.md §3): golden parity with the authors' code, budget arithmetic, variants, properties."""
 
 from __future__ import annotations
 

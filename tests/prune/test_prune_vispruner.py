@@ -1,4 +1,4 @@
-"""VisPruner (algorithms.md §2) and FasterVLM (§5.1): golden parity, crash-case generalisation, properties."""
+"""VisPruner (docs/methods.md §2) and FasterVLM (§5.1): golden parity, crash-case generalisation, properties."""
 
 from __future__ import annotations
 

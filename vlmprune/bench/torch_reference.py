@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402,N812
 
 
 def torch_vispruner(features: torch.Tensor, cls_attn: torch.Tensor, num_keep: int, ratio: float) -> torch.Tensor:
-    """VisPruner, structured like the original ``encode_images`` (algorithms.md §2.2). Returns (B, T) sorted."""
+    """VisPruner, structured like the original ``encode_images`` (docs/methods.md §2.2). Returns (B, T) sorted."""
     b = features.shape[0]
     num_imp = int(num_keep * ratio)
     num_div = num_keep - num_imp
@@ -87,7 +87,7 @@ def torch_hired_single(cls_attn: torch.Tensor, budget_rate: float) -> torch.Tens
 
 
 def torch_hired(shallow: torch.Tensor, deep: torch.Tensor, budget_rate: float, alpha: float) -> torch.Tensor:
-    """HiRED reference-compat (algorithms.md §3.2), one image at a time.
+    """HiRED reference-compat (docs/methods.md §3.2), one image at a time.
 
     shallow/deep (B, P, H, N) -> masks (B, P, N)."""
     bsz, p, _, n = shallow.shape
@@ -115,7 +115,7 @@ def torch_hired(shallow: torch.Tensor, deep: torch.Tensor, budget_rate: float, a
 
 
 def torch_hero(thumb, tiles, cls_last, img_emb, txt_emb, valid, *, keep_ratio, alpha, t_cls, t_clip) -> torch.Tensor:
-    """HERO (algorithms.md §4.3), one image at a time. Returns masks (B, 1+K, N)."""
+    """HERO (docs/methods.md §4.3), one image at a time. Returns masks (B, 1+K, N)."""
     bsz, k, n = valid.shape
     masks = torch.zeros(bsz, 1 + k, n, dtype=torch.bool)
     n_global, n_local = int(n * keep_ratio), int(k * n * keep_ratio)
@@ -141,7 +141,7 @@ def torch_hero(thumb, tiles, cls_last, img_emb, txt_emb, valid, *, keep_ratio, a
 
 
 def torch_divprune(emb: torch.Tensor, num_keep: int) -> torch.Tensor:
-    """DivPrune (algorithms.md §5.6): greedy max-min over 1 - cos, min recomputed over the selected rows each step."""
+    """DivPrune (docs/methods.md §5.6): greedy max-min over 1 - cos, min recomputed over the selected rows each step."""
     out = []
     for x in emb:
         xn = F.normalize(x, dim=-1)
@@ -158,7 +158,7 @@ def torch_divprune(emb: torch.Tensor, num_keep: int) -> torch.Tensor:
 
 
 def torch_visionzip(hidden_full, cls_attn, keys, dominant: int, contextual: int) -> torch.Tensor:
-    """VisionZip (algorithms.md §5.5). hidden_full (B, 1+N, C), cls_attn (B, H, N), keys (B, 1+N, H, d)."""
+    """VisionZip (docs/methods.md §5.5). hidden_full (B, 1+N, C), cls_attn (B, H, N), keys (B, 1+N, H, d)."""
     bsz, t, c = hidden_full.shape
     top = cls_attn.sum(dim=1).topk(dominant - 1, dim=-1).indices + 1
     all_idx = torch.cat([torch.zeros(bsz, 1, dtype=torch.long), top], dim=1)
@@ -183,7 +183,7 @@ def torch_visionzip(hidden_full, cls_attn, keys, dominant: int, contextual: int)
 
 
 def torch_prumerge_plus(features, attn, keys) -> list[torch.Tensor]:
-    """PruMerge+ (algorithms.md §5.4), per image, with the original's per-kept-token loop. Returns a list of (M, C)."""
+    """PruMerge+ (docs/methods.md §5.4), per image, with the original's per-kept-token loop. Returns a list of (M, C)."""
     out = []
     n = features.shape[1]
     for x, a, k in zip(features, attn, keys):

@@ -1,4 +1,4 @@
-"""Baseline token-pruning methods as pure, static-shape JAX functions (algorithms.md §5).
+"""Baseline token-pruning methods as pure, static-shape JAX functions (docs/methods.md §5).
 
 * :func:`random_keep`, :func:`uniform`: trivial references (random subset; even spatial grid).
 * :func:`divprune`: DivPrune's max-min diverse subset of the post-projector embeddings (§5.6).
@@ -249,7 +249,7 @@ def divprune_num_keep(num_tokens: int, ratio: float = 0.098) -> int:
 
 
 def divprune(embeddings: jax.Array, *, num_keep: int) -> Selection:
-    """DivPrune (algorithms.md §5.6): a max-min diverse subset of the visual embeddings.
+    """DivPrune (docs/methods.md §5.6): a max-min diverse subset of the visual embeddings.
 
     ``D = 1 - cos`` of the L2-normalised rows (in the input dtype: fp16 reproduces the original's numerics).
     Pick 0 is the argmax over columns j of the second-smallest entry of column j; pick i > 0 is
@@ -395,7 +395,7 @@ def _visionzip_jit(hidden, cls_attn, keys, *, dominant: int, contextual: int) ->
 def visionzip(
     hidden_with_cls: jax.Array, cls_attn: jax.Array, keys: jax.Array, *, dominant: int, contextual: int
 ) -> MergeResult:
-    """VisionZip (algorithms.md §5.5): dominant tokens by CLS attention plus merged contextual tokens.
+    """VisionZip (docs/methods.md §5.5): dominant tokens by CLS attention plus merged contextual tokens.
 
     1. Dominant: CLS and the ``dominant - 1`` patches with the largest head-summed CLS attention, in
        ascending index order (CLS first, then raster order).
@@ -565,7 +565,7 @@ def prumerge_plus(
     plus: bool = True,
     num_neighbors: int = 32,
 ) -> MergeResult:
-    """PruMerge+ (``plus=True``) or PruMerge (``plus=False``), algorithms.md §5.4, batched over images.
+    """PruMerge+ (``plus=True``) or PruMerge (``plus=False``), docs/methods.md §5.4, batched over images.
 
     1. Adaptive count: c = number of attentions above ``Q3 + 1.5 IQR`` (linear percentiles); keep the
        top ``int(N * (c / N))`` tokens by attention (see :func:`prumerge_tables`).
@@ -627,7 +627,7 @@ def prumerge_plus(
 
 
 def fastv_select(last_row_attn: jax.Array, *, num_keep: int) -> Selection:
-    """FastV's choice of image tokens (algorithms.md §5.2): top-k of the head-mean attention that the last
+    """FastV's choice of image tokens (docs/methods.md §5.2): top-k of the head-mean attention that the last
     prompt token pays to each image token at LLM layer K-1.
 
     Args:

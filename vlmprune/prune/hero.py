@@ -1,4 +1,4 @@
-"""HERO: visual-token early dropping for high-resolution LVLMs (Li et al., arXiv 2509.13067). ``algorithms.md`` §4.
+"""HERO: visual-token early dropping for high-resolution LVLMs (Li et al., arXiv 2509.13067). ``docs/methods.md`` §4.
 
 One LLaVA-NeXT anyres image = a squashed global thumbnail (tile 0) plus ``K = cols * rows`` local tiles. HERO
 (§4.3, exactly as the authors' code at ``41cc334``):
@@ -290,7 +290,7 @@ def hero(
     t_clip: float,
     tokens_per_side: int = 24,
 ) -> HeroSelection:
-    """HERO token selection for ONE anyres image (``algorithms.md`` §4.3 / §4.5).
+    """HERO token selection for ONE anyres image (``docs/methods.md`` §4.3 / §4.5).
 
     Args:
       thumb_attn: float (n_high, H, N). The thumbnail's CLS-query attention rows of the ``high_layers`` maps,

@@ -1,4 +1,4 @@
-"""HiRED: attention-guided token dropping for high-resolution VLMs (Arif et al., AAAI-25). ``algorithms.md`` §3.
+"""HiRED: attention-guided token dropping for high-resolution VLMs (Arif et al., AAAI-25). ``docs/methods.md`` §3.
 
 HiRED keeps a fixed token budget per image of ``P = 1 + k`` partitions (tile 0 = the squashed base image, tiles
 1..k = the anyres crops):
@@ -282,7 +282,7 @@ def hired(
     variant: Variant = "reference",
     grid: Sequence[int] | None = None,
 ) -> HiredSelection:
-    """HiRED token selection for the partitions of ONE LLaVA-NeXT image (``algorithms.md`` §3.2).
+    """HiRED token selection for the partitions of ONE LLaVA-NeXT image (``docs/methods.md`` §3.2).
 
     Args:
       shallow_cls_attn: float (T, H, N). CLS-query attention row over the N patch keys of the *shallow* layer
@@ -435,7 +435,7 @@ def _hired_single_core(deep, *, k, first_image_only):
 
 
 def hired_single(deep_cls_attn: jax.Array, *, budget_rate: float, first_image_only: bool = False) -> Selection:
-    """HiRED on LLaVA-1.5 (one partition per image; ``algorithms.md`` §3.2 last paragraph).
+    """HiRED on LLaVA-1.5 (one partition per image; ``docs/methods.md`` §3.2 last paragraph).
 
     Each image keeps its ``K = min(N, int(N * budget_rate))`` tokens with the largest head-summed deep-layer CLS
     attention (rate 0.2 -> 115, 0.4 -> 230 for N = 576).

@@ -1,4 +1,4 @@
-"""VisPruner (algorithms.md §2) and FasterVLM (§5.1): CLS-attention pruning before the LLM.
+"""VisPruner (docs/methods.md §2) and FasterVLM (§5.1): CLS-attention pruning before the LLM.
 
 Both methods look only at the vision tower: the CLS query row of one CLIP layer's attention (``cls_attn``,
 per head, patch columns) and, for VisPruner, that layer's patch features. They return a ``Selection`` of
@@ -324,7 +324,7 @@ def _vispruner_jit(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, i
 
 def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float,
               exact_similarity: bool = True) -> Selection:
-    """VisPruner token selection (algorithms.md §2.2), batched over tiles/images.
+    """VisPruner token selection (docs/methods.md §2.2), batched over tiles/images.
 
     Args:
       features: float (B, N, C). Patch features of the scoring layer (CLS removed), pre-projector. Their
@@ -382,7 +382,7 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
 
 
 def fastervlm(cls_attn: jax.Array, *, num_keep: int) -> Selection:
-    """FasterVLM token selection (algorithms.md §5.1): top-T of head-mean CLS attention.
+    """FasterVLM token selection (docs/methods.md §5.1): top-T of head-mean CLS attention.
 
     Equal to ``vispruner(..., important_ratio=1.0)`` (same tie rule: lower index first). The original casts
     the attention to float16 before averaging and ranking; pass ``cls_attn.astype(jnp.float16)`` to
