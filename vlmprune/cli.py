@@ -13,6 +13,17 @@ import os
 import sys
 import time
 
+import vlmprune
+from vlmprune import _checks, prune, viz
+from vlmprune.bench import add_arguments as add_bench_args
+from vlmprune.bench import main_from_args
+from vlmprune.demo import prepare_inputs, run_demo
+from vlmprune.evaluation.runner import add_eval_args, run_from_args
+from vlmprune.io.checkpoint import ORBAX_CHECKPOINT, read_hf_config, save_model
+from vlmprune.io.safe_output import check_dir_target, check_file_target
+from vlmprune.models.llava import load_config
+from vlmprune.models.vision.clip import clip_configs
+
 
 def positive_int(text: str) -> int:
     try:
@@ -81,8 +92,6 @@ def _given(args, dests) -> dict:
 
 def pruner_from_args(args):
     """The pruner the method flags describe, or None. Raises SystemExit for a flag that does not fit."""
-    from vlmprune import prune
-
     given = _given(args, METHOD_FLAGS)
     if args.method in (None, "none"):
         if given:
@@ -114,7 +123,6 @@ def pruner_from_args(args):
 def compare_pruners(args, num_tokens: int) -> list:
     """The ``--compare`` panels: one pruner (or None) per spec; the non-budget method flags (e.g. --clip-path)
     go to every listed method that has the setting."""
-    from vlmprune import prune, viz
 
     if args.method not in (None, "none"):
         raise SystemExit("error: give either --method or --compare, not both")
@@ -148,8 +156,6 @@ def compare_pruners(args, num_tokens: int) -> list:
 
 def _read_config(model_dir: str):
     """The checkpoint's range-checked config (no weights are read)."""
-    from vlmprune.models.llava import load_config
-
     if not os.path.isdir(model_dir):
         raise FileNotFoundError(f"model directory {model_dir!r} not found")
     return load_config(model_dir)[1]
@@ -162,8 +168,6 @@ def _validate_pruner(pruner, cfg) -> None:
     pruner.validate(cfg)
     clip = getattr(pruner, "clip_path", None)
     if clip is not None:
-        from vlmprune.io.checkpoint import read_hf_config
-        from vlmprune.models.vision.clip import clip_configs
 
         if not os.path.isdir(clip):
             raise FileNotFoundError(f"--clip-path {clip!r} is not a directory")
@@ -184,16 +188,12 @@ def _open_image(path: str):
 
 
 def cmd_demo(args) -> int:
-    from vlmprune.demo import run_demo
 
     run_demo(args.checkpoint, max_new_tokens=args.max_new_tokens, overwrite=args.overwrite, flag="--overwrite")
     return 0
 
 
 def cmd_generate(args) -> int:
-    import vlmprune
-    from vlmprune import _checks
-    from vlmprune.demo import prepare_inputs
 
     pruner = pruner_from_args(args)
     _checks.check_float("--temperature", args.temperature, lo=0.0, lo_open=True)
@@ -224,7 +224,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from vlmprune.evaluation.runner import run_from_args
 
     try:  # user errors (flags, data, labels, checkpoint files, resume conflicts): a message, no traceback
         run_from_args(args, pruner_from_args(args))
@@ -234,15 +233,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from vlmprune.bench import main_from_args
 
     return main_from_args(args)
 
 
 def cmd_convert(args) -> int:
-    import vlmprune
-    from vlmprune.io.checkpoint import ORBAX_CHECKPOINT, save_model
-    from vlmprune.io.safe_output import check_dir_target
 
     if not os.path.isdir(args.hf_dir):
         raise FileNotFoundError(f"source directory {args.hf_dir!r} not found")
@@ -257,9 +252,6 @@ def cmd_convert(args) -> int:
 
 
 def cmd_visualize(args) -> int:
-    import vlmprune
-    from vlmprune import viz
-    from vlmprune.io.safe_output import check_file_target
 
     viz.image_format(args.out)
     check_file_target(args.out, overwrite=args.overwrite, flag="--overwrite")
@@ -337,14 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_method_args(v)
     v.set_defaults(func=cmd_visualize)
 
-    from vlmprune.evaluation.runner import add_eval_args
 
     e = sub.add_parser("eval", help="run a benchmark (pope, textvqa, gqa, mme, scienceqa_img); resumable")
     add_eval_args(e)
     _add_method_args(e)  # the pruning flags, --clip-path included
     e.set_defaults(func=cmd_eval)
 
-    from vlmprune.bench import add_arguments as add_bench_args
 
     b = sub.add_parser("bench", help="efficiency benchmark: FLOPs, encoder/selection/prefill time, TTFT, decode "
                                      "tokens/s, KV cache and memory per method (JSON, markdown, PNG)")

@@ -15,6 +15,12 @@ import time
 import jax
 import numpy as np
 
+import vlmprune
+from vlmprune import prune
+from vlmprune.flops import prefill_macs
+from vlmprune.model import sample_token
+from vlmprune.tiny import demo_image, is_tiny_checkpoint, write_random_llava
+
 DEFAULT_DIR = os.path.join("checkpoints", "tiny-llava-1.5")
 DEMO_PROMPT = "What is in the image?"
 
@@ -31,7 +37,6 @@ def ensure_tiny_checkpoint(directory: str = DEFAULT_DIR, *, overwrite: bool = Fa
     an absent or empty directory (or over an incomplete tiny checkpoint). Any other directory (a real
     checkpoint, sharded or not) is refused with ``OutputExistsError`` and left untouched unless ``overwrite``.
     """
-    from vlmprune.tiny import is_tiny_checkpoint, write_random_llava
 
     if not overwrite and is_tiny_checkpoint(directory):
         return directory
@@ -59,8 +64,6 @@ def prepare_inputs(model, images, prompts):
 
 def timed_generate(model, x, *, pruner=None, max_new_tokens=16, repeats=3):
     """Median time to first token (prefill + first sample) and decode tokens/s, after one warm-up run."""
-    from vlmprune.model import sample_token
-
     ttft, tps, out = [], [], None
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -81,9 +84,6 @@ def timed_generate(model, x, *, pruner=None, max_new_tokens=16, repeats=3):
 
 def run_demo(directory: str | None = None, *, methods=None, max_new_tokens: int = 16, overwrite: bool = False,
              flag: str = "overwrite=True") -> list[dict]:
-    import vlmprune
-    from vlmprune.flops import prefill_macs
-    from vlmprune.tiny import demo_image
 
     directory = ensure_tiny_checkpoint(directory or DEFAULT_DIR, overwrite=overwrite, flag=flag)
     log(f"loading {directory} ...")
@@ -110,7 +110,6 @@ def run_demo(directory: str | None = None, *, methods=None, max_new_tokens: int 
 
 
 def demo_methods(model):
-    from vlmprune import prune
 
     n = model.config.tokens_per_image
     out = [("none", None)]

@@ -29,7 +29,10 @@ from typing import Any
 import numpy as np
 
 from vlmprune import prune
+from vlmprune.anyres import batch_layout, max_tiles
+from vlmprune.demo import prepare_inputs
 from vlmprune.io.safe_output import staged_file
+from vlmprune.models.llava import Llava
 from vlmprune.pipeline.plan import prepare_host
 from vlmprune.prune import spec as spec_mod
 from vlmprune.prune.base import LLMPruner, VisualPruner
@@ -114,7 +117,6 @@ def load_image(image):
 def preprocess(model, image, prompt: str = DEFAULT_PROMPT) -> dict:
     """Processor outputs (numpy) for one (image, prompt): input_ids (1, L), pixel_values (1, C, S, S) or, for
     LLaVA-NeXT, (1, T, C, S, S) plus image_sizes (1, 2)."""
-    from vlmprune.demo import prepare_inputs
 
     return prepare_inputs(model, [load_image(image)], [prompt])
 
@@ -151,8 +153,6 @@ def encode(model, pixel_values, pruner) -> dict:
 
 def projector(model):
     """features (..., N, D_vision) -> LLM embeddings (..., N, D_llm): the model's multimodal projector."""
-    from vlmprune.models.llava import Llava
-
     return lambda f: model.module.apply({"params": model.params}, f, method=Llava.project)
 
 
@@ -167,8 +167,6 @@ def keep_mask_llava(model, pixel_values, pruner) -> np.ndarray:
 
 def next_layout(model, image_sizes):
     """LLaVA-NeXT host layout (``vlmprune.anyres.BatchLayout``) for image_sizes (NI, 2) (height, width)."""
-    from vlmprune.anyres import batch_layout
-
     c = model.config
     return batch_layout(np.asarray(image_sizes), c.image_grid_pinpoints, tile_size=c.vision.image_size,
                         tokens_per_side=c.vision.image_size // c.vision.patch_size)
@@ -192,7 +190,6 @@ def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str]
     """
     import jax.numpy as jnp
 
-    from vlmprune.anyres import max_tiles
 
     c = model.config
     n = c.tokens_per_image

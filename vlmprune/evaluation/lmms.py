@@ -23,6 +23,7 @@ import json
 
 from lmms_eval.api.model import lmms
 
+import vlmprune
 from vlmprune import prune
 from vlmprune.evaluation.runner import model_predict_fn
 from vlmprune.evaluation.tasks import LLAVA_SYSTEM_PROMPT
@@ -51,14 +52,12 @@ def _task_of(req) -> str:
 
 class VlmpruneLMM(lmms):
     """lmms-eval simple model over ``vlmprune.load`` + a pruner."""
-
     is_simple = True
 
     def __init__(self, pretrained: str = None, method: str = "none", dtype: str = "float32",
                  image_aspect: str | None = None, system_prompt: str = LLAVA_SYSTEM_PROMPT, pad_multiple: int = 64,
                  batch_size: int | str = 1, max_batch_size=None, device=None, **settings) -> None:
         super().__init__()
-        import vlmprune
 
         if not pretrained:
             raise ValueError("vlmprune: model_args need pretrained=<checkpoint directory>")

@@ -25,9 +25,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+import vlmprune
 from vlmprune.evaluation.metrics import score_task
 from vlmprune.evaluation.tasks import (
     LLAVA_SYSTEM_PROMPT,
+    TASKS,
     Task,
     TaskData,
     check_data_path,
@@ -334,8 +336,6 @@ def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data
 
 def add_eval_args(p) -> None:
     """Arguments of ``vlmprune eval`` (the pruning flags are added by the CLI's ``_add_method_args``)."""
-    from vlmprune.evaluation.tasks import TASKS
-
     p.add_argument("--model", required=True, help="HF LLaVA directory or vlmprune checkpoint")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--data", default=None, help="save_to_disk directory, local hub-layout directory or hub id "
@@ -378,8 +378,6 @@ def check_args(args) -> None:
 
 def run_from_args(args, pruner) -> dict:
     """``vlmprune eval``: check the flags, open the data (labels validated), load the model, run."""
-    import vlmprune
-
     check_args(args)
     out_dir = args.output_dir or os.path.join(
         "results", "eval", os.path.basename(os.path.normpath(args.model)), args.task, pruner_label(pruner))
