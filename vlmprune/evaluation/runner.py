@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 import vlmprune
 from vlmprune.evaluation.metrics import score_task
@@ -248,6 +249,31 @@ def _check_run(out_dir: str, settings: dict, done: dict[str, dict], overwrite: b
 # ------------------------------------------------------------------------------------------- the runner
 
 
+def _predict_batches(task: Task, td: TaskData, ids, todo, done: dict, predict_fn, pred_path: str, fingerprint: str,
+                     *, batch_size: int, ocr: bool, progress: bool, total: int) -> int:
+    """Predict the ``todo`` rows batch by batch, appending each record to ``pred_path`` (and ``done``) as soon as
+    its batch returns; the number of predictions made."""
+    generated = 0
+    with open(pred_path, "a", encoding="utf-8") as f, \
+            tqdm(total=total, initial=total - len(todo), desc=task.name, unit="sample", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            rows = [td.row(i) for i in todo[start:start + batch_size]]
+            prompts = [task.prompt(r, ocr=ocr) for r in rows]
+            samples = [dict(id=ids[i], index=i, reference=task.reference(r, ids[i]), row=r)
+                       for i, r in zip(todo[start:start + batch_size], rows)]
+            texts = list(predict_fn(prompts, [r["image"] for r in rows], samples))
+            if len(texts) != len(rows):
+                raise ValueError(f"predict_fn returned {len(texts)} predictions for {len(rows)} samples")
+            for s, p, t in zip(samples, prompts, texts):
+                rec = dict(id=s["id"], prompt=p, prediction=str(t), reference=s["reference"], settings=fingerprint)
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                done[s["id"]] = rec
+            f.flush()
+            generated += len(rows)
+            bar.update(len(rows))
+    return generated
+
+
 def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data: str | None = None,
              split: str | None = None, config: str | None = None, images: str | None = None, dataset=None,
              limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
@@ -300,27 +326,9 @@ def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data
     if predict_fn is None:
         predict_fn = model_predict_fn(model, pruner=pruner, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                       system_prompt=system_prompt, pad_multiple=pad_multiple, timing=timing)
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
-    generated = 0
-    with open(pred_path, "a", encoding="utf-8") as f, \
-            tqdm(total=n, initial=n - len(todo), desc=task.name, unit="sample", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            rows = [td.row(i) for i in todo[start:start + batch_size]]
-            prompts = [task.prompt(r, ocr=ocr) for r in rows]
-            samples = [dict(id=ids[i], index=i, reference=task.reference(r, ids[i]), row=r)
-                       for i, r in zip(todo[start:start + batch_size], rows)]
-            texts = list(predict_fn(prompts, [r["image"] for r in rows], samples))
-            if len(texts) != len(rows):
-                raise ValueError(f"predict_fn returned {len(texts)} predictions for {len(rows)} samples")
-            for s, p, t in zip(samples, prompts, texts):
-                rec = dict(id=s["id"], prompt=p, prediction=str(t), reference=s["reference"], settings=fingerprint)
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                done[s["id"]] = rec
-            f.flush()
-            generated += len(rows)
-            bar.update(len(rows))
+    generated = _predict_batches(task, td, ids, todo, done, predict_fn, pred_path, fingerprint,
+                                 batch_size=batch_size, ocr=ocr, progress=progress, total=n)
     elapsed = time.perf_counter() - t0
     metrics = score_task(task.name, [done[i] for i in ids])
     summary = dict(settings, **metrics, generated_this_run=generated,

@@ -338,6 +338,46 @@ def hired(
     return jax.tree_util.tree_map(lambda a: a[0], sel)
 
 
+def _check_tiles_and_grids(num_tiles, grids, b: int, t_max: int, n: int, variant: Variant, where: str):
+    """``hired_batched``'s per-image tile counts (B,) and grids (B, 2) validated (values too when concrete);
+    returns them as arrays (grids all zero for the reference variant)."""
+    if isinstance(num_tiles, (list, tuple)):
+        num_tiles = np.asarray([_checks.check_int("num_tiles[i]", p, where=where) for p in num_tiles], np.int32)
+    if isinstance(num_tiles, numbers.Integral):
+        raise ValueError(f"{where}: num_tiles must have one entry per image (shape ({b},)), got a scalar")
+    if getattr(num_tiles, "shape", None) != (b,):
+        raise ValueError(f"{where}: num_tiles must have shape ({b},), got {getattr(num_tiles, 'shape', None)}")
+    if not jnp.issubdtype(num_tiles.dtype, jnp.integer):
+        raise ValueError(f"{where}: num_tiles must be integers, got {num_tiles.dtype}")
+    concrete_p = np.asarray(num_tiles) if _checks.is_concrete(num_tiles) else None
+    if concrete_p is not None and (concrete_p.min() < 1 or concrete_p.max() > t_max):
+        raise ValueError(f"{where}: num_tiles must lie in [1, T_max={t_max}], got {concrete_p.tolist()}")
+
+    if variant == "paper":
+        if grids is None:
+            raise ValueError(f"{where}: variant='paper' needs grids (B, 2) = (cols, rows) per image")
+        _check_square(n, where)
+        if isinstance(grids, (list, tuple)):
+            grids = np.asarray(grids, dtype=np.int32)
+        if getattr(grids, "shape", None) != (b, 2):
+            raise ValueError(f"{where}: grids must have shape ({b}, 2), got {getattr(grids, 'shape', None)}")
+        if not jnp.issubdtype(grids.dtype, jnp.integer):
+            raise ValueError(f"{where}: grids must be integers, got {grids.dtype}")
+        if concrete_p is not None and _checks.is_concrete(grids):
+            for i, (p, g) in enumerate(zip(concrete_p.tolist(), np.asarray(grids).tolist())):
+                if p > 1:
+                    _check_grid(tuple(g), p, where, name=f"grids[{i}]")
+    else:
+        if grids is not None:
+            raise ValueError(f"{where}: grids is only used by variant='paper'")
+        if concrete_p is not None:
+            for p in concrete_p.tolist():
+                _check_bands(p, n, where)
+        grids = np.zeros((b, 2), np.int32)
+
+    return num_tiles, grids
+
+
 def hired_batched(
     shallow_cls_attn: jax.Array,
     deep_cls_attn: jax.Array,
@@ -379,39 +419,7 @@ def hired_batched(
     b, t_max, _, n = shallow_cls_attn.shape
     budget_rate, alpha, k_sp = _check_config(budget_rate, alpha, k_sp, variant, n, where)
 
-    if isinstance(num_tiles, (list, tuple)):
-        num_tiles = np.asarray([_checks.check_int("num_tiles[i]", p, where=where) for p in num_tiles], np.int32)
-    if isinstance(num_tiles, numbers.Integral):
-        raise ValueError(f"{where}: num_tiles must have one entry per image (shape ({b},)), got a scalar")
-    if getattr(num_tiles, "shape", None) != (b,):
-        raise ValueError(f"{where}: num_tiles must have shape ({b},), got {getattr(num_tiles, 'shape', None)}")
-    if not jnp.issubdtype(num_tiles.dtype, jnp.integer):
-        raise ValueError(f"{where}: num_tiles must be integers, got {num_tiles.dtype}")
-    concrete_p = np.asarray(num_tiles) if _checks.is_concrete(num_tiles) else None
-    if concrete_p is not None and (concrete_p.min() < 1 or concrete_p.max() > t_max):
-        raise ValueError(f"{where}: num_tiles must lie in [1, T_max={t_max}], got {concrete_p.tolist()}")
-
-    if variant == "paper":
-        if grids is None:
-            raise ValueError(f"{where}: variant='paper' needs grids (B, 2) = (cols, rows) per image")
-        _check_square(n, where)
-        if isinstance(grids, (list, tuple)):
-            grids = np.asarray(grids, dtype=np.int32)
-        if getattr(grids, "shape", None) != (b, 2):
-            raise ValueError(f"{where}: grids must have shape ({b}, 2), got {getattr(grids, 'shape', None)}")
-        if not jnp.issubdtype(grids.dtype, jnp.integer):
-            raise ValueError(f"{where}: grids must be integers, got {grids.dtype}")
-        if concrete_p is not None and _checks.is_concrete(grids):
-            for i, (p, g) in enumerate(zip(concrete_p.tolist(), np.asarray(grids).tolist())):
-                if p > 1:
-                    _check_grid(tuple(g), p, where, name=f"grids[{i}]")
-    else:
-        if grids is not None:
-            raise ValueError(f"{where}: grids is only used by variant='paper'")
-        if concrete_p is not None:
-            for p in concrete_p.tolist():
-                _check_bands(p, n, where)
-        grids = np.zeros((b, 2), np.int32)
+    num_tiles, grids = _check_tiles_and_grids(num_tiles, grids, b, t_max, n, variant, where)
 
     return _hired_core(
         jnp.asarray(shallow_cls_attn),
