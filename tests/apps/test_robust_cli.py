@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 import vlmprune
+from reference.hf_builders import build_hf_clip, build_hf_llava_next
 from vlmprune import prune
 from vlmprune.cli import main
 from vlmprune.tiny import demo_image
@@ -20,44 +20,12 @@ PROMPT = "What is in the image?"
 
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory):
-    """A tiny random LLaVA-NeXT saved by transformers (tiles of 56 px, 16 tokens each, 3 vision layers)."""
-    from transformers import LlavaNextForConditionalGeneration
-
-    from vlmprune.tiny import build_next_processor, build_tokenizer, tiny_llava_next_config
-
-    d = tmp_path_factory.mktemp("cli_next")
-    tok = build_tokenizer()
-    cfg = tiny_llava_next_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    torch.manual_seed(5)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(d)
-    build_next_processor(tok, cfg).save_pretrained(d)
-    return str(d)
+    return build_hf_llava_next(tmp_path_factory.mktemp("cli_next"), seed=5)
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """A tiny full CLIP (both towers) taking the NeXT tiles (56 px, patch 14), with the demo tokenizer."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from vlmprune.tiny import build_tokenizer
-
-    tok = build_tokenizer()
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, eos_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=56, patch_size=14),
-        projection_dim=24,
-    )
-    torch.manual_seed(4)
-    d = tmp_path_factory.mktemp("cli_clip")
-    CLIPModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return build_hf_clip(tmp_path_factory.mktemp("cli_clip"), image_size=56, seed=4)
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,10 @@ import json
 import os
 
 import pytest
-import torch
 
+from reference.hf_builders import build_hf_clip
 from vlmprune import bench
 from vlmprune.cli import main
-from vlmprune.tiny import build_tokenizer
 
 #: the methods with a LLaVA-NeXT form (``supports_next``), tiny budgets for 16-token tiles
 NEXT_SPECS = ("none", "vispruner:4", "fastervlm:4", "hired:0.25", "divprune:4", "visionzip:8",
@@ -20,21 +19,8 @@ FAST = ["--repeats", "1", "--warmup", "0", "--batch", "1", "--max-new-tokens", "
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    """A full tiny CLIP (both towers) whose image tower takes the tiny NeXT tiles (56 px)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    tok = build_tokenizer()
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, eos_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=bench.PRESETS["tiny-next"].overrides["vision_image_size"], patch_size=14),
-        projection_dim=24)
-    torch.manual_seed(3)
-    d = tmp_path_factory.mktemp("bench_clip")
-    CLIPModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return build_hf_clip(tmp_path_factory.mktemp("bench_clip"),
+                         image_size=bench.PRESETS["tiny-next"].overrides["vision_image_size"], seed=3)
 
 
 def _runs(out_dir, tag):

@@ -15,6 +15,7 @@ datasets = pytest.importorskip("datasets")
 
 from PIL import Image  # noqa: E402
 
+from reference.hf_builders import build_hf_llava_next  # noqa: E402
 from vlmprune.evaluation import metrics, runner  # noqa: E402
 
 ANSWERS = ["yes", "no", "yes", "no", "yes"]
@@ -160,22 +161,7 @@ def test_refusals_name_the_task(mha_dir):
 
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory):
-    import torch
-    from transformers import LlavaNextForConditionalGeneration
-
-    from vlmprune.tiny import build_next_processor, build_tokenizer, tiny_llava_next_config
-
-    d = tmp_path_factory.mktemp("lmms_next")
-    tok = build_tokenizer()
-    cfg = tiny_llava_next_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    torch.manual_seed(5)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(d)
-    build_next_processor(tok, cfg).save_pretrained(d)
-    return str(d)
+    return build_hf_llava_next(tmp_path_factory.mktemp("lmms_next"), seed=5)
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next"])

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import vlmprune
+from reference.hf_builders import build_hf_llava_next
 from vlmprune import prune
 from vlmprune.anyres import Grid, grid_for
 
@@ -19,21 +20,7 @@ SIZES = {(40, 90): (1, 2), (90, 40): (2, 1), (100, 100): (2, 2), (30, 120): (1, 
 
 @pytest.fixture(scope="module")
 def next_dir(tmp_path_factory):
-    from transformers import LlavaNextForConditionalGeneration
-
-    from vlmprune.tiny import build_next_processor, build_tokenizer, tiny_llava_next_config
-
-    d = tmp_path_factory.mktemp("next")
-    tok = build_tokenizer()
-    cfg = tiny_llava_next_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
-    torch.manual_seed(11)
-    model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    model.save_pretrained(d)
-    build_next_processor(tok, cfg).save_pretrained(d)
-    return str(d)
+    return build_hf_llava_next(tmp_path_factory.mktemp("next"), seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -57,3 +57,44 @@ def sharded_copy(src, dst):
     with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": {k: fn for fn, ks in halves.items() for k in ks}}, f)
     return str(dst)
+
+
+def build_hf_llava_next(directory, seed=0):
+    """Random HF LlavaNextForConditionalGeneration (tiles of 56 px, 16 tokens each, 3 vision layers), saved with
+    save_pretrained, plus processor files."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    from vlmprune.tiny import build_next_processor, build_tokenizer, tiny_llava_next_config
+
+    tok = build_tokenizer()
+    cfg = tiny_llava_next_config(len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # HF's init leaves norms at 1/0: perturb every parameter so each one is tested
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(directory)
+    build_next_processor(tok, cfg).save_pretrained(directory)
+    return str(directory)
+
+
+def build_hf_clip(directory, image_size=56, seed=0):
+    """A tiny full HF CLIP (both towers, patch 14) with the demo tokenizer, as HERO's ``clip_path``."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from vlmprune.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=14),
+        projection_dim=24,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return str(directory)

@@ -7,8 +7,12 @@ from transformers import SiglipVisionModel
 
 from vlmprune.io.weights import abstract_params, load_params
 from vlmprune.models.vision.siglip import (
-    SiglipVisionConfig, SiglipVisionTransformer, siglip_vision_renames, siglip_vision_rules,
+    SiglipVisionConfig,
+    SiglipVisionTransformer,
+    siglip_vision_renames,
+    siglip_vision_rules,
 )
+
 
 def build_hf_siglip(directory, image_size, patch_size, use_head, seed=0):
     """Random HF SiglipVisionModel (torch, eager attention), saved with save_pretrained; returns (model, cfg)."""
