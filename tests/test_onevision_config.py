@@ -2,8 +2,8 @@
 
 import pytest
 
+from vlmprune.anyres.onevision import OnevisionGeometry
 from vlmprune.onevision_config import read_onevision_config
-from vlmprune.onevision_layout import OnevisionGeometry
 
 
 def _save(directory, **top):

@@ -13,7 +13,7 @@ import os
 from transformers import AutoConfig
 
 from vlmprune.models.text.qwen2 import Qwen2Config
-from vlmprune.onevision_layout import OnevisionGeometry, anyres_max
+from vlmprune.anyres.onevision import OnevisionGeometry, anyres_max
 
 
 @dataclasses.dataclass(frozen=True)

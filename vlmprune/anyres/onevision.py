@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune.next_layout import grid_shape, unpad_crop
+from vlmprune.anyres.geometry import grid_for, unpad_bounds
 
 Array = jax.Array
 
@@ -160,8 +160,9 @@ def image_layout(image_size_hw: Sequence[int], geom: OnevisionGeometry, *, tiled
     n = geom.tokens_per_side
     if not tiled:
         return ImageLayout(size, 0, 0, 0, 0, 0, 0, (0, 0), n, tiled=False)
-    rows, cols = grid_shape(size, geom.pinpoints, geom.tile_size)
-    top, bottom, left, right = unpad_crop(size, (rows * n, cols * n))
+    g = grid_for(size, geom.pinpoints, tile_size=geom.tile_size)  # (height, width) pinpoints, as HF
+    rows, cols = g.rows, g.cols
+    top, bottom, left, right = unpad_bounds(size, (rows * n, cols * n), rule="hf")
     out = downsampled_size(bottom - top, right - left, n, geom.max_num)
     return ImageLayout(size, rows, cols, top, bottom, left, right, out, n)
 
@@ -390,8 +391,7 @@ class ProcessorFacts:
 
     def num_tiles(self, image_size_hw: Sequence[int]) -> int:
         """Tiles the processor emits for one image (single-image prompt): the base plus the grid."""
-        rows, cols = grid_shape(tuple(int(v) for v in image_size_hw), self.pinpoints, self.tile_size)
-        return 1 + rows * cols
+        return grid_for(tuple(int(v) for v in image_size_hw), self.pinpoints, tile_size=self.tile_size).num_tiles
 
 
 def read_processor_facts(directory: str) -> ProcessorFacts:
