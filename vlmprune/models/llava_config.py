@@ -8,15 +8,16 @@ families, chosen by ``vision_config.model_type`` and ``text_config.model_type`` 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import re
 from typing import Any
 
 import numpy as np
 
 from vlmprune.models import TEXT, VISION, family
 
-SUPPORTED = ("llava", "llava_next")
+SUPPORTED = ("llava", "llava_next", "llava_onevision")
+#: model types whose images are tiled by the anyres pinpoints (pixels (NI, tiles, C, S, S) + image_sizes)
+ANYRES = ("llava_next", "llava_onevision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +34,12 @@ class LlavaConfig:
     pad_token_id: int = 0
     bos_token_id: int = 1
     image_grid_pinpoints: tuple = ()
+    vision_aspect_ratio: str = ""  # LLaVA-OneVision's "anyres_max_N" (its packing budget); "" otherwise
+
+    @property
+    def anyres(self) -> bool:
+        """Images are tiled by the pinpoints (LLaVA-NeXT, LLaVA-OneVision)."""
+        return self.model_type in ANYRES
 
     @property
     def tokens_per_image(self) -> int:
@@ -100,8 +107,13 @@ class LlavaConfig:
             if len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in p):
                 raise ValueError(f"{where}: image_grid_pinpoints[{i}]={list(p)!r} must be a (height, width) pair "
                                  "of positive pixel counts")
-        if hf.model_type == "llava_next" and not pins:
-            raise ValueError(f"{where}: image_grid_pinpoints is empty; a LLaVA-NeXT model needs its tile grids")
+        if hf.model_type in ANYRES and not pins:
+            raise ValueError(f"{where}: image_grid_pinpoints is empty; a {hf.model_type} model needs its tile grids")
+        aspect = ""
+        if hf.model_type == "llava_onevision":
+            aspect = str(getattr(hf, "vision_aspect_ratio", "anyres_max_9"))
+            if not re.fullmatch(r"anyres_max_[1-9]\d*", aspect):
+                raise ValueError(f"{where}: vision_aspect_ratio={aspect!r} must look like 'anyres_max_<N>' (N >= 1)")
         return cls(
             vision=vision.config.from_hf(hf.vision_config),
             text=text.config.from_hf(tc),
@@ -115,6 +127,7 @@ class LlavaConfig:
             pad_token_id=int(pad),
             bos_token_id=int(bos or 1),
             image_grid_pinpoints=pins,
+            vision_aspect_ratio=aspect,
         )
 
 

@@ -1,0 +1,130 @@
+"""LLaVA-OneVision (SigLIP tower, Qwen2 decoder, anyres_max packing) loaded with ``vlmprune.load`` against HF's
+``LlavaOnevisionForConditionalGeneration`` (tiny random checkpoints, fp32, highest matmul precision): logits of a
+left-padded batch of two images with different grids, and greedy generation."""
+
+import chex
+import jax
+import numpy as np
+import pytest
+import torch
+
+import vlmprune
+from vlmprune import prune
+from vlmprune.anyres.onevision import geometry, image_layout
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+LOGITS_ATOL = 1e-4  # fp32 end to end (tower, projector, packing blend, decoder) vs torch fp32 on CPU
+VOCAB, IMAGE, PAD = 120, 100, 0
+TILE = 28  # 7-px patches: 4 x 4 tokens per tile
+# (height, width) of the two images of a batch: a 1x2 and a 3x1 grid
+SIZES = [(40, 90), (110, 35)]
+
+# name -> (vision_aspect_ratio, tied): anyres_max_9 never downsamples at this size; max 1 always does
+VARIANTS = {"max9_untied": ("anyres_max_9", False), "max1_tied": ("anyres_max_1", True),
+            "max2_untied": ("anyres_max_2", False)}
+
+
+def build_hf_onevision(directory, aspect, tied, seed=0):
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    vision = dict(model_type="siglip_vision_model", image_size=TILE, patch_size=7, hidden_size=32,
+                  intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, vision_use_head=False)
+    text = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=1e6,
+                tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE,
+                               video_token_index=101, vision_aspect_ratio=aspect, tie_word_embeddings=tied,
+                               image_grid_pinpoints=[[TILE * a, TILE * b] for a in (1, 2, 3) for b in (1, 2, 3)])
+    torch.manual_seed(seed)
+    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # HF's init leaves biases at 0, norms at 1 and the newline at 0: perturb everything
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def models(request, tmp_path_factory):
+    aspect, tied = VARIANTS[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    hf = build_hf_onevision(d, aspect, tied)
+    return request.param, vlmprune.load(str(d)), hf
+
+
+def _batch(model, seed=0):
+    """Left-padded batch: row 0 = [text, image 0, text], row 1 = [pad..., text, image 1, text], tiles padded."""
+    rng = np.random.default_rng(seed)
+    geom = geometry(model.config)
+    lays = [image_layout(s, geom) for s in SIZES]
+    t_max = max(lay.num_tiles for lay in lays)
+    pix = np.zeros((len(SIZES), t_max, 3, TILE, TILE), np.float32)
+    for i, lay in enumerate(lays):
+        pix[i, : lay.num_tiles] = rng.standard_normal((lay.num_tiles, 3, TILE, TILE))
+    rows = [[5, 6] + [IMAGE] * lays[0].num_tokens + [7, 8, 9, 10],
+            [11] + [IMAGE] * lays[1].num_tokens + [12, 13]]
+    length = max(map(len, rows))
+    ids = np.full((2, length), PAD, np.int64)
+    mask = np.zeros((2, length), np.int64)
+    for r, row in enumerate(rows):
+        ids[r, length - len(row):] = row
+        mask[r, length - len(row):] = 1
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pix, image_sizes=np.array(SIZES, np.int64)), lays
+
+
+def _torch(x):
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()}
+
+
+def test_loads_as_onevision(models):
+    _, model, _ = models
+    c = model.config
+    assert c.model_type == "llava_onevision" and c.vision_feature_select_strategy == "full"
+    assert c.tokens_per_image == (TILE // 7) ** 2  # no CLS to drop
+
+
+def test_layout_counts_match_hf(models):
+    name, model, hf = models
+    x, lays = _batch(model)
+    with torch.no_grad():
+        feats = hf.model.get_image_features(torch.from_numpy(x["pixel_values"]), torch.from_numpy(x["image_sizes"]),
+                                            vision_aspect_ratio=hf.config.vision_aspect_ratio)
+    feats = getattr(feats, "pooler_output", feats)
+    assert [f.shape[0] for f in feats] == [lay.num_tokens for lay in lays]
+    if name == "max1_tied":
+        assert all(lay.downsampled for lay in lays)  # the downsampling branch is exercised
+
+
+def test_logits_match_hf_left_padded_mixed_sizes(models):
+    name, model, hf = models
+    x, _ = _batch(model)
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    m = x["attention_mask"].astype(bool)
+    pos = np.maximum(np.cumsum(m, 1) - 1, 0)  # HF positions of a left-padded batch count real tokens only
+    with torch.no_grad():
+        ref = hf(**_torch(x), position_ids=torch.from_numpy(pos)).logits.numpy()
+    ours = np.asarray(out.logits)
+    err = np.abs(ours[m] - ref[m]).max()
+    print(name, "max |logits - HF|:", err)
+    chex.assert_trees_all_close(ours[m], ref[m], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_greedy_generation_matches_hf(models):
+    _, model, hf = models
+    x, _ = _batch(model, seed=1)
+    ours = model.generate(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"],
+                          attention_mask=x["attention_mask"], max_new_tokens=16)
+    with torch.no_grad():
+        gen = hf.generate(**_torch(x), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=PAD)
+    np.testing.assert_array_equal(ours, gen[:, x["input_ids"].shape[1]:].numpy())
+
+
+def test_visual_pruner_refused_before_compile(models):
+    _, model, _ = models
+    x, _ = _batch(model)
+    before = model.compile_counts()["forward"]
+    with pytest.raises(NotImplementedError, match="not implemented"):
+        model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
+              pruner=prune.get("random", num_keep=4))
+    assert model.compile_counts()["forward"] == before
