@@ -25,16 +25,16 @@ VARIANTS = {"max9_untied": ("anyres_max_9", False), "max1_tied": ("anyres_max_1"
             "max2_untied": ("anyres_max_2", False)}
 
 
-def build_hf_onevision(directory, aspect, tied, seed=0):
+def build_hf_onevision(directory, aspect, tied, seed=0, vocab=VOCAB, image=IMAGE, video=101, pad=PAD):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     vision = dict(model_type="siglip_vision_model", image_size=TILE, patch_size=7, hidden_size=32,
                   intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, vision_use_head=False)
-    text = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+    text = dict(model_type="qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=1e6,
-                tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=PAD)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=IMAGE,
-                               video_token_index=101, vision_aspect_ratio=aspect, tie_word_embeddings=tied,
+                tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=pad)
+    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=image,
+                               video_token_index=video, vision_aspect_ratio=aspect, tie_word_embeddings=tied,
                                image_grid_pinpoints=[[TILE * a, TILE * b] for a in (1, 2, 3) for b in (1, 2, 3)])
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
@@ -128,3 +128,48 @@ def test_visual_pruner_refused_before_compile(models):
         model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
               pruner=prune.get("random", num_keep=4))
     assert model.compile_counts()["forward"] == before
+
+
+@pytest.fixture(scope="module")
+def with_processor(tmp_path_factory):
+    """A checkpoint that ships its tokenizer and image processor (SigLIP's mean/std 0.5, not the class defaults)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    from vlmprune.tiny import CHAT_TEMPLATE, build_tokenizer
+
+    d = tmp_path_factory.mktemp("ov_proc")
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    image, video = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>")
+    hf = build_hf_onevision(d, "anyres_max_2", False, seed=3, vocab=len(tok), image=image, video=video,
+                            pad=tok.pad_token_id)
+    pins = hf.config.image_grid_pinpoints
+    LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": TILE, "width": TILE},
+                                    image_grid_pinpoints=pins).save_pretrained(d)
+    tok.save_pretrained(d)
+    return vlmprune.load(str(d)), hf
+
+
+def test_processor_from_checkpoint_files_matches_hf(with_processor):
+    from PIL import Image
+
+    model, hf = with_processor
+    proc = model.processor
+    assert list(proc.image_processor.image_mean) == [0.5] * 3  # the checkpoint's values, not CLIP's class defaults
+    rng = np.random.default_rng(5)
+    imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                      add_generation_prompt=True) for q in ("What is in the image?", "Where?")]
+    x = proc(images=imgs, text=texts, padding=True)
+    assert x["attention_mask"][1, 0] == 0  # left padded: the two images pack into different lengths
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    m = x["attention_mask"].astype(bool)
+    pos = np.maximum(np.cumsum(m, 1) - 1, 0)
+    with torch.no_grad():  # HF raises if the placeholder counts differ from its packed features
+        ref = hf(**_torch(x), position_ids=torch.from_numpy(pos)).logits.numpy()
+    err = np.abs(np.asarray(out.logits)[m] - ref[m]).max()
+    print("processor batch max |logits - HF|:", err)
+    chex.assert_trees_all_close(np.asarray(out.logits)[m], ref[m], atol=LOGITS_ATOL, rtol=0)

@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from vlmprune import sharding
+from vlmprune.anyres.onevision import geometry
 from vlmprune.io import checkpoint, weights
 from vlmprune.io.weights import Rules, identity, prefix_rules, transpose
 from vlmprune.models import FAMILIES, Family, family_of
 from vlmprune.models.activations import activation
 from vlmprune.models.llava_config import LlavaConfig
+from vlmprune.models.onevision_processor import load_onevision_processor
 from vlmprune.models.text.llama import KVCache
 
 Array = jax.Array
@@ -226,4 +228,13 @@ def load_llava(path: str, *, dtype, mesh=None, check_finite: bool = True) -> Loa
             check_finite=check_finite,
             tied=None if tied is None else tuple(f"language_model/{p}" for p in tied),
         )
-    return LoadedLlava(cfg, params, checkpoint.load_processor(path), hf)
+    return LoadedLlava(cfg, params, load_processor(path, cfg), hf)
+
+
+def load_processor(path: str, cfg: LlavaConfig):
+    """The checkpoint's processor: HF's ``AutoProcessor`` (LLaVA-1.5, NeXT), or for LLaVA-OneVision one built
+    from its image-processor and tokenizer files (``vlmprune.models.onevision_processor``: HF's own processor
+    class cannot be built without torchvision). None when the directory ships no tokenizer."""
+    if cfg.model_type == "llava_onevision":
+        return load_onevision_processor(path, geometry(cfg))
+    return checkpoint.load_processor(path)

@@ -20,11 +20,16 @@ import jax.numpy as jnp
 
 from vlmprune.anyres.onevision import PackTables, pack_image_features
 from vlmprune.anyres.pack import pack
-from vlmprune.models.text.llama import KVCache
 from vlmprune.models.llava import Llava
+from vlmprune.models.text.llama import KVCache
 from vlmprune.pipeline.plan import DeviceInputs
 from vlmprune.prune.base import (
-    LLMPruner, PruneContext, VisualPruner, image_keep_mask, keep_all, tokens_for_llm,
+    LLMPruner,
+    PruneContext,
+    VisualPruner,
+    image_keep_mask,
+    keep_all,
+    tokens_for_llm,
 )
 from vlmprune.types import ModelOutput, NextLayout, PruneResult, TapRequest, VisionTaps
 
@@ -83,8 +88,8 @@ def prune(pruner, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
     return keep_all(taps, ctx) if p is None else p.prune(taps, ctx)
 
 
-def tokens_from_taps(module: Llava, params, taps: VisionTaps, pruner=None, layout: NextLayout | PackTables | None = None,
-                     aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
+def tokens_from_taps(module: Llava, params, taps: VisionTaps, pruner=None,
+                     layout: NextLayout | PackTables | None = None, aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
     """Prune and project encoded images: (tokens (NI, K, D_llm), valid bool (NI, K)).
 
     LLaVA-1.5: taps of NI images, K = the pruner's budget (all tokens without one).
