@@ -173,3 +173,54 @@ def test_processor_from_checkpoint_files_matches_hf(with_processor):
     err = np.abs(np.asarray(out.logits)[m] - ref[m]).max()
     print("processor batch max |logits - HF|:", err)
     chex.assert_trees_all_close(np.asarray(out.logits)[m], ref[m], atol=LOGITS_ATOL, rtol=0)
+
+
+def _fastv_reference(hf, embeds, img_slots, layer, keep):
+    """In-place FastV on HF's own Qwen2 layers for one unpadded row: score the image slots by the head-mean
+    attention of the last token at layer ``layer - 1``, keep the ``keep`` best (ties: lower slot, as torch.topk on
+    distinct values), run the later layers on the kept slots at their original positions."""
+    lm = hf.model.language_model
+    n = embeds.shape[1]
+    pos = torch.arange(n)[None]
+    with torch.no_grad():
+        out = lm(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True)
+        scores = out.attentions[layer - 1][0, :, -1, :].mean(0)[img_slots]
+        kept_img = img_slots[torch.topk(scores, keep).indices]
+        others = torch.tensor([s for s in range(n) if s not in set(img_slots.tolist())])
+        slots = torch.sort(torch.cat([others, kept_img])).values
+        h, p = out.hidden_states[layer][:, slots], pos[:, slots]
+        t = h.shape[1]
+        causal = torch.full((t, t), float("-inf")).triu(1)[None, None]
+        pe = lm.rotary_emb(h, p)
+        for blk in lm.layers[layer:]:
+            h = blk(h, attention_mask=causal, position_ids=p, position_embeddings=pe)
+            h = h[0] if isinstance(h, tuple) else h
+        return hf.lm_head(lm.norm(h)).numpy()
+
+
+def test_fastv_on_qwen2_matches_hf_layers(models):
+    """FastV [PROPOSED on Qwen2/OneVision] on a left-padded batch of two packed lengths: each row keeps
+    floor(ratio·V) of its own image's tokens; row by row equal to HF's layers run the same way."""
+    name, model, hf = models
+    pruner = prune.FastV(layer=1, keep_ratio=0.3)
+    x, lays = _batch(model, seed=2)
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
+                pruner=pruner)
+    logits, mask = np.asarray(out.logits), np.asarray(out.mask)
+    for r, lay in enumerate(lays):
+        m = x["attention_mask"][r].astype(bool)
+        ids = torch.from_numpy(x["input_ids"][r][m])[None]
+        with torch.no_grad():
+            embeds = hf.model.get_input_embeddings()(ids)
+            feats = hf.model.get_image_features(torch.from_numpy(x["pixel_values"][r:r + 1]),
+                                                torch.from_numpy(x["image_sizes"][r:r + 1]),
+                                                vision_aspect_ratio=hf.config.vision_aspect_ratio)
+            feats = getattr(feats, "pooler_output", feats)[0]
+            img_slots = (ids[0] == IMAGE).nonzero()[:, 0]
+            embeds[0, img_slots] = feats
+        keep = int(0.3 * lay.num_tokens)
+        ref = _fastv_reference(hf, embeds, img_slots, 1, keep)
+        ours = logits[r][mask[r]]
+        assert ours.shape == ref[0].shape  # text + floor(ratio·V) image tokens of this row
+        print(name, "row", r, "fastv max |logits - HF layers|:", np.abs(ours - ref[0]).max())
+        chex.assert_trees_all_close(ours, ref[0], atol=LOGITS_ATOL, rtol=0)

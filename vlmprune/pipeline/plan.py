@@ -191,11 +191,11 @@ def plan_inputs(config, inputs: ModelInputs, pruner=None, *, text=None, tokenize
 def _plan_onevision(c, ids, mask, pixel_values, image_sizes, pruner) -> Plan:
     """OneVision: the official packing computed on the host (``vlmprune.anyres.onevision``); every image's block
     gets the batch's largest length. Visual pruners are not wired to this packing yet and are refused here, before
-    anything compiles; in-LLM pruners (FastV) and no pruner run."""
+    anything compiles (their ``validate`` refuses them first); in-LLM pruners and no pruner run."""
     if isinstance(pruner, VisualPruner):
         raise NotImplementedError(f"{pruner.name}: visual-token pruning on LLaVA-OneVision is not implemented yet "
                                   "(its packed layout has no per-method slot plan); run it without a pruner or "
-                                  "with an in-LLM pruner such as FastV")
+                                  "with an in-LLM pruner")
     pix, lay, placeholders = onevision_batch(c, pixel_values, image_sizes)
     seq = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=placeholders,
                         num_images=pix.shape[0], slots=placeholders, slot_stride=lay.length)
