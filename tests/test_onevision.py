@@ -17,25 +17,28 @@ jax.config.update("jax_default_matmul_precision", "highest")
 LOGITS_ATOL = 1e-4  # fp32 end to end (tower, projector, packing blend, decoder) vs torch fp32 on CPU
 VOCAB, IMAGE, PAD = 120, 100, 0
 TILE = 28  # 7-px patches: 4 x 4 tokens per tile
-# (height, width) of the two images of a batch: a 1x2 and a 3x1 grid
+# (height, width) of the two images of a batch at TILE: a 1x2 and a 3x1 grid (scaled with the tile size)
 SIZES = [(40, 90), (110, 35)]
 
-# name -> (vision_aspect_ratio, tied): anyres_max_9 never downsamples at this size; max 1 always does
-VARIANTS = {"max9_untied": ("anyres_max_9", False), "max1_tied": ("anyres_max_1", True),
-            "max2_untied": ("anyres_max_2", False)}
+# name -> (vision_aspect_ratio, tied, tile px, patch px): anyres_max_9 never downsamples at the 4 x 4 geometry,
+# max 1 always does; "real27" is OneVision's 27 x 27 = 729 tokens per tile at tiny width (odd N, packed blocks of
+# ~2000-3000 tokens), with max 2 so that its 3x1 grid is downsampled
+VARIANTS = {"max9_untied": ("anyres_max_9", False, TILE, 7), "max1_tied": ("anyres_max_1", True, TILE, 7),
+            "max2_untied": ("anyres_max_2", False, TILE, 7), "real27_tied": ("anyres_max_2", True, 54, 2)}
 
 
-def build_hf_onevision(directory, aspect, tied, seed=0, vocab=VOCAB, image=IMAGE, video=101, pad=PAD):
+def build_hf_onevision(directory, aspect, tied, seed=0, vocab=VOCAB, image=IMAGE, video=101, pad=PAD, tile=TILE,
+                       patch=7):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    vision = dict(model_type="siglip_vision_model", image_size=TILE, patch_size=7, hidden_size=32,
+    vision = dict(model_type="siglip_vision_model", image_size=tile, patch_size=patch, hidden_size=32,
                   intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, vision_use_head=False)
     text = dict(model_type="qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=1e6,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
                 tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=pad)
     cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=image,
                                video_token_index=video, vision_aspect_ratio=aspect, tie_word_embeddings=tied,
-                               image_grid_pinpoints=[[TILE * a, TILE * b] for a in (1, 2, 3) for b in (1, 2, 3)])
+                               image_grid_pinpoints=[[tile * a, tile * b] for a in (1, 2, 3) for b in (1, 2, 3)])
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():  # HF's init leaves biases at 0, norms at 1 and the newline at 0: perturb everything
@@ -47,9 +50,9 @@ def build_hf_onevision(directory, aspect, tied, seed=0, vocab=VOCAB, image=IMAGE
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def models(request, tmp_path_factory):
-    aspect, tied = VARIANTS[request.param]
+    aspect, tied, tile, patch = VARIANTS[request.param]
     d = tmp_path_factory.mktemp(request.param)
-    hf = build_hf_onevision(d, aspect, tied)
+    hf = build_hf_onevision(d, aspect, tied, tile=tile, patch=patch)
     return request.param, vlmprune.load(str(d)), hf
 
 
@@ -57,11 +60,13 @@ def _batch(model, seed=0):
     """Left-padded batch: row 0 = [text, image 0, text], row 1 = [pad..., text, image 1, text], tiles padded."""
     rng = np.random.default_rng(seed)
     geom = geometry(model.config)
-    lays = [image_layout(s, geom) for s in SIZES]
+    tile = geom.tile_size
+    sizes = [(h * tile // TILE, w * tile // TILE) for h, w in SIZES]
+    lays = [image_layout(s, geom) for s in sizes]
     t_max = max(lay.num_tiles for lay in lays)
-    pix = np.zeros((len(SIZES), t_max, 3, TILE, TILE), np.float32)
+    pix = np.zeros((len(sizes), t_max, 3, tile, tile), np.float32)
     for i, lay in enumerate(lays):
-        pix[i, : lay.num_tiles] = rng.standard_normal((lay.num_tiles, 3, TILE, TILE))
+        pix[i, : lay.num_tiles] = rng.standard_normal((lay.num_tiles, 3, tile, tile))
     rows = [[5, 6] + [IMAGE] * lays[0].num_tokens + [7, 8, 9, 10],
             [11] + [IMAGE] * lays[1].num_tokens + [12, 13]]
     length = max(map(len, rows))
@@ -70,7 +75,7 @@ def _batch(model, seed=0):
     for r, row in enumerate(rows):
         ids[r, length - len(row):] = row
         mask[r, length - len(row):] = 1
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=pix, image_sizes=np.array(SIZES, np.int64)), lays
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pix, image_sizes=np.array(sizes, np.int64)), lays
 
 
 def _torch(x):
@@ -81,7 +86,7 @@ def test_loads_as_onevision(models):
     _, model, _ = models
     c = model.config
     assert c.model_type == "llava_onevision" and c.vision_feature_select_strategy == "full"
-    assert c.tokens_per_image == (TILE // 7) ** 2  # no CLS to drop
+    assert c.tokens_per_image == c.vision.grid**2  # no CLS to drop
 
 
 def test_layout_counts_match_hf(models):
@@ -94,6 +99,9 @@ def test_layout_counts_match_hf(models):
     assert [f.shape[0] for f in feats] == [lay.num_tokens for lay in lays]
     if name == "max1_tied":
         assert all(lay.downsampled for lay in lays)  # the downsampling branch is exercised
+    if name == "real27_tied":
+        assert all(lay.downsampled for lay in lays)  # 729-token tiles through the resize
+    print(name, "packed tokens per image:", [lay.num_tokens for lay in lays])
 
 
 def test_logits_match_hf_left_padded_mixed_sizes(models):
@@ -224,3 +232,16 @@ def test_fastv_on_qwen2_matches_hf_layers(models):
         assert ours.shape == ref[0].shape  # text + floor(ratio·V) image tokens of this row
         print(name, "row", r, "fastv max |logits - HF layers|:", np.abs(ours - ref[0]).max())
         chex.assert_trees_all_close(ours, ref[0], atol=LOGITS_ATOL, rtol=0)
+
+
+def test_one_tower_program_for_every_grid(models):
+    """Tiles are padded to the largest grid on the host, so the tower compiles once for images of any grid."""
+    _, model, _ = models
+    x, lays = _batch(model)
+    assert lays[0].num_tiles != lays[1].num_tiles
+    before = model.compile_counts()["vision"]
+    for i in range(2):
+        plan = model.plan(x["input_ids"][i:i + 1], x["pixel_values"][i:i + 1], image_sizes=x["image_sizes"][i:i + 1],
+                          attention_mask=x["attention_mask"][i:i + 1])
+        model.taps(plan.pixel_values)
+    assert model.compile_counts()["vision"] - before == 1
