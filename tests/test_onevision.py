@@ -134,7 +134,7 @@ def test_visual_pruner_refused_before_compile(models):
     before = model.compile_counts()["forward"]
     with pytest.raises(NotImplementedError, match="not implemented"):
         model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
-              pruner=prune.get("random", num_keep=4))
+              pruner=prune.get("vispruner", num_keep=4))
     assert model.compile_counts()["forward"] == before
 
 
@@ -245,3 +245,45 @@ def test_one_tower_program_for_every_grid(models):
                           attention_mask=x["attention_mask"][i:i + 1])
         model.taps(plan.pixel_values)
     assert model.compile_counts()["vision"] - before == 1
+
+
+def _hf_row_embeds(hf, x, r):
+    """(prompt embeddings of row r with HF's own packed image block at its placeholders, image slots, block)."""
+    m = x["attention_mask"][r].astype(bool)
+    ids = torch.from_numpy(x["input_ids"][r][m])[None]
+    with torch.no_grad():
+        embeds = hf.model.get_input_embeddings()(ids)
+        feats = hf.model.get_image_features(torch.from_numpy(x["pixel_values"][r:r + 1]),
+                                            torch.from_numpy(x["image_sizes"][r:r + 1]),
+                                            vision_aspect_ratio=hf.config.vision_aspect_ratio)
+        feats = getattr(feats, "pooler_output", feats)[0]
+    img_slots = (ids[0] == IMAGE).nonzero()[:, 0]
+    embeds[0, img_slots] = feats
+    return embeds, img_slots, feats
+
+
+def test_divprune_on_packed_block_matches_hf_language_model(models):
+    """DivPrune on OneVision [PROPOSED details]: max-min selection over each image's packed block (newlines
+    included), min(num_keep·T, V) tokens; the pruned model's logits equal HF's language model fed the same pruned
+    sequence (the selection recomputed with the same function on HF's own packed block)."""
+    from vlmprune.prune.baselines import divprune_masked
+
+    name, model, hf = models
+    pruner = prune.get("divprune", num_keep=3)
+    x, lays = _batch(model, seed=3)
+    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
+                pruner=pruner)
+    logits, mask = np.asarray(out.logits), np.asarray(out.mask)
+    for r, lay in enumerate(lays):
+        embeds, img_slots, feats = _hf_row_embeds(hf, x, r)
+        k = min(3 * lay.num_tiles, lay.num_tokens)
+        sel = divprune_masked(feats.numpy()[None], np.ones((1, feats.shape[0]), bool), np.array([k]), max_keep=k)
+        keep = torch.from_numpy(np.asarray(sel.indices[0]).astype(np.int64))
+        start, end = int(img_slots[0]), int(img_slots[-1]) + 1
+        pruned = torch.cat([embeds[:, :start], feats[keep][None], embeds[:, end:]], dim=1)
+        with torch.no_grad():
+            ref = hf(inputs_embeds=pruned, attention_mask=torch.ones(pruned.shape[:2], dtype=torch.long)).logits[0]
+        ours = logits[r][mask[r]]
+        assert ours.shape == tuple(ref.shape)
+        print(name, "row", r, "divprune max |logits - HF LM|:", np.abs(ours - ref.numpy()).max())
+        chex.assert_trees_all_close(ours, ref.numpy(), atol=LOGITS_ATOL, rtol=0)

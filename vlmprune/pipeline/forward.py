@@ -110,8 +110,13 @@ def tokens_from_taps(module: Llava, params, taps: VisionTaps, pruner=None,
     n = taps.num_tokens
     flat_emb = project(module, params, taps.features)  # (NI·T, N, D): what the LLM receives
     newline = module.apply({"params": params}, method=lambda m: m.image_newline)
-    if isinstance(layout, PackTables):  # OneVision: the official packing (its visual pruners are refused in plan)
-        return pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout), layout.valid
+    if isinstance(layout, PackTables):  # OneVision: the official packing; a pruner selects on the packed block
+        packed = pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout)
+        p = visual_pruner(pruner)
+        if p is None:
+            return packed, layout.valid
+        sel = p.prune(VisionTaps(features=packed, embeddings=packed), ctx).selection
+        return jnp.take_along_axis(packed, sel.indices[..., None], axis=1), sel.valid
     if request.projected:
         taps = taps.replace(embeddings=flat_emb)
     res = prune(pruner, taps, ctx)

@@ -190,16 +190,16 @@ def plan_inputs(config, inputs: ModelInputs, pruner=None, *, text=None, tokenize
 
 def _plan_onevision(c, ids, mask, pixel_values, image_sizes, pruner) -> Plan:
     """OneVision: the official packing computed on the host (``vlmprune.anyres.onevision``); every image's block
-    gets the batch's largest length. Visual pruners are not wired to this packing yet and are refused here, before
-    anything compiles (their ``validate`` refuses them first); in-LLM pruners and no pruner run."""
-    if isinstance(pruner, VisualPruner):
-        raise NotImplementedError(f"{pruner.name}: visual-token pruning on LLaVA-OneVision is not implemented yet "
-                                  "(its packed layout has no per-method slot plan); run it without a pruner or "
-                                  "with an in-LLM pruner")
+    gets the batch's largest length. A visual pruner (one whose ``validate`` accepts OneVision) selects on the packed
+    block: image ``i`` gets ``min(budget(T_i), V_i)`` slots, the static stride is the budget of the largest grid."""
     pix, lay, placeholders = onevision_batch(c, pixel_values, image_sizes)
+    slots, stride = placeholders, lay.length
+    if isinstance(pruner, VisualPruner):
+        slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
+        stride = min(pruner.budget(c, pix.shape[1]).kept, lay.length)
     seq = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=placeholders,
-                        num_images=pix.shape[0], slots=placeholders, slot_stride=lay.length)
-    return Plan(seq, pix, lay, {}, lay.length)
+                        num_images=pix.shape[0], slots=slots, slot_stride=stride)
+    return Plan(seq, pix, lay, {}, stride)
 
 
 def shard_inputs(inputs: DeviceInputs, mesh, sharding_for: Callable) -> DeviceInputs:

@@ -128,6 +128,8 @@ class PrunerBase:
     name: ClassVar[str] = "base"
     #: True when the method has a LLaVA-NeXT (tiled) form
     supports_next: ClassVar[bool] = False
+    #: True when the method runs on LLaVA-OneVision's packed block (docs/methods.md §9.3)
+    supports_onevision: ClassVar[bool] = False
 
     def validate(self, cfg) -> None:
         raise NotImplementedError
@@ -252,7 +254,7 @@ class VisualPruner(LegacyVisualAPI, PrunerBase):
         """Range-check the settings against ``cfg`` (ValueError naming the setting)."""
 
     def validate(self, cfg) -> None:
-        check_family(self.name, cfg, self.supports_next)
+        check_family(self.name, cfg, self.supports_next, self.supports_onevision)
         check_select_strategy(self.name, cfg)
         if getattr(self, "layout", "official") not in LAYOUTS:
             raise ValueError(f"{self.name}: layout must be one of {LAYOUTS}, got {self.layout!r}")
@@ -279,7 +281,6 @@ class LLMPruner(PrunerBase):
     """Base class of pruners acting inside the decoder through a per-layer hook."""
 
     supports_next: ClassVar[bool] = False
-    supports_onevision: ClassVar[bool] = False
     #: earlier versions' flag for pruners acting inside the LLM (kept for callers not yet moved to the protocol)
     inside_llm: ClassVar[bool] = True
 
