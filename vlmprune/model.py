@@ -140,7 +140,7 @@ class LlavaModel:
         """The vision tower's ``VisionTaps`` for ``request`` (e.g. ``pruner.request(model.config)``); NeXT tiles
         (NI, T, C, S, S) are encoded as NI·T images."""
         pixel_values = self._check_pixels(pixel_values)
-        if self.config.model_type == "llava_next":  # (NI, T, C, S, S) -> tiles (NI·T, C, S, S)
+        if self.config.anyres:  # (NI, T, C, S, S) -> tiles (NI·T, C, S, S)
             pixel_values = np.asarray(pixel_values).reshape((-1,) + tuple(pixel_values.shape[2:]))
         return self._vision_jit(self.params, jnp.asarray(pixel_values, self.dtype), request=request,
                                 output_hidden_states=output_hidden_states)

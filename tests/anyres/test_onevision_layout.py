@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlmprune.onevision_layout import (
+from vlmprune.anyres.onevision import (
     OnevisionGeometry,
     anyres_max,
     bilinear_axis,
@@ -230,7 +230,7 @@ def test_processor_facts_against_hf_processor(tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor, LlavaOnevisionImageProcessorPil
 
-    from vlmprune.onevision_layout import CLASS_DEFAULT_MEAN
+    from vlmprune.anyres.onevision import CLASS_DEFAULT_MEAN
 
     tile = 28
     pins = [[tile * a, tile * b] for a in (1, 2, 3) for b in (1, 2, 3)]

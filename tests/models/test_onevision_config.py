@@ -1,9 +1,10 @@
-"""OneVision config parsing: read back from a tiny random HF model's saved config.json; bad fields are named."""
+"""OneVision config parsing (``LlavaConfig`` of model type ``llava_onevision``): read back from a tiny random HF
+model's saved config.json; bad fields are named."""
 
 import pytest
 
-from vlmprune.onevision_config import read_onevision_config
-from vlmprune.onevision_layout import OnevisionGeometry
+from vlmprune.anyres.onevision import OnevisionGeometry, anyres_max, geometry
+from vlmprune.models.llava import load_config
 
 
 def _save(directory, **top):
@@ -13,25 +14,23 @@ def _save(directory, **top):
               "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4, "vision_use_head": False}
     text = {"model_type": "qwen2", "vocab_size": 120, "hidden_size": 32, "intermediate_size": 37,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": True}
-    kw = {"image_token_index": 100, "video_token_index": 101,
-          "image_grid_pinpoints": [[28 * a, 28 * b] for a in (1, 2) for b in (1, 2)], "vision_aspect_ratio": "anyres_max_2"}
+    kw = {"image_token_index": 100, "video_token_index": 101, "vision_aspect_ratio": "anyres_max_2",
+          "image_grid_pinpoints": [[28 * a, 28 * b] for a in (1, 2) for b in (1, 2)]}
     kw.update(top)
     LlavaOnevisionConfig(vision_config=vision, text_config=text, **kw).save_pretrained(directory)
     return str(directory)
 
 
 def test_reads_the_saved_config(tmp_path):
-    from transformers import AutoConfig
-
-    cfg = read_onevision_config(_save(tmp_path))
-    hf = AutoConfig.from_pretrained(str(tmp_path))
-    assert cfg.vision.tokens_per_side == 4 and cfg.vision.num_hidden_layers == 2
+    hf, cfg = load_config(_save(tmp_path))
+    assert cfg.model_type == "llava_onevision"
+    assert cfg.vision.grid == 4 and cfg.vision.num_hidden_layers == 2 and not cfg.vision.use_head
     assert cfg.text.num_key_value_heads == 2 and cfg.text.tie_word_embeddings
     assert (cfg.image_token_id, cfg.video_token_id) == (100, 101)
     assert cfg.vision_feature_layer == hf.vision_feature_layer == -1
     assert cfg.vision_feature_select_strategy == hf.vision_feature_select_strategy == "full"
-    assert cfg.geometry() == OnevisionGeometry.from_hf(hf)
-    assert cfg.max_num == 2
+    assert geometry(cfg) == OnevisionGeometry.from_hf(hf)
+    assert anyres_max(cfg.vision_aspect_ratio) == 2
     hash(cfg)  # static argument of jitted functions
 
 
@@ -45,4 +44,4 @@ def test_reads_the_saved_config(tmp_path):
 ])
 def test_bad_fields_are_named(tmp_path, top, field):
     with pytest.raises(ValueError, match=field):
-        read_onevision_config(_save(tmp_path, **top))
+        load_config(_save(tmp_path, **top))

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlmprune.models.llama import KVCache
+from vlmprune.io.weights import CheckpointError
+from vlmprune.models.text.llama import KVCache
 from vlmprune.models.text.qwen2 import (
     SHARDING_RULES,
     Qwen2Config,
     Qwen2ForCausalLM,
     load,
 )
-from vlmprune.weights import CheckpointError
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -188,8 +188,8 @@ def test_weight_rules_map_a_onevision_checkpoint(tmp_path):
         LlavaOnevisionForConditionalGeneration,
     )
 
+    from vlmprune.models.llava import LLAVA_RENAMES
     from vlmprune.models.text.qwen2 import weight_rules
-    from vlmprune.weights import LLAVA_RENAMES
 
     vision = {"model_type": "siglip_vision_model", "image_size": 28, "patch_size": 7, "hidden_size": 32,
               "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
@@ -204,14 +204,15 @@ def test_weight_rules_map_a_onevision_checkpoint(tmp_path):
     shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), one, one, one.astype(bool),
                                                 method=Qwen2ForCausalLM.forward_ids))["params"]
     expected = {"language_model/" + "/".join(k): v.shape for k, v in flatten_dict(shapes).items()}
-    rules = [(re.compile(p + "$"), t, f) for p, t, f in weight_rules("model.language_model.", "language_model/")]
+    ours_rules = weight_rules("language_model.model.", "language_model/", "language_model.lm_head.")
+    rules = [(re.compile(p + "$"), t, f) for p, t, f in ours_rules]
     mapped = {}
     with safe_open(str(tmp_path / "model.safetensors"), "np") as f:
         for stored in f.keys():  # noqa: SIM118 - safe_open is not a dict
             key = stored
             for pat, rep in LLAVA_RENAMES:
                 key = re.sub(pat, rep, key)
-            if not key.startswith(("model.language_model.", "lm_head.")):
+            if not key.startswith("language_model."):
                 continue
             hit = [(m.expand(t), fn) for r, t, fn in rules if (m := r.match(key))]
             assert len(hit) == 1, key

@@ -2,7 +2,7 @@
 (values and memory), the weight and sharding tables, and input validation.
 
 Checkpoints are tiny random HF models (seeded, every parameter perturbed), written with ``save_pretrained`` and
-read back through ``vlmprune.weights.load_params`` with the tower's own rules, as a user's directory would be.
+read back through ``vlmprune.io.weights.load_params`` with the tower's own rules, as a user's directory would be.
 Two geometries: 30 px / patch 7 (4 x 4 tokens, with the pooling head) and OneVision's 27 x 27 = 729 tokens at
 tiny width (54 px / patch 2, no head), as algorithms.md §9.5 prescribes.
 """
@@ -23,6 +23,8 @@ from transformers import SiglipVisionModel
 
 from reference.siglip_builders import build_hf_siglip, load_tower
 
+from vlmprune import sharding
+from vlmprune.io.weights import CheckpointError, abstract_params, load_params
 from vlmprune.models.vision.siglip import (
     SIGLIP_SHARDING_RULES,
     SiglipVisionConfig,
@@ -32,7 +34,6 @@ from vlmprune.models.vision.siglip import (
     siglip_vision_renames,
     siglip_vision_rules,
 )
-from vlmprune.weights import CheckpointError, abstract_params, load_params
 
 GEOMETRIES = {
     # name: (image_size, patch_size, vision_use_head, query_block): blocks smaller than N so that the tap
@@ -280,9 +281,11 @@ def test_sharding_rules_cover_the_projections():
     shapes = abstract_params(module, jnp.zeros((1, 3, 28, 28)))
     matched = {}
     for prefix in ("", "vision_tower/"):
+        # family rules are relative to the tower; a composite model prefixes them (as models/llava.py does)
+        rules = SIGLIP_SHARDING_RULES if not prefix else sharding.prefix_rules(SIGLIP_SHARDING_RULES, prefix[:-1])
         for path, leaf in flatten_dict(shapes).items():
             key = prefix + "/".join(path)
-            hits = [spec for pat, spec in SIGLIP_SHARDING_RULES if re.match(pat, key)]
+            hits = [spec for pat, spec in rules if re.match(pat + "$", key)]
             assert len(hits) <= 1, key
             if hits:
                 assert len(hits[0]) == len(leaf.shape), key

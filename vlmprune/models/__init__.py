@@ -6,14 +6,16 @@
 from __future__ import annotations
 
 from vlmprune.models.family import TEXT, VISION, Family
-from vlmprune.models.text import llama
-from vlmprune.models.vision import clip
+from vlmprune.models.text import llama, qwen2
+from vlmprune.models.vision import clip, siglip
 
 # HF model_type (of ``vision_config`` / ``text_config``) -> family.
 FAMILIES: dict[str, Family] = {
     "clip_vision_model": clip.FAMILY,
     "llama": llama.FAMILY,
     "mistral": llama.FAMILY,
+    "siglip_vision_model": siglip.FAMILY,
+    "qwen2": qwen2.FAMILY,
 }
 
 

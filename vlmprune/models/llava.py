@@ -1,5 +1,5 @@
 """LLaVA assembly (flax.linen): a vision tower + ``mlp2x_gelu`` projector + a decoder, each taken from its
-family by the config (``vlmprune.models.FAMILIES``); LLaVA-1.5 and LLaVA-NeXT.
+family by the config (``vlmprune.models.FAMILIES``); LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision (SigLIP + Qwen2).
 
 The module exposes its pieces as methods (``encode``, ``project``, ``embed``, ``prefill``, ``decode_step``) so
 that the pruning step can sit between encoder and decoder as a plain array function; see ``vlmprune.model``.
@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 
 from vlmprune import sharding
+from vlmprune.anyres.onevision import geometry
 from vlmprune.io import checkpoint, weights
 from vlmprune.io.weights import Rules, identity, prefix_rules, transpose
 from vlmprune.models import FAMILIES, Family, family_of
 from vlmprune.models.activations import activation
 from vlmprune.models.llava_config import LlavaConfig
+from vlmprune.models.onevision_processor import load_onevision_processor
 from vlmprune.models.text.llama import KVCache
 
 Array = jax.Array
@@ -55,7 +57,7 @@ class Llava(nn.Module):
             c.text.hidden_size, c.projector_hidden_act, c.projector_bias, dtype=self.dtype
         )
         self.language_model = family_of(c.text).module(c.text, dtype=self.dtype)
-        if c.model_type == "llava_next":
+        if c.anyres:
             self.image_newline = self.param("image_newline", nn.initializers.zeros, (c.text.hidden_size,))
 
     def __call__(self, input_ids, pixel_values):
@@ -67,7 +69,7 @@ class Llava(nn.Module):
         n = x.shape[1]
         pos = jnp.broadcast_to(jnp.arange(n), x.shape[:2])
         logits, _, _ = self.language_model(x, pos, jnp.ones(x.shape[:2], bool))
-        if self.config.model_type == "llava_next":
+        if self.config.anyres:
             logits = logits + 0 * self.image_newline.sum()
         return logits
 
@@ -76,6 +78,7 @@ class Llava(nn.Module):
         pixel_values: Array,
         *,
         cls_attention_layers: tuple[int, ...] = (),
+        received_attention_layers: tuple[int, ...] = (),
         key_layers: tuple[int, ...] = (),
         hidden_state_layers: tuple[int, ...] = (),
         output_hidden_states: bool = False,
@@ -86,18 +89,21 @@ class Llava(nn.Module):
         pixel_values (NI, C, S, S) -> dict with ``features`` (NI, N, C_vis) (the layer ``vision_feature_layer``,
         CLS dropped for the "default" strategy), ``cls_attn`` {layer: float32 (NI, H, P)}, ``keys``
         {layer: (NI, 1+P, C_vis)}, ``cls_query`` {layer: (NI, C_vis)}, ``hidden_states``
-        {hf_index: (NI, 1+P, C_vis)}, and ``feature_hidden`` (NI, 1+P, C_vis) (the feature layer with CLS).
+        {hf_index: (NI, 1+P, C_vis)}, ``received_attn`` {layer: (NI, H, N)} (towers without CLS) and
+        ``feature_hidden`` (NI, 1+P, C_vis) (the feature layer with CLS). A tap is passed to the tower only when
+        requested, so a tower that lacks one (CLS rows on SigLIP) is never asked for it.
         """
         c = self.config
         L = c.vision.num_hidden_layers
         feat_idx = c.vision_feature_layer % (L + 1)
+        taps = {"cls_attention_layers": tuple(cls_attention_layers),
+                "received_attention_layers": tuple(received_attention_layers), "key_layers": tuple(key_layers)}
         out = self.vision_tower(
             pixel_values,
             hidden_state_layers=tuple(hidden_state_layers) + (feat_idx,),
-            cls_attention_layers=cls_attention_layers,
-            key_layers=key_layers,
             output_hidden_states=output_hidden_states,
             post_layernorm=post_layernorm,
+            **{k: v for k, v in taps.items() if v},
         )
         h = out["hidden_states"][feat_idx]
         out["feature_hidden"] = h
@@ -222,4 +228,13 @@ def load_llava(path: str, *, dtype, mesh=None, check_finite: bool = True) -> Loa
             check_finite=check_finite,
             tied=None if tied is None else tuple(f"language_model/{p}" for p in tied),
         )
-    return LoadedLlava(cfg, params, checkpoint.load_processor(path), hf)
+    return LoadedLlava(cfg, params, load_processor(path, cfg), hf)
+
+
+def load_processor(path: str, cfg: LlavaConfig):
+    """The checkpoint's processor: HF's ``AutoProcessor`` (LLaVA-1.5, NeXT), or for LLaVA-OneVision one built
+    from its image-processor and tokenizer files (``vlmprune.models.onevision_processor``: HF's own processor
+    class cannot be built without torchvision). None when the directory ships no tokenizer."""
+    if cfg.model_type == "llava_onevision":
+        return load_onevision_processor(path, geometry(cfg))
+    return checkpoint.load_processor(path)

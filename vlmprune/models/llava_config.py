@@ -8,15 +8,17 @@ families, chosen by ``vision_config.model_type`` and ``text_config.model_type`` 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import re
 from typing import Any
 
 import numpy as np
 
+from vlmprune.anyres.onevision import OnevisionGeometry
 from vlmprune.models import TEXT, VISION, family
 
-SUPPORTED = ("llava", "llava_next")
+SUPPORTED = ("llava", "llava_next", "llava_onevision")
+#: model types whose images are tiled by the anyres pinpoints (pixels (NI, tiles, C, S, S) + image_sizes)
+ANYRES = ("llava_next", "llava_onevision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,13 @@ class LlavaConfig:
     pad_token_id: int = 0
     bos_token_id: int = 1
     image_grid_pinpoints: tuple = ()
+    vision_aspect_ratio: str = ""  # LLaVA-OneVision's "anyres_max_N" (its packing budget); "" otherwise
+    video_token_id: int | None = None  # LLaVA-OneVision's <video> id (video input is not implemented)
+
+    @property
+    def anyres(self) -> bool:
+        """Images are tiled by the pinpoints (LLaVA-NeXT, LLaVA-OneVision)."""
+        return self.model_type in ANYRES
 
     @property
     def tokens_per_image(self) -> int:
@@ -100,8 +109,11 @@ class LlavaConfig:
             if len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in p):
                 raise ValueError(f"{where}: image_grid_pinpoints[{i}]={list(p)!r} must be a (height, width) pair "
                                  "of positive pixel counts")
-        if hf.model_type == "llava_next" and not pins:
-            raise ValueError(f"{where}: image_grid_pinpoints is empty; a LLaVA-NeXT model needs its tile grids")
+        if hf.model_type in ANYRES and not pins:
+            raise ValueError(f"{where}: image_grid_pinpoints is empty; a {hf.model_type} model needs its tile grids")
+        aspect, video = "", None
+        if hf.model_type == "llava_onevision":
+            aspect, video = check_onevision(hf, pins, where)
         return cls(
             vision=vision.config.from_hf(hf.vision_config),
             text=text.config.from_hf(tc),
@@ -115,7 +127,35 @@ class LlavaConfig:
             pad_token_id=int(pad),
             bos_token_id=int(bos or 1),
             image_grid_pinpoints=pins,
+            vision_aspect_ratio=aspect,
+            video_token_id=video,
         )
+
+
+def check_onevision(hf, pins, where: str) -> tuple[str, int]:
+    """LLaVA-OneVision's own fields: ``vision_aspect_ratio`` ("anyres_max_N"), a ``video_token_index`` in the
+    vocabulary and distinct from the image id, pinpoints that are multiples of the tile, no SigLIP pooling head
+    (OneVision never runs it). Returns (vision_aspect_ratio, video_token_id)."""
+    aspect = str(getattr(hf, "vision_aspect_ratio", "anyres_max_9"))
+    if not re.fullmatch(r"anyres_max_[1-9]\d*", aspect):
+        raise ValueError(f"{where}: vision_aspect_ratio={aspect!r} must look like 'anyres_max_<N>' (N >= 1)")
+    video = getattr(hf, "video_token_index", None)
+    vocab = hf.text_config.vocab_size
+    if isinstance(video, bool) or not isinstance(video, (int, np.integer)) or not 0 <= video < vocab:
+        raise ValueError(f"{where}: video_token_index={video!r} is not a token id of the vocabulary "
+                         f"(text_config.vocab_size={vocab})")
+    if video == hf.image_token_id:
+        raise ValueError(f"{where}: video_token_index={video} must differ from image_token_index")
+    if getattr(hf.vision_config, "vision_use_head", False):
+        raise ValueError(f"{where}: vision_config.vision_use_head=True: OneVision feeds the tower's last hidden "
+                         "state and has no pooling head")
+    vc = hf.vision_config
+    try:
+        OnevisionGeometry(tile_size=vc.image_size, tokens_per_side=vc.image_size // vc.patch_size, pinpoints=pins,
+                          max_num=int(aspect.rsplit("_", 1)[1]))
+    except ValueError as e:
+        raise ValueError(f"{where}: image_grid_pinpoints: {e}") from None
+    return aspect, int(video)
 
 
 def check_sizes(hf, where: str) -> None:

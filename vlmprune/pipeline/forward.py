@@ -18,12 +18,18 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from vlmprune.anyres.onevision import PackTables, pack_image_features
 from vlmprune.anyres.pack import pack
-from vlmprune.models.text.llama import KVCache
 from vlmprune.models.llava import Llava
+from vlmprune.models.text.llama import KVCache
 from vlmprune.pipeline.plan import DeviceInputs
 from vlmprune.prune.base import (
-    LLMPruner, PruneContext, VisualPruner, image_keep_mask, keep_all, tokens_for_llm,
+    LLMPruner,
+    PruneContext,
+    VisualPruner,
+    image_keep_mask,
+    keep_all,
+    tokens_for_llm,
 )
 from vlmprune.types import ModelOutput, NextLayout, PruneResult, TapRequest, VisionTaps
 
@@ -62,12 +68,14 @@ def encode(module: Llava, params, pixel_values: Array, request: TapRequest = Tap
     (``embeddings`` filled when ``request.projected``)."""
     enc = module.apply(
         {"params": params}, pixel_values, method=Llava.encode,
-        cls_attention_layers=request.cls_attention_layers, key_layers=request.key_layers,
+        cls_attention_layers=request.cls_attention_layers, received_attention_layers=request.column_mean_layers,
+        key_layers=request.key_layers,
         hidden_state_layers=request.hidden_state_layers, output_hidden_states=output_hidden_states,
         post_layernorm=request.post_layernorm,
     )
-    taps = VisionTaps(features=enc["features"], feature_hidden=enc["feature_hidden"], cls_attn=enc["cls_attn"],
-                      keys=enc["keys"], cls_query=enc["cls_query"], hidden_states=enc["hidden_states"],
+    taps = VisionTaps(features=enc["features"], feature_hidden=enc["feature_hidden"],
+                      cls_attn=enc.get("cls_attn", {}), column_mean=enc.get("received_attn", {}), keys=enc["keys"],
+                      cls_query=enc.get("cls_query", {}), hidden_states=enc["hidden_states"],
                       pooled=enc.get("pooled"))
     if request.projected:
         taps = taps.replace(embeddings=project(module, params, taps.features))
@@ -80,13 +88,15 @@ def prune(pruner, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
     return keep_all(taps, ctx) if p is None else p.prune(taps, ctx)
 
 
-def tokens_from_taps(module: Llava, params, taps: VisionTaps, pruner=None, layout: NextLayout | None = None,
-                     aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
+def tokens_from_taps(module: Llava, params, taps: VisionTaps, pruner=None,
+                     layout: NextLayout | PackTables | None = None, aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
     """Prune and project encoded images: (tokens (NI, K, D_llm), valid bool (NI, K)).
 
     LLaVA-1.5: taps of NI images, K = the pruner's budget (all tokens without one).
     LLaVA-NeXT: taps of the NI·T tiles (T padded to the largest grid) and ``layout``; kept tile tokens are packed
     in layout order (``vlmprune.anyres.pack``), appended tokens after each image's block, into ``stride`` slots.
+    LLaVA-OneVision: ``layout`` is its ``PackTables`` (``vlmprune.anyres.onevision``): HF's packing (base, unpadded
+    and possibly downsampled grid, a newline per row), every image's block padded to the tables' length.
     ``taps.embeddings`` is filled here when the pruner's request asks for it.
     """
     cfg = module.config
@@ -99,18 +109,25 @@ def tokens_from_taps(module: Llava, params, taps: VisionTaps, pruner=None, layou
     ni, t = layout.tile_valid.shape
     n = taps.num_tokens
     flat_emb = project(module, params, taps.features)  # (NI·T, N, D): what the LLM receives
+    newline = module.apply({"params": params}, method=lambda m: m.image_newline)
+    if isinstance(layout, PackTables):  # OneVision: the official packing; a pruner selects on the packed block
+        packed = pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout)
+        p = visual_pruner(pruner)
+        if p is None:
+            return packed, layout.valid
+        sel = p.prune(VisionTaps(features=packed, embeddings=packed), ctx).selection
+        return jnp.take_along_axis(packed, sel.indices[..., None], axis=1), sel.valid
     if request.projected:
         taps = taps.replace(embeddings=flat_emb)
     res = prune(pruner, taps, ctx)
     appended = res.appended
     if appended is not None and not res.projected:
         appended = project(module, params, appended)
-    newline = module.apply({"params": params}, method=lambda m: m.image_newline)
     return pack(flat_emb.reshape(ni, t * n, -1), image_keep_mask(res, t * n), newline, layout, stride=stride,
                 appended=appended, appended_valid=res.appended_valid)
 
 
-def visual_tokens(module: Llava, params, pixel_values: Array, pruner=None, layout: NextLayout | None = None,
+def visual_tokens(module: Llava, params, pixel_values: Array, pruner=None, layout=None,
                   aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
     """``encode`` with the pruner's request, then ``tokens_from_taps``. pixel_values (NI, C, S, S) (LLaVA-1.5)
     or (NI, T_max, C, S, S) with ``layout`` (LLaVA-NeXT)."""

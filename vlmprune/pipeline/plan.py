@@ -19,6 +19,7 @@ import numpy as np
 from vlmprune import inputs as input_checks
 from vlmprune.anyres.geometry import max_tiles
 from vlmprune.anyres.layout import BatchLayout, batch_layout
+from vlmprune.anyres.onevision import onevision_batch
 from vlmprune.pipeline.sequence import SequencePlan, plan_sequence
 from vlmprune.prune.base import HostInputs, HostNeeds, VisualPruner, check_pruner, slot_count
 from vlmprune.types import ModelInputs, NextLayout
@@ -69,11 +70,11 @@ def check_pixels(config, pixel_values):
     pixel_values = input_checks.check_pixel_values(pixel_values)
     shape = tuple(getattr(pixel_values, "shape", ()))
     want = (v.num_channels, v.image_size, v.image_size)
-    if config.model_type == "llava_next":
+    if config.anyres:
         if len(shape) != 5 or shape[2:] != want:
             raise ValueError(
                 f"pixel_values must have shape (num_images, num_tiles, {want[0]}, {want[1]}, {want[2]}) for "
-                f"this LLaVA-NeXT model (tile size {v.image_size}), got {shape}; preprocess images with the "
+                f"this {config.model_type} model (tile size {v.image_size}), got {shape}; preprocess images with the "
                 "model's processor"
             )
     elif len(shape) != 4 or shape[1:] != want:
@@ -175,6 +176,8 @@ def plan_inputs(config, inputs: ModelInputs, pruner=None, *, text=None, tokenize
         aux = prepare_host(pruner, c, np.asarray(pixel_values), None,
                            lambda: image_texts(c, ids, mask, seq, text, tokenizer), clip_loader)
         return Plan(seq, pixel_values, None, aux, None)
+    if c.model_type == "llava_onevision":
+        return _plan_onevision(c, ids, mask, pixel_values, inputs.image_sizes, pruner)
     pix, lay, placeholders = next_layout(c, pixel_values, inputs.image_sizes, pruner)
     slots = [slot_count(pruner, c, li.num_tiles, li.length, li.num_newlines) for li in lay.layouts]
     stride = max(slots)
@@ -183,6 +186,20 @@ def plan_inputs(config, inputs: ModelInputs, pruner=None, *, text=None, tokenize
     aux = prepare_host(pruner, c, pix, lay.layouts, lambda: image_texts(c, ids, mask, seq, text, tokenizer),
                        clip_loader)
     return Plan(seq, pix, lay, aux, stride)
+
+
+def _plan_onevision(c, ids, mask, pixel_values, image_sizes, pruner) -> Plan:
+    """OneVision: the official packing computed on the host (``vlmprune.anyres.onevision``); every image's block
+    gets the batch's largest length. A visual pruner (one whose ``validate`` accepts OneVision) selects on the packed
+    block: image ``i`` gets ``min(budget(T_i), V_i)`` slots, the static stride is the budget of the largest grid."""
+    pix, lay, placeholders = onevision_batch(c, pixel_values, image_sizes)
+    slots, stride = placeholders, lay.length
+    if isinstance(pruner, VisualPruner):
+        slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
+        stride = min(pruner.budget(c, pix.shape[1]).kept, lay.length)
+    seq = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=placeholders,
+                        num_images=pix.shape[0], slots=slots, slot_stride=stride)
+    return Plan(seq, pix, lay, {}, stride)
 
 
 def shard_inputs(inputs: DeviceInputs, mesh, sharding_for: Callable) -> DeviceInputs:

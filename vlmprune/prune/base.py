@@ -128,20 +128,34 @@ class PrunerBase:
     name: ClassVar[str] = "base"
     #: True when the method has a LLaVA-NeXT (tiled) form
     supports_next: ClassVar[bool] = False
+    #: True when the method runs on LLaVA-OneVision's packed block (docs/methods.md §9.3)
+    supports_onevision: ClassVar[bool] = False
 
     def validate(self, cfg) -> None:
         raise NotImplementedError
 
 
 def check_select_strategy(name: str, cfg) -> None:
-    if cfg.vision_feature_select_strategy != "default":
+    """Pruning selects patch tokens: the "default" strategy (CLS dropped), or "full" on a tower without a CLS
+    token (SigLIP), where every output token is a patch."""
+    no_cls = cfg.vision.num_positions == cfg.vision.num_patches
+    if cfg.vision_feature_select_strategy != "default" and not no_cls:
         raise ValueError(
             f"{name}: pruning selects patch tokens and needs vision_feature_select_strategy='default' "
             f"(this checkpoint uses {cfg.vision_feature_select_strategy!r}, which also feeds the CLS token)"
         )
 
 
-def check_family(name: str, cfg, supports_next: bool) -> None:
+def check_family(name: str, cfg, supports_next: bool, supports_onevision: bool = False) -> None:
+    """NotImplementedError (raised in ``validate``, before any compile) for a model family the method does not run
+    on, naming the reason."""
+    if cfg.model_type == "llava_onevision":
+        if not supports_onevision:
+            raise NotImplementedError(
+                f"{name} on LLaVA-OneVision is not implemented: its {type(cfg.vision).__name__} tower has no CLS "
+                "token and its images are packed with anyres_max downsampling, and this method's selection is not "
+                "defined on that layout yet (docs/methods.md §9.3)")
+        return
     if cfg.model_type != "llava" and not supports_next:
         raise NotImplementedError(f"{name} on {cfg.model_type} (anyres tiles) is not implemented yet")
 
@@ -240,7 +254,7 @@ class VisualPruner(LegacyVisualAPI, PrunerBase):
         """Range-check the settings against ``cfg`` (ValueError naming the setting)."""
 
     def validate(self, cfg) -> None:
-        check_family(self.name, cfg, self.supports_next)
+        check_family(self.name, cfg, self.supports_next, self.supports_onevision)
         check_select_strategy(self.name, cfg)
         if getattr(self, "layout", "official") not in LAYOUTS:
             raise ValueError(f"{self.name}: layout must be one of {LAYOUTS}, got {self.layout!r}")
@@ -271,7 +285,7 @@ class LLMPruner(PrunerBase):
     inside_llm: ClassVar[bool] = True
 
     def validate(self, cfg) -> None:
-        check_family(self.name, cfg, self.supports_next)
+        check_family(self.name, cfg, self.supports_next, self.supports_onevision)
         check_select_strategy(self.name, cfg)
         self.check(cfg)
 
@@ -279,7 +293,10 @@ class LLMPruner(PrunerBase):
         """Range-check the settings against ``cfg`` (ValueError naming the setting)."""
 
     def decoder_hook(self, cfg, visual: Array, images_per_row: int):
-        """A pytree with a static ``layer`` and ``__call__(q, k, key_mask) -> int32 (B, T')`` kept slots."""
+        """A pytree with a static ``layer`` and ``__call__(q, k, key_mask)`` -> int32 (B, T') kept slots, or
+        (slots, valid bool (B, T')) to mask kept slots out of the later layers (see ``LlamaForCausalLM``).
+
+        visual bool (B, T): each row's visual slots (on LLaVA-OneVision their number differs between rows)."""
         raise NotImplementedError
 
 

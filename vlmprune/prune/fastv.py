@@ -4,6 +4,12 @@ After decoder layer ``layer - 1`` the hook ranks each row's visual tokens by the
 real token (that layer's queries and keys, RoPE applied) and keeps the ``keep`` best; the decoder runs the later
 layers on the kept slots with their original positions (in-place variant, gaps kept). With a KV cache the
 selection is made once at prefill and decoding attends to the kept set in the later layers (algorithms.md §5.2).
+
+On LLaVA-OneVision (Qwen2 decoder; [PROPOSED], the original patches LLaMA only) the image span is the packed block
+(base, grid, newlines), whose length ``V`` depends on the image, so rows of a batch differ: each row keeps
+``floor(keep_ratio·V)`` of its own visual tokens, and the dropped ones are masked out of every later layer (keys
+and cache) instead of being removed: the logits of the kept tokens are the in-place variant's, the compute saving
+of removal is not realised on OneVision yet.
 """
 
 from __future__ import annotations
@@ -51,6 +57,21 @@ def fastv_keep(scores: Array, visual: Array, *, keep: int, num_visual: int) -> A
     return jax.vmap(row)(scores, visual)
 
 
+def fastv_drop_per_row(scores: Array, real: Array, *, ratio: float) -> Array:
+    """FastV's choice on rows with different numbers of visual tokens: bool (B, T), True at the visual slots a
+    row drops.
+
+    scores float (B, T); real bool (B, T) marks each row's real visual slots (V_b of them). Row ``b`` keeps its
+    ``floor(ratio·V_b)`` best (ties: lower slot first) and drops the rest. The floor is taken in float32.
+    """
+    n_real = jnp.sum(real, axis=1, dtype=jnp.int32)  # (B,)
+    k_row = jnp.floor(jnp.float32(ratio) * n_real.astype(jnp.float32)).astype(jnp.int32)
+    key = jnp.where(real, scores.astype(jnp.float32), -jnp.inf)
+    order = jnp.argsort(-key, axis=1, stable=True)  # real slots by score, the rest after
+    rank = jnp.argsort(order, axis=1, stable=True)
+    return real & (rank >= k_row[:, None])
+
+
 @flax.struct.dataclass
 class FastVHook:
     """The decoder hook: before decoder layer ``layer`` keep ``keep`` of the ``num_visual`` visual slots of each
@@ -60,10 +81,17 @@ class FastVHook:
     layer: int = flax.struct.field(pytree_node=False, default=2)
     keep: int = flax.struct.field(pytree_node=False, default=288)
     num_visual: int = flax.struct.field(pytree_node=False, default=576)
+    #: None: a fixed ``keep`` per row (LLaVA-1.5); else the ratio applied per row to its real visual tokens (keep and
+    #: num_visual unused)
+    per_row_ratio: float | None = flax.struct.field(pytree_node=False, default=None)
 
     def __call__(self, q: Array, k: Array, key_mask: Array) -> Array:
         """q (B, T, H, D), k (B, T, KVH, D) of layer ``layer - 1``; key_mask bool (B, T) -> int32 (B, T')."""
         scores = last_token_attention(q, k, key_mask)
+        if self.per_row_ratio is not None:  # every slot stays; the dropped ones are masked (see module docstring)
+            drop = fastv_drop_per_row(scores, self.visual & key_mask, ratio=self.per_row_ratio)
+            b, t = key_mask.shape
+            return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), ~drop
         return fastv_keep(scores, self.visual & key_mask, keep=self.keep, num_visual=self.num_visual)
 
 
@@ -77,6 +105,7 @@ class FastV(LLMPruner):
     layer: int = 2
     keep_ratio: float = 0.5
     name: ClassVar[str] = "fastv"
+    supports_onevision: ClassVar[bool] = True
 
     def num_slots(self, cfg) -> int:
         return cfg.tokens_per_image  # nothing is removed before the LLM
@@ -92,6 +121,11 @@ class FastV(LLMPruner):
             raise ValueError(f"fastv: keep_ratio={self.keep_ratio} keeps int({n}·ratio) = 0 visual tokens")
 
     def decoder_hook(self, cfg, visual: Array, images_per_row: int) -> FastVHook:
+        if cfg.model_type == "llava_onevision":  # variable packed length per image: the ratio applies per row
+            if images_per_row != 1:
+                raise ValueError(f"fastv on LLaVA-OneVision takes one image per prompt, got {images_per_row}")
+            return FastVHook(visual=visual, layer=self.layer, keep=0, num_visual=0,
+                             per_row_ratio=float(self.keep_ratio))
         n = cfg.tokens_per_image
         return FastVHook(visual=visual, layer=self.layer, keep=self.kept_per_image(cfg) * images_per_row,
                          num_visual=n * images_per_row)

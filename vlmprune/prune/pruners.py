@@ -21,6 +21,7 @@ import numpy as np
 from vlmprune import _checks
 from vlmprune.anyres.geometry import hero_valid_mask
 from vlmprune.anyres.layout import reference_pinpoints
+from vlmprune.anyres.onevision import PackTables
 from vlmprune.anyres.pack import layout_candidates
 from vlmprune.prune.base import (
     LAYOUTS, Budget, HostInputs, HostNeeds, PruneContext, VisualPruner, check_keep, per_image, register,
@@ -346,11 +347,16 @@ class DivPrune(_KeepN):
     original runs on the packed sequence with its newline embeddings among the candidates and a budget
     ``round(ratio·V)`` over it; here newlines follow the official rule and the budget is ``num_keep`` per tile,
     like VisPruner's. ``layout`` must be "official".
+
+    LLaVA-OneVision ([PROPOSED] details): selection on the image's packed block as the LLM receives it (base tile,
+    unpadded and possibly downsampled grid, newline tokens all candidates, as the original treats its packed
+    sequence); an image with ``T`` tiles keeps ``min(num_keep·T, V)`` of its ``V`` packed tokens, in packed order.
     """
 
     layout: str = "official"
     name: ClassVar[str] = "divprune"
     supports_next: ClassVar[bool] = True
+    supports_onevision: ClassVar[bool] = True
     projects_all: ClassVar[bool] = True
 
     def validate(self, cfg):
@@ -364,6 +370,11 @@ class DivPrune(_KeepN):
                              "projected=True; the model provides them)")
         if ctx.layout is None:
             return PruneResult(selection=divprune(emb, num_keep=self.num_keep))
+        if isinstance(ctx.layout, PackTables):  # OneVision: emb is the packed block (NI, V, D)
+            tiles = jnp.sum(ctx.layout.tile_valid, axis=1, dtype=jnp.int32)
+            t, v = ctx.layout.tile_valid.shape[1], emb.shape[1]
+            return PruneResult(selection=divprune_masked(emb, ctx.layout.valid, self.num_keep * tiles,
+                                                         max_keep=min(self.num_keep * t, v)))
         tile_valid = ctx.layout.tile_valid
         ni, t = tile_valid.shape
         n = emb.shape[1]

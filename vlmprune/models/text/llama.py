@@ -312,7 +312,8 @@ class LlamaForCausalLM(nn.Module):
         inputs_embeds (B, T, D); positions int32 (B, T); key_mask bool (B, T) real tokens.
         hook: None, or a pytree with a static ``layer`` (>= 1) and ``hook(q, k, key_mask) -> int32 (B, T')`` (an
           in-LLM pruner's ``decoder_hook``): before that layer it gets the previous layer's queries and keys
-          (RoPE applied) and returns the slots kept from there on, ascending. The shorter sequence keeps its
+          (RoPE applied) and returns the slots kept from there on, ascending, or ``(slots, valid bool (B, T'))``
+          where ``valid`` False masks a kept slot out of the later layers. The shorter sequence keeps its
           original positions; the cache keeps all slots and masks the dropped ones for the later layers.
         last_only: apply the LM head only at each row's last real token (generation's prefill): logits (B, 1, V).
         Returns (logits float32 (B, T', V), mask bool (B, T'), cache); T' = T unless the hook dropped tokens.
@@ -331,8 +332,11 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             if i == late_from:
                 keep = hook(q, k, key_mask)
+                keep, keep_valid = keep if isinstance(keep, tuple) else (keep, None)
                 take = lambda a: jnp.take_along_axis(a, keep.reshape(keep.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
                 x, positions, key_mask, slots = take(x), take(positions), take(key_mask), keep
+                if keep_valid is not None:  # slots the hook keeps in place but masks out from here on
+                    key_mask = key_mask & keep_valid
                 mask = _prefill_mask(key_mask)
                 rope = self._rope(positions, x.dtype)
             x, (k, v), q = layer(x, rope=rope, mask=mask)

@@ -5,12 +5,12 @@ Qwen2 is the LLaMA decoder with three differences, held here as this family's ow
   * grouped-query attention is the rule (OV-0.5B: 14 query / 2 key-value heads; OV-7B: 28 / 4);
   * the 0.5B checkpoint ties the LM head to the token embedding; the 7B one does not.
 RoPE (rotate-half, 1-D positions, θ from the config), RMSNorm (float32 variance), the SwiGLU MLP, the
-preallocated heads-first :class:`~vlmprune.models.llama.KVCache` and the prefill / decode contract (explicit
+preallocated heads-first :class:`~vlmprune.models.text.llama.KVCache` and the prefill / decode contract (explicit
 positions that count only real tokens, a key mask for padding slots, FastV's in-LLM drop) are the LLaMA ones,
-reused through their public names: :class:`Qwen2ForCausalLM` is a :class:`~vlmprune.models.llama.LlamaForCausalLM`
+reused through their public names: :class:`Qwen2ForCausalLM` is a :class:`~vlmprune.models.text.llama.LlamaForCausalLM`
 built from Qwen2 layers, so ``__call__`` (prefill) and ``decode_step`` are the same code.
 
-Also in this file: the HF-key -> param-path table (:func:`weight_rules`, the style of ``vlmprune.weights``) and the
+Also in this file: the HF-key -> param-path table (:func:`weight_rules`, the style of ``vlmprune.io.weights``) and the
 tensor-parallel partition rules (:data:`SHARDING_RULES`, the style of ``vlmprune.sharding``).
 
 Sliding-window attention (``use_sliding_window``) is not implemented; the Qwen2 checkpoints LLaVA-OneVision uses
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -30,8 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import AutoConfig
 
+from vlmprune.io.weights import Rules, identity, load_params, transpose
 from vlmprune.models.attention import attention, cached_attention
-from vlmprune.models.llama import (
+from vlmprune.models.family import TEXT, Family
+from vlmprune.models.text.llama import (
     LlamaConfig,
     LlamaForCausalLM,
     LlamaMLP,
@@ -39,7 +40,7 @@ from vlmprune.models.llama import (
     apply_rope,
     rope_frequencies,
 )
-from vlmprune.weights import load_params
+from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
 
@@ -131,8 +132,8 @@ class Qwen2Config:
 class Qwen2Attention(nn.Module):
     """Grouped-query self-attention with biased q/k/v and an unbiased output projection.
 
-    Same call contract as :class:`~vlmprune.models.llama.LlamaAttention`: x (B, T, D); ``rope`` the
-    :func:`~vlmprune.models.llama.rope_tables` at this call's positions; ``mask`` bool (B, 1, T, S).
+    Same call contract as :class:`~vlmprune.models.text.llama.LlamaAttention`: x (B, T, D); ``rope`` the
+    :func:`~vlmprune.models.text.llama.rope_tables` at this call's positions; ``mask`` bool (B, 1, T, S).
     ``kv`` None (prefill: attend to this call's own keys) or this layer's caches (B, KVH, S, hd), written in
     place at ``write_at``. Returns (out (B, T, D), (k, v), q (B, T, H, hd) with RoPE applied).
     """
@@ -207,16 +208,7 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 # --- weights: HF key -> param path ---------------------------------------------------------------------------
 
-def transpose(w: np.ndarray) -> np.ndarray:
-    """torch Linear weight (out, in) -> flax Dense kernel (in, out)."""
-    return w.T
-
-
-def identity(w: np.ndarray) -> np.ndarray:
-    return w
-
-
-def weight_rules(src: str = "model.", dst: str = "", lm_head: str = "lm_head.") -> list[tuple[str, str, Callable]]:
+def weight_rules(src: str = "model.", dst: str = "", lm_head: str = "lm_head.") -> Rules:
     """``(regex over the HF key, param path template, transform)`` for one Qwen2 decoder.
 
     Args:
@@ -250,7 +242,7 @@ def load(directory: str, *, dtype=jnp.float32) -> tuple[Qwen2Config, Qwen2ForCau
 
     Raises:
       ValueError: the config is not a supported Qwen2 (see :meth:`Qwen2Config.from_hf`).
-      vlmprune.weights.CheckpointError: every missing, unexpected or mis-shaped tensor, in one error.
+      vlmprune.io.weights.CheckpointError: every missing, unexpected or mis-shaped tensor, in one error.
     """
     cfg = Qwen2Config.from_hf(AutoConfig.from_pretrained(directory, local_files_only=True))
     module = Qwen2ForCausalLM(cfg, dtype=dtype)
@@ -266,11 +258,17 @@ def load(directory: str, *, dtype=jnp.float32) -> tuple[Qwen2Config, Qwen2ForCau
 #: their output features (column-parallel; the q/k/v biases with them), o_proj and down_proj their input features
 #: (row-parallel), the embedding its vocabulary rows, an untied LM head its vocabulary columns. With GQA the k/v
 #: width is ``kv_heads · head_dim`` (128 on OV-0.5B): a mesh whose size does not divide it leaves k/v replicated.
-SHARDING_RULES: list[tuple[str, tuple]] = [
-    (r"(.*/)?layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel$", (None, "model")),
-    (r"(.*/)?layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias$", ("model",)),
-    (r"(.*/)?layers_\d+/mlp/(gate_proj|up_proj)/kernel$", (None, "model")),
-    (r"(.*/)?layers_\d+/(self_attn/o_proj|mlp/down_proj)/kernel$", ("model", None)),
-    (r"(.*/)?embed_tokens/embedding$", ("model", None)),
-    (r"(.*/)?lm_head/kernel$", (None, "model")),
+SHARDING_RULES: ShardingRules = [
+    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
+    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
+    (r"layers_\d+/mlp/(gate_proj|up_proj)/kernel", (None, "model")),
+    (r"layers_\d+/(self_attn/o_proj|mlp/down_proj)/kernel", ("model", None)),
+    (r"embed_tokens/embedding", ("model", None)),
+    (r"lm_head/kernel", (None, "model")),
 ]
+
+# HF ``Qwen2ForCausalLM`` keys (``model.*``, ``lm_head.*``) -> :class:`Qwen2ForCausalLM` params.
+WEIGHT_RULES: Rules = weight_rules()
+
+FAMILY = Family(name="Qwen2", kind=TEXT, config=Qwen2Config, module=Qwen2ForCausalLM, weight_rules=WEIGHT_RULES,
+                sharding_rules=SHARDING_RULES, tied=("lm_head/kernel", "embed_tokens/embedding"))

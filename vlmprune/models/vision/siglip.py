@@ -19,12 +19,11 @@ What a pruning method can ask the tower for (§9.3.9), each only at the layers i
 
 Everything else goes through the shared ``vlmprune.models.attention.attention`` (fused on GPU/TPU).
 
-The file also holds the family's loading and placement tables: :func:`siglip_vision_rules` (HF key regex ->
-param path, transform; the format ``vlmprune.weights.load_params`` takes), :func:`siglip_vision_renames` (older
-key layouts) and :data:`SIGLIP_SHARDING_RULES` (the format of ``vlmprune.sharding.RULES``).
-Export caveat: ``vlmprune.weights.iter_export`` undoes a transform only when it is one of that module's own
-(private) functions, so exporting through these rules would leave square kernels untransposed; loading is
-unaffected. Until those transforms are public, do not export with this table.
+The file also holds the family's tables: :data:`WEIGHT_RULES` (HF key regex -> param path,
+:class:`vlmprune.io.weights.Transform`, so the same table loads and exports), :func:`siglip_vision_rules` (the
+same table under a key / param prefix), :func:`siglip_vision_renames` (older key layouts),
+:data:`SHARDING_RULES` and the :data:`FAMILY` value registered as ``siglip_vision_model`` in
+``vlmprune.models.FAMILIES``.
 """
 
 from __future__ import annotations
@@ -32,16 +31,17 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import re
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from vlmprune.io.weights import Rules, identity, patch_conv, prefix_rules, transpose
+from vlmprune.models.activations import activation
 from vlmprune.models.attention import QUERY_BLOCK, attention
-from vlmprune.models.clip import activation
+from vlmprune.models.family import VISION, Family
+from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
 
@@ -89,6 +89,11 @@ class SiglipVisionConfig:
     def num_patches(self) -> int:
         """Tokens per image tile (729 for OneVision); there is no class token."""
         return self.grid**2
+
+    @property
+    def num_positions(self) -> int:
+        """Tokens the tower outputs: the patches only (no class token)."""
+        return self.num_patches
 
     @classmethod
     def from_hf(cls, c) -> SiglipVisionConfig:
@@ -450,25 +455,8 @@ class SiglipVisionTransformer(nn.Module):
 # Weights and sharding tables
 # --------------------------------------------------------------------------------------------------------
 
-Rule = tuple[str, str, Callable]
-
-
-def transpose(w: np.ndarray) -> np.ndarray:
-    """torch Linear weight (out, in) -> flax Dense kernel (in, out)."""
-    return w.T
-
-
-def conv_to_dense(w: np.ndarray) -> np.ndarray:
-    """Patch conv weight (D, C, p, p) -> Dense kernel (C*p*p, D) over (C, p, p)-flattened patches."""
-    return w.reshape(w.shape[0], -1).T
-
-
-def identity(w: np.ndarray) -> np.ndarray:
-    return w
-
-
-def siglip_vision_rules(src: str = "", dst: str = "") -> list[Rule]:
-    """Weight rules ``(regex over the HF key, param path template, numpy transform)`` for one SigLIP vision tower.
+def siglip_vision_rules(src: str = "", dst: str = "") -> Rules:
+    """:data:`WEIGHT_RULES` under the HF key prefix ``src`` and the param path prefix ``dst``.
 
     Args:
       src: HF key prefix of the tower in transformers 5.x layout, e.g. ``""`` for a saved ``SiglipVisionModel``
@@ -478,33 +466,35 @@ def siglip_vision_rules(src: str = "", dst: str = "") -> list[Rule]:
     The pooling head's rules (``head.*``) are included; a config without the head has no such params, so a
     checkpoint carrying them is reported as unexpected by the loader.
     """
-    s = re.escape(src)
-    d = f"{dst}/" if dst else ""
-    layer = rf"{s}encoder\.layers\.(\d+)\."
-    head = rf"{s}head\."
-    return [
-        (rf"{s}embeddings\.patch_embedding\.weight", f"{d}patch_embedding/kernel", conv_to_dense),
-        (rf"{s}embeddings\.patch_embedding\.bias", f"{d}patch_embedding/bias", identity),
-        (rf"{s}embeddings\.position_embedding\.weight", f"{d}position_embedding", identity),
-        (rf"{s}post_layernorm\.weight", f"{d}post_layernorm/scale", identity),
-        (rf"{s}post_layernorm\.bias", f"{d}post_layernorm/bias", identity),
-        (layer + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight", d + r"layers_\1/self_attn/\2/kernel",
-         transpose),
-        (layer + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", d + r"layers_\1/self_attn/\2/bias", identity),
-        (layer + r"(layer_norm1|layer_norm2)\.weight", d + r"layers_\1/\2/scale", identity),
-        (layer + r"(layer_norm1|layer_norm2)\.bias", d + r"layers_\1/\2/bias", identity),
-        (layer + r"mlp\.(fc1|fc2)\.weight", d + r"layers_\1/\2/kernel", transpose),
-        (layer + r"mlp\.(fc1|fc2)\.bias", d + r"layers_\1/\2/bias", identity),
-        (head + r"probe", f"{d}head/probe", identity),
-        (head + r"attention\.in_proj_weight", f"{d}head/in_proj/kernel", transpose),
-        (head + r"attention\.in_proj_bias", f"{d}head/in_proj/bias", identity),
-        (head + r"attention\.out_proj\.weight", f"{d}head/out_proj/kernel", transpose),
-        (head + r"attention\.out_proj\.bias", f"{d}head/out_proj/bias", identity),
-        (head + r"layernorm\.weight", f"{d}head/layernorm/scale", identity),
-        (head + r"layernorm\.bias", f"{d}head/layernorm/bias", identity),
-        (head + r"mlp\.(fc1|fc2)\.weight", d + r"head/\1/kernel", transpose),
-        (head + r"mlp\.(fc1|fc2)\.bias", d + r"head/\1/bias", identity),
-    ]
+    return prefix_rules(WEIGHT_RULES, src, dst)
+
+
+# HF ``SiglipVisionModel`` keys (transformers 5.x layout, no ``vision_model.`` level) -> tower params. The pooling
+# head's rules are included; a config without the head has no such params, so a checkpoint carrying them is
+# reported as unexpected by the loader.
+_LAYER = r"encoder\.layers\.(\d+)\."
+WEIGHT_RULES: Rules = [
+    (r"embeddings\.patch_embedding\.weight", "patch_embedding/kernel", patch_conv),
+    (r"embeddings\.patch_embedding\.bias", "patch_embedding/bias", identity),
+    (r"embeddings\.position_embedding\.weight", "position_embedding", identity),
+    (r"post_layernorm\.weight", "post_layernorm/scale", identity),
+    (r"post_layernorm\.bias", "post_layernorm/bias", identity),
+    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight", r"layers_\1/self_attn/\2/kernel", transpose),
+    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", r"layers_\1/self_attn/\2/bias", identity),
+    (_LAYER + r"(layer_norm1|layer_norm2)\.weight", r"layers_\1/\2/scale", identity),
+    (_LAYER + r"(layer_norm1|layer_norm2)\.bias", r"layers_\1/\2/bias", identity),
+    (_LAYER + r"mlp\.(fc1|fc2)\.weight", r"layers_\1/\2/kernel", transpose),
+    (_LAYER + r"mlp\.(fc1|fc2)\.bias", r"layers_\1/\2/bias", identity),
+    (r"head\.probe", "head/probe", identity),
+    (r"head\.attention\.in_proj_weight", "head/in_proj/kernel", transpose),
+    (r"head\.attention\.in_proj_bias", "head/in_proj/bias", identity),
+    (r"head\.attention\.out_proj\.weight", "head/out_proj/kernel", transpose),
+    (r"head\.attention\.out_proj\.bias", "head/out_proj/bias", identity),
+    (r"head\.layernorm\.weight", "head/layernorm/scale", identity),
+    (r"head\.layernorm\.bias", "head/layernorm/bias", identity),
+    (r"head\.mlp\.(fc1|fc2)\.weight", r"head/\1/kernel", transpose),
+    (r"head\.mlp\.(fc1|fc2)\.bias", r"head/\1/bias", identity),
+]
 
 
 def siglip_vision_renames(src: str = "") -> list[tuple[str, str]]:
@@ -517,11 +507,16 @@ def siglip_vision_renames(src: str = "") -> list[tuple[str, str]]:
 #: Megatron-style tensor parallelism over mesh axis "model" (same format as ``vlmprune.sharding.RULES``): the
 #: q/k/v and fc1 projections split their output columns (whole heads when heads divide the axis), out_proj
 #: and fc2 their input rows. Embeddings, norms and the pooling head (one probe token) stay replicated.
-SIGLIP_SHARDING_RULES: list[tuple[str, tuple]] = [
-    (r"(.*/)?layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel$", (None, "model")),
-    (r"(.*/)?layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias$", ("model",)),
-    (r"(.*/)?layers_\d+/self_attn/out_proj/kernel$", ("model", None)),
-    (r"(.*/)?layers_\d+/fc1/kernel$", (None, "model")),
-    (r"(.*/)?layers_\d+/fc1/bias$", ("model",)),
-    (r"(.*/)?layers_\d+/fc2/kernel$", ("model", None)),
+SHARDING_RULES: ShardingRules = [
+    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
+    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
+    (r"layers_\d+/self_attn/out_proj/kernel", ("model", None)),
+    (r"layers_\d+/fc1/kernel", (None, "model")),
+    (r"layers_\d+/fc1/bias", ("model",)),
+    (r"layers_\d+/fc2/kernel", ("model", None)),
 ]
+
+SIGLIP_SHARDING_RULES = SHARDING_RULES  # the name the standalone tests used
+
+FAMILY = Family(name="SigLIP", kind=VISION, config=SiglipVisionConfig, module=SiglipVisionTransformer,
+                weight_rules=WEIGHT_RULES, sharding_rules=SHARDING_RULES)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune.next_layout import grid_shape, unpad_crop
+from vlmprune.anyres.geometry import grid_for, unpad_bounds
 
 Array = jax.Array
 
@@ -160,8 +160,9 @@ def image_layout(image_size_hw: Sequence[int], geom: OnevisionGeometry, *, tiled
     n = geom.tokens_per_side
     if not tiled:
         return ImageLayout(size, 0, 0, 0, 0, 0, 0, (0, 0), n, tiled=False)
-    rows, cols = grid_shape(size, geom.pinpoints, geom.tile_size)
-    top, bottom, left, right = unpad_crop(size, (rows * n, cols * n))
+    g = grid_for(size, geom.pinpoints, tile_size=geom.tile_size)  # (height, width) pinpoints, as HF
+    rows, cols = g.rows, g.cols
+    top, bottom, left, right = unpad_bounds(size, (rows * n, cols * n), rule="hf")
     out = downsampled_size(bottom - top, right - left, n, geom.max_num)
     return ImageLayout(size, rows, cols, top, bottom, left, right, out, n)
 
@@ -390,8 +391,7 @@ class ProcessorFacts:
 
     def num_tiles(self, image_size_hw: Sequence[int]) -> int:
         """Tiles the processor emits for one image (single-image prompt): the base plus the grid."""
-        rows, cols = grid_shape(tuple(int(v) for v in image_size_hw), self.pinpoints, self.tile_size)
-        return 1 + rows * cols
+        return grid_for(tuple(int(v) for v in image_size_hw), self.pinpoints, tile_size=self.tile_size).num_tiles
 
 
 def read_processor_facts(directory: str) -> ProcessorFacts:
@@ -434,3 +434,66 @@ def read_processor_facts(directory: str) -> ProcessorFacts:
     return ProcessorFacts(image_mean=mean, image_std=std, rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
                           tile_size=int(tile), pinpoints=tuple(tuple(int(x) for x in p) for p in pins),
                           resample=int(cfg.get("resample", 3)))
+
+
+# --- a batch of OneVision images, planned on the host ---------------------------------------------------------
+
+
+def geometry(config) -> OnevisionGeometry:
+    """The :class:`OnevisionGeometry` of a frozen ``LlavaConfig`` of model type ``llava_onevision``."""
+    v = config.vision
+    return OnevisionGeometry(tile_size=int(v.image_size), tokens_per_side=int(v.image_size // v.patch_size),
+                             pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
+                             max_num=anyres_max(config.vision_aspect_ratio))
+
+
+@dataclasses.dataclass(frozen=True)
+class OnevisionBatch:
+    """Host layout of a batch of OneVision images: one :class:`ImageLayout` per image and the gather tables
+    (NumPy) of their packed blocks, ``length`` slots each."""
+
+    layouts: tuple[ImageLayout, ...]
+    pack: PackTables
+    length: int
+
+    def tables(self) -> PackTables:
+        """The tables as device arrays (what the jitted pack step takes)."""
+        return jax.tree.map(jnp.asarray, self.pack)
+
+
+def onevision_batch(config, pixel_values, image_sizes) -> tuple[np.ndarray, OnevisionBatch, list[int]]:
+    """Plan a batch of single-image prompts (HF's tiled path) on the host.
+
+    pixel_values: (NI, T, C, S, S) as the processor returns them (tile axis padded to the batch maximum);
+    image_sizes: (NI, 2) original (height, width).
+    Returns (pixels (NI, T_max, C, S, S) float32, zero tiles after each image's own, T_max = the largest grid's
+    tiles + 1 so that one compiled tower serves every grid; the batch layout with ``length`` = the largest packed
+    block of the batch; the packed token count of every image, i.e. its ``<image>`` placeholders).
+
+    Raises ValueError naming the image when sizes are missing or mis-shaped, or an image has fewer tiles than its
+    grid needs.
+    """
+    geom = geometry(config)
+    if image_sizes is None:
+        raise ValueError("image_sizes (num_images, 2) as (height, width) is required for LLaVA-OneVision inputs")
+    sizes = np.asarray(image_sizes)
+    ni = pixel_values.shape[0]
+    if sizes.shape != (ni, 2):
+        raise ValueError(f"image_sizes must have shape ({ni}, 2) (one (height, width) per image), got {sizes.shape}")
+    lays = tuple(image_layout(s, geom) for s in sizes.tolist())
+    for i, lay in enumerate(lays):
+        if lay.num_tiles > pixel_values.shape[1]:
+            raise ValueError(f"image {i} of size {tuple(sizes[i])} needs {lay.num_tiles} tiles ({lay.rows}x{lay.cols} "
+                             f"grid + base) but pixel_values holds {pixel_values.shape[1]}")
+    t_max = geom.max_tiles
+    if pixel_values.shape[1] > t_max:
+        raise ValueError(f"pixel_values holds {pixel_values.shape[1]} tiles per image; the pinpoints allow at most "
+                         f"{t_max}")
+    pix = np.zeros((ni, t_max) + tuple(pixel_values.shape[2:]), np.float32)
+    pix[:, : pixel_values.shape[1]] = np.asarray(pixel_values, np.float32)
+    # padding tiles past an image's own are zero: HF cuts them off, and the pack tables never read them
+    for i, lay in enumerate(lays):
+        pix[i, lay.num_tiles:] = 0
+    counts = [lay.num_tokens for lay in lays]
+    length = max(counts)
+    return pix, OnevisionBatch(lays, pack_tables(sizes, geom, length=length), length), counts
