@@ -14,7 +14,7 @@ import sys
 import time
 
 import vlmprune
-from vlmprune import _checks, prune, viz
+from vlmprune import checks, prune, viz
 from vlmprune.bench import add_arguments as add_bench_args
 from vlmprune.bench import main_from_args
 from vlmprune.demo import prepare_inputs, run_demo
@@ -196,8 +196,8 @@ def cmd_demo(args) -> int:
 def cmd_generate(args) -> int:
 
     pruner = pruner_from_args(args)
-    _checks.check_float("--temperature", args.temperature, lo=0.0, lo_open=True)
-    _checks.check_float("--top-p", args.top_p, lo=0.0, hi=1.0, lo_open=True)
+    checks.check_float("--temperature", args.temperature, lo=0.0, lo_open=True)
+    checks.check_float("--top-p", args.top_p, lo=0.0, hi=1.0, lo_open=True)
     image = _open_image(args.image)
     cfg = _read_config(args.model)
     _validate_pruner(pruner, cfg)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks, inputs, preprocess
+from vlmprune import checks, inputs, preprocess
 from vlmprune.io.checkpoint import save_model
 from vlmprune.models.llava import Llava, load_llava, shard_params
 from vlmprune.models.llava_config import LlavaConfig
@@ -156,7 +156,7 @@ class LlavaModel:
                 max_new_tokens=32, text=None):
         """Prefill step of generation: (last logits (B, V), cache, next positions (B,), sequence plan)."""
         check_pruner(pruner)
-        _checks.check_int("max_new_tokens", max_new_tokens, lo=1)
+        checks.check_int("max_new_tokens", max_new_tokens, lo=1)
         plan = self.plan(input_ids, pixel_values, attention_mask=attention_mask, image_sizes=image_sizes,
                          pruner=pruner, text=text)
         max_len = plan.sequence.length + max_new_tokens
@@ -195,7 +195,7 @@ class LlavaModel:
         """The decode loop after ``prefill`` (its outputs as they come): new token ids int32 (B, max_new_tokens)
         as a device array. ``sampler``: ``vlmprune.pipeline.Greedy()`` (default) or ``TopP.create(...)``;
         ``stop_at_eos=False`` runs every step (for timing)."""
-        _checks.check_int("max_new_tokens", max_new_tokens, lo=1)
+        checks.check_int("max_new_tokens", max_new_tokens, lo=1)
         pick = Greedy() if sampler is None else sampler
         eos = self.config.eos_token_ids if stop_at_eos else (-1,)
         return self._decode_jit(self.params, logits, cache, next_pos, jax.random.PRNGKey(seed), pick,

@@ -171,10 +171,10 @@ def json_dump(obj, p):
 # ---------------------------------------------------------------------------------------------- layering
 
 ROOT = os.path.join(REPO_DIR, "vlmprune")
-# package -> the vlmprune modules it may import (by prefix): models -> io, sharding, _checks; io -> io only
+# package -> the vlmprune modules it may import (by prefix): models -> io, sharding, checks; io -> io only
 ALLOWED = {
     "vlmprune.io": ("vlmprune.io",),
-    "vlmprune.models": ("vlmprune.models", "vlmprune.io", "vlmprune.sharding", "vlmprune._checks"),
+    "vlmprune.models": ("vlmprune.models", "vlmprune.io", "vlmprune.sharding", "vlmprune.checks"),
     "vlmprune.sharding": (),
 }
 
@@ -195,7 +195,7 @@ def test_models_and_io_import_only_downward(pkg, name, tree):
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vlmprune"):
             mods = [node.module]
-            # a private module of the package (vlmprune._checks) is fine; a private name from a module is not
+            # a private module of the package (vlmprune.checks) is fine; a private name from a module is not
             private = [a.name for a in node.names if a.name.startswith("_") and node.module != "vlmprune"]
             assert not private, f"{name} imports private names {private}"
         elif isinstance(node, ast.Import):

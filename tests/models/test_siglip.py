@@ -4,7 +4,7 @@
 Checkpoints are tiny random HF models (seeded, every parameter perturbed), written with ``save_pretrained`` and
 read back through ``vlmprune.io.weights.load_params`` with the tower's own rules, as a user's directory would be.
 Two geometries: 30 px / patch 7 (4 x 4 tokens, with the pooling head) and OneVision's 27 x 27 = 729 tokens at
-tiny width (54 px / patch 2, no head), as algorithms.md §9.5 prescribes.
+tiny width (54 px / patch 2, no head), as docs/methods.md §9.5 prescribes.
 """
 
 import json
@@ -22,7 +22,6 @@ from transformers import SiglipVisionConfig as HFConfig
 from transformers import SiglipVisionModel
 
 from reference.siglip_builders import build_hf_siglip, load_tower
-
 from vlmprune import sharding
 from vlmprune.io.weights import CheckpointError, abstract_params, load_params
 from vlmprune.models.vision.siglip import (

@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference.siglip_builders import build_hf_siglip, load_tower
 
 from reference.paths import TESTS_DIR
+from reference.siglip_builders import build_hf_siglip, load_tower
 from vlmprune.models.vision.siglip import received_attention
 from vlmprune.prune.vispruner_siglip import (
     attention_order,

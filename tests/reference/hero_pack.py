@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.prune.hero import hero_budget_sizes
 
 
@@ -23,8 +23,8 @@ def _check_grid(grid, where: str) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise ValueError(f"{where}: grid_cols_rows must be a (cols, rows) pair of ints, got {grid!r}") from None
     return (
-        _checks.check_int("grid cols", cols, lo=1, where=where),
-        _checks.check_int("grid rows", rows, lo=1, where=where),
+        checks.check_int("grid cols", cols, lo=1, where=where),
+        checks.check_int("grid rows", rows, lo=1, where=where),
     )
 
 
@@ -62,7 +62,7 @@ class HeroPackOrder:
 def hero_max_visual_len(grid_cols_rows: Sequence[int], keep_ratio: float, tokens_per_side: int = 24) -> int:
     """Tight static bound on the packed visual length: ``N_global + min(N_local, K * N) + Hg``."""
     cols, rows = _check_grid(grid_cols_rows, "hero_max_visual_len")
-    s = _checks.check_int("tokens_per_side", tokens_per_side, lo=1, where="hero_max_visual_len")
+    s = checks.check_int("tokens_per_side", tokens_per_side, lo=1, where="hero_max_visual_len")
     k, n = cols * rows, s * s
     n_global, n_local = hero_budget_sizes(k, keep_ratio, n)
     return n_global + min(n_local, k * n) + rows * s
@@ -71,7 +71,7 @@ def hero_max_visual_len(grid_cols_rows: Sequence[int], keep_ratio: float, tokens
 def hero_layout_length(grid_cols_rows: Sequence[int], tokens_per_side: int = 24) -> int:
     """Length ``F = N + Hg * (Wg + 1)`` of the full (unpruned) layout, newlines included."""
     cols, rows = _check_grid(grid_cols_rows, "hero_layout_length")
-    s = _checks.check_int("tokens_per_side", tokens_per_side, lo=1, where="hero_layout_length")
+    s = checks.check_int("tokens_per_side", tokens_per_side, lo=1, where="hero_layout_length")
     return s * s + rows * s * (cols * s + 1)
 
 
@@ -134,7 +134,7 @@ def hero_pack_order(
     """
     where = "hero_pack_order"
     cols, rows = _check_grid(grid_cols_rows, where)
-    s = _checks.check_int("tokens_per_side", tokens_per_side, lo=1, where=where)
+    s = checks.check_int("tokens_per_side", tokens_per_side, lo=1, where=where)
     shape = getattr(mask, "shape", None)
     if shape is None or len(shape) < 2:
         raise ValueError(f"{where}: mask must be an array of shape (..., 1+K, N), got {shape}")
@@ -146,7 +146,7 @@ def hero_pack_order(
     if mask.dtype != jnp.bool_:
         raise ValueError(f"{where}: mask must be bool, got {mask.dtype}")
     f = hero_layout_length((cols, rows), s)
-    max_len = f if max_len is None else _checks.check_int("max_len", max_len, lo=0, hi=f, where=where)
+    max_len = f if max_len is None else checks.check_int("max_len", max_len, lo=0, hi=f, where=where)
     return _pack_core(jnp.asarray(mask), grid=(cols, rows), max_len=max_len, tokens_per_side=s)
 
 
@@ -163,13 +163,13 @@ def hero_pack_features(
     """
     where = "hero_pack_features"
     cols, rows = _check_grid(grid_cols_rows, where)
-    _checks.check_rank("features", features, 3, where=where, dims="(1+K, N, C)")
-    _checks.check_rank("image_newline", image_newline, 1, where=where, dims="(C,)")
+    checks.check_rank("features", features, 3, where=where, dims="(1+K, N, C)")
+    checks.check_rank("image_newline", image_newline, 1, where=where, dims="(C,)")
     k1, n, c = features.shape
     s = math.isqrt(n)
     if s * s != n or k1 != 1 + cols * rows:
         raise ValueError(f"{where}: features {tuple(features.shape)} do not match grid {cols}x{rows} (1+K, s*s, C)")
-    _checks.check_dims_equal([("image_newline C", image_newline.shape[0], "features C", c)], where=where)
+    checks.check_dims_equal([("image_newline C", image_newline.shape[0], "features C", c)], where=where)
     if order.layout_index.ndim != 1:
         raise ValueError(f"{where}: order must describe one image (1-D fields), got {order.layout_index.shape}")
     return _gather_layout(features, image_newline, order.layout_index, grid=(cols, rows))

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax.traverse_util import flatten_dict
 
-from vlmprune.io.weights import CheckpointError
 from vlmprune.io.safe_output import OutputKind, staged_dir, write_marker
+from vlmprune.io.weights import CheckpointError
 
 FORMAT_FILE = "vlmprune.json"
 PARAMS_DIR = "params"

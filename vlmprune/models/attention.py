@@ -13,7 +13,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
 #: query-block length of the CPU path: one block's (H, block, S) scores stay cache-sized (a 577-token CLIP
 #: attention runs 2x faster in blocks than in one piece), and causal blocks skip the keys after the block
 #: (about half the work at prefill lengths)

@@ -7,12 +7,27 @@
 """
 
 from vlmprune.pipeline.forward import (  # noqa: F401
-    Assembled, assemble, decoder_prefill, encode, forward, prefill, project, prune, tap_request, tokens_from_taps,
+    Assembled,
+    assemble,
+    decoder_prefill,
+    encode,
+    forward,
+    prefill,
+    project,
+    prune,
+    tap_request,
+    tokens_from_taps,
     visual_tokens,
 )
 from vlmprune.pipeline.generate import decode  # noqa: F401
 from vlmprune.pipeline.plan import (  # noqa: F401
-    DeviceInputs, Plan, check_pixels, image_texts, next_layout, plan_inputs, prepare_host,
+    DeviceInputs,
+    Plan,
+    check_pixels,
+    image_texts,
+    next_layout,
+    plan_inputs,
+    prepare_host,
 )
 from vlmprune.pipeline.sampling import Greedy, TopP, sample_token, sampler  # noqa: F401
 from vlmprune.pipeline.sequence import SequencePlan, plan_sequence  # noqa: F401

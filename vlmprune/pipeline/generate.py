@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vlmprune.models.text.llama import KVCache
 from vlmprune.models.llava import Llava
+from vlmprune.models.text.llama import KVCache
 
 
 def decode(module: Llava, params, first_logits, cache: KVCache, next_pos, key, sampler, *, start_slot: int,

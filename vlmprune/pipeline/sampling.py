@@ -10,7 +10,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vlmprune import _checks
+from vlmprune import checks
 
 
 @flax.struct.dataclass
@@ -31,8 +31,8 @@ class TopP:
 
     @classmethod
     def create(cls, temperature: float = 1.0, top_p: float = 1.0) -> "TopP":
-        _checks.check_float("temperature", temperature, lo=0.0, lo_open=True)
-        _checks.check_float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
+        checks.check_float("temperature", temperature, lo=0.0, lo_open=True)
+        checks.check_float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
         return cls(jnp.float32(temperature), jnp.float32(top_p))
 
     def __call__(self, logits: jax.Array, key) -> jax.Array:

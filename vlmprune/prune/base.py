@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.anyres.pack import selection_mask, tiles_to_image_indices
 from vlmprune.prune.selection import Selection, gather_tokens
 from vlmprune.types import NextLayout, PruneResult, TapRequest, VisionTaps
@@ -411,4 +411,4 @@ def check_pruner(pruner):
 
 
 def check_keep(name: str, num_keep, n: int) -> int:
-    return _checks.check_int("num_keep", num_keep, lo=1, hi=n, where=name)
+    return checks.check_int("num_keep", num_keep, lo=1, hi=n, where=name)

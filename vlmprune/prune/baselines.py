@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.prune.ops import (
     argsort_descending,
     check_head_attention,
@@ -67,8 +67,8 @@ class MergeResult:
 
 
 def _check_features(name: str, x, rank: int, dims: str, where: str) -> None:
-    _checks.check_rank(name, x, rank, where=where, dims=dims)
-    _checks.check_finite(name, x, where=where)
+    checks.check_rank(name, x, rank, where=where, dims=dims)
+    checks.check_finite(name, x, where=where)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -97,10 +97,10 @@ def random_keep(key: jax.Array, num_tokens: int, *, num_keep: int, batch: int | 
       ``Selection`` with indices int32 (K,) or (B, K), ascending, all valid.
     """
     where = "random_keep"
-    num_tokens = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
+    num_tokens = checks.check_int("num_tokens", num_tokens, lo=1, where=where)
     num_keep = check_num_keep(num_keep, num_tokens, where)
     if batch is not None:
-        batch = _checks.check_int("batch", batch, lo=1, where=where)
+        batch = checks.check_int("batch", batch, lo=1, where=where)
     if not hasattr(key, "dtype"):
         raise ValueError(f"{where}: key must be a JAX PRNG key, got {type(key).__name__}")
     sel = _random_keep_jit(key, num_tokens=num_tokens, num_keep=num_keep, batch=batch or 1)
@@ -149,7 +149,7 @@ def uniform(num_tokens: int, *, num_keep: int, grid: tuple[int, int] | None = No
       ``Selection`` with indices int32 (K,) ascending, all valid; broadcast it over a batch as needed.
     """
     where = "uniform"
-    num_tokens = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
+    num_tokens = checks.check_int("num_tokens", num_tokens, lo=1, where=where)
     num_keep = check_num_keep(num_keep, num_tokens, where)
     if grid is None:
         side = math.isqrt(num_tokens)
@@ -158,8 +158,8 @@ def uniform(num_tokens: int, *, num_keep: int, grid: tuple[int, int] | None = No
         grid = (side, side)
     if len(grid) != 2:
         raise ValueError(f"{where}: grid must be (rows, cols), got {grid!r}")
-    rows = _checks.check_int("grid rows", grid[0], lo=1, where=where)
-    cols = _checks.check_int("grid cols", grid[1], lo=1, where=where)
+    rows = checks.check_int("grid rows", grid[0], lo=1, where=where)
+    cols = checks.check_int("grid cols", grid[1], lo=1, where=where)
     if rows * cols != num_tokens:
         raise ValueError(f"{where}: grid {rows}x{cols} does not cover N={num_tokens} tokens")
     idx = jnp.asarray(uniform_grid_indices(num_keep, rows, cols))
@@ -308,7 +308,7 @@ def divprune_masked(embeddings: jax.Array, candidates: jax.Array, count: jax.Arr
     if count.shape != embeddings.shape[:1]:
         raise ValueError(f"{where}: count must have shape ({embeddings.shape[0]},), got {count.shape}")
     n_cand = jnp.sum(candidates, axis=1, dtype=jnp.int32)
-    if _checks.is_concrete(n_cand) and bool(jnp.any(n_cand == 0)):
+    if checks.is_concrete(n_cand) and bool(jnp.any(n_cand == 0)):
         raise ValueError(f"{where}: every row needs at least one candidate token")
     count = jnp.clip(jnp.minimum(count, n_cand), 0, max_keep)
     return _divprune_masked_jit(embeddings, candidates, count, max_keep=max_keep)
@@ -343,7 +343,7 @@ def visionzip_dominant(cls_attn: jax.Array, *, dominant: int) -> Selection:
     """
     where = "visionzip_dominant"
     check_head_attention("cls_attn", cls_attn, where)
-    dominant = _checks.check_int("dominant", dominant, lo=2, hi=cls_attn.shape[2] + 1, where=where)
+    dominant = checks.check_int("dominant", dominant, lo=2, hi=cls_attn.shape[2] + 1, where=where)
     return _visionzip_dominant_jit(cls_attn, dominant=dominant)
 
 
@@ -421,7 +421,7 @@ def visionzip(
     check_head_attention("cls_attn", cls_attn, where)
     _check_features("keys", keys, 4, "(B, 1+N, H, dh)", where)
     batch, total, _ = hidden_with_cls.shape
-    _checks.check_dims_equal(
+    checks.check_dims_equal(
         [
             ("hidden_with_cls batch", batch, "cls_attn batch", cls_attn.shape[0]),
             ("hidden_with_cls batch", batch, "keys batch", keys.shape[0]),
@@ -431,10 +431,10 @@ def visionzip(
         ],
         where=where,
     )
-    dominant = _checks.check_int("dominant", dominant, where=where)
+    dominant = checks.check_int("dominant", dominant, where=where)
     if not 1 <= dominant <= total:
         raise ValueError(f"{where}: dominant (CLS included) must be in [1, 1+N={total}], got {dominant}")
-    contextual = _checks.check_int("contextual", contextual, where=where)
+    contextual = checks.check_int("contextual", contextual, where=where)
     if not 0 <= contextual <= total - dominant:
         raise ValueError(
             f"{where}: contextual must be in [0, 1+N-dominant={total - dominant}], got {contextual}"
@@ -604,7 +604,7 @@ def prumerge_plus(
     _check_features("cls_attn_1head", cls_attn_1head, 2, "(B, N)", where)
     _check_features("keys", keys, 3, "(B, N, D)", where)
     batch, num_tokens, _ = features.shape
-    _checks.check_dims_equal(
+    checks.check_dims_equal(
         [
             ("features batch", batch, "cls_attn_1head batch", cls_attn_1head.shape[0]),
             ("features batch", batch, "keys batch", keys.shape[0]),
@@ -615,7 +615,7 @@ def prumerge_plus(
     )
     if not isinstance(plus, (bool, np.bool_)):
         raise ValueError(f"{where}: plus must be a bool, got {plus!r}")
-    num_neighbors = _checks.check_int("num_neighbors", num_neighbors, lo=1, where=where)
+    num_neighbors = checks.check_int("num_neighbors", num_neighbors, lo=1, where=where)
     return _prumerge_jit(
         features, cls_attn_1head, keys, plus=bool(plus), num_neighbors=min(num_neighbors, num_tokens - 1)
     )

@@ -3,7 +3,7 @@
 After decoder layer ``layer - 1`` the hook ranks each row's visual tokens by the head-mean attention of the last
 real token (that layer's queries and keys, RoPE applied) and keeps the ``keep`` best; the decoder runs the later
 layers on the kept slots with their original positions (in-place variant, gaps kept). With a KV cache the
-selection is made once at prefill and decoding attends to the kept set in the later layers (algorithms.md §5.2).
+selection is made once at prefill and decoding attends to the kept set in the later layers (docs/methods.md §5.2).
 
 On LLaVA-OneVision (Qwen2 decoder; [PROPOSED], the original patches LLaMA only) the image span is the packed block
 (base, grid, newlines), whose length ``V`` depends on the image, so rows of a batch differ: each row keeps
@@ -21,7 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.prune.base import LLMPruner, register
 
 Array = jax.Array
@@ -115,8 +115,8 @@ class FastV(LLMPruner):
 
     def check(self, cfg):
         n = cfg.tokens_per_image
-        _checks.check_int("layer", self.layer, lo=1, hi=cfg.text.num_hidden_layers - 1, where=self.name)
-        _checks.check_float("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=self.name)
+        checks.check_int("layer", self.layer, lo=1, hi=cfg.text.num_hidden_layers - 1, where=self.name)
+        checks.check_float("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=self.name)
         if self.kept_per_image(cfg) < 1:
             raise ValueError(f"fastv: keep_ratio={self.keep_ratio} keeps int({n}·ratio) = 0 visual tokens")
 

@@ -37,7 +37,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.prune.ops import divide, l2_normalize, mean, no_fma, top_budget_selection
 from vlmprune.prune.selection import Selection
 
@@ -85,9 +85,9 @@ def hero_budget_sizes(num_local_tiles: int, keep_ratio: float, num_tokens: int =
     E.g. R = 0.3: N_global = 172, and N_local = 518 for K = 3.
     """
     where = "hero_budget_sizes"
-    k = _checks.check_int("num_local_tiles", num_local_tiles, lo=1, where=where)
-    n = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
-    r = _checks.check_float("keep_ratio", keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=where)
+    k = checks.check_int("num_local_tiles", num_local_tiles, lo=1, where=where)
+    n = checks.check_int("num_tokens", num_tokens, lo=1, where=where)
+    r = checks.check_float("keep_ratio", keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=where)
     return int(n * r), int(k * n * r)
 
 
@@ -181,12 +181,12 @@ def hero_padded(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_em
     Slot count: ``max(N_global, min(N, N_local(K_max)))``.
     """
     where = "hero_padded"
-    _checks.check_rank("tile_attn", tile_attn, 5, where=where, dims="(B, K_max, n_low, H, N)")
+    checks.check_rank("tile_attn", tile_attn, 5, where=where, dims="(B, K_max, n_low, H, N)")
     k_max, n = tile_attn.shape[1], tile_attn.shape[-1]
-    keep_ratio = _checks.check_float("keep_ratio", keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=where)
-    alpha = _checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
-    t_cls = _checks.check_float("t_cls", t_cls, lo=0.0, lo_open=True, where=where)
-    t_clip = _checks.check_float("t_clip", t_clip, lo=0.0, lo_open=True, where=where)
+    keep_ratio = checks.check_float("keep_ratio", keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=where)
+    alpha = checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
+    t_cls = checks.check_float("t_cls", t_cls, lo=0.0, lo_open=True, where=where)
+    t_clip = checks.check_float("t_clip", t_clip, lo=0.0, lo_open=True, where=where)
     table = tuple(int(k * n * keep_ratio) for k in range(k_max + 1))
     n_global, n_local = int(n * keep_ratio), table[-1]
     return _hero_padded_core(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid,
@@ -208,7 +208,7 @@ def _hero_batched_core(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid,
 def _check_float_array(name, x, where):
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise ValueError(f"{where}: {name} must be floating point, got {x.dtype}")
-    _checks.check_finite(name, x, where=where)
+    checks.check_finite(name, x, where=where)
 
 
 def _validate(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, keep_ratio, alpha, t_cls, t_clip,
@@ -224,7 +224,7 @@ def _validate(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, keep_rat
         "valid": (valid, 2, f"({bdim}K, N)"),
     }
     for name, (x, rank, dims) in arrays.items():
-        _checks.check_rank(name, x, rank + lead, where=where, dims=dims)
+        checks.check_rank(name, x, rank + lead, where=where, dims=dims)
     if tile_attn.shape[lead] == 0:
         raise ValueError(
             f"{where}: HERO needs at least one sub-tile (K >= 1); a single LLaVA-1.5 image has none (§4.6)"
@@ -234,13 +234,13 @@ def _validate(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, keep_rat
             raise ValueError(f"{where}: {name} has an empty dimension, shape {tuple(x.shape)} {dims}")
     if batch:
         bsz = thumb_attn.shape[0]
-        _checks.check_dims_equal(
+        checks.check_dims_equal(
             [(f"{name} batch dim", x.shape[0], "thumb_attn batch dim", bsz) for name, (x, _, _) in arrays.items()],
             where=where,
         )
     th, ta, cl, ie, te, va = (x.shape[lead:] for x in (thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid))
     k = ta[0]
-    _checks.check_dims_equal(
+    checks.check_dims_equal(
         [
             ("tile_attn heads", ta[2], "thumb_attn heads", th[1]),
             ("tile_attn N", ta[3], "thumb_attn N", th[2]),
@@ -253,7 +253,7 @@ def _validate(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, keep_rat
         ],
         where=where,
     )
-    s = _checks.check_int("tokens_per_side", tokens_per_side, lo=1, where=where)
+    s = checks.check_int("tokens_per_side", tokens_per_side, lo=1, where=where)
     if th[2] != s * s:
         raise ValueError(
             f"{where}: N = {th[2]} is not a {s}x{s} token grid (HERO's geometry is CLIP-336: 576 = 24x24 per tile)"
@@ -263,10 +263,10 @@ def _validate(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, keep_rat
     for name, (x, _, _) in arrays.items():
         if name != "valid":
             _check_float_array(name, x, where)
-    keep_ratio = _checks.check_float("keep_ratio", keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=where)
-    alpha = _checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
-    t_cls = _checks.check_float("t_cls", t_cls, lo=0.0, lo_open=True, where=where)
-    t_clip = _checks.check_float("t_clip", t_clip, lo=0.0, lo_open=True, where=where)
+    keep_ratio = checks.check_float("keep_ratio", keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=where)
+    alpha = checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
+    t_cls = checks.check_float("t_cls", t_cls, lo=0.0, lo_open=True, where=where)
+    t_clip = checks.check_float("t_clip", t_clip, lo=0.0, lo_open=True, where=where)
     n_global, n_local = hero_budget_sizes(k, keep_ratio, th[2])
     return dict(n_global=n_global, n_local=n_local, alpha=alpha, t_cls=t_cls, t_clip=t_clip)
 

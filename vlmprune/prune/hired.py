@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.prune.ops import divide, head_sum, top_budget_selection
 from vlmprune.prune.selection import Selection, from_indices
 
@@ -97,10 +97,10 @@ def hired_allocation(num_tiles: int, num_tokens: int, *, budget_rate: float, alp
     ``N_sub = min(N_budget - N_full, (P - 1) * N)``; Python float64 truncation, as the original.
     """
     where = "hired_allocation"
-    p = _checks.check_int("num_tiles", num_tiles, lo=1, where=where)
-    n = _checks.check_int("num_tokens", num_tokens, lo=1, where=where)
-    rate = _checks.check_float("budget_rate", budget_rate, lo=0.0, hi=1.0, lo_open=True, where=where)
-    alpha = _checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
+    p = checks.check_int("num_tiles", num_tiles, lo=1, where=where)
+    n = checks.check_int("num_tokens", num_tokens, lo=1, where=where)
+    rate = checks.check_float("budget_rate", budget_rate, lo=0.0, hi=1.0, lo_open=True, where=where)
+    alpha = checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
     n_budget = int(p * n * rate)
     n_full = min(int(n_budget * alpha), n)
     n_sub = min(n_budget - n_full, (p - 1) * n)
@@ -208,8 +208,8 @@ def _hired_core(shallow, deep, num_tiles, grids, *, table, k_sp, k_max, variant)
 
 
 def _check_config(budget_rate, alpha, k_sp, variant, num_tokens: int, where: str):
-    budget_rate = _checks.check_float("budget_rate", budget_rate, lo=0.0, hi=1.0, lo_open=True, where=where)
-    alpha = _checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
+    budget_rate = checks.check_float("budget_rate", budget_rate, lo=0.0, hi=1.0, lo_open=True, where=where)
+    alpha = checks.check_float("alpha", alpha, lo=0.0, hi=1.0, where=where)
     if variant not in VARIANTS:
         raise ValueError(f"{where}: variant must be one of {VARIANTS}, got {variant!r}")
     if variant == "paper":
@@ -219,13 +219,13 @@ def _check_config(budget_rate, alpha, k_sp, variant, num_tokens: int, where: str
     elif k_sp is None:
         k_sp = hired_default_k_sp(num_tokens, alpha)
     else:
-        k_sp = _checks.check_int("k_sp", k_sp, lo=0, hi=num_tokens, where=where)
+        k_sp = checks.check_int("k_sp", k_sp, lo=0, hi=num_tokens, where=where)
     return budget_rate, alpha, k_sp
 
 
 def _check_attention_pair(shallow, deep, rank: int, dims: str, where: str):
-    _checks.check_rank("shallow_cls_attn", shallow, rank, where=where, dims=dims)
-    _checks.check_rank("deep_cls_attn", deep, rank, where=where, dims=dims)
+    checks.check_rank("shallow_cls_attn", shallow, rank, where=where, dims=dims)
+    checks.check_rank("deep_cls_attn", deep, rank, where=where, dims=dims)
     if tuple(shallow.shape) != tuple(deep.shape):
         raise ValueError(
             f"{where}: shallow_cls_attn {tuple(shallow.shape)} and deep_cls_attn {tuple(deep.shape)} must have the "
@@ -236,7 +236,7 @@ def _check_attention_pair(shallow, deep, rank: int, dims: str, where: str):
     for name, x in (("shallow_cls_attn", shallow), ("deep_cls_attn", deep)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{where}: {name} must be floating point, got {x.dtype}")
-        _checks.check_finite(name, x, where=where)
+        checks.check_finite(name, x, where=where)
 
 
 def _check_grid(grid, num_tiles: int, where: str, name: str = "grid") -> tuple[int, int]:
@@ -244,8 +244,8 @@ def _check_grid(grid, num_tiles: int, where: str, name: str = "grid") -> tuple[i
         cols, rows = grid
     except (TypeError, ValueError):
         raise ValueError(f"{where}: {name} must be a (cols, rows) pair of ints, got {grid!r}") from None
-    cols = _checks.check_int(f"{name} cols", cols, lo=1, where=where)
-    rows = _checks.check_int(f"{name} rows", rows, lo=1, where=where)
+    cols = checks.check_int(f"{name} cols", cols, lo=1, where=where)
+    rows = checks.check_int(f"{name} rows", rows, lo=1, where=where)
     if cols * rows != num_tiles - 1:
         raise ValueError(
             f"{where}: {name} {cols}x{rows} has {cols * rows} tiles but the image has {num_tiles - 1} "
@@ -342,14 +342,14 @@ def _check_tiles_and_grids(num_tiles, grids, b: int, t_max: int, n: int, variant
     """``hired_batched``'s per-image tile counts (B,) and grids (B, 2) validated (values too when concrete);
     returns them as arrays (grids all zero for the reference variant)."""
     if isinstance(num_tiles, (list, tuple)):
-        num_tiles = np.asarray([_checks.check_int("num_tiles[i]", p, where=where) for p in num_tiles], np.int32)
+        num_tiles = np.asarray([checks.check_int("num_tiles[i]", p, where=where) for p in num_tiles], np.int32)
     if isinstance(num_tiles, numbers.Integral):
         raise ValueError(f"{where}: num_tiles must have one entry per image (shape ({b},)), got a scalar")
     if getattr(num_tiles, "shape", None) != (b,):
         raise ValueError(f"{where}: num_tiles must have shape ({b},), got {getattr(num_tiles, 'shape', None)}")
     if not jnp.issubdtype(num_tiles.dtype, jnp.integer):
         raise ValueError(f"{where}: num_tiles must be integers, got {num_tiles.dtype}")
-    concrete_p = np.asarray(num_tiles) if _checks.is_concrete(num_tiles) else None
+    concrete_p = np.asarray(num_tiles) if checks.is_concrete(num_tiles) else None
     if concrete_p is not None and (concrete_p.min() < 1 or concrete_p.max() > t_max):
         raise ValueError(f"{where}: num_tiles must lie in [1, T_max={t_max}], got {concrete_p.tolist()}")
 
@@ -363,7 +363,7 @@ def _check_tiles_and_grids(num_tiles, grids, b: int, t_max: int, n: int, variant
             raise ValueError(f"{where}: grids must have shape ({b}, 2), got {getattr(grids, 'shape', None)}")
         if not jnp.issubdtype(grids.dtype, jnp.integer):
             raise ValueError(f"{where}: grids must be integers, got {grids.dtype}")
-        if concrete_p is not None and _checks.is_concrete(grids):
+        if concrete_p is not None and checks.is_concrete(grids):
             for i, (p, g) in enumerate(zip(concrete_p.tolist(), np.asarray(grids).tolist())):
                 if p > 1:
                     _check_grid(tuple(g), p, where, name=f"grids[{i}]")
@@ -462,14 +462,14 @@ def hired_single(deep_cls_attn: jax.Array, *, budget_rate: float, first_image_on
       :class:`Selection` (B, K), all slots valid, indices ascending.
     """
     where = "hired_single"
-    _checks.check_rank("deep_cls_attn", deep_cls_attn, 3, where=where, dims="(B, H, N)")
+    checks.check_rank("deep_cls_attn", deep_cls_attn, 3, where=where, dims="(B, H, N)")
     if any(d < 1 for d in deep_cls_attn.shape):
         raise ValueError(f"{where}: empty dimension in attention shape {tuple(deep_cls_attn.shape)} (B, H, N)")
     if not jnp.issubdtype(deep_cls_attn.dtype, jnp.floating):
         raise ValueError(f"{where}: deep_cls_attn must be floating point, got {deep_cls_attn.dtype}")
-    _checks.check_finite("deep_cls_attn", deep_cls_attn, where=where)
-    budget_rate = _checks.check_float("budget_rate", budget_rate, lo=0.0, hi=1.0, lo_open=True, where=where)
-    _checks.check_bool("first_image_only", first_image_only, where=where)
+    checks.check_finite("deep_cls_attn", deep_cls_attn, where=where)
+    budget_rate = checks.check_float("budget_rate", budget_rate, lo=0.0, hi=1.0, lo_open=True, where=where)
+    checks.check_bool("first_image_only", first_image_only, where=where)
     n = deep_cls_attn.shape[-1]
     k = min(n, int(n * budget_rate))
     return _hired_single_core(jnp.asarray(deep_cls_attn), k=k, first_image_only=first_image_only)

@@ -26,7 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.prune.selection import Selection, from_indices
 
 # --------------------------------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ def top_budget_selection(scores: jax.Array, budgets: jax.Array, k_max: int) -> t
 
 def check_num_keep(num_keep, num_tokens: int, where: str) -> int:
     """num_keep must be a Python int in [1, N]; the message names both. Returns it as an int."""
-    num_keep = _checks.check_int("num_keep", num_keep, where=where)
+    num_keep = checks.check_int("num_keep", num_keep, where=where)
     if not 1 <= num_keep <= num_tokens:
         raise ValueError(f"{where}: num_keep must be in [1, N={num_tokens}], got {num_keep}")
     return num_keep
@@ -281,5 +281,5 @@ def check_num_keep(num_keep, num_tokens: int, where: str) -> int:
 
 def check_head_attention(name: str, attn, where: str) -> None:
     """A (B, H, N) attention array with finite values (checked only when concrete)."""
-    _checks.check_rank(name, attn, 3, where=where, dims="(B, H, N)")
-    _checks.check_finite(name, attn, where=where)
+    checks.check_rank(name, attn, 3, where=where, dims="(B, H, N)")
+    checks.check_finite(name, attn, where=where)

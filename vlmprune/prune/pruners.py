@@ -18,17 +18,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.anyres.geometry import hero_valid_mask
 from vlmprune.anyres.layout import reference_pinpoints
 from vlmprune.anyres.onevision import PackTables
 from vlmprune.anyres.pack import layout_candidates
 from vlmprune.prune.base import (
-    LAYOUTS, Budget, HostInputs, HostNeeds, PruneContext, VisualPruner, check_keep, per_image, register,
+    LAYOUTS,
+    Budget,
+    HostInputs,
+    HostNeeds,
+    PruneContext,
+    VisualPruner,
+    check_keep,
+    per_image,
+    register,
     resolve_layer,
 )
 from vlmprune.prune.baselines import (
-    divprune, divprune_masked, prumerge_plus, random_keep, uniform, visionzip, visionzip_dominant,
+    divprune,
+    divprune_masked,
+    prumerge_plus,
+    random_keep,
+    uniform,
+    visionzip,
+    visionzip_dominant,
 )
 from vlmprune.prune.hero import hero_padded
 from vlmprune.prune.hired import hired_allocation, hired_batched, hired_single
@@ -41,7 +55,7 @@ Array = jax.Array
 
 class _NextLayout:
     """LLaVA-NeXT packing: ``layout="official"`` (HF's: unpadded, a newline after every row that keeps a token) or
-    ``"reference"``, the method paper's own layout (algorithms.md §1.4), for like-for-like comparisons."""
+    ``"reference"``, the method paper's own layout (docs/methods.md §1.4), for like-for-like comparisons."""
 
     #: layout style of the method's own paper, see ``vlmprune.anyres.STYLES``
     reference_style: ClassVar[str] = "official"
@@ -95,8 +109,8 @@ class VisPruner(_NextLayout, _KeepN):
 
     def check(self, cfg):
         super().check(cfg)
-        _checks.check_float("important_ratio", self.important_ratio, lo=0.0, hi=1.0, where=self.name)
-        _checks.check_bool("exact_similarity", self.exact_similarity, where=self.name)
+        checks.check_float("important_ratio", self.important_ratio, lo=0.0, hi=1.0, where=self.name)
+        checks.check_bool("exact_similarity", self.exact_similarity, where=self.name)
 
     def prune(self, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
         sel = vispruner(taps.features, taps.cls_attention(ctx.layer(self.layer, "layer")), num_keep=self.num_keep,
@@ -135,7 +149,7 @@ class HiRED(_NextLayout, VisualPruner):
     shallow_layer: int = 0
     deep_layer: int | None = None
     layout: str = "official"
-    #: layout="reference" only: reproduce the fork's swapped grid dims (algorithms.md §3.7; changes 1x2/2x1/1x3/3x1
+    #: layout="reference" only: reproduce the fork's swapped grid dims (docs/methods.md §3.7; changes 1x2/2x1/1x3/3x1
     #: grids only). False gives the unpadded, newline-free layout with the true grid.
     swapped_grid: bool = True
     name: ClassVar[str] = "hired"
@@ -168,8 +182,8 @@ class HiRED(_NextLayout, VisualPruner):
 
     def check(self, cfg):
         n = cfg.tokens_per_image
-        _checks.check_float("budget_rate", self.budget_rate, lo=0.0, hi=1.0, lo_open=True, where=self.name)
-        _checks.check_float("alpha", self.alpha, lo=0.0, hi=1.0, where=self.name)
+        checks.check_float("budget_rate", self.budget_rate, lo=0.0, hi=1.0, lo_open=True, where=self.name)
+        checks.check_float("alpha", self.alpha, lo=0.0, hi=1.0, where=self.name)
         resolve_layer(self.shallow_layer, cfg, "shallow_layer")
         if min(n, int(n * self.budget_rate)) < 1:
             raise ValueError(f"hired: budget_rate={self.budget_rate} keeps int({n}·rate) = 0 tokens per image")
@@ -215,7 +229,7 @@ def hero_clip_inputs(clip, pixel_values: np.ndarray, layouts, texts, tokens_per_
 @dataclasses.dataclass(frozen=True)
 class HERO(_NextLayout, VisualPruner):
     """HERO (arXiv 2509.13067) on LLaVA-NeXT: per-tile budgets from CLS saliency, CLIP text relevance and density;
-    the thumbnail keeps its ``high_layers`` picks, each tile its ``low_layers`` picks (algorithms.md §4).
+    the thumbnail keeps its ``high_layers`` picks, each tile its ``low_layers`` picks (docs/methods.md §4).
 
     ``clip_path`` names a full HF CLIP checkpoint (both towers; CLIP-L/14-336 for LLaVA-v1.6) whose image tower
     sees the same preprocessed tiles and whose text tower embeds the instruction (``prepare``, from the declared
@@ -251,10 +265,10 @@ class HERO(_NextLayout, VisualPruner):
 
     def check(self, cfg):
         n = cfg.tokens_per_image
-        _checks.check_float("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=self.name)
-        _checks.check_float("alpha", self.alpha, lo=0.0, hi=1.0, where=self.name)
-        _checks.check_float("t_cls", self.t_cls, lo=0.0, lo_open=True, where=self.name)
-        _checks.check_float("t_clip", self.t_clip, lo=0.0, lo_open=True, where=self.name)
+        checks.check_float("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True, where=self.name)
+        checks.check_float("alpha", self.alpha, lo=0.0, hi=1.0, where=self.name)
+        checks.check_float("t_cls", self.t_cls, lo=0.0, lo_open=True, where=self.name)
+        checks.check_float("t_clip", self.t_clip, lo=0.0, lo_open=True, where=self.name)
         if not self.low_layers or not self.high_layers:
             raise ValueError("hero: low_layers and high_layers must be non-empty")
         side = int(round(n**0.5))
@@ -426,8 +440,8 @@ class VisionZip(VisualPruner):
 
     def check(self, cfg):
         n = cfg.tokens_per_image
-        _checks.check_int("dominant", self.dominant, lo=2, hi=n, where=self.name)
-        _checks.check_int("contextual", self.contextual, lo=0, hi=n + 1 - self.dominant, where=self.name)
+        checks.check_int("dominant", self.dominant, lo=2, hi=n, where=self.name)
+        checks.check_int("contextual", self.contextual, lo=0, hi=n + 1 - self.dominant, where=self.name)
 
     def merge(self, taps: VisionTaps, ctx: PruneContext):
         """``baselines.MergeResult``: [CLS, dominant patches, contextual merged tokens] (pre-projector)."""

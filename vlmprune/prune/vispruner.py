@@ -41,7 +41,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.prune.ops import (
     argsort_descending,
     check_head_attention,
@@ -358,10 +358,10 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
         NaN/inf in concrete inputs.
     """
     where = "vispruner"
-    _checks.check_rank("features", features, 3, where=where, dims="(B, N, C)")
+    checks.check_rank("features", features, 3, where=where, dims="(B, N, C)")
     check_head_attention("cls_attn", cls_attn, where)
     batch, num_tokens, _ = features.shape
-    _checks.check_dims_equal(
+    checks.check_dims_equal(
         [
             ("features batch", batch, "cls_attn batch", cls_attn.shape[0]),
             ("features tokens N", num_tokens, "cls_attn tokens N", cls_attn.shape[2]),
@@ -369,9 +369,9 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
         where=where,
     )
     num_keep = check_num_keep(num_keep, num_tokens, where)
-    important_ratio = _checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=where)
-    _checks.check_finite("features", features, where=where)
-    _checks.check_bool("exact_similarity", exact_similarity, where=where)
+    important_ratio = checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=where)
+    checks.check_finite("features", features, where=where)
+    checks.check_bool("exact_similarity", exact_similarity, where=where)
     return _vispruner_jit(features, cls_attn, num_keep=num_keep, important_ratio=important_ratio,
                           exact_similarity=exact_similarity)
 

@@ -1,4 +1,4 @@
-"""VisPruner's rule for a tower without a CLS token (SigLIP, LLaVA-OneVision): algorithms.md §9.3.1.
+"""VisPruner's rule for a tower without a CLS token (SigLIP, LLaVA-OneVision): docs/methods.md §9.3.1.
 
 The authors' SigLIP tower replaces the CLS-query row of the CLIP path by the **received attention** of the
 tower's last layer: per head, the attention each patch receives, averaged over all queries (§9.2;
@@ -34,7 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.prune.selection import Selection
 from vlmprune.prune.vispruner import VisPrunerPlan, head_mean, vispruner, vispruner_plan
 
@@ -55,17 +55,17 @@ def _check_dtype(images_dtype):
 
 
 def _check_received(received_attn) -> None:
-    _checks.check_rank("received_attn", received_attn, 3, where=WHERE, dims="(B, H, N)")
+    checks.check_rank("received_attn", received_attn, 3, where=WHERE, dims="(B, H, N)")
     if not jnp.issubdtype(received_attn.dtype, jnp.floating):
         raise ValueError(f"{WHERE}: received_attn must be floating, got {received_attn.dtype}")
 
 
 def _check_inputs(features, received_attn, images_dtype):
-    _checks.check_rank("features", features, 3, where=WHERE, dims="(B, N, C)")
+    checks.check_rank("features", features, 3, where=WHERE, dims="(B, N, C)")
     _check_received(received_attn)
     if not jnp.issubdtype(features.dtype, jnp.floating):
         raise ValueError(f"{WHERE}: features must be floating, got {features.dtype}")
-    _checks.check_dims_equal(
+    checks.check_dims_equal(
         [
             ("features batch", features.shape[0], "received_attn batch", received_attn.shape[0]),
             ("features tokens N", features.shape[1], "received_attn tokens N", received_attn.shape[2]),
@@ -95,7 +95,7 @@ def attention_order(score: jax.Array) -> jax.Array:
     """Stable descending order of a (B, N) score -> int32 (B, N): the order whose first ``T_imp`` entries are
     the important tokens and whose rest is the first dedup round's residual list (ties: lower index first,
     the rule the selection uses)."""
-    _checks.check_rank("score", score, 2, where=WHERE, dims="(B, N)")
+    checks.check_rank("score", score, 2, where=WHERE, dims="(B, N)")
     return jax.lax.top_k(score, score.shape[-1])[1].astype(jnp.int32)
 
 
@@ -108,7 +108,7 @@ def vispruner_siglip_plan(num_tokens: int, num_keep: int, important_ratio: float
 
 def vispruner_siglip(features: jax.Array, received_attn: jax.Array, *, num_keep: int, important_ratio: float,
                      images_dtype=None, exact_similarity: bool = True) -> Selection:
-    """VisPruner token selection on a tower without CLS (algorithms.md §9.3.1), batched over tiles.
+    """VisPruner token selection on a tower without CLS (docs/methods.md §9.3.1), batched over tiles.
 
     Args:
       features: float (B, N, C). The tower's feature layer (OneVision: ``hidden_states[-1]``, before
@@ -135,11 +135,11 @@ def vispruner_siglip(features: jax.Array, received_attn: jax.Array, *, num_keep:
         num_keep outside [1, N], ratio outside [0, 1], NaN/inf in concrete inputs.
     """
     dt = _check_inputs(features, received_attn, images_dtype)
-    _checks.check_int("num_keep", num_keep, lo=1, hi=features.shape[1], where=WHERE)
-    _checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=WHERE)
-    _checks.check_bool("exact_similarity", exact_similarity, where=WHERE)
-    _checks.check_finite("features", features, where=WHERE)
-    _checks.check_finite("received_attn", received_attn, where=WHERE)
+    checks.check_int("num_keep", num_keep, lo=1, hi=features.shape[1], where=WHERE)
+    checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=WHERE)
+    checks.check_bool("exact_similarity", exact_similarity, where=WHERE)
+    checks.check_finite("features", features, where=WHERE)
+    checks.check_finite("received_attn", received_attn, where=WHERE)
     if dt is not None:
         features, received_attn = features.astype(dt), received_attn.astype(dt)
     return vispruner(features, received_attn, num_keep=num_keep, important_ratio=important_ratio,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import _checks
+from vlmprune import checks
 from vlmprune.io.checkpoint import read_hf_config
 from vlmprune.io.dtypes import parse_dtype
 from vlmprune.io.weights import Rules, abstract_params, identity, load_params, patch_conv, prefix_rules, transpose
@@ -398,7 +398,7 @@ class ClipModel:
         shape = tuple(np.shape(pixel_values))
         if len(shape) != 4 or shape[1:] != (v.num_channels, v.image_size, v.image_size):
             raise ValueError(f"pixel_values must be (B, {v.num_channels}, {v.image_size}, {v.image_size}), got {shape}")
-        _checks.check_finite("pixel_values", pixel_values)
+        checks.check_finite("pixel_values", pixel_values)
         return self._image({"params": self.params}, jnp.asarray(pixel_values, self.module.dtype))
 
     def text_features(self, text_or_ids, attention_mask=None) -> jax.Array:

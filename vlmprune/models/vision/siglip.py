@@ -1,6 +1,6 @@
 """SigLIP vision tower (flax.linen), numerically matching HF transformers' ``SiglipVisionModel``.
 
-The tower LLaVA-OneVision uses (algorithms.md §9.1.2): a strided patch convolution (with bias) plus a learned
+The tower LLaVA-OneVision uses (docs/methods.md §9.1.2): a strided patch convolution (with bias) plus a learned
 position embedding, no class token and no pre-layernorm; pre-LN encoder layers (``x + attn(LN1(x))``,
 ``x + fc2(gelu_tanh(fc1(LN2(x))))``) whose q/k/v/out projections all carry biases; then ``post_layernorm`` and,
 when the config has ``vision_use_head``, the attention-pooling head. OneVision's image features are the last
@@ -203,7 +203,7 @@ def attention_and_received(q: Array, k: Array, v: Array, *, scale: float | None 
 def received_attention(q: Array, k: Array, *, scale: float | None = None, block: int = QUERY_BLOCK) -> Array:
     """The attention each token receives, averaged over queries, per head: (B, N, H, d) q, k -> (B, H, N).
 
-    ``r[b, h, j] = (1/N) sum_i softmax_j(q[b, i, h] . k[b, j, h] * scale)`` (algorithms.md §9.2), streamed over
+    ``r[b, h, j] = (1/N) sum_i softmax_j(q[b, i, h] . k[b, j, h] * scale)`` (docs/methods.md §9.2), streamed over
     query blocks exactly as in :func:`attention_and_received` (same numbers), without the value product. Use it
     on q/k taken from elsewhere (e.g. the raw ``q_proj``/``k_proj`` taps reshaped to heads).
     """
