@@ -2,9 +2,9 @@
 """Reproduce a paper's accuracy table (methods x budgets) with ``vlmprune.evaluation`` (issue 6).
 
 Each table names the model it was measured on, the runs (method + settings per budget) and the benchmarks; the
-published numbers (the papers, as ``docs/methods.md`` §2.6 and §3.6 point to them) sit in ``PUBLISHED`` below. The script runs every
-(run, benchmark) pair through ``run_eval`` -- resumable, so an interrupted reproduction picks up where it stopped
--- and prints a markdown table of ``ours (paper)`` cells, also written to ``<out-dir>/<table>.md`` and ``.json``,
+published numbers (the papers, as ``docs/methods.md`` §2.6 and §3.6 point to them) sit in ``PUBLISHED`` below.
+The script runs every (run, benchmark) pair through ``run_eval`` -- resumable, so an interrupted reproduction
+picks up where it stopped -- and prints a markdown table of ``ours (paper)`` cells, also written to ``<out-dir>/<table>.md`` and ``.json``,
 with one PNG per benchmark (``<table>_<task>.png``: accuracy against kept visual tokens, ours beside the paper's).
 Images are preprocessed as the paper did (``IMAGE_ASPECT``: pad for VisPruner's table, crop for HiRED's;
 ``--image-aspect`` overrides).
@@ -82,20 +82,32 @@ IMAGE_ASPECT = {"vispruner-llava15": "pad", "hired-llava15": "crop", "hired-llav
 # table -> (model, tasks, runs [(label, method or None, settings)], run_eval options)
 TABLES = {
     "vispruner-llava15": (
-        "llava-hf/llava-1.5-7b-hf", ("gqa", "scienceqa_img", "textvqa", "pope", "mme"),
-        [("576 (none)", None, {})] + [(f"{k} vispruner", "vispruner", dict(num_keep=k, important_ratio=0.5))
-                                      for k in (128, 64, 32)],
-        {}),
+        "llava-hf/llava-1.5-7b-hf",
+        ("gqa", "scienceqa_img", "textvqa", "pope", "mme"),
+        [("576 (none)", None, {})]
+        + [(f"{k} vispruner", "vispruner", dict(num_keep=k, important_ratio=0.5)) for k in (128, 64, 32)],
+        {},
+    ),
     "hired-llava15": (
-        "llava-hf/llava-1.5-7b-hf", ("scienceqa_img", "textvqa"),
-        [("Full", None, {}), ("HiRED 40%", "hired", dict(budget_rate=0.4)),
-         ("HiRED 20%", "hired", dict(budget_rate=0.2))],
-        {"ocr": False}),
+        "llava-hf/llava-1.5-7b-hf",
+        ("scienceqa_img", "textvqa"),
+        [
+            ("Full", None, {}),
+            ("HiRED 40%", "hired", dict(budget_rate=0.4)),
+            ("HiRED 20%", "hired", dict(budget_rate=0.2)),
+        ],
+        {"ocr": False},
+    ),
     "hired-llava-next-7b": (
-        "llava-hf/llava-v1.6-vicuna-7b-hf", ("scienceqa_img", "textvqa", "mme", "pope"),
-        [("Full", None, {}), ("HiRED 20%", "hired", dict(budget_rate=0.2, alpha=0.5)),
-         ("HiRED 40%", "hired", dict(budget_rate=0.4, alpha=0.5))],
-        {"ocr": False}),
+        "llava-hf/llava-v1.6-vicuna-7b-hf",
+        ("scienceqa_img", "textvqa", "mme", "pope"),
+        [
+            ("Full", None, {}),
+            ("HiRED 20%", "hired", dict(budget_rate=0.2, alpha=0.5)),
+            ("HiRED 40%", "hired", dict(budget_rate=0.4, alpha=0.5)),
+        ],
+        {"ocr": False},
+    ),
 }
 
 NAMES = {"gqa": "GQA", "scienceqa_img": "SQA-IMG", "textvqa": "TextVQA", "pope": "POPE-F1", "mme": "MME-P"}
@@ -195,14 +207,23 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="checkpoint directory (default for the table: see --list)")
     p.add_argument("--tasks", default=None, help="comma-separated subset of the table's benchmarks")
     p.add_argument("--runs", default=None, help="comma-separated subset of run labels")
-    p.add_argument("--data", action="append", default=[], metavar="TASK=PATH",
-                   help="where a benchmark's data lives (save_to_disk dir, hub-layout dir or hub id)")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help="where a benchmark's data lives (save_to_disk dir, hub-layout dir or hub id)",
+    )
     p.add_argument("--images", default=None, help="GQA image table (id, image) if separate")
     p.add_argument("--limit", type=int, default=None, help="first N samples of each benchmark (smoke runs)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--image-aspect", default=None, choices=["pad", "crop"],
-                   help="preprocessing (default: the paper's own, see IMAGE_ASPECT)")
+    p.add_argument(
+        "--image-aspect",
+        default=None,
+        choices=["pad", "crop"],
+        help="preprocessing (default: the paper's own, see IMAGE_ASPECT)",
+    )
     p.add_argument("--out-dir", default=os.path.join("experiments", "results", "accuracy"))
     args = p.parse_args(argv)
 
@@ -234,10 +255,18 @@ def main(argv=None) -> int:
         pruner = None if method is None else prune.get(method, **settings)
         for task in tasks:
             out = os.path.join(args.out_dir, args.table, task, label.replace(" ", "_").replace("%", "pct"))
-            s = run_eval(task, out, model=model, pruner=pruner, data=data.get(task), limit=args.limit,
-                         images=args.images if task == "gqa" else None, batch_size=args.batch_size,
-                         run_info=dict(model=os.path.abspath(args.model), dtype=args.dtype, image_aspect=aspect),
-                         **options)
+            s = run_eval(
+                task,
+                out,
+                model=model,
+                pruner=pruner,
+                data=data.get(task),
+                limit=args.limit,
+                images=args.images if task == "gqa" else None,
+                batch_size=args.batch_size,
+                run_info=dict(model=os.path.abspath(args.model), dtype=args.dtype, image_aspect=aspect),
+                **options,
+            )
             results.setdefault(label, {})[task] = s["headline"]
             print(f"[accuracy] {label} {task}: {s['headline']:.2f} ({s['num_samples']} samples)", file=sys.stderr)
     text = format_table(args.table, results, tasks)
@@ -248,9 +277,20 @@ def main(argv=None) -> int:
     for path in plot_table(args.table, results, args.out_dir, tasks):
         print(f"[accuracy] wrote {path}", file=sys.stderr)
     with open(os.path.join(args.out_dir, f"{args.table}.json"), "w") as f:
-        json.dump(dict(table=args.table, model=args.model, dtype=args.dtype, image_aspect=aspect, limit=args.limit,
-                       results=results,
-                       published=PUBLISHED.get(args.table), reproduced=REPRODUCED.get(args.table)), f, indent=2)
+        json.dump(
+            dict(
+                table=args.table,
+                model=args.model,
+                dtype=args.dtype,
+                image_aspect=aspect,
+                limit=args.limit,
+                results=results,
+                published=PUBLISHED.get(args.table),
+                reproduced=REPRODUCED.get(args.table),
+            ),
+            f,
+            indent=2,
+        )
     return 0
 
 

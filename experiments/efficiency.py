@@ -29,10 +29,10 @@ NEXT_METHODS = ("none", "vispruner:64,128", "fastervlm:64", "hired:0.2")
 SUITES = {
     "cpu": [dict(preset="cpu-small", dtype="float32", methods=CPU_METHODS, compare_torch=True, tag="cpu")],
     "gpu": [
-        dict(preset="llava-1.5-7b", dtype="bfloat16", methods=GPU_METHODS, compare_torch=True,
-             tag="gpu-llava-1.5-7b"),
-        dict(preset="llava-1.5-13b", dtype="bfloat16", methods=GPU_METHODS, compare_torch=True,
-             tag="gpu-llava-1.5-13b"),
+        dict(preset="llava-1.5-7b", dtype="bfloat16", methods=GPU_METHODS, compare_torch=True, tag="gpu-llava-1.5-7b"),
+        dict(
+            preset="llava-1.5-13b", dtype="bfloat16", methods=GPU_METHODS, compare_torch=True, tag="gpu-llava-1.5-13b"
+        ),
         dict(preset="llava-next-7b", dtype="bfloat16", methods=NEXT_METHODS, tag="gpu-llava-next-7b"),
     ],
 }
@@ -40,8 +40,9 @@ SUITES = {
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--suite", choices=["auto", *SUITES], default="auto",
-                    help="auto: gpu when JAX sees a GPU/TPU, else cpu")
+    ap.add_argument(
+        "--suite", choices=["auto", *SUITES], default="auto", help="auto: gpu when JAX sees a GPU/TPU, else cpu"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -67,12 +68,19 @@ def main(argv=None) -> int:
     if not specs:
         ap.error(f"no preset of suite {suite} among {args.presets}")
     for spec in specs:
-        bc = BenchConfig(preset=spec["preset"], dtype=spec["dtype"], methods=tuple(args.methods or spec["methods"]),
-                         compare_torch=spec.get("compare_torch", False) and not args.no_torch,
-                         tag=spec["tag"] + ("-1thread" if args.threads == 1 else "") + args.tag_suffix,
-                         repeats=args.repeats,
-                         warmup=args.warmup, max_new_tokens=args.max_new_tokens, batch=args.batch,
-                         out_dir=args.out_dir, threads=args.threads)
+        bc = BenchConfig(
+            preset=spec["preset"],
+            dtype=spec["dtype"],
+            methods=tuple(args.methods or spec["methods"]),
+            compare_torch=spec.get("compare_torch", False) and not args.no_torch,
+            tag=spec["tag"] + ("-1thread" if args.threads == 1 else "") + args.tag_suffix,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            max_new_tokens=args.max_new_tokens,
+            batch=args.batch,
+            out_dir=args.out_dir,
+            threads=args.threads,
+        )
         try:
             out = run_bench(bc)
         except BenchError as e:

@@ -29,8 +29,9 @@ N, H, LAYERS = 576, 16, 24
 
 
 def _cfg():
-    return LlavaConfig(vision=CLIPVisionConfig(), text=LlamaConfig(), model_type="llava_next",
-                       image_grid_pinpoints=PINPOINTS)
+    return LlavaConfig(
+        vision=CLIPVisionConfig(), text=LlamaConfig(), model_type="llava_next", image_grid_pinpoints=PINPOINTS
+    )
 
 
 def _enc(t, rng):
@@ -44,8 +45,11 @@ def _enc(t, rng):
 
 
 def count(pruner, hw, cfg, rng):
-    style, pins = (pruner.next_layout_style(cfg) if hasattr(pruner, "next_layout_style")
-                   else ("official", cfg.image_grid_pinpoints))
+    style, pins = (
+        pruner.next_layout_style(cfg)
+        if hasattr(pruner, "next_layout_style")
+        else ("official", cfg.image_grid_pinpoints)
+    )
     lay = batch_layout([hw], pins, tile_size=336, tokens_per_side=24, style=style)
     t = max_tiles(cfg.image_grid_pinpoints, 336)
     tile_valid = np.zeros((1, t), bool)
@@ -61,9 +65,11 @@ def count(pruner, hw, cfg, rng):
             k = li.grid_rows * li.grid_cols
             valid = np.zeros((1, t - 1, N), bool)
             valid[0, :k] = hero_valid_mask(hw, li.grid)
-            layout.update(clip_image=jnp.asarray(rng.normal(size=(1, t - 1, 768)).astype(np.float32)),
-                          clip_text=jnp.asarray(rng.normal(size=(1, 1, 768)).astype(np.float32)),
-                          hero_valid=jnp.asarray(valid))
+            layout.update(
+                clip_image=jnp.asarray(rng.normal(size=(1, t - 1, 768)).astype(np.float32)),
+                clip_text=jnp.asarray(rng.normal(size=(1, 1, 768)).astype(np.float32)),
+                hero_valid=jnp.asarray(valid),
+            )
         wanted = pruner.vision_request(cfg).get("cls_attention_layers", ())
         enc["cls_attn"] = {l: enc["cls_attn"][l] for l in wanted}  # exactly the taps the model would compute
         keep = np.asarray(pruner.tile_mask(enc, layout, cfg))
@@ -109,14 +115,16 @@ def main():
                 total, nl = count(q, hw, cfg, rng)
                 cells.append(f"{total} ({nl} newlines)")
             rows.append(f"| {label} | {img} | {cells[0]} | {cells[1]} |")
-    head = ("| method | image | official layout | paper's layout |\n|---|---|---|---|")
+    head = "| method | image | official layout | paper's layout |\n|---|---|---|---|"
     text = "\n".join([head, *rows])
-    note = ("\nReference layouts: VisPruner/FasterVLM = fixed 672x672 canvas (2x2 tiles) without unpad or newline "
-            "(exactly 5·T); HiRED = unpadded, no newline, with its fork's swapped grid dims (for the 1x3 grid of "
-            "1008x336 the transposed stitch is unpadded along the wrong axis, which drops about half the kept "
-            "tokens); HERO = no crop, a newline after every stitched row. DivPrune keeps min(T·tiles, candidates) "
-            "over the whole image; VisionZip's counts include each tile's CLS and merged tokens, appended after the "
-            "packed block. Seeded random attention (same draw for every method).\n")
+    note = (
+        "\nReference layouts: VisPruner/FasterVLM = fixed 672x672 canvas (2x2 tiles) without unpad or newline "
+        "(exactly 5·T); HiRED = unpadded, no newline, with its fork's swapped grid dims (for the 1x3 grid of "
+        "1008x336 the transposed stitch is unpadded along the wrong axis, which drops about half the kept "
+        "tokens); HERO = no crop, a newline after every stitched row. DivPrune keeps min(T·tiles, candidates) "
+        "over the whole image; VisionZip's counts include each tile's CLS and merged tokens, appended after the "
+        "packed block. Seeded random attention (same draw for every method).\n"
+    )
     print(text + note)
     os.makedirs("experiments/results", exist_ok=True)
     with open("experiments/results/next_token_counts.md", "w") as f:

@@ -16,8 +16,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # select strategy "default" / "full".
 CONFIGS = {
     "mha_default": dict(),
-    "gqa_full": dict(text_num_key_value_heads=2, vision_feature_layer=-1, vision_feature_select_strategy="full",
-                     text_rope_theta=5000.0),
+    "gqa_full": dict(
+        text_num_key_value_heads=2,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        text_rope_theta=5000.0,
+    ),
 }
 
 

@@ -1,8 +1,8 @@
 """vlmprune: training-free visual-token pruning for LLaVA models, in JAX/Flax.
 
-    import vlmprune
-    model = vlmprune.load("llava-hf/llava-1.5-7b-hf local dir")
-    out = model(input_ids, pixel_values, pruner=vlmprune.prune.VisPruner(num_keep=64))
+import vlmprune
+model = vlmprune.load("llava-hf/llava-1.5-7b-hf local dir")
+out = model(input_ids, pixel_values, pruner=vlmprune.prune.VisPruner(num_keep=64))
 """
 
 __version__ = "0.1.0"

@@ -47,10 +47,19 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 #: CLI flag (argparse dest) -> pruner field
-METHOD_FLAGS = {"keep": "num_keep", "important_ratio": "important_ratio", "budget_rate": "budget_rate",
-                "alpha": "alpha", "layer": "layer", "dominant": "dominant", "contextual": "contextual",
-                "keep_ratio": "keep_ratio", "low_layers": "low_layers", "high_layers": "high_layers",
-                "clip_path": "clip_path"}
+METHOD_FLAGS = {
+    "keep": "num_keep",
+    "important_ratio": "important_ratio",
+    "budget_rate": "budget_rate",
+    "alpha": "alpha",
+    "layer": "layer",
+    "dominant": "dominant",
+    "contextual": "contextual",
+    "keep_ratio": "keep_ratio",
+    "low_layers": "low_layers",
+    "high_layers": "high_layers",
+    "clip_path": "clip_path",
+}
 #: flags that set a budget (the --compare specs carry their own)
 BUDGET_FLAGS = ("keep", "keep_ratio", "budget_rate", "dominant", "contextual")
 
@@ -61,29 +70,38 @@ def _flag(dest: str) -> str:
 
 def _add_method_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning (see vlmprune.prune.REGISTRY)")
-    g.add_argument("--method", default="none", help="none, vispruner, fastervlm, hired, hero, divprune, visionzip, "
-                                                     "prumerge_plus, random, uniform, fastv; or a spec such as "
-                                                     "vispruner:64:important_ratio=0.25")
+    g.add_argument(
+        "--method",
+        default="none",
+        help="none, vispruner, fastervlm, hired, hero, divprune, visionzip, "
+        "prumerge_plus, random, uniform, fastv; or a spec such as "
+        "vispruner:64:important_ratio=0.25",
+    )
     g.add_argument("--keep", type=positive_int, help="visual tokens kept per image (num_keep)")
     g.add_argument("--important-ratio", type=float, help="VisPruner: share of tokens chosen by CLS attention")
     g.add_argument("--budget-rate", type=float, help="HiRED: token budget rate")
     g.add_argument("--keep-ratio", type=float, help="HERO / FastV: share of visual tokens kept")
     g.add_argument("--alpha", type=float, help="HiRED/HERO: alpha")
-    g.add_argument("--layer", type=int, help="vision layer whose CLS attention scores tokens (default: feature "
-                                             "layer); FastV: the LLM layer after which it prunes")
+    g.add_argument(
+        "--layer",
+        type=int,
+        help="vision layer whose CLS attention scores tokens (default: feature "
+        "layer); FastV: the LLM layer after which it prunes",
+    )
     g.add_argument("--low-layers", type=int_list, metavar="I,J,...", help="HERO: vision layers scoring the tiles")
-    g.add_argument("--high-layers", type=int_list, metavar="I,J,...", help="HERO: vision layers scoring the "
-                                                                            "thumbnail")
-    g.add_argument("--clip-path", default=None, help="HERO: local directory of a full HF CLIP checkpoint "
-                                                     "(both towers)")
+    g.add_argument("--high-layers", type=int_list, metavar="I,J,...", help="HERO: vision layers scoring the thumbnail")
+    g.add_argument("--clip-path", default=None, help="HERO: local directory of a full HF CLIP checkpoint (both towers)")
     g.add_argument("--dominant", type=positive_int, help="VisionZip: dominant tokens")
     g.add_argument("--contextual", type=positive_int, help="VisionZip: contextual tokens")
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-weight-scan", action="store_true",
-                   help="skip the NaN/inf scan of the weights (faster load; a broken weight then goes unnoticed)")
+    p.add_argument(
+        "--no-weight-scan",
+        action="store_true",
+        help="skip the NaN/inf scan of the weights (faster load; a broken weight then goes unnoticed)",
+    )
 
 
 def _given(args, dests) -> dict:
@@ -95,21 +113,26 @@ def pruner_from_args(args):
     given = _given(args, METHOD_FLAGS)
     if args.method in (None, "none"):
         if given:
-            raise SystemExit(f"error: {', '.join(_flag(d) for d in given)} given without --method; add --method "
-                             f"(one of {', '.join(sorted(prune.REGISTRY))})")
+            raise SystemExit(
+                f"error: {', '.join(_flag(d) for d in given)} given without --method; add --method "
+                f"(one of {', '.join(sorted(prune.REGISTRY))})"
+            )
         return None
     if ":" in args.method:  # a spec, e.g. vispruner:64:important_ratio=0.25 (vlmprune.prune.parse_spec)
         if given:
-            raise SystemExit(f"error: give the settings in the --method spec or as flags, not both "
-                             f"({', '.join(_flag(d) for d in given)})")
+            raise SystemExit(
+                f"error: give the settings in the --method spec or as flags, not both "
+                f"({', '.join(_flag(d) for d in given)})"
+            )
         try:
             return prune.parse_spec(args.method)
         except ValueError as e:
             raise SystemExit(f"error: --method: {e}") from None
     cls = prune.REGISTRY.get(args.method.lower().replace("-", "_"))
     if cls is None:
-        raise SystemExit(f"error: unknown --method {args.method!r}; choose from none, "
-                         f"{', '.join(sorted(prune.REGISTRY))}")
+        raise SystemExit(
+            f"error: unknown --method {args.method!r}; choose from none, {', '.join(sorted(prune.REGISTRY))}"
+        )
     fields = {f.name for f in dataclasses.fields(cls)}
     kw = {}
     for flag, v in given.items():
@@ -128,16 +151,19 @@ def compare_pruners(args, num_tokens: int) -> list:
         raise SystemExit("error: give either --method or --compare, not both")
     budget = _given(args, BUDGET_FLAGS)
     if budget:
-        raise SystemExit(f"error: {', '.join(_flag(d) for d in budget)} cannot be combined with --compare (write the "
-                         "budget in the spec, e.g. vispruner:64)")
+        raise SystemExit(
+            f"error: {', '.join(_flag(d) for d in budget)} cannot be combined with --compare (write the "
+            "budget in the spec, e.g. vispruner:64)"
+        )
     try:
         specs = viz.parse_specs(args.compare)
     except ValueError as e:
         raise SystemExit(f"error: --compare: {e}") from None
     bad = [n for n, _ in specs if n not in ("none", "full") and n not in prune.REGISTRY]
     if bad:
-        raise SystemExit(f"error: unknown method(s) {bad} in --compare; choose from none, "
-                         f"{', '.join(sorted(prune.REGISTRY))}")
+        raise SystemExit(
+            f"error: unknown method(s) {bad} in --compare; choose from none, {', '.join(sorted(prune.REGISTRY))}"
+        )
     settings = _given(args, set(METHOD_FLAGS) - set(BUDGET_FLAGS))
     used, out = set(), []
     for name, b in specs:
@@ -168,14 +194,15 @@ def _validate_pruner(pruner, cfg) -> None:
     pruner.validate(cfg)
     clip = getattr(pruner, "clip_path", None)
     if clip is not None:
-
         if not os.path.isdir(clip):
             raise FileNotFoundError(f"--clip-path {clip!r} is not a directory")
         vis, _, _ = clip_configs(read_hf_config(clip))
         if (vis.image_size, vis.patch_size) != (cfg.vision.image_size, cfg.vision.patch_size):
-            raise ValueError(f"--clip-path {clip}: its image tower takes {vis.image_size}px images in "
-                             f"{vis.patch_size}px patches; the model's tiles are {cfg.vision.image_size}px in "
-                             f"{cfg.vision.patch_size}px patches")
+            raise ValueError(
+                f"--clip-path {clip}: its image tower takes {vis.image_size}px images in "
+                f"{vis.patch_size}px patches; the model's tiles are {cfg.vision.image_size}px in "
+                f"{cfg.vision.patch_size}px patches"
+            )
 
 
 def _open_image(path: str):
@@ -205,21 +232,35 @@ def cmd_generate(args) -> int:
     model = vlmprune.load(args.model, dtype=args.dtype, check_finite=not args.no_weight_scan)
     x = prepare_inputs(model, [image], [args.prompt])
     t = time.perf_counter()
-    out = model.generate(x["input_ids"], x["pixel_values"], attention_mask=x["attention_mask"],
-                         image_sizes=x.get("image_sizes"), pruner=pruner, max_new_tokens=args.max_new_tokens,
-                         do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                         text=[args.prompt])
+    out = model.generate(
+        x["input_ids"],
+        x["pixel_values"],
+        attention_mask=x["attention_mask"],
+        image_sizes=x.get("image_sizes"),
+        pruner=pruner,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        text=[args.prompt],
+    )
     dt = time.perf_counter() - t
     text = model.processor.tokenizer.decode(out[0], skip_special_tokens=True)
     print(text)
     label = "none" if pruner is None else pruner.name
     if cfg.model_type == "llava":
         kept = cfg.tokens_per_image if pruner is None else pruner.num_slots(cfg)
-        print(f"[vlmprune] {label}: visual tokens: {kept}/{cfg.tokens_per_image}, {dt:.2f}s incl. compilation",
-              file=sys.stderr)
+        print(
+            f"[vlmprune] {label}: visual tokens: {kept}/{cfg.tokens_per_image}, {dt:.2f}s incl. compilation",
+            file=sys.stderr,
+        )
     else:
-        print(f"[vlmprune] {label}: LLaVA-NeXT image {tuple(int(v) for v in x['image_sizes'][0])}, {dt:.2f}s incl. "
-              "compilation", file=sys.stderr)
+        print(
+            f"[vlmprune] {label}: LLaVA-NeXT image {tuple(int(v) for v in x['image_sizes'][0])}, {dt:.2f}s incl. "
+            "compilation",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -241,8 +282,9 @@ def cmd_convert(args) -> int:
 
     if not os.path.isdir(args.hf_dir):
         raise FileNotFoundError(f"source directory {args.hf_dir!r} not found")
-    check_dir_target(args.out_dir, ORBAX_CHECKPOINT, overwrite=args.overwrite, protect=(args.hf_dir,),
-                     flag="--overwrite")
+    check_dir_target(
+        args.out_dir, ORBAX_CHECKPOINT, overwrite=args.overwrite, protect=(args.hf_dir,), flag="--overwrite"
+    )
     _read_config(args.hf_dir)
     print(f"[vlmprune] reading {args.hf_dir} ...", file=sys.stderr, flush=True)
     model = vlmprune.load(args.hf_dir, dtype=args.dtype, check_finite=not args.no_weight_scan)
@@ -282,16 +324,24 @@ def cmd_visualize(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmprune", description="Training-free visual-token pruning for LLaVA in JAX")
-    p.add_argument("--traceback", action="store_true",
-                   help="show the Python traceback of an error (also VLMPRUNE_TRACEBACK=1)")
+    p.add_argument(
+        "--traceback", action="store_true", help="show the Python traceback of an error (also VLMPRUNE_TRACEBACK=1)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="offline end-to-end run on a tiny random LLaVA-1.5 (built once)")
-    d.add_argument("--checkpoint", default=None, help="directory for the tiny checkpoint (default "
-                   "checkpoints/tiny-llava-1.5); reused if it is one, built if absent or empty, refused otherwise")
+    d.add_argument(
+        "--checkpoint",
+        default=None,
+        help="directory for the tiny checkpoint (default "
+        "checkpoints/tiny-llava-1.5); reused if it is one, built if absent or empty, refused otherwise",
+    )
     d.add_argument("--max-new-tokens", type=positive_int, default=16)
-    d.add_argument("--overwrite", action="store_true", help="rebuild the tiny checkpoint, replacing the whole "
-                                                            "--checkpoint directory whatever it holds")
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rebuild the tiny checkpoint, replacing the whole --checkpoint directory whatever it holds",
+    )
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="answer a prompt about an image")
@@ -318,26 +368,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--model", required=True, help="HF LLaVA directory or vlmprune checkpoint")
     v.add_argument("--image", required=True)
     v.add_argument("--prompt", default="What is in the image?", help="instruction (read by text-guided pruners)")
-    v.add_argument("--out", default="kept.png", help="image to write, format by suffix: .png, .jpg/.jpeg, .pdf, "
-                                                     ".svg (default kept.png); an existing file is kept")
+    v.add_argument(
+        "--out",
+        default="kept.png",
+        help="image to write, format by suffix: .png, .jpg/.jpeg, .pdf, "
+        ".svg (default kept.png); an existing file is kept",
+    )
     v.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    v.add_argument("--compare", default=None, metavar="SPECS",
-                   help="one panel per method:budget, e.g. vispruner:64,fastervlm:64,hired:0.2,none")
+    v.add_argument(
+        "--compare",
+        default=None,
+        metavar="SPECS",
+        help="one panel per method:budget, e.g. vispruner:64,fastervlm:64,hired:0.2,none",
+    )
     v.add_argument("--no-grid", action="store_true", help="no patch grid lines")
     v.add_argument("--dpi", type=positive_int, default=100)
     _add_load_args(v)
     _add_method_args(v)
     v.set_defaults(func=cmd_visualize)
 
-
     e = sub.add_parser("eval", help="run a benchmark (pope, textvqa, gqa, mme, scienceqa_img); resumable")
     add_eval_args(e)
     _add_method_args(e)  # the pruning flags, --clip-path included
     e.set_defaults(func=cmd_eval)
 
-
-    b = sub.add_parser("bench", help="efficiency benchmark: FLOPs, encoder/selection/prefill time, TTFT, decode "
-                                     "tokens/s, KV cache and memory per method (JSON, markdown, PNG)")
+    b = sub.add_parser(
+        "bench",
+        help="efficiency benchmark: FLOPs, encoder/selection/prefill time, TTFT, decode "
+        "tokens/s, KV cache and memory per method (JSON, markdown, PNG)",
+    )
     add_bench_args(b)
     b.set_defaults(func=cmd_bench)
     return p

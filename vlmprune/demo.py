@@ -29,8 +29,9 @@ def log(msg: str) -> None:
     print(f"[vlmprune] {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_tiny_checkpoint(directory: str = DEFAULT_DIR, *, overwrite: bool = False,
-                           flag: str = "overwrite=True") -> str:
+def ensure_tiny_checkpoint(
+    directory: str = DEFAULT_DIR, *, overwrite: bool = False, flag: str = "overwrite=True"
+) -> str:
     """Build the tiny random checkpoint once; reuse it afterwards.
 
     A directory is reused only when it is a complete tiny checkpoint written by vlmprune; it is built only into
@@ -42,9 +43,17 @@ def ensure_tiny_checkpoint(directory: str = DEFAULT_DIR, *, overwrite: bool = Fa
         return directory
     log(f"building a tiny random-weight LLaVA-1.5 (HF format) in {directory} ...")
     t = time.perf_counter()
-    write_random_llava(directory, seed=0, overwrite=overwrite, flag=flag, vision_image_size=112,
-                       vision_num_hidden_layers=4, text_num_hidden_layers=4, text_hidden_size=128,
-                       text_intermediate_size=256)
+    write_random_llava(
+        directory,
+        seed=0,
+        overwrite=overwrite,
+        flag=flag,
+        vision_image_size=112,
+        vision_num_hidden_layers=4,
+        text_num_hidden_layers=4,
+        text_hidden_size=128,
+        text_intermediate_size=256,
+    )
     log(f"built in {time.perf_counter() - t:.1f}s")
     return directory
 
@@ -55,8 +64,9 @@ def prepare_inputs(model, images, prompts):
         raise ValueError("this checkpoint has no processor/tokenizer files; pass input_ids and pixel_values yourself")
     proc = model.processor
     texts = [
-        proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                                 add_generation_prompt=True)
+        proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True
+        )
         for p in prompts
     ]
     return dict(proc(images=list(images), text=texts, return_tensors="np", padding=True))
@@ -67,13 +77,19 @@ def timed_generate(model, x, *, pruner=None, max_new_tokens=16, repeats=3):
     ttft, tps, out = [], [], None
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        logits, cache, pos, plan = model.prefill(x["input_ids"], x["pixel_values"], attention_mask=x["attention_mask"],
-                                                 pruner=pruner, max_new_tokens=max_new_tokens)
+        logits, cache, pos, plan = model.prefill(
+            x["input_ids"],
+            x["pixel_values"],
+            attention_mask=x["attention_mask"],
+            pruner=pruner,
+            max_new_tokens=max_new_tokens,
+        )
         first = sample_token(logits, None, do_sample=False, temperature=1.0, top_p=1.0)
         jax.block_until_ready(first)
         t1 = time.perf_counter()
-        out = model.decode(logits, cache, pos, plan, max_new_tokens=max_new_tokens,
-                           stop_at_eos=False)  # no EOS stop: time a fixed number of steps
+        out = model.decode(
+            logits, cache, pos, plan, max_new_tokens=max_new_tokens, stop_at_eos=False
+        )  # no EOS stop: time a fixed number of steps
         jax.block_until_ready(out)
         t2 = time.perf_counter()
         if i:  # the first run compiles
@@ -82,8 +98,14 @@ def timed_generate(model, x, *, pruner=None, max_new_tokens=16, repeats=3):
     return float(np.median(ttft)), float(np.median(tps)), np.asarray(out), plan
 
 
-def run_demo(directory: str | None = None, *, methods=None, max_new_tokens: int = 16, overwrite: bool = False,
-             flag: str = "overwrite=True") -> list[dict]:
+def run_demo(
+    directory: str | None = None,
+    *,
+    methods=None,
+    max_new_tokens: int = 16,
+    overwrite: bool = False,
+    flag: str = "overwrite=True",
+) -> list[dict]:
 
     directory = ensure_tiny_checkpoint(directory or DEFAULT_DIR, overwrite=overwrite, flag=flag)
     log(f"loading {directory} ...")
@@ -99,13 +121,16 @@ def run_demo(directory: str | None = None, *, methods=None, max_new_tokens: int 
         t = model.config.text
         macs = prefill_macs(n_text + kept, t.hidden_size, t.intermediate_size, t.num_hidden_layers)
         text = model.processor.tokenizer.decode(out[0], skip_special_tokens=True)
-        rows.append(dict(method=label, visual_tokens=kept, prefill_macs=macs, ttft_ms=ttft * 1e3,
-                         decode_tok_s=tps, text=text))
+        rows.append(
+            dict(method=label, visual_tokens=kept, prefill_macs=macs, ttft_ms=ttft * 1e3, decode_tok_s=tps, text=text)
+        )
     print_table(rows)
-    print("\nNote: this checkpoint has random weights, so the generated text is meaningless. To run a real model,\n"
-          "convert or point at a llava-hf checkpoint directory, e.g.\n"
-          "  vlmprune generate --model /path/to/llava-1.5-7b-hf --image photo.jpg --prompt 'Describe it.' "
-          "--method vispruner --keep 64")
+    print(
+        "\nNote: this checkpoint has random weights, so the generated text is meaningless. To run a real model,\n"
+        "convert or point at a llava-hf checkpoint directory, e.g.\n"
+        "  vlmprune generate --model /path/to/llava-1.5-7b-hf --image photo.jpg --prompt 'Describe it.' "
+        "--method vispruner --keep 64"
+    )
     return rows
 
 
@@ -123,6 +148,8 @@ def print_table(rows):
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['method']:<44} {r['visual_tokens']:>13} {r['prefill_macs'] / 1e6:>11.2f} M {r['ttft_ms']:>9.2f} "
-              f"{r['decode_tok_s']:>12.1f}")
+        print(
+            f"{r['method']:<44} {r['visual_tokens']:>13} {r['prefill_macs'] / 1e6:>11.2f} M {r['ttft_ms']:>9.2f} "
+            f"{r['decode_tok_s']:>12.1f}"
+        )
     print(f"\nsample output ({rows[0]['method']}): {rows[0]['text']!r}")

@@ -21,8 +21,16 @@ def layer_macs(n: int, d: int, m: int, *, ffn: str = "2ndm") -> int:
     return 4 * n * d * d + 2 * n * n * d + k * n * d * m
 
 
-def prefill_macs(n_tokens: int, d: int, m: int, num_layers: int, *, ffn: str = "2ndm",
-                 drop_after_layer: int | None = None, dropped: int = 0) -> int:
+def prefill_macs(
+    n_tokens: int,
+    d: int,
+    m: int,
+    num_layers: int,
+    *,
+    ffn: str = "2ndm",
+    drop_after_layer: int | None = None,
+    dropped: int = 0,
+) -> int:
     """Whole-prefill MACs: every layer sees n_tokens, or (FastV) layers >= drop_after_layer see n - dropped."""
     if n_tokens < 0 or dropped < 0 or dropped > n_tokens:
         raise ValueError(f"invalid token counts: n_tokens={n_tokens}, dropped={dropped}")

@@ -50,8 +50,10 @@ def check_token_ids(input_ids, vocab_size: int) -> np.ndarray:
     if bad.any():
         where = np.argwhere(bad)
         shown = ", ".join(f"{int(ids[tuple(w)])} at {tuple(int(i) for i in w)}" for w in where[:3])
-        raise ValueError(f"input_ids hold {int(bad.sum())} id(s) outside the vocabulary [0, {vocab_size}): "
-                         f"{shown}; tokenize with the model's own processor")
+        raise ValueError(
+            f"input_ids hold {int(bad.sum())} id(s) outside the vocabulary [0, {vocab_size}): "
+            f"{shown}; tokenize with the model's own processor"
+        )
     return ids
 
 
@@ -85,8 +87,10 @@ def check_pixel_values(pixel_values):
         raise ValueError(f"pixel_values must be an array, got {type(pixel_values).__name__}")
     kind = np.dtype(pixel_values.dtype).kind if _is_numpy_dtype(pixel_values.dtype) else "f"
     if kind in "biu":
-        raise ValueError(f"pixel_values has dtype {pixel_values.dtype}; the model takes the processor's normalised "
-                         "floating-point pixels (raw integer images must go through model.processor first)")
+        raise ValueError(
+            f"pixel_values has dtype {pixel_values.dtype}; the model takes the processor's normalised "
+            "floating-point pixels (raw integer images must go through model.processor first)"
+        )
     if kind not in "f" and not _is_float_like(pixel_values.dtype):
         raise ValueError(f"pixel_values must be floating point, got dtype {pixel_values.dtype}")
     if not _is_concrete(pixel_values):
@@ -97,8 +101,10 @@ def check_pixel_values(pixel_values):
         raise ValueError(f"pixel_values contains {int(arr.size - np.count_nonzero(finite))} NaN/inf value(s)")
     big = np.abs(arr) > PIXEL_LIMIT
     if big.any():
-        raise ValueError(f"pixel_values has {int(big.sum())} value(s) of magnitude above {PIXEL_LIMIT:g} (largest "
-                         f"{float(np.abs(arr).max()):.4g}); processor outputs lie within a few units")
+        raise ValueError(
+            f"pixel_values has {int(big.sum())} value(s) of magnitude above {PIXEL_LIMIT:g} (largest "
+            f"{float(np.abs(arr).max()):.4g}); processor outputs lie within a few units"
+        )
     return pixel_values
 
 
@@ -144,8 +150,9 @@ def _host_available() -> int | None:
         return None
 
 
-def check_generation_memory(text_config, *, batch: int, prompt_len: int, max_new_tokens: int, dtype,
-                            devices=None) -> None:
+def check_generation_memory(
+    text_config, *, batch: int, prompt_len: int, max_new_tokens: int, dtype, devices=None
+) -> None:
     """Refuse a ``max_new_tokens`` whose KV cache cannot exist, before anything is allocated.
 
     The cache holds ``prompt_len + max_new_tokens`` positions per row; it must fit the free memory of the
@@ -153,8 +160,9 @@ def check_generation_memory(text_config, *, batch: int, prompt_len: int, max_new
     """
     length = int(prompt_len) + int(max_new_tokens)
     if length > MAX_POSITIONS:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: {length} positions exceed the int32 position range "
-                         f"({MAX_POSITIONS})")
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens}: {length} positions exceed the int32 position range ({MAX_POSITIONS})"
+        )
     need = kv_cache_bytes(text_config, batch, length, dtype)
     free, where = available_memory(devices)
     if free is not None and need > free:
@@ -170,9 +178,11 @@ def check_logits_finite(logits, where: str = "prefill") -> None:
     """Raise when the model produced NaN/inf logits (bad weights or inputs that passed every other check)."""
     arr = np.asarray(logits)
     if not np.isfinite(arr).all():
-        raise ValueError(f"the {where} produced {int(arr.size - np.count_nonzero(np.isfinite(arr)))} NaN/inf "
-                         "logit(s): the weights or inputs overflow in this dtype (try float32, or load with the "
-                         "default weight scan to find a non-finite tensor)")
+        raise ValueError(
+            f"the {where} produced {int(arr.size - np.count_nonzero(np.isfinite(arr)))} NaN/inf "
+            "logit(s): the weights or inputs overflow in this dtype (try float32, or load with the "
+            "default weight scan to find a non-finite tensor)"
+        )
 
 
 def _gb(n: int) -> str:

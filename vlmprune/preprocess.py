@@ -82,7 +82,7 @@ def pad_pixels(images: Sequence[Image.Image], image_processor) -> np.ndarray:
         top, left = (rh - ch) // 2, (rw - cw) // 2
         if top < 0 or left < 0:
             raise ValueError(f"crop size {(ch, cw)} exceeds the resized image {(rh, rw)}")
-        arr = arr[top:top + ch, left:left + cw]
+        arr = arr[top : top + ch, left : left + cw]
         arr = (arr.astype(np.float64) * (1 / 255)).astype(np.float32)  # CLIP's rescale: float64 product, float32
         arr = (arr - mean) / std
         out.append(arr.transpose(2, 0, 1))
@@ -120,7 +120,7 @@ class PadToSquareImageProcessor(PushToHubMixin):
 
 
 def image_aspect(processor) -> str:
-    """"pad" when ``processor`` runs the pad pipeline, else "crop"."""
+    """ "pad" when ``processor`` runs the pad pipeline, else "crop"."""
     return getattr(getattr(processor, "image_processor", None), "image_aspect", "crop")
 
 
@@ -135,8 +135,10 @@ def set_image_aspect(processor, aspect: str, *, is_next: bool = False):
     inner = ip.inner if isinstance(ip, PadToSquareImageProcessor) else ip
     if aspect == "pad":
         if is_next:
-            raise ValueError("image aspect 'pad' applies to LLaVA-1.5 only; LLaVA-NeXT tiles every image as its "
-                             "processor does (use 'crop')")
+            raise ValueError(
+                "image aspect 'pad' applies to LLaVA-1.5 only; LLaVA-NeXT tiles every image as its "
+                "processor does (use 'crop')"
+            )
         processor.image_processor = PadToSquareImageProcessor(inner)
     else:
         processor.image_processor = inner

@@ -71,8 +71,9 @@ def param_shardings(abstract: dict, mesh, rules: ShardingRules) -> dict:
     """A ``NamedSharding`` per leaf of ``abstract`` (anything with ``.shape``: arrays or ``ShapeDtypeStruct``)."""
     mesh = check_mesh(mesh)
     flat = flatten_dict(abstract)
-    return unflatten_dict({k: NamedSharding(mesh, param_spec("/".join(k), tuple(np.shape(v)), mesh, rules))
-                           for k, v in flat.items()})
+    return unflatten_dict(
+        {k: NamedSharding(mesh, param_spec("/".join(k), tuple(np.shape(v)), mesh, rules)) for k, v in flat.items()}
+    )
 
 
 def shard_params(params: dict, mesh, rules: ShardingRules) -> dict:

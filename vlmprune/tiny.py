@@ -52,7 +52,9 @@ def build_tokenizer(vocab_size: int = 384):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
@@ -60,7 +62,11 @@ def build_tokenizer(vocab_size: int = 384):
 
     tok.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", padding_side="left",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
         chat_template=CHAT_TEMPLATE,
     )
     fast.add_special_tokens({"pad_token": "<pad>", "additional_special_tokens": ["<image>"]})
@@ -72,18 +78,41 @@ def tiny_llava_config(vocab_size: int, image_token_id: int, pad_token_id: int, *
     vision_* / text_* prefixed fields go to the sub-configs; others to LlavaConfig."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  image_size=56, patch_size=14, projection_dim=32, hidden_act="quick_gelu")
-    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                bos_token_id=1, eos_token_id=2, pad_token_id=pad_token_id)
-    top = dict(image_token_index=image_token_id, vision_feature_layer=-2, vision_feature_select_strategy="default",
-               projector_hidden_act="gelu", image_seq_length=16, pad_token_id=pad_token_id)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=14,
+        projection_dim=32,
+        hidden_act="quick_gelu",
+    )
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=pad_token_id,
+    )
+    top = dict(
+        image_token_index=image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=16,
+        pad_token_id=pad_token_id,
+    )
     for k, v in overrides.items():
         if k.startswith("vision_") and k not in top:
-            vision[k[len("vision_"):]] = v
+            vision[k[len("vision_") :]] = v
         elif k.startswith("text_"):
-            text[k[len("text_"):]] = v
+            text[k[len("text_") :]] = v
         else:
             top[k] = v
     cfg = LlavaConfig(vision_config=CLIPVisionConfig(**vision), text_config=LlamaConfig(**text), **top)
@@ -98,11 +127,16 @@ def build_processor(tokenizer, hf_config):
 
     size = hf_config.vision_config.image_size
     image_processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        do_center_crop=True,
     )
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=hf_config.vision_config.patch_size,
-        vision_feature_select_strategy=hf_config.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=hf_config.vision_config.patch_size,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+        chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,
     )
 
@@ -166,8 +200,9 @@ def random_llava_tensors(hf_config, seed: int = 0, std: float = 0.05) -> dict[st
     return out
 
 
-def write_random_llava(directory: str, *, seed: int = 0, overwrite: bool = False, flag: str = "overwrite=True",
-                       **overrides) -> str:
+def write_random_llava(
+    directory: str, *, seed: int = 0, overwrite: bool = False, flag: str = "overwrite=True", **overrides
+) -> str:
     """Write a complete tiny HF LLaVA-1.5 directory (weights, config, tokenizer, processor). Returns the path.
 
     The directory must be absent, empty or an earlier tiny checkpoint (replaced whole) unless ``overwrite``;
@@ -228,10 +263,14 @@ def tiny_llava_next_config(vocab_size: int, image_token_id: int, pad_token_id: i
     base = tiny_llava_config(vocab_size, image_token_id, pad_token_id, **overrides)
     tile = base.vision_config.image_size
     return LlavaNextConfig(
-        vision_config=base.vision_config, text_config=base.text_config, image_token_index=image_token_id,
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=image_token_id,
         vision_feature_layer=base.vision_feature_layer,
         vision_feature_select_strategy=base.vision_feature_select_strategy,
-        projector_hidden_act="gelu", image_grid_pinpoints=tiny_pinpoints(tile), pad_token_id=pad_token_id,
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=tiny_pinpoints(tile),
+        pad_token_id=pad_token_id,
     )
 
 
@@ -241,11 +280,15 @@ def build_next_processor(tokenizer, hf_config):
 
     size = hf_config.vision_config.image_size
     image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
         image_grid_pinpoints=hf_config.image_grid_pinpoints,
     )
     return LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=hf_config.vision_config.patch_size,
-        vision_feature_select_strategy=hf_config.vision_feature_select_strategy, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=hf_config.vision_config.patch_size,
+        vision_feature_select_strategy=hf_config.vision_feature_select_strategy,
+        chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,
     )

@@ -65,13 +65,21 @@ class TapRequest:
 def _tap(kind: str, taps: dict, layer: int | None) -> Array:
     if layer is None:
         if len(taps) != 1:
-            raise ValueError(f"VisionTaps: {kind} of the only tapped layer asked for, but {len(taps)} layers "
-                             f"({sorted(taps)}) were tapped; name the layer")
+            raise ValueError(
+                f"VisionTaps: {kind} of the only tapped layer asked for, but {len(taps)} layers "
+                f"({sorted(taps)}) were tapped; name the layer"
+            )
         (layer,) = taps
     if layer not in taps:
-        raise KeyError(f"VisionTaps: {kind} of layer {layer} was not requested (tapped: {sorted(taps)}); add it to "
-                       "the method's TapRequest")
+        raise KeyError(
+            f"VisionTaps: {kind} of layer {layer} was not requested (tapped: {sorted(taps)}); add it to "
+            "the method's TapRequest"
+        )
     return taps[layer]
+
+
+#: the empty request: features only
+NO_TAPS = TapRequest()
 
 
 @flax.struct.dataclass
@@ -130,8 +138,14 @@ class VisionTaps:
 
     def as_dict(self) -> dict:
         """The encoder-output dict of earlier versions (``features``, ``cls_attn``, ``keys`` ...)."""
-        out = {"features": self.features, "feature_hidden": self.feature_hidden, "cls_attn": self.cls_attn,
-               "keys": self.keys, "cls_query": self.cls_query, "hidden_states": self.hidden_states}
+        out = {
+            "features": self.features,
+            "feature_hidden": self.feature_hidden,
+            "cls_attn": self.cls_attn,
+            "keys": self.keys,
+            "cls_query": self.cls_query,
+            "hidden_states": self.hidden_states,
+        }
         for name in ("column_mean", "pooled", "embeddings"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, dict) or value):
@@ -203,9 +217,12 @@ class ModelInputs:
 
     @classmethod
     def from_arrays(cls, input_ids, pixel_values, attention_mask=None, image_sizes=None) -> ModelInputs:
-        return cls(input_ids=np.asarray(input_ids), pixel_values=pixel_values,
-                   attention_mask=None if attention_mask is None else np.asarray(attention_mask),
-                   image_sizes=None if image_sizes is None else np.asarray(image_sizes))
+        return cls(
+            input_ids=np.asarray(input_ids),
+            pixel_values=pixel_values,
+            attention_mask=None if attention_mask is None else np.asarray(attention_mask),
+            image_sizes=None if image_sizes is None else np.asarray(image_sizes),
+        )
 
 
 @flax.struct.dataclass
@@ -216,4 +233,4 @@ class ModelOutput:
     mask: Array
 
 
-__all__ = ["ModelInputs", "ModelOutput", "NextLayout", "PruneResult", "TapRequest", "VisionTaps"]
+__all__ = ["NO_TAPS", "ModelInputs", "ModelOutput", "NextLayout", "PruneResult", "TapRequest", "VisionTaps"]

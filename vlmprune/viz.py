@@ -59,8 +59,11 @@ def parse_spec(spec: str) -> tuple[str, int | float | None]:
 
 def parse_specs(text: str) -> list[tuple[str, int | float | None]]:
     """``"vispruner:64,fastervlm:64"`` -> [("vispruner", 64), ("fastervlm", 64)]."""
-    return [(p.name, spec_mod.as_number(b) if b is not None else None)
-            for p in spec_mod.split_specs(text) for b in (p.budgets or (None,))]
+    return [
+        (p.name, spec_mod.as_number(b) if b is not None else None)
+        for p in spec_mod.split_specs(text)
+        for b in (p.budgets or (None,))
+    ]
 
 
 def make_pruner(method: str, budget: int | float | None = None, *, num_tokens: int, **settings):
@@ -88,8 +91,10 @@ def _resolve_pruner(model, pruner):
     if not isinstance(pruner, (VisualPruner, LLMPruner)):
         raise TypeError(f"pruner must be a vlmprune pruner, a spec like 'vispruner:64' or None, got {pruner!r}")
     if pruner.inside_llm:
-        raise ValueError(f"{pruner.name} prunes inside the LLM (by the text's attention after decoder layer "
-                         f"{getattr(pruner, 'layer', '?')}); kept_mask shows pruning before the LLM only")
+        raise ValueError(
+            f"{pruner.name} prunes inside the LLM (by the text's attention after decoder layer "
+            f"{getattr(pruner, 'layer', '?')}); kept_mask shows pruning before the LLM only"
+        )
     pruner.validate(model.config)
     return pruner
 
@@ -145,10 +150,13 @@ def processor_stats(model) -> tuple[Any, Any]:
 def encode(model, pixel_values, pruner) -> dict:
     """``model.vision`` with exactly the taps the pruner asks for (its ``vision_request``)."""
     req = pruner.vision_request(model.config) if pruner is not None else {}
-    return model.vision(pixel_values, cls_attention_layers=tuple(req.get("cls_attention_layers", ())),
-                        key_layers=tuple(req.get("key_layers", ())),
-                        hidden_state_layers=tuple(req.get("hidden_state_layers", ())),
-                        post_layernorm=bool(req.get("post_layernorm", False)))
+    return model.vision(
+        pixel_values,
+        cls_attention_layers=tuple(req.get("cls_attention_layers", ())),
+        key_layers=tuple(req.get("key_layers", ())),
+        hidden_state_layers=tuple(req.get("hidden_state_layers", ())),
+        post_layernorm=bool(req.get("post_layernorm", False)),
+    )
 
 
 def projector(model):
@@ -168,8 +176,12 @@ def keep_mask_llava(model, pixel_values, pruner) -> np.ndarray:
 def next_layout(model, image_sizes):
     """LLaVA-NeXT host layout (``vlmprune.anyres.BatchLayout``) for image_sizes (NI, 2) (height, width)."""
     c = model.config
-    return batch_layout(np.asarray(image_sizes), c.image_grid_pinpoints, tile_size=c.vision.image_size,
-                        tokens_per_side=c.vision.image_size // c.vision.patch_size)
+    return batch_layout(
+        np.asarray(image_sizes),
+        c.image_grid_pinpoints,
+        tile_size=c.vision.image_size,
+        tokens_per_side=c.vision.image_size // c.vision.patch_size,
+    )
 
 
 def in_layout_mask(token: np.ndarray, num_tiles: int, n: int) -> np.ndarray:
@@ -190,7 +202,6 @@ def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str]
     """
     import jax.numpy as jnp
 
-
     c = model.config
     n = c.tokens_per_image
     lay = next_layout(model, image_sizes)
@@ -205,8 +216,11 @@ def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str]
     else:
         enc = encode(model, pix, pruner)
         enc = {**enc, "embeddings": projector(model)(enc["features"])}  # as the model passes them (DivPrune)
-        layout = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row),
-                  "tile_valid": jnp.asarray(lay.tile_valid)}
+        layout = {
+            "token": jnp.asarray(lay.token),
+            "row": jnp.asarray(lay.row),
+            "tile_valid": jnp.asarray(lay.tile_valid),
+        }
         texts = list(text) if text is not None else [""] * ni
         extra = prepare_host(pruner, c, pix, lay.layouts, lambda: texts, model.auxiliary_clip)
         layout.update({k: jnp.asarray(v) for k, v in extra.items()})
@@ -255,8 +269,10 @@ def kept_view(model, x: dict, pruner, *, text: str | None = None) -> KeptView:
     c = model.config
     side = c.vision.image_size // c.vision.patch_size
     if c.tokens_per_image != side * side:
-        raise ValueError(f"kept tokens can only be drawn on a square patch grid; this model feeds "
-                         f"{c.tokens_per_image} tokens per image for a {side}x{side} grid")
+        raise ValueError(
+            f"kept tokens can only be drawn on a square patch grid; this model feeds "
+            f"{c.tokens_per_image} tokens per image for a {side}x{side} grid"
+        )
     mean, std = processor_stats(model)
     label = "none" if pruner is None else pruner.name
     px = np.asarray(x["pixel_values"])[:1]
@@ -268,8 +284,9 @@ def kept_view(model, x: dict, pruner, *, text: str | None = None) -> KeptView:
         li = next_layout(model, sizes).layouts[0]
         images = denormalize(px[0, : li.num_tiles], mean, std)
         total = int(in_layout_mask(li.token, li.num_tiles, c.tokens_per_image).sum())
-        return KeptView(label, mask, images, side, (li.grid_rows, li.grid_cols),
-                        (li.top, li.bottom, li.left, li.right), total)
+        return KeptView(
+            label, mask, images, side, (li.grid_rows, li.grid_cols), (li.top, li.bottom, li.left, li.right), total
+        )
     mask = keep_mask_llava(model, px, pruner)[0]
     return KeptView(label, mask, denormalize(px[0], mean, std), side, total=c.tokens_per_image)
 
@@ -343,8 +360,17 @@ def _draw(ax, image, grid_mask, *, grid_lines: bool, dim: float, tile_grid=None,
         top, bottom, left, right = crop
         py, px = h / gh, w / gw
         if (top, bottom, left, right) != (0, gh, 0, gw):
-            ax.add_patch(mpatches.Rectangle((left * px, top * py), (right - left) * px, (bottom - top) * py,
-                                            fill=False, edgecolor="yellow", linestyle="--", linewidth=1.2))
+            ax.add_patch(
+                mpatches.Rectangle(
+                    (left * px, top * py),
+                    (right - left) * px,
+                    (bottom - top) * py,
+                    fill=False,
+                    edgecolor="yellow",
+                    linestyle="--",
+                    linewidth=1.2,
+                )
+            )
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_xticks([])
@@ -381,8 +407,9 @@ def figure(views: Sequence[KeptView], *, grid_lines: bool = True, dim: float = D
     if not nxt:
         fig = Figure(figsize=(PANEL_INCHES * p, PANEL_INCHES + TITLE_INCHES))
         axes = fig.subplots(1, p, squeeze=False)[0]
-        fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=PANEL_INCHES / (PANEL_INCHES + TITLE_INCHES),
-                            wspace=0.05)
+        fig.subplots_adjust(
+            left=0.02, right=0.98, bottom=0.02, top=PANEL_INCHES / (PANEL_INCHES + TITLE_INCHES), wspace=0.05
+        )
         for ax, v in zip(axes, views):
             draw_view(v, ax, grid_lines=grid_lines, dim=dim)
             ax.set_title(v.title, fontsize=9)
@@ -392,8 +419,9 @@ def figure(views: Sequence[KeptView], *, grid_lines: bool = True, dim: float = D
     height = PANEL_INCHES + grid_h + TITLE_INCHES + 0.4
     fig = Figure(figsize=(PANEL_INCHES * p, height))
     axes = fig.subplots(2, p, squeeze=False, gridspec_kw={"height_ratios": [PANEL_INCHES, grid_h]})
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.3 / height, top=1 - TITLE_INCHES / height,
-                        wspace=0.05, hspace=0.25)
+    fig.subplots_adjust(
+        left=0.02, right=0.98, bottom=0.3 / height, top=1 - TITLE_INCHES / height, wspace=0.05, hspace=0.25
+    )
     for j, v in enumerate(views):
         if v.grid != (rows, cols):
             raise ValueError("all views of one figure must come from the same image")
@@ -410,8 +438,9 @@ def image_format(path: str) -> str:
     """The format for ``path``'s suffix (``IMAGE_FORMATS``); ValueError for any other suffix."""
     ext = os.path.splitext(os.fspath(path))[1].lower()
     if ext not in IMAGE_FORMATS:
-        raise ValueError(f"{os.fspath(path)}: unsupported image suffix {ext or '(none)'!r}; use one of "
-                         f"{', '.join(IMAGE_FORMATS)}")
+        raise ValueError(
+            f"{os.fspath(path)}: unsupported image suffix {ext or '(none)'!r}; use one of {', '.join(IMAGE_FORMATS)}"
+        )
     return IMAGE_FORMATS[ext]
 
 
@@ -430,8 +459,18 @@ def save(fig, path: str, *, dpi: int = 100, overwrite: bool = False, flag: str =
     return os.fspath(path)
 
 
-def plot_kept(model, image, pruner=None, prompt: str = DEFAULT_PROMPT, *, out: str | None = None,
-              grid_lines: bool = True, dim: float = DIM, dpi: int = 100, overwrite: bool = False):
+def plot_kept(
+    model,
+    image,
+    pruner=None,
+    prompt: str = DEFAULT_PROMPT,
+    *,
+    out: str | None = None,
+    grid_lines: bool = True,
+    dim: float = DIM,
+    dpi: int = 100,
+    overwrite: bool = False,
+):
     """Draw the tokens ``pruner`` keeps over the preprocessed ``image``; write it to ``out`` when given (see
     ``save``: the suffix picks the format, an existing file needs ``overwrite``).
 
@@ -439,15 +478,26 @@ def plot_kept(model, image, pruner=None, prompt: str = DEFAULT_PROMPT, *, out: s
     """
     if out is not None:
         image_format(out)
-    fig = figure([kept_view(model, preprocess(model, image, prompt), pruner, text=prompt)],
-                 grid_lines=grid_lines, dim=dim)
+    fig = figure(
+        [kept_view(model, preprocess(model, image, prompt), pruner, text=prompt)], grid_lines=grid_lines, dim=dim
+    )
     if out is not None:
         save(fig, out, dpi=dpi, overwrite=overwrite)
     return fig
 
 
-def compare(model, image, methods: Iterable, prompt: str = DEFAULT_PROMPT, *, out: str | None = None,
-            grid_lines: bool = True, dim: float = DIM, dpi: int = 100, overwrite: bool = False):
+def compare(
+    model,
+    image,
+    methods: Iterable,
+    prompt: str = DEFAULT_PROMPT,
+    *,
+    out: str | None = None,
+    grid_lines: bool = True,
+    dim: float = DIM,
+    dpi: int = 100,
+    overwrite: bool = False,
+):
     """One panel per (method, budget), side by side, titled "method — k/N tokens".
 
     Args:
@@ -478,6 +528,21 @@ def compare(model, image, methods: Iterable, prompt: str = DEFAULT_PROMPT, *, ou
     return fig
 
 
-__all__ = ["IMAGE_FORMATS", "KeptView", "compare", "denormalize", "figure", "image_format", "kept_mask", "kept_view",
-           "make_pruner", "parse_spec",
-           "parse_specs", "plot_kept", "preprocess", "save", "shade", "stitch"]
+__all__ = [
+    "IMAGE_FORMATS",
+    "KeptView",
+    "compare",
+    "denormalize",
+    "figure",
+    "image_format",
+    "kept_mask",
+    "kept_view",
+    "make_pruner",
+    "parse_spec",
+    "parse_specs",
+    "plot_kept",
+    "preprocess",
+    "save",
+    "shade",
+    "stitch",
+]

@@ -12,8 +12,19 @@ from vlmprune import anyres
 from vlmprune.prune import Selection
 
 PINS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # HF (height, width)
-SIZES = [(400, 200), (200, 400), (600, 200), (200, 600), (300, 300), (333, 500), (710, 710), (610, 700),
-         (1000, 37), (37, 1000), (481, 640)]
+SIZES = [
+    (400, 200),
+    (200, 400),
+    (600, 200),
+    (200, 600),
+    (300, 300),
+    (333, 500),
+    (710, 710),
+    (610, 700),
+    (1000, 37),
+    (37, 1000),
+    (481, 640),
+]
 
 
 @pytest.mark.parametrize("hw", SIZES)
@@ -68,8 +79,12 @@ def test_selection_mask_and_per_image_indices():
 
 def test_pack_without_pruning_is_the_layout():
     """All tokens kept: the packed block lists the layout's entries in order (newline rows read the newline)."""
-    lay = anyres.batch_layout([(200, 600), (300, 300)], [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]],
-                              tile_size=56, tokens_per_side=4)
+    lay = anyres.batch_layout(
+        [(200, 600), (300, 300)],
+        [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]],
+        tile_size=56,
+        tokens_per_side=4,
+    )
     tables = lay.tables()
     ni, t = lay.tile_valid.shape
     n = 16

@@ -33,8 +33,20 @@ MODELS = {
     "n4_max2_mha_untied": (28, 7, "anyres_max_2", 4, False),
     "n27_max2_gqa_tied": (54, 2, "anyres_max_2", 2, True),
 }
-SIZES_N4 = [(28, 28), (30, 50), (50, 30), (84, 84), (17, 83), (100, 37), (61, 29), (5, 90), (90, 5), (57, 57),
-            (56, 29), (83, 84)]
+SIZES_N4 = [
+    (28, 28),
+    (30, 50),
+    (50, 30),
+    (84, 84),
+    (17, 83),
+    (100, 37),
+    (61, 29),
+    (5, 90),
+    (90, 5),
+    (57, 57),
+    (56, 29),
+    (83, 84),
+]
 SIZES_N27 = [(54, 54), (40, 90), (161, 107), (99, 160), (108, 55), (37, 150)]
 
 
@@ -45,14 +57,36 @@ def build_hf_onevision(directory, seed, tile, patch, aspect, kv, tied):
         LlavaOnevisionForConditionalGeneration,
     )
 
-    vision = dict(model_type="siglip_vision_model", image_size=tile, patch_size=patch, hidden_size=32,
-                  intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, vision_use_head=False)
-    text = dict(model_type="qwen2", vocab_size=120, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=9000, rope_theta=1e6,
-                tie_word_embeddings=tied)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=100, video_token_index=101,
-                               image_grid_pinpoints=[[tile * a, tile * b] for a in (1, 2, 3) for b in (1, 2, 3)],
-                               vision_aspect_ratio=aspect)
+    vision = dict(
+        model_type="siglip_vision_model",
+        image_size=tile,
+        patch_size=patch,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vision_use_head=False,
+    )
+    text = dict(
+        model_type="qwen2",
+        vocab_size=120,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv,
+        max_position_embeddings=9000,
+        rope_theta=1e6,
+        tie_word_embeddings=tied,
+    )
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=100,
+        video_token_index=101,
+        image_grid_pinpoints=[[tile * a, tile * b] for a in (1, 2, 3) for b in (1, 2, 3)],
+        vision_aspect_ratio=aspect,
+    )
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
     model.save_pretrained(directory)
@@ -73,9 +107,12 @@ def _hf_pack(hf, feats, size_hw):
     import torch
 
     with torch.no_grad():
-        out, lens = hf.model.pack_image_features([torch.tensor(feats)], torch.tensor([list(size_hw)]),
-                                                 image_newline=hf.model.image_newline,
-                                                 vision_aspect_ratio=hf.config.vision_aspect_ratio)
+        out, lens = hf.model.pack_image_features(
+            [torch.tensor(feats)],
+            torch.tensor([list(size_hw)]),
+            image_newline=hf.model.image_newline,
+            vision_aspect_ratio=hf.config.vision_aspect_ratio,
+        )
     return out[0].numpy(), int(lens[0])
 
 
@@ -91,7 +128,7 @@ def test_packing_matches_hf(ov_model):
     for i, s in enumerate(sizes):
         lay = image_layout(s, geom)
         feats[i, : lay.num_tiles] = rng.standard_normal((lay.num_tiles, n2, d), dtype=np.float32)
-        feats[i, lay.num_tiles:] = np.nan  # padding tiles must never be read
+        feats[i, lay.num_tiles :] = np.nan  # padding tiles must never be read
         refs.append(_hf_pack(hf, feats[i, : lay.num_tiles], s))
         n_down += lay.downsampled
     newline = jnp.asarray(hf.model.image_newline.detach().numpy())
@@ -133,7 +170,9 @@ def test_video_pooling_matches_hf(ov_model):
     with torch.no_grad():
         pooled = hf.model.apply_pooling(torch.tensor(frames)).reshape(1, -1, d)
         ref = torch.cat([pooled, hf.model.image_newline[None, None]], dim=1)[0].numpy()
-    got = np.asarray(pack_video_features(jnp.asarray(frames[None]), jnp.asarray(hf.model.image_newline.detach().numpy())))[0]
+    got = np.asarray(
+        pack_video_features(jnp.asarray(frames[None]), jnp.asarray(hf.model.image_newline.detach().numpy()))
+    )[0]
     assert got.shape == ref.shape == (video_num_tokens(3, geom.tokens_per_side), d)
     assert float(np.max(np.abs(got - ref))) < 1e-5  # fp32 bilinear blends: a few ulps
 
@@ -143,8 +182,11 @@ def test_bilinear_equals_torch_and_jax_image_resize(n_in, n_out):
     import torch
 
     x = np.random.default_rng(n_in * 100 + n_out).standard_normal((n_in, n_in + 3, 5), dtype=np.float32)
-    ref = torch.nn.functional.interpolate(torch.tensor(x).permute(2, 0, 1)[None], [n_out, n_out + 1],
-                                          mode="bilinear")[0].permute(1, 2, 0).numpy()
+    ref = (
+        torch.nn.functional.interpolate(torch.tensor(x).permute(2, 0, 1)[None], [n_out, n_out + 1], mode="bilinear")[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     got = np.asarray(resize_bilinear(jnp.asarray(x), (n_out, n_out + 1)))
     jres = np.asarray(jax.image.resize(jnp.asarray(x), (n_out, n_out + 1, 5), "linear", antialias=False))
     err, jerr = float(np.max(np.abs(got - ref))), float(np.max(np.abs(jres - ref)))
@@ -168,8 +210,11 @@ def test_antialias_default_of_jax_image_resize_differs_from_torch():
     import torch
 
     x = np.random.default_rng(0).standard_normal((27, 27, 3), dtype=np.float32)
-    ref = torch.nn.functional.interpolate(torch.tensor(x).permute(2, 0, 1)[None], [14, 14],
-                                          mode="bilinear")[0].permute(1, 2, 0).numpy()
+    ref = (
+        torch.nn.functional.interpolate(torch.tensor(x).permute(2, 0, 1)[None], [14, 14], mode="bilinear")[0]
+        .permute(1, 2, 0)
+        .numpy()
+    )
     assert float(np.max(np.abs(np.asarray(jax.image.resize(jnp.asarray(x), (14, 14, 3), "linear")) - ref))) > 1e-2
 
 
@@ -180,8 +225,11 @@ def _hf_counting_processor(geom, aspect):
 
     proc = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)
     proc.image_processor = LlavaOnevisionImageProcessorPil(
-        image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": geom.tile_size, "width": geom.tile_size},
-        image_grid_pinpoints=[list(p) for p in geom.pinpoints])
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        size={"height": geom.tile_size, "width": geom.tile_size},
+        image_grid_pinpoints=[list(p) for p in geom.pinpoints],
+    )
     proc.num_image_tokens = geom.tokens_per_tile
     proc.vision_feature_select_strategy = "full"
     proc.vision_aspect_ratio = aspect
@@ -234,8 +282,9 @@ def test_processor_facts_against_hf_processor(tmp_path):
 
     tile = 28
     pins = [[tile * a, tile * b] for a in (1, 2, 3) for b in (1, 2, 3)]
-    LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": tile, "width": tile},
-                                    image_grid_pinpoints=pins).save_pretrained(tmp_path)
+    LlavaOnevisionImageProcessorPil(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": tile, "width": tile}, image_grid_pinpoints=pins
+    ).save_pretrained(tmp_path)
     facts = read_processor_facts(str(tmp_path))
     hf = AutoImageProcessor.from_pretrained(str(tmp_path))
     assert facts.image_mean == tuple(hf.image_mean) == (0.5, 0.5, 0.5) != CLASS_DEFAULT_MEAN
@@ -278,8 +327,9 @@ def test_untiled_images_of_a_multi_image_prompt(ov_model):
 def test_static_bound_on_the_real_geometry():
     """OneVision's own geometry (384 px tiles, 27 x 27 tokens, 6 x 6 pinpoints, anyres_max_9): the bound covers a
     scan of image sizes up to 4096 px, and downsampling keeps every scanned count far below the undownsampled one."""
-    geom = OnevisionGeometry(tile_size=384, tokens_per_side=27,
-                             pinpoints=tuple((384 * a, 384 * b) for a in range(1, 7) for b in range(1, 7)))
+    geom = OnevisionGeometry(
+        tile_size=384, tokens_per_side=27, pinpoints=tuple((384 * a, 384 * b) for a in range(1, 7) for b in range(1, 7))
+    )
     bound = max_tokens_per_image(geom)
     counts = [image_layout((h, w), geom).num_tokens for h in range(64, 4097, 96) for w in range(64, 4097, 80)]
     assert max(counts) <= bound

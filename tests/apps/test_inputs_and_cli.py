@@ -72,24 +72,58 @@ def test_cli_generate_and_convert(mha_dir, tmp_path, capsys):
 
     img = tmp_path / "img.png"
     demo_image().save(img)
-    assert main(["generate", "--model", mha_dir, "--image", str(img), "--prompt", "What is in the image?",
-                 "--max-new-tokens", "4", "--method", "vispruner", "--keep", "8", "--important-ratio", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                mha_dir,
+                "--image",
+                str(img),
+                "--prompt",
+                "What is in the image?",
+                "--max-new-tokens",
+                "4",
+                "--method",
+                "vispruner",
+                "--keep",
+                "8",
+                "--important-ratio",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "visual tokens: 8/16" in err
     out = tmp_path / "conv"
     assert main(["convert", mha_dir, str(out)]) == 0
     assert (out / "vlmprune.json").exists()
     with pytest.raises(SystemExit, match="does not apply"):
-        main(["generate", "--model", mha_dir, "--image", str(img), "--prompt", "x", "--method", "fastervlm",
-              "--important-ratio", "0.5"])
+        main(
+            [
+                "generate",
+                "--model",
+                mha_dir,
+                "--image",
+                str(img),
+                "--prompt",
+                "x",
+                "--method",
+                "fastervlm",
+                "--important-ratio",
+                "0.5",
+            ]
+        )
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
     from vlmprune import prune
     from vlmprune.demo import run_demo
 
-    rows = run_demo(str(tmp_path / "tiny"), methods=[("none", None), ("vispruner", prune.VisPruner(num_keep=16))],
-                    max_new_tokens=4)
+    rows = run_demo(
+        str(tmp_path / "tiny"), methods=[("none", None), ("vispruner", prune.VisPruner(num_keep=16))], max_new_tokens=4
+    )
     out = capsys.readouterr().out
     assert "random weights" in out and "visual tokens" in out
     assert [r["visual_tokens"] for r in rows] == [64, 16]

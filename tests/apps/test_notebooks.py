@@ -52,18 +52,27 @@ def _images(nb) -> int:
 
 
 def _errors(nb) -> list[str]:
-    return [f"{o.get('ename')}: {o.get('evalue')}" for c in nb.cells if c.cell_type == "code"
-            for o in c.outputs if o.output_type == "error"]
+    return [
+        f"{o.get('ename')}: {o.get('evalue')}"
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "error"
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,env,min_images", [
-    # the input image, plot_kept, compare; with the default checkpoint root (under $HOME, never the repo)
-    ("quickstart.ipynb", {"VLMPRUNE_CHECKPOINT_ROOT": None}, 3),
-    ("method_comparison.ipynb", {}, 4),  # input image, TTFT/FLOPs plot, one picture row per budget
-    ("benchmark.ipynb", {}, 0),
-    ("benchmark.ipynb", {"VLMPRUNE_USE_BENCH": "0"}, 0),
-], ids=["quickstart", "method_comparison", "benchmark", "benchmark_fallback"])
+@pytest.mark.parametrize(
+    "name,env,min_images",
+    [
+        # the input image, plot_kept, compare; with the default checkpoint root (under $HOME, never the repo)
+        ("quickstart.ipynb", {"VLMPRUNE_CHECKPOINT_ROOT": None}, 3),
+        ("method_comparison.ipynb", {}, 4),  # input image, TTFT/FLOPs plot, one picture row per budget
+        ("benchmark.ipynb", {}, 0),
+        ("benchmark.ipynb", {"VLMPRUNE_USE_BENCH": "0"}, 0),
+    ],
+    ids=["quickstart", "method_comparison", "benchmark", "benchmark_fallback"],
+)
 def test_notebook_runs(name, env, min_images, checkpoint_root, tmp_path, monkeypatch):
     monkeypatch.setenv("VLMPRUNE_SKIP_INSTALL", "1")
     monkeypatch.setenv("VLMPRUNE_CHECKPOINT_ROOT", checkpoint_root)
@@ -82,8 +91,9 @@ def test_notebook_runs(name, env, min_images, checkpoint_root, tmp_path, monkeyp
     nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
     # Run from colab/ itself, as a user opening the notebook would: nothing may appear there or in the repo root.
     before = _tree_listing()
-    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                                     resources={"metadata": {"path": COLAB}})
+    client = nbclient.NotebookClient(
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": COLAB}}
+    )
     t = time.perf_counter()
     client.execute()  # raises CellExecutionError on the first failing cell
     print(f"{name} {env or ''}: {time.perf_counter() - t:.1f}s")

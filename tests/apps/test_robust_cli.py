@@ -39,15 +39,23 @@ def img(tmp_path_factory):
 def forbid_load(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the weights were loaded before the flags were checked")
+
     monkeypatch.setattr(vlmprune, "load", boom)
 
 
 HERO = ["--keep-ratio", "0.3", "--low-layers", "0,1", "--high-layers", "1,2"]
 METHOD_FLAGS = {
-    "none": [], "vispruner": ["--keep", "4", "--important-ratio", "0.5"], "fastervlm": ["--keep", "4"],
-    "hired": ["--budget-rate", "0.25"], "divprune": ["--keep", "4"],
-    "visionzip": ["--dominant", "3", "--contextual", "1"], "prumerge_plus": [], "random": ["--keep", "4"],
-    "uniform": ["--keep", "4"], "fastv": ["--layer", "1", "--keep-ratio", "0.5"], "hero": HERO,
+    "none": [],
+    "vispruner": ["--keep", "4", "--important-ratio", "0.5"],
+    "fastervlm": ["--keep", "4"],
+    "hired": ["--budget-rate", "0.25"],
+    "divprune": ["--keep", "4"],
+    "visionzip": ["--dominant", "3", "--contextual", "1"],
+    "prumerge_plus": [],
+    "random": ["--keep", "4"],
+    "uniform": ["--keep", "4"],
+    "fastv": ["--layer", "1", "--keep-ratio", "0.5"],
+    "hero": HERO,
 }
 assert set(METHOD_FLAGS) == set(prune.REGISTRY) | {"none"}  # every registered method is exercised
 
@@ -93,21 +101,33 @@ def test_generate_every_method_both_families(family, method, mha_dir, next_dir, 
     out, err = capsys.readouterr()
     assert f"[vlmprune] {method}:" in err
     if family == "llava":
-        kept = {"none": 16, "vispruner": 4, "fastervlm": 4, "divprune": 4, "random": 4, "uniform": 4, "hired": 4,
-                "visionzip": 4, "fastv": 16}.get(method)
+        kept = {
+            "none": 16,
+            "vispruner": 4,
+            "fastervlm": 4,
+            "divprune": 4,
+            "random": 4,
+            "uniform": 4,
+            "hired": 4,
+            "visionzip": 4,
+            "fastv": 16,
+        }.get(method)
         if kept is not None:
             assert f"visual tokens: {kept}/16" in err
     else:
         assert "LLaVA-NeXT image (80, 120)" in err
 
 
-@pytest.mark.parametrize("family,flags", [
-    ("llava", ["--method", "vispruner", "--keep", "4"]),
-    ("llava", ["--compare", "vispruner:4,hired:4,visionzip:5,none"]),
-    ("next", ["--method", "hero"] + HERO),
-    ("next", ["--method", "fastervlm", "--keep", "4"]),
-    ("next", ["--compare", "hero:0.3,divprune:4,none", "--low-layers", "0,1", "--high-layers", "1,2"]),
-])
+@pytest.mark.parametrize(
+    "family,flags",
+    [
+        ("llava", ["--method", "vispruner", "--keep", "4"]),
+        ("llava", ["--compare", "vispruner:4,hired:4,visionzip:5,none"]),
+        ("next", ["--method", "hero"] + HERO),
+        ("next", ["--method", "fastervlm", "--keep", "4"]),
+        ("next", ["--compare", "hero:0.3,divprune:4,none", "--low-layers", "0,1", "--high-layers", "1,2"]),
+    ],
+)
 def test_visualize_both_families(family, flags, mha_dir, next_dir, clip_dir, img, tmp_path, load_once):
     model = mha_dir if family == "llava" else next_dir
     out = tmp_path / "v.png"
@@ -142,10 +162,14 @@ def test_bad_generate_flags_fail_before_loading(flags, msg, mha_dir, img, forbid
 
 NEXT_BAD = [
     (["--method", "hero", "--low-layers", "0", "--high-layers", "1"], "clip_path"),
-    (["--method", "hero", "--clip-path", "/nonexistent/clip"] + HERO,
-     "--clip-path '/nonexistent/clip' is not a directory"),
-    (["--method", "hero", "--low-layers", "0,9", "--high-layers", "1", "--clip-path", "CLIP"],
-     "low_layers=9 is out of range"),
+    (
+        ["--method", "hero", "--clip-path", "/nonexistent/clip"] + HERO,
+        "--clip-path '/nonexistent/clip' is not a directory",
+    ),
+    (
+        ["--method", "hero", "--low-layers", "0,9", "--high-layers", "1", "--clip-path", "CLIP"],
+        "low_layers=9 is out of range",
+    ),
     (["--method", "random", "--keep", "4"], "random on llava_next (anyres tiles) is not implemented"),
     (["--method", "hero", "--clip-path", "MODEL"] + HERO, "expected a full CLIP checkpoint"),
 ]
@@ -187,8 +211,15 @@ def test_bad_files_fail_before_loading(mha_dir, img, tmp_path, forbid_load):
     assert str(e.value).startswith("error: source directory")
 
 
-@pytest.mark.parametrize("argv", [["generate", "--keep", "0"], ["generate", "--max-new-tokens", "-1"],
-                                  ["visualize", "--dpi", "0"], ["generate", "--low-layers", "a,b"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "--keep", "0"],
+        ["generate", "--max-new-tokens", "-1"],
+        ["visualize", "--dpi", "0"],
+        ["generate", "--low-layers", "a,b"],
+    ],
+)
 def test_argparse_rejects_bad_numbers(argv, mha_dir, img, capsys):
     base = [argv[0], "--model", mha_dir, "--image", img] + (["--prompt", "x"] if argv[0] == "generate" else [])
     with pytest.raises(SystemExit) as e:
@@ -197,11 +228,13 @@ def test_argparse_rejects_bad_numbers(argv, mha_dir, img, capsys):
 
 
 def test_visualize_compare_flag_rules(mha_dir, img, tmp_path, forbid_load):
-    for flags, msg in [(["--compare", "vispruner:4", "--keep", "4"], "--keep cannot be combined with --compare"),
-                       (["--compare", "vispruner:4", "--method", "fastervlm"], "either --method or --compare"),
-                       (["--compare", "vispruner:4", "--clip-path", "x"], "--clip-path applies to none"),
-                       (["--method", "fastv"], "prunes inside the LLM"),
-                       (["--compare", "vispruner:99"], "larger than the 16")]:
+    for flags, msg in [
+        (["--compare", "vispruner:4", "--keep", "4"], "--keep cannot be combined with --compare"),
+        (["--compare", "vispruner:4", "--method", "fastervlm"], "either --method or --compare"),
+        (["--compare", "vispruner:4", "--clip-path", "x"], "--clip-path applies to none"),
+        (["--method", "fastv"], "prunes inside the LLM"),
+        (["--compare", "vispruner:99"], "larger than the 16"),
+    ]:
         with pytest.raises(SystemExit) as e:
             main(["visualize", "--model", mha_dir, "--image", img, "--out", str(tmp_path / "o.png")] + flags)
         assert str(e.value).startswith("error: ") and msg in str(e.value), str(e.value)
@@ -212,8 +245,9 @@ def test_errors_and_bugs_from_a_real_process(mha_dir, img, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
 
     def run(*a):
-        return subprocess.run([sys.executable, "-m", "vlmprune", *a], capture_output=True, text=True, env=env,
-                              timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "vlmprune", *a], capture_output=True, text=True, env=env, timeout=300
+        )
 
     r = run("convert", mha_dir, mha_dir)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: ") and "Traceback" not in r.stderr
@@ -240,6 +274,24 @@ def test_convert_next_and_generate_from_the_conversion(next_dir, img, tmp_path, 
     with pytest.raises(SystemExit, match="being read"):
         main(["convert", str(out), str(out)])
     assert sorted(os.listdir(out)) == before
-    assert main(["generate", "--model", str(out), "--image", img, "--prompt", PROMPT, "--max-new-tokens", "2",
-                 "--method", "vispruner", "--keep", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--image",
+                img,
+                "--prompt",
+                PROMPT,
+                "--max-new-tokens",
+                "2",
+                "--method",
+                "vispruner",
+                "--keep",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert "LLaVA-NeXT image" in capsys.readouterr().err

@@ -26,8 +26,10 @@ def test_token_ids_outside_the_vocabulary(mx, bad):
     model, x = mx
     ids = x["input_ids"].copy()
     ids[0, 3] = bad
-    for call in (lambda: model(ids, x["pixel_values"]),
-                 lambda: model.generate(ids, x["pixel_values"], max_new_tokens=2)):
+    for call in (
+        lambda: model(ids, x["pixel_values"]),
+        lambda: model.generate(ids, x["pixel_values"], max_new_tokens=2),
+    ):
         with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, 386\): {bad} at \(0, 3\)"):
             no_compile(model, call)
 
@@ -59,8 +61,12 @@ def test_attention_mask_must_be_zero_or_one(mx, value):
 def test_integer_pixels_are_refused(mx, kind):
     model, x = mx
     px = x["pixel_values"]
-    bad = {"uint8": (px * 50 + 100).clip(0, 255).astype(np.uint8), "int64": px.astype(np.int64),
-           "bool": px > 0, "int list": px.astype(np.int32).tolist()}[kind]
+    bad = {
+        "uint8": (px * 50 + 100).clip(0, 255).astype(np.uint8),
+        "int64": px.astype(np.int64),
+        "bool": px > 0,
+        "int list": px.astype(np.int32).tolist(),
+    }[kind]
     for call in (lambda: model(x["input_ids"], bad), lambda: model.vision(bad)):
         with pytest.raises(ValueError, match="pixel_values has dtype .*processor"):
             no_compile(model, call)
@@ -100,8 +106,11 @@ def test_cache_estimate_against_available_memory(mx, monkeypatch):
     monkeypatch.setattr(inputs, "available_memory", lambda devices=None: ((length + 8) * per_pos, "test device"))
     model.generate(x["input_ids"], x["pixel_values"], max_new_tokens=8)  # fits exactly
     for n in (9, 5000, 10**6):
-        with pytest.raises(ValueError, match=rf"max_new_tokens={n}: the KV cache for 1 row\(s\) x {length + n} "
-                                             r"positions needs .* free on test device"):
+        with pytest.raises(
+            ValueError,
+            match=rf"max_new_tokens={n}: the KV cache for 1 row\(s\) x {length + n} "
+            r"positions needs .* free on test device",
+        ):
             no_compile(model, lambda n=n: model.generate(x["input_ids"], x["pixel_values"], max_new_tokens=n))
 
 
@@ -124,10 +133,15 @@ def test_available_memory_reads_accelerator_stats():
         num_hidden_layers, num_key_value_heads, head_dim = 32, 8, 128  # a 7B-sized cache: 128 KiB per position
 
     big = FakeDevice(41 << 30, 1 << 30)  # 40 GiB free
-    inputs.check_generation_memory(Cfg, batch=1, prompt_len=600, max_new_tokens=300_000, dtype=np.float16,
-                                   devices=[big])  # 300 600 x 128 KiB = 36.7 GiB: fits
+    inputs.check_generation_memory(
+        Cfg, batch=1, prompt_len=600, max_new_tokens=300_000, dtype=np.float16, devices=[big]
+    )  # 300 600 x 128 KiB = 36.7 GiB: fits
     for batch, n in [(1, 400_000), (2, 200_000), (64, 10_000)]:
-        with pytest.raises(ValueError, match=rf"max_new_tokens={n}: .*needs [0-9.]+ GiB .* than the 40.0 GiB free on "
-                                             r"1 gpu device\(s\)"):
-            inputs.check_generation_memory(Cfg, batch=batch, prompt_len=600, max_new_tokens=n, dtype=np.float16,
-                                           devices=[big])
+        with pytest.raises(
+            ValueError,
+            match=rf"max_new_tokens={n}: .*needs [0-9.]+ GiB .* than the 40.0 GiB free on "
+            r"1 gpu device\(s\)",
+        ):
+            inputs.check_generation_memory(
+                Cfg, batch=batch, prompt_len=600, max_new_tokens=n, dtype=np.float16, devices=[big]
+            )

@@ -49,8 +49,14 @@ def next_model(tmp_path_factory):
     return vlmprune.load(write_tiny_next(tmp_path_factory.mktemp("viz_next")))
 
 
-GATHER = [("vispruner", KEEP), ("fastervlm", KEEP), ("hired", KEEP), ("divprune", KEEP), ("random", KEEP),
-          ("uniform", KEEP)]
+GATHER = [
+    ("vispruner", KEEP),
+    ("fastervlm", KEEP),
+    ("hired", KEEP),
+    ("divprune", KEEP),
+    ("random", KEEP),
+    ("uniform", KEEP),
+]
 
 
 @pytest.mark.parametrize("method,budget", GATHER)
@@ -109,8 +115,12 @@ def test_compare_draws_one_titled_panel_per_method(model, tmp_path):
     specs = [("none", None), ("vispruner", KEEP), ("fastervlm", 8), "hired:0.25"]
     fig = viz.compare(model, demo_image(), specs, out=str(tmp_path / "cmp.png"))
     assert len(fig.axes) == len(specs)
-    assert [a.get_title() for a in fig.axes] == ["none — 64/64 tokens", f"vispruner — {KEEP}/64 tokens",
-                                                 "fastervlm — 8/64 tokens", "hired — 16/64 tokens"]
+    assert [a.get_title() for a in fig.axes] == [
+        "none — 64/64 tokens",
+        f"vispruner — {KEEP}/64 tokens",
+        "fastervlm — 8/64 tokens",
+        "hired — 16/64 tokens",
+    ]
     assert len(viz.compare(model, demo_image(), "vispruner:4,uniform:4").axes) == 2
 
 
@@ -146,8 +156,11 @@ def test_stitch_and_grid_helpers():
 
 
 def test_parse_and_make_pruner():
-    assert viz.parse_specs("vispruner:64, hired:0.2,prumerge_plus") == [("vispruner", 64), ("hired", 0.2),
-                                                                        ("prumerge_plus", None)]
+    assert viz.parse_specs("vispruner:64, hired:0.2,prumerge_plus") == [
+        ("vispruner", 64),
+        ("hired", 0.2),
+        ("prumerge_plus", None),
+    ]
     h = viz.make_pruner("hired", 115, num_tokens=576)
     assert min(576, int(576 * h.budget_rate)) == 115
     assert viz.make_pruner("none", num_tokens=576) is None
@@ -178,12 +191,47 @@ def test_cli_visualize(tiny_dir, tmp_path):
     img = tmp_path / "img.png"
     demo_image().save(img)
     out = tmp_path / "kept.png"
-    assert main(["visualize", "--model", tiny_dir, "--image", str(img), "--method", "vispruner", "--keep", "8",
-                 "--out", str(out), "--dpi", "50"]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                "--model",
+                tiny_dir,
+                "--image",
+                str(img),
+                "--method",
+                "vispruner",
+                "--keep",
+                "8",
+                "--out",
+                str(out),
+                "--dpi",
+                "50",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out).size == (150, round((viz.PANEL_INCHES + viz.TITLE_INCHES) * 50))
     out2 = tmp_path / "cmp.png"
-    assert main(["visualize", "--model", tiny_dir, "--image", str(img), "--compare", "vispruner:8,fastervlm:8,none",
-                 "--no-grid", "--out", str(out2), "--dpi", "50"]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                "--model",
+                tiny_dir,
+                "--image",
+                str(img),
+                "--compare",
+                "vispruner:8,fastervlm:8,none",
+                "--no-grid",
+                "--out",
+                str(out2),
+                "--dpi",
+                "50",
+            ]
+        )
+        == 0
+    )
     assert Image.open(out2).size[0] == 3 * 150
     with pytest.raises(SystemExit, match="not found"):
         main(["visualize", "--model", tiny_dir, "--image", str(tmp_path / "x.png"), "--method", "vispruner"])

@@ -10,9 +10,18 @@ from vlmprune import bench
 
 
 def test_bench_tiny_end_to_end(tmp_path):
-    cfg = bench.BenchConfig(preset="tiny", methods=("none", "fastervlm:4"), repeats=1, warmup=0, batch=2,
-                            max_new_tokens=3, compare_torch=True, out_dir=str(tmp_path / "out"), tag="smoke",
-                            checkpoint_root=str(tmp_path / "ckpt"))
+    cfg = bench.BenchConfig(
+        preset="tiny",
+        methods=("none", "fastervlm:4"),
+        repeats=1,
+        warmup=0,
+        batch=2,
+        max_new_tokens=3,
+        compare_torch=True,
+        out_dir=str(tmp_path / "out"),
+        tag="smoke",
+        checkpoint_root=str(tmp_path / "ckpt"),
+    )
     out = bench.run_bench(cfg)
     prefix = tmp_path / "out" / "efficiency_smoke"
     for ext in (".json", ".md", "_ttft.png", "_flops.png"):
@@ -45,10 +54,17 @@ def test_bench_tiny_end_to_end(tmp_path):
 
 
 def test_parse_methods():
-    runs = bench.parse_methods(["none", "vispruner:64,128", "hired:0.2", "visionzip:64",
-                                "vispruner:32:important_ratio=0.25"])
-    assert [r.label for r in runs] == ["none", "vispruner@64", "vispruner@128", "hired@0.2", "visionzip@64",
-                                       "vispruner@32(important_ratio=0.25)"]
+    runs = bench.parse_methods(
+        ["none", "vispruner:64,128", "hired:0.2", "visionzip:64", "vispruner:32:important_ratio=0.25"]
+    )
+    assert [r.label for r in runs] == [
+        "none",
+        "vispruner@64",
+        "vispruner@128",
+        "hired@0.2",
+        "visionzip@64",
+        "vispruner@32(important_ratio=0.25)",
+    ]
     assert runs[0].pruner is None
     assert runs[2].pruner.num_keep == 128 and runs[3].pruner.budget_rate == 0.2
     assert (runs[4].pruner.dominant, runs[4].pruner.contextual) == (54, 10)
@@ -78,8 +94,10 @@ def test_random_params_on_device():
     abstract = access.abstract_params(module)
     params = bench.random_params(abstract, jnp.bfloat16, seed=0)
     assert jax.tree.structure(params) == jax.tree.structure(abstract)
-    assert all(x.dtype == jnp.bfloat16 and x.shape == a.shape
-               for x, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)))
+    assert all(
+        x.dtype == jnp.bfloat16 and x.shape == a.shape
+        for x, a in zip(jax.tree.leaves(params), jax.tree.leaves(abstract))
+    )
     assert float(params["language_model"]["norm"]["weight"].mean()) == 1.0
     assert 0.01 < float(jnp.std(params["language_model"]["lm_head"]["kernel"].astype(jnp.float32))) < 0.03
 
@@ -138,13 +156,21 @@ def test_export_reports_every_mismatch():
     from vlmprune.io.weights import CheckpointError, export_params
     from vlmprune.models.llava import LLAVA_RENAMES, LLAVA_RULES
 
-    params = {"language_model": {"norm": {"weight": np.ones(4, np.float32)},
-                                 "lm_head": {"kernel": np.zeros((4, 10), np.float32)}}}
+    params = {
+        "language_model": {
+            "norm": {"weight": np.ones(4, np.float32)},
+            "lm_head": {"kernel": np.zeros((4, 10), np.float32)},
+        }
+    }
     shapes = {"model.language_model.norm.weight": (4,), "lm_head.weight": (10, 4)}
     out = export_params(params, shapes, LLAVA_RULES, renames=LLAVA_RENAMES)
     assert out["lm_head.weight"].shape == (10, 4)
-    bad = {"model.language_model.norm.weight": (5,), "lm_head.weight": (10, 4), "mystery.weight": (1,),
-           "model.language_model.layers.0.mlp.up_proj.weight": (8, 4)}
+    bad = {
+        "model.language_model.norm.weight": (5,),
+        "lm_head.weight": (10, 4),
+        "mystery.weight": (1,),
+        "model.language_model.layers.0.mlp.up_proj.weight": (8, 4),
+    }
     with pytest.raises(CheckpointError, match=r"3 problem") as e:
         export_params(params, bad, LLAVA_RULES, renames=LLAVA_RENAMES)
     msg = str(e.value)
@@ -170,8 +196,16 @@ def test_compare_torch_refuses_next_presets(tmp_path):
 
 def test_merge_split_runs(tmp_path):
     """Runs split over two invocations merge into one table with the targets recomputed over both."""
-    common = dict(preset="tiny", repeats=1, warmup=0, batch=2, max_new_tokens=3, plots=False,
-                  out_dir=str(tmp_path / "parts"), checkpoint_root=str(tmp_path / "ckpt"))
+    common = dict(
+        preset="tiny",
+        repeats=1,
+        warmup=0,
+        batch=2,
+        max_new_tokens=3,
+        plots=False,
+        out_dir=str(tmp_path / "parts"),
+        checkpoint_root=str(tmp_path / "ckpt"),
+    )
     bench.run_bench(bench.BenchConfig(methods=("none",), tag="a", **common))
     bench.run_bench(bench.BenchConfig(methods=("vispruner:4",), tag="b", **common))
     parts = [str(tmp_path / "parts" / f"efficiency_{t}.json") for t in "ab"]

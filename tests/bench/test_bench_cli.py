@@ -12,15 +12,25 @@ from vlmprune import bench
 from vlmprune.cli import main
 
 #: the methods with a LLaVA-NeXT form (``supports_next``), tiny budgets for 16-token tiles
-NEXT_SPECS = ("none", "vispruner:4", "fastervlm:4", "hired:0.25", "divprune:4", "visionzip:8",
-              "hero:0.3:low_layers=(0,1),high_layers=(1,2)")
+NEXT_SPECS = (
+    "none",
+    "vispruner:4",
+    "fastervlm:4",
+    "hired:0.25",
+    "divprune:4",
+    "visionzip:8",
+    "hero:0.3:low_layers=(0,1),high_layers=(1,2)",
+)
 FAST = ["--repeats", "1", "--warmup", "0", "--batch", "1", "--max-new-tokens", "2", "--no-plots"]
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    return build_hf_clip(tmp_path_factory.mktemp("bench_clip"),
-                         image_size=bench.PRESETS["tiny-next"].overrides["vision_image_size"], seed=3)
+    return build_hf_clip(
+        tmp_path_factory.mktemp("bench_clip"),
+        image_size=bench.PRESETS["tiny-next"].overrides["vision_image_size"],
+        seed=3,
+    )
 
 
 def _runs(out_dir, tag):
@@ -30,8 +40,23 @@ def _runs(out_dir, tag):
 
 def test_every_next_method_runs_and_unsupported_ones_are_named(tmp_path, clip_dir, capsys):
     out = str(tmp_path / "out")
-    rc = main(["bench", "--preset", "tiny-next", "--methods", *NEXT_SPECS, "random:4", "--clip-path", clip_dir,
-               "--out-dir", out, "--tag", "next", *FAST])
+    rc = main(
+        [
+            "bench",
+            "--preset",
+            "tiny-next",
+            "--methods",
+            *NEXT_SPECS,
+            "random:4",
+            "--clip-path",
+            clip_dir,
+            "--out-dir",
+            out,
+            "--tag",
+            "next",
+            *FAST,
+        ]
+    )
     runs = _runs(out, "next")
     assert rc == 1  # random has no LLaVA-NeXT form: the run is reported and the command says so
     assert "random@4" in capsys.readouterr().err
@@ -50,8 +75,9 @@ def test_every_next_method_runs_and_unsupported_ones_are_named(tmp_path, clip_di
 
 
 def test_hero_without_clip_path_fails_by_name_and_exits_nonzero(tmp_path, capsys):
-    rc = main(["bench", "--preset", "tiny-next", "--methods", "hero:0.2", "--out-dir", str(tmp_path), "--tag", "h",
-               *FAST])
+    rc = main(
+        ["bench", "--preset", "tiny-next", "--methods", "hero:0.2", "--out-dir", str(tmp_path), "--tag", "h", *FAST]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert "every requested method failed" in err and "clip_path" in err
@@ -62,8 +88,23 @@ def test_llava_checkpoint_dir_and_failed_run_exit_code(tmp_path, capsys):
     """``--model DIR`` benchmarks a user's checkpoint; HERO on LLaVA-1.5 fails with its reason; exit 1."""
     d = bench.ensure_checkpoint("tiny", root=str(tmp_path / "ckpt"))
     out = str(tmp_path / "out")
-    rc = main(["bench", "--model", d, "--methods", "fastervlm:4", "hero:0.2", "--clip-path", str(tmp_path),
-               "--out-dir", out, "--tag", "m", *FAST])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            d,
+            "--methods",
+            "fastervlm:4",
+            "hero:0.2",
+            "--clip-path",
+            str(tmp_path),
+            "--out-dir",
+            out,
+            "--tag",
+            "m",
+            *FAST,
+        ]
+    )
     assert rc == 1
     runs = _runs(out, "m")
     assert "error" not in runs["fastervlm@4"] and runs["fastervlm@4"]["visual_tokens"] == 4
@@ -71,14 +112,20 @@ def test_llava_checkpoint_dir_and_failed_run_exit_code(tmp_path, capsys):
     assert "1 of 2 runs failed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--methods", "nope:3"], "unknown pruning method 'nope'"),
-    (["--methods", "vispruner:64:important_ratio=abc"], "vispruner: setting important_ratio='abc' must be a number"),
-    (["--methods", "prumerge_plus:8"], "takes no budget"),
-    (["--model", "/nonexistent/dir"], "model directory '/nonexistent/dir' not found"),
-    (["--repeats", "0"], "--repeats >= 1"),
-    (["--merge", "a.json"], "--merge needs --tag"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--methods", "nope:3"], "unknown pruning method 'nope'"),
+        (
+            ["--methods", "vispruner:64:important_ratio=abc"],
+            "vispruner: setting important_ratio='abc' must be a number",
+        ),
+        (["--methods", "prumerge_plus:8"], "takes no budget"),
+        (["--model", "/nonexistent/dir"], "model directory '/nonexistent/dir' not found"),
+        (["--repeats", "0"], "--repeats >= 1"),
+        (["--merge", "a.json"], "--merge needs --tag"),
+    ],
+)
 def test_refusals_exit_2_with_a_clean_message(tmp_path, capsys, argv, message):
     assert main(["bench", "--preset", "tiny", "--out-dir", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err

@@ -22,8 +22,19 @@ _ROOT = REPO_DIR
 
 def test_quick_run_writes_agreeing_vispruner_rows(tmp_path):
     argv = [
-        "--quick", "--encoder-layers", "2", "--image-size", "112", "--budgets", "16,32",
-        "--methods", "vispruner,fastervlm,hired:alpha=0.25", "--single-thread-torch", "", "--out-dir", str(tmp_path),
+        "--quick",
+        "--encoder-layers",
+        "2",
+        "--image-size",
+        "112",
+        "--budgets",
+        "16,32",
+        "--methods",
+        "vispruner,fastervlm,hired:alpha=0.25",
+        "--single-thread-torch",
+        "",
+        "--out-dir",
+        str(tmp_path),
     ]
     result = selection.main(argv)
 
@@ -75,6 +86,10 @@ def test_torch_vispruner_matches_plan_sizes():
 
 
 def test_driver_script_runs():
-    out = subprocess.run([sys.executable, os.path.join(_ROOT, "experiments", "bench_selection.py"), "--help"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, os.path.join(_ROOT, "experiments", "bench_selection.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "--budgets" in out.stdout

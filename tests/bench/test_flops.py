@@ -21,7 +21,9 @@ def test_baseline_macs_and_fastv_sanity():
     full = prefill_macs(n, D13, M13, L13)
     fastv = prefill_macs(n, D13, M13, L13, drop_after_layer=2, dropped=288)
     assert reduction(fastv, full) == pytest.approx(0.454, abs=5e-4)
-    assert reduction(prefill_macs(64 + 35, D7, M7, L7), prefill_macs(576 + 35, D7, M7, L7)) == pytest.approx(0.842, abs=5e-4)
+    assert reduction(prefill_macs(64 + 35, D7, M7, L7), prefill_macs(576 + 35, D7, M7, L7)) == pytest.approx(
+        0.842, abs=5e-4
+    )
 
 
 def test_bad_counts_raise():

@@ -21,13 +21,18 @@ def _accuracy_module():
 
 def test_plot_per_task(tmp_path):
     acc = _accuracy_module()
-    results = {"576 (none)": {"pope": 85.5, "gqa": 61.8},
-               "128 vispruner": {"pope": 84.0, "gqa": 58.0},
-               "64 vispruner": {"pope": 80.0},          # a run not finished for GQA: a shorter line
-               "32 vispruner": {"pope": 73.5, "gqa": 52.0}}
+    results = {
+        "576 (none)": {"pope": 85.5, "gqa": 61.8},
+        "128 vispruner": {"pope": 84.0, "gqa": 58.0},
+        "64 vispruner": {"pope": 80.0},  # a run not finished for GQA: a shorter line
+        "32 vispruner": {"pope": 73.5, "gqa": 52.0},
+    }
     paths = acc.plot_table("vispruner-llava15", results, str(tmp_path), tasks=("pope", "gqa", "mme"))
-    assert [os.path.basename(p) for p in paths] == ["vispruner-llava15_pope.png", "vispruner-llava15_gqa.png",
-                                                     "vispruner-llava15_mme.png"]
+    assert [os.path.basename(p) for p in paths] == [
+        "vispruner-llava15_pope.png",
+        "vispruner-llava15_gqa.png",
+        "vispruner-llava15_mme.png",
+    ]
     from PIL import Image
 
     for p in paths:
@@ -48,8 +53,9 @@ def test_plot_per_task(tmp_path):
     orig = plt.Figure.savefig
 
     def spy(fig, path, *a, **k):
-        seen[os.path.basename(str(path))] = [(ln.get_label(), list(map(float, ln.get_ydata())))
-                                             for ln in fig.axes[0].get_lines()]
+        seen[os.path.basename(str(path))] = [
+            (ln.get_label(), list(map(float, ln.get_ydata()))) for ln in fig.axes[0].get_lines()
+        ]
         return orig(fig, path, *a, **k)
 
     plt.Figure.savefig = spy
@@ -59,5 +65,5 @@ def test_plot_per_task(tmp_path):
         plt.Figure.savefig = orig
     lines = dict(seen["vispruner-llava15_pope.png"])
     assert lines["unpruned (ours)"] == [85.5, 85.5] and lines["unpruned (paper)"] == [85.9, 85.9]
-    assert lines["vispruner (ours)"] == [73.5, 80.0, 84.0]       # x = 32, 64, 128
+    assert lines["vispruner (ours)"] == [73.5, 80.0, 84.0]  # x = 32, 64, 128
     assert lines["vispruner (paper)"] == [72.7, 80.4, 84.6]

@@ -22,11 +22,21 @@ def _img(i):
 def _pope(tmp_path, answers, name="pope"):
     n = len(answers)
     ds = datasets.Dataset.from_dict(
-        dict(question_id=[str(i) for i in range(n)], question=["Is there a dog?"] * n, answer=answers,
-             category=["random"] * n, image=[_img(i) for i in range(n)]),
-        features=datasets.Features(question_id=datasets.Value("string"), question=datasets.Value("string"),
-                                   answer=datasets.Value("string"), category=datasets.Value("string"),
-                                   image=datasets.Image()))
+        dict(
+            question_id=[str(i) for i in range(n)],
+            question=["Is there a dog?"] * n,
+            answer=answers,
+            category=["random"] * n,
+            image=[_img(i) for i in range(n)],
+        ),
+        features=datasets.Features(
+            question_id=datasets.Value("string"),
+            question=datasets.Value("string"),
+            answer=datasets.Value("string"),
+            category=datasets.Value("string"),
+            image=datasets.Image(),
+        ),
+    )
     path = str(tmp_path / name)
     ds.save_to_disk(path)
     return path
@@ -51,18 +61,21 @@ def test_pope_label_must_be_yes_or_no(tmp_path, bad):
     assert s["num_samples"] == 2
 
 
-@pytest.mark.parametrize("task, row, msg", [
-    ("mme", dict(question="q", answer=None, category="OCR"), "'answer' must be 'yes' or 'no', got None"),
-    ("mme", dict(question="q", answer="Yes", category=None), "'category' must be a non-empty string"),
-    ("gqa", dict(question="q", answer=None), "'answer' must be a non-empty string, got None"),
-    ("gqa", dict(question="q", answer="  "), "'answer' must be a non-empty string"),
-    ("textvqa", dict(question="q", answers=[]), "'answers' must be a non-empty list of strings"),
-    ("textvqa", dict(question="q", answers=["a", None]), "'answers' must be a non-empty list of strings"),
-    ("scienceqa_img", dict(question="q", choices=["a", "b"], answer=2), r"option index in \[0, 2\), got 2"),
-    ("scienceqa_img", dict(question="q", choices=["a", "b"], answer=-1), r"option index in \[0, 2\), got -1"),
-    ("scienceqa_img", dict(question="q", choices=["a", "b"], answer=None), "option index"),
-    ("scienceqa_img", dict(question="q", choices=["a"], answer=0), "at least 2 options"),
-])
+@pytest.mark.parametrize(
+    "task, row, msg",
+    [
+        ("mme", dict(question="q", answer=None, category="OCR"), "'answer' must be 'yes' or 'no', got None"),
+        ("mme", dict(question="q", answer="Yes", category=None), "'category' must be a non-empty string"),
+        ("gqa", dict(question="q", answer=None), "'answer' must be a non-empty string, got None"),
+        ("gqa", dict(question="q", answer="  "), "'answer' must be a non-empty string"),
+        ("textvqa", dict(question="q", answers=[]), "'answers' must be a non-empty list of strings"),
+        ("textvqa", dict(question="q", answers=["a", None]), "'answers' must be a non-empty list of strings"),
+        ("scienceqa_img", dict(question="q", choices=["a", "b"], answer=2), r"option index in \[0, 2\), got 2"),
+        ("scienceqa_img", dict(question="q", choices=["a", "b"], answer=-1), r"option index in \[0, 2\), got -1"),
+        ("scienceqa_img", dict(question="q", choices=["a", "b"], answer=None), "option index"),
+        ("scienceqa_img", dict(question="q", choices=["a"], answer=0), "at least 2 options"),
+    ],
+)
 def test_every_task_validates_its_labels(task, row, msg):
     t = tasks.get_task(task)
     row = dict(row, image=_img(0), question_id="k")
@@ -70,14 +83,17 @@ def test_every_task_validates_its_labels(task, row, msg):
         t.reference(row, "s7")
 
 
-@pytest.mark.parametrize("kw, msg", [
-    (dict(limit=-2), r"limit must be an integer >= 1, got -2"),
-    (dict(limit=0), r"limit must be an integer >= 1, got 0"),
-    (dict(max_new_tokens=0), r"max_new_tokens must be an integer >= 1, got 0"),
-    (dict(max_new_tokens=-5), r"max_new_tokens must be an integer >= 1"),
-    (dict(batch_size=0), r"batch_size must be an integer >= 1"),
-    (dict(limit=2.5), r"limit must be an integer >= 1, got 2.5"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(limit=-2), r"limit must be an integer >= 1, got -2"),
+        (dict(limit=0), r"limit must be an integer >= 1, got 0"),
+        (dict(max_new_tokens=0), r"max_new_tokens must be an integer >= 1, got 0"),
+        (dict(max_new_tokens=-5), r"max_new_tokens must be an integer >= 1"),
+        (dict(batch_size=0), r"batch_size must be an integer >= 1"),
+        (dict(limit=2.5), r"limit must be an integer >= 1, got 2.5"),
+    ],
+)
 def test_option_ranges(tmp_path, kw, msg):
     data = _pope(tmp_path, ["yes", "no"])
     with pytest.raises(ValueError, match=msg):
@@ -103,8 +119,7 @@ def test_resume_refuses_other_settings_without_run_json(tmp_path):
         runner.run_eval("pope", out, data=data, predict_fn=_never, progress=False, max_new_tokens=5)
     os.remove(os.path.join(out, "run.json"))
     with pytest.raises(ValueError, match="2 predictions of a run with other settings .*run.json is missing"):
-        runner.run_eval("pope", out, data=data, predict_fn=_never, progress=False, max_new_tokens=5,
-                        system_prompt="")
+        runner.run_eval("pope", out, data=data, predict_fn=_never, progress=False, max_new_tokens=5, system_prompt="")
     # the same settings resume (only the third sample is generated), also without run.json
     s = runner.run_eval("pope", out, data=data, predict_fn=_yes, progress=False, max_new_tokens=4)
     assert s["generated_this_run"] == 1 and s["num_samples"] == 3
@@ -146,7 +161,10 @@ def test_cli_eval_user_errors(tmp_path, mha_dir, capsys, monkeypatch):
         (["--data", data, "--max-new-tokens", "0"], "error: max_new_tokens must be an integer >= 1, got 0"),
         (["--data", str(tmp_path / "nope")], "no such file or directory"),
         (["--data", data], "error: pope: sample 1: label 'answer' must be 'yes' or 'no', got None"),
-        (["--data", data, "--clip-path", mha_dir, "--method", "vispruner"], "error: --clip-path does not apply to --method vispruner"),
+        (
+            ["--data", data, "--clip-path", mha_dir, "--method", "vispruner"],
+            "error: --clip-path does not apply to --method vispruner",
+        ),
     ]
     for extra, msg in cases:
         with pytest.raises(SystemExit) as e:

@@ -55,13 +55,25 @@ def pope_task(tmp_path_factory):
     rng = np.random.default_rng(0)
     imgs = [Image.fromarray(rng.integers(0, 256, (20 + 3 * i, 27, 3), dtype=np.uint8)) for i in range(n)]
     ds = datasets.Dataset.from_dict(
-        dict(id=[str(i) for i in range(n)], question_id=[str(100 + i) for i in range(n)],
-             question=[f"Is there a {w} in the image?" for w in "dog cat car sign tree".split()], answer=ANSWERS,
-             image_source=[f"COCO_{i}" for i in range(n)], image=imgs, category=["random"] * n),
-        features=datasets.Features(id=datasets.Value("string"), question_id=datasets.Value("string"),
-                                   question=datasets.Value("string"), answer=datasets.Value("string"),
-                                   image_source=datasets.Value("string"), image=datasets.Image(),
-                                   category=datasets.Value("string")))
+        dict(
+            id=[str(i) for i in range(n)],
+            question_id=[str(100 + i) for i in range(n)],
+            question=[f"Is there a {w} in the image?" for w in "dog cat car sign tree".split()],
+            answer=ANSWERS,
+            image_source=[f"COCO_{i}" for i in range(n)],
+            image=imgs,
+            category=["random"] * n,
+        ),
+        features=datasets.Features(
+            id=datasets.Value("string"),
+            question_id=datasets.Value("string"),
+            question=datasets.Value("string"),
+            answer=datasets.Value("string"),
+            image_source=datasets.Value("string"),
+            image=datasets.Image(),
+            category=datasets.Value("string"),
+        ),
+    )
     data = str(d / "pope")
     datasets.DatasetDict(test=ds).save_to_disk(data)
     tasks = d / "tasks"
@@ -88,12 +100,35 @@ def test_entry_point_registers_the_model():
 def test_lmms_eval_cli_matches_vlmprune_eval(pope_task, mha_dir, tmp_path):
     data, task_dir = pope_task
     out = tmp_path / "lmms"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               JAX_PLATFORMS="cpu", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "lmms_eval", "--model", "vlmprune",
-           "--model_args", f"pretrained={mha_dir},method=vispruner,keep=4,pad_multiple=256",
-           "--tasks", "vlmprune_pope_local", "--include_path", task_dir, "--batch_size", "2", "--limit", "3",
-           "--log_samples", "--output_path", str(out)]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        JAX_PLATFORMS="cpu",
+        WANDB_MODE="disabled",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "vlmprune",
+        "--model_args",
+        f"pretrained={mha_dir},method=vispruner,keep=4,pad_multiple=256",
+        "--tasks",
+        "vlmprune_pope_local",
+        "--include_path",
+        task_dir,
+        "--batch_size",
+        "2",
+        "--limit",
+        "3",
+        "--log_samples",
+        "--output_path",
+        str(out),
+    ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     files = glob.glob(str(out / "**" / "*samples_vlmprune_pope_local*.jsonl"), recursive=True)
@@ -107,9 +142,37 @@ def test_lmms_eval_cli_matches_vlmprune_eval(pope_task, mha_dir, tmp_path):
     from vlmprune import cli
 
     vout = str(tmp_path / "vlm")
-    assert cli.main(["eval", "--model", mha_dir, "--task", "pope", "--data", data, "--split", "test",
-                     "--output-dir", vout, "--method", "vispruner", "--keep", "4", "--batch-size", "2",
-                     "--limit", "3", "--max-new-tokens", "3", "--pad-multiple", "256", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--model",
+                mha_dir,
+                "--task",
+                "pope",
+                "--data",
+                data,
+                "--split",
+                "test",
+                "--output-dir",
+                vout,
+                "--method",
+                "vispruner",
+                "--keep",
+                "4",
+                "--batch-size",
+                "2",
+                "--limit",
+                "3",
+                "--max-new-tokens",
+                "3",
+                "--pad-multiple",
+                "256",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     recs = runner.read_predictions(os.path.join(vout, "predictions.jsonl"))
     ours = [recs[str(100 + i)]["prediction"] for i in range(3)]
     assert lmms_preds == ours
@@ -120,8 +183,10 @@ def test_lmms_eval_cli_matches_vlmprune_eval(pope_task, mha_dir, tmp_path):
     # ... and lmms-eval's own POPE F1 is its aggregation over these predictions
     from lmms_eval.tasks.pope import utils as pope_utils
 
-    per = [pope_utils.pope_process_results(dict(answer=a, question_id=str(i)), [p])["pope_f1_score"]
-           for i, (a, p) in enumerate(zip(ANSWERS, ours))]
+    per = [
+        pope_utils.pope_process_results(dict(answer=a, question_id=str(i)), [p])["pope_f1_score"]
+        for i, (a, p) in enumerate(zip(ANSWERS, ours))
+    ]
     results = glob.glob(str(out / "**" / "*results*.json"), recursive=True)
     with open(results[0]) as f:
         got = json.load(f)["results"]["vlmprune_pope_local"]
@@ -143,14 +208,16 @@ def test_refusals_name_the_task(mha_dir):
     ll = Instance("loglikelihood", ("ctx", "cont", None, 0, "mmmu_val", "test"), 0, _meta("mmmu_val"))
     with pytest.raises(NotImplementedError, match="mmmu_val need log-likelihoods"):
         m.loglikelihood([ll])
-    gen = Instance("generate_until", ("q", {"do_sample": True, "temperature": 0.7}, None, 0, "nocaps", "test"), 0,
-                   _meta("nocaps"))
+    gen = Instance(
+        "generate_until", ("q", {"do_sample": True, "temperature": 0.7}, None, 0, "nocaps", "test"), 0, _meta("nocaps")
+    )
     with pytest.raises(NotImplementedError, match="task nocaps asks for sampling"):
         m.generate_until([gen])
     m.task_dict = {"two_img": {"test": [{"a": 1}]}}
     img = Image.new("RGB", (8, 8))
-    two = Instance("generate_until", ("q", {"max_new_tokens": 2}, lambda d: [img, img], 0, "two_img", "test"), 0,
-                   _meta("two_img"))
+    two = Instance(
+        "generate_until", ("q", {"max_new_tokens": 2}, lambda d: [img, img], 0, "two_img", "test"), 0, _meta("two_img")
+    )
     with pytest.raises(NotImplementedError, match="task two_img .* 2 visual"):
         m.generate_until([two])
     with pytest.raises(ValueError, match="does not take"):
@@ -177,22 +244,30 @@ def test_generate_until_in_request_order(family, mha_dir, next_dir):
     m = VlmpruneLMM(pretrained=path, batch_size=2, pad_multiple=256, **method)
     rng = np.random.default_rng(3)
     sizes = [(24, 40), (40, 24), (30, 30)]  # (height, width): different NeXT grids
-    docs = [dict(image=Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), q=f"Question {i}?")
-            for i, (h, w) in enumerate(sizes)]
+    docs = [
+        dict(image=Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)), q=f"Question {i}?")
+        for i, (h, w) in enumerate(sizes)
+    ]
     m.task_dict = {"t": {"test": docs}}
     # request 1 has other settings (a stop string that never occurs): its own batch, the same compiled shapes
     gk = [{"max_new_tokens": 3}, {"max_new_tokens": 3, "until": ["\x00"]}, {"max_new_tokens": 3}]
-    reqs = [Instance("generate_until", (docs[i]["q"], dict(gk[i]), lambda d: [d["image"]], i, "t", "test"), i,
-                     _meta("t")) for i in range(3)]
+    reqs = [
+        Instance("generate_until", (docs[i]["q"], dict(gk[i]), lambda d: [d["image"]], i, "t", "test"), i, _meta("t"))
+        for i in range(3)
+    ]
     got = m.generate_until(reqs)
     fn3 = runner.model_predict_fn(m.model, pruner=m.pruner, max_new_tokens=3, batch_size=2, pad_multiple=256)
     want3 = fn3([docs[0]["q"], docs[2]["q"]], [docs[0]["image"], docs[2]["image"]], [{}, {}])
     want1 = fn3([docs[1]["q"]], [docs[1]["image"]], [{}])
     assert got == [want3[0], want1[0], want3[1]]
     if got[0]:  # a stop string cuts the answer where it first occurs
-        stop = got[0][len(got[0]) // 2:] or got[0]
-        req = Instance("generate_until", (docs[0]["q"], {"max_new_tokens": 3, "until": [stop]},
-                                          lambda d: [d["image"]], 0, "t", "test"), 0, _meta("t"))
+        stop = got[0][len(got[0]) // 2 :] or got[0]
+        req = Instance(
+            "generate_until",
+            (docs[0]["q"], {"max_new_tokens": 3, "until": [stop]}, lambda d: [d["image"]], 0, "t", "test"),
+            0,
+            _meta("t"),
+        )
         assert m.generate_until([req]) == [got[0][: got[0].index(stop)]]
     if family == "llava_next":
         with pytest.raises(ValueError, match="LLaVA-1.5 only"):

@@ -30,7 +30,7 @@ def _numpy_reference(image, size, mean, std):
     canvas = np.empty((side, side, 3), np.uint8)
     canvas[:] = np.array([int(m * 255) for m in mean], np.uint8)
     top, left = (side - h) // 2, (side - w) // 2
-    canvas[top:top + h, left:left + w] = a
+    canvas[top : top + h, left : left + w] = a
     r = np.asarray(Image.fromarray(canvas).resize((size, size), Image.Resampling.BICUBIC), np.float64)
     x = (r / 255.0 - np.asarray(mean)) / np.asarray(std)
     return x.transpose(2, 0, 1)
@@ -57,8 +57,9 @@ def test_pad_matches_numpy_expand2square_and_clip(size):
     mid_row = got[3][:, size // 2, : size // 4]
     assert np.abs(mid_row).max() < 0.02  # int(255*m) truncation leaves at most 1/255/std ~ 0.015
     # the processor call used by the model (images + text) gives the same pixels
-    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
-                                    add_generation_prompt=True)
+    text = proc.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}], add_generation_prompt=True
+    )
     x = proc(images=images[:2], text=[text, text], return_tensors="np", padding=True)
     np.testing.assert_array_equal(x["pixel_values"], got[:2])
 
@@ -70,8 +71,13 @@ def test_pad_agrees_with_transformers_pad_variant():
     size = 30
     proc = _processor(size)
     ip = proc.image_processor
-    hf = LlavaImageProcessorPil(do_pad=True, size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                image_mean=ip.image_mean, image_std=ip.image_std)
+    hf = LlavaImageProcessorPil(
+        do_pad=True,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=ip.image_mean,
+        image_std=ip.image_std,
+    )
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ODD]
     ours = preprocess.pad_pixels(images, ip)

@@ -38,8 +38,10 @@ def no_temp_siblings(path):
 @pytest.fixture
 def forbid_load(monkeypatch):
     """Fail the test if a command gets as far as loading the weights."""
+
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the flags/destination were checked")
+
     monkeypatch.setattr(vlmprune, "load", boom)
 
 
@@ -52,8 +54,12 @@ def foreign_targets(tmp_path, mha_dir):
     shutil.copytree(mha_dir, other)
     plain = tmp_path / "a_file"
     plain.write_text("not a directory")
-    return {"user files": str(notes), "another HF checkpoint": str(other),
-            "sharded HF checkpoint": sharded_copy(mha_dir, tmp_path / "sharded"), "a regular file": str(plain)}
+    return {
+        "user files": str(notes),
+        "another HF checkpoint": str(other),
+        "sharded HF checkpoint": sharded_copy(mha_dir, tmp_path / "sharded"),
+        "a regular file": str(plain),
+    }
 
 
 def test_convert_refuses_foreign_destinations_and_keeps_them(mha_dir, tmp_path, forbid_load):
@@ -174,13 +180,29 @@ def test_visualize_out_is_never_replaced_without_overwrite(mha_dir, tmp_path, im
     existing.write_bytes(b"my own picture")
     a_dir = tmp_path / "adir"
     a_dir.mkdir()
-    for out, msg in [(existing, "file exists"), (a_dir, "unsupported image suffix"),
-                     (tmp_path / "x.gif", "unsupported image suffix '.gif'"),
-                     (tmp_path / "noext", "unsupported image suffix '\\(none\\)'"),
-                     (tmp_path / "x.PNG.txt", "unsupported image suffix '.txt'")]:
+    for out, msg in [
+        (existing, "file exists"),
+        (a_dir, "unsupported image suffix"),
+        (tmp_path / "x.gif", "unsupported image suffix '.gif'"),
+        (tmp_path / "noext", "unsupported image suffix '\\(none\\)'"),
+        (tmp_path / "x.PNG.txt", "unsupported image suffix '.txt'"),
+    ]:
         with pytest.raises(SystemExit, match=msg):
-            main(["visualize", "--model", mha_dir, "--image", img, "--method", "vispruner", "--keep", "4",
-                  "--out", str(out)])
+            main(
+                [
+                    "visualize",
+                    "--model",
+                    mha_dir,
+                    "--image",
+                    img,
+                    "--method",
+                    "vispruner",
+                    "--keep",
+                    "4",
+                    "--out",
+                    str(out),
+                ]
+            )
     assert existing.read_bytes() == b"my own picture" and os.listdir(a_dir) == []
     d2 = tmp_path / "d2.png"
     d2.mkdir()
@@ -190,13 +212,30 @@ def test_visualize_out_is_never_replaced_without_overwrite(mha_dir, tmp_path, im
 
 def test_visualize_formats_and_overwrite(mha_dir, tmp_path, img):
     jpg = tmp_path / "kept.jpg"
-    assert main(["visualize", "--model", mha_dir, "--image", img, "--method", "fastervlm", "--keep", "4",
-                 "--out", str(jpg), "--dpi", "40"]) == 0
+    assert (
+        main(
+            [
+                "visualize",
+                "--model",
+                mha_dir,
+                "--image",
+                img,
+                "--method",
+                "fastervlm",
+                "--keep",
+                "4",
+                "--out",
+                str(jpg),
+                "--dpi",
+                "40",
+            ]
+        )
+        == 0
+    )
     assert jpg.read_bytes()[:3] == b"\xff\xd8\xff" and Image.open(jpg).format == "JPEG"
     png = tmp_path / "kept.png"
     png.write_bytes(b"old")
-    assert main(["visualize", "--model", mha_dir, "--image", img, "--out", str(png), "--overwrite",
-                 "--dpi", "40"]) == 0
+    assert main(["visualize", "--model", mha_dir, "--image", img, "--out", str(png), "--overwrite", "--dpi", "40"]) == 0
     assert Image.open(png).format == "PNG" and no_temp_siblings(png)
     pdf = tmp_path / "kept.pdf"
     assert main(["visualize", "--model", mha_dir, "--image", img, "--out", str(pdf), "--dpi", "40"]) == 0

@@ -43,8 +43,9 @@ def key(t, name):
     return name
 
 
-@pytest.mark.parametrize("name,dtype", [(Q0, np.int8), (EMBED, np.int32), (FC1, np.uint8), (PROJ, np.int64),
-                                        (Q0, np.bool_)])
+@pytest.mark.parametrize(
+    "name,dtype", [(Q0, np.int8), (EMBED, np.int32), (FC1, np.uint8), (PROJ, np.int64), (Q0, np.bool_)]
+)
 def test_non_float_weights_are_refused_by_name(mha_dir, tmp_path, name, dtype):
     holder = {}
 
@@ -118,28 +119,28 @@ def _truncate_to(n):
 def _garbage_header(path):
     data = open(path, "rb").read()
     (n,) = struct.unpack("<Q", data[:8])
-    open(path, "wb").write(data[:8] + b"{" * n + data[8 + n:])
+    open(path, "wb").write(data[:8] + b"{" * n + data[8 + n :])
 
 
 def _drop_offsets(path):
     data = open(path, "rb").read()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     k = next(k for k in header if k != "__metadata__")
     del header[k]["data_offsets"]
     raw = json.dumps(header).encode()
     raw += b" " * (n - len(raw)) if len(raw) <= n else b""
-    open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 def _wrong_span(path):
     data = open(path, "rb").read()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     k = next(k for k in header if k != "__metadata__")
     header[k]["shape"] = [s + 1 for s in header[k]["shape"]]
     raw = json.dumps(header).encode()
-    open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    open(path, "wb").write(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 CORRUPTIONS = {
@@ -175,9 +176,15 @@ def test_corrupt_shard_leads_with_the_cause(sharded, tmp_path, case):
     assert len(problems) == 2  # not one "missing tensor" line per lost tensor
 
 
-@pytest.mark.parametrize("text,msg", [("{not json", "not a readable JSON file"), ('{"weights": {}}', "weight_map"),
-                                      ('{"weight_map": {"a": 3}}', "weight_map"),
-                                      ('{"weight_map": {"a": "model-9.safetensors"}}', "are missing")])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("{not json", "not a readable JSON file"),
+        ('{"weights": {}}', "weight_map"),
+        ('{"weight_map": {"a": 3}}', "weight_map"),
+        ('{"weight_map": {"a": "model-9.safetensors"}}', "are missing"),
+    ],
+)
 def test_bad_index_json_is_named(sharded, tmp_path, text, msg):
     d = tmp_path / "i"
     shutil.copytree(sharded, d)
@@ -203,6 +210,7 @@ def _set(path, value):
         for h in head:
             node = node[h]
         node[last] = value
+
     return edit
 
 
@@ -237,8 +245,11 @@ def test_next_pinpoints_are_checked(tmp_path):
     from vlmprune.models.llava_config import LlavaConfig
     from vlmprune.tiny import tiny_llava_next_config
 
-    for pins, msg in [([[0, 56]], r"image_grid_pinpoints\[0\]"), ([[56, 112, 3]], r"image_grid_pinpoints\[0\]"),
-                      ([[56, -112]], r"image_grid_pinpoints\[0\]")]:
+    for pins, msg in [
+        ([[0, 56]], r"image_grid_pinpoints\[0\]"),
+        ([[56, 112, 3]], r"image_grid_pinpoints\[0\]"),
+        ([[56, -112]], r"image_grid_pinpoints\[0\]"),
+    ]:
         cfg = tiny_llava_next_config(386, 385, 384)
         cfg.image_grid_pinpoints = pins
         with pytest.raises(ValueError, match=msg):

@@ -8,7 +8,7 @@ import textwrap
 
 from reference.paths import REPO_DIR
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys
     import tempfile
     import jax
@@ -89,14 +89,15 @@ SCRIPT = textwrap.dedent('''
                 assert leaf.dtype == want.dtype, k
                 np.testing.assert_array_equal(np.asarray(leaf).view(np.uint16), want.view(np.uint16))
     print("SHARDED-OK")
-''')
+""")
 
 
 def test_sharded_forward_and_generation_match_single_device(mha_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = REPO_DIR
-    res = subprocess.run([sys.executable, "-c", SCRIPT, mha_dir], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mha_dir], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "SHARDED-OK" in res.stdout
 

@@ -24,8 +24,9 @@ def _square_outputs(jaxpr, t):
 
 
 def test_cls_taps_add_no_square_attention_map():
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=56, patch_size=14)
+    cfg = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14
+    )
     module = CLIPVisionTransformer(cfg)
     pix = jnp.zeros((2, 3, 56, 56))
     params = module.init(jax.random.PRNGKey(0), pix)

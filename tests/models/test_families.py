@@ -21,10 +21,25 @@ from vlmprune.models.llava import Llava, param_shapes, weight_rules
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.vision import clip
 
-VISION_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size", "num_channels",
-                 "num_patches", "num_positions")
-TEXT_FIELDS = ("hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "vocab_size",
-               "max_position_embeddings", "rope_scaling")
+VISION_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "num_patches",
+    "num_positions",
+)
+TEXT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_scaling",
+)
 ATOL = 1e-4  # fp32 under "highest" matmul precision: a couple of layers of rounding on O(1) logits
 
 
@@ -49,8 +64,18 @@ def test_family_configs_have_what_the_composition_reads(model_type):
 def test_clip_tower_rules_load_a_standalone_clip_vision_model(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    hf = _perturbed(CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                                     num_attention_heads=4, image_size=28, patch_size=14)))
+    hf = _perturbed(
+        CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=28,
+                patch_size=14,
+            )
+        )
+    )
     hf.save_pretrained(tmp_path)
     fam = family("clip_vision_model", VISION)
     cfg = fam.config.from_hf(hf.config)
@@ -70,9 +95,16 @@ def test_clip_tower_rules_load_a_standalone_clip_vision_model(tmp_path):
 def test_decoder_rules_load_a_standalone_causal_lm(tmp_path, model_type):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=48,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=64)
+    hf_cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     hf = _perturbed(AutoModelForCausalLM.from_config(hf_cfg))
     hf.save_pretrained(tmp_path)
     fam = family(model_type, TEXT)
@@ -95,7 +127,7 @@ def test_decoder_rules_load_a_standalone_causal_lm(tmp_path, model_type):
 def test_rules_move_under_a_prefix():
     rules = prefix_rules(clip.WEIGHT_RULES, "vision_tower.vision_model.", "vision_tower")
     hits = [re.fullmatch(p, "vision_tower.vision_model.encoder.layers.3.mlp.fc1.weight") for p, _, _ in rules]
-    (m, tmpl), = [(m, t) for m, (_, t, _) in zip(hits, rules, strict=True) if m]
+    ((m, tmpl),) = [(m, t) for m, (_, t, _) in zip(hits, rules, strict=True) if m]
     assert m.expand(tmpl) == "vision_tower/layers_3/fc1/kernel"
 
 
@@ -110,8 +142,11 @@ def _hf_llava(vision_type="clip_vision_model", text_type="llama"):
 
 
 def test_unknown_tower_and_decoder_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"unsupported vision tower 'siglip_vision_model'; vlmprune implements "
-                                         r"clip_vision_model"):
+    with pytest.raises(
+        ValueError,
+        match=r"unsupported vision tower 'siglip_vision_model'; vlmprune implements "
+        r"clip_vision_model",
+    ):
         LlavaConfig.from_hf(_hf_llava(vision_type="siglip_vision_model"))
     with pytest.raises(ValueError, match=r"unsupported language model 'qwen2'; vlmprune implements llama, mistral"):
         LlavaConfig.from_hf(_hf_llava(text_type="qwen2"))
@@ -182,8 +217,11 @@ ALLOWED = {
 def _modules():
     for pkg in ALLOWED:
         base = os.path.join(ROOT, *pkg.split(".")[1:])
-        files = [base + ".py"] if os.path.isfile(base + ".py") else [
-            os.path.join(r, f) for r, _, fs in os.walk(base) for f in fs if f.endswith(".py")]
+        files = (
+            [base + ".py"]
+            if os.path.isfile(base + ".py")
+            else [os.path.join(r, f) for r, _, fs in os.walk(base) for f in fs if f.endswith(".py")]
+        )
         for path in files:
             rel = os.path.relpath(path, os.path.dirname(ROOT))[:-3].replace(os.sep, ".")
             yield pkg, rel.removesuffix(".__init__"), ast.parse(open(path).read())

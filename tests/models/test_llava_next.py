@@ -39,8 +39,12 @@ def _image(hw, seed):
 def _inputs(model, sizes, prompts=None):
     proc = model.processor
     prompts = prompts or ["What is in the image?"] * len(sizes)
-    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                                      add_generation_prompt=True) for p in prompts]
+    texts = [
+        proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True
+        )
+        for p in prompts
+    ]
     imgs = [_image(s, i) for i, s in enumerate(sizes)]
     return dict(proc(images=imgs, text=texts, return_tensors="np", padding=True))
 
@@ -74,12 +78,22 @@ def test_mixed_grid_batch_and_generation_match_hf(models):
     ref = _hf_logits(hf, x)
     m = x["attention_mask"].astype(bool)
     chex.assert_trees_all_close(np.asarray(out.logits)[m], ref[m], atol=LOGITS_ATOL, rtol=0)
-    ours = model.generate(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"],
-                          attention_mask=x["attention_mask"], max_new_tokens=10)
+    ours = model.generate(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        max_new_tokens=10,
+    )
     with torch.no_grad():
-        gen = hf.generate(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()}, max_new_tokens=10,
-                          min_new_tokens=10, do_sample=False, pad_token_id=model.config.pad_token_id)
-    np.testing.assert_array_equal(ours, gen[:, x["input_ids"].shape[1]:].numpy())
+        gen = hf.generate(
+            **{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()},
+            max_new_tokens=10,
+            min_new_tokens=10,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )
+    np.testing.assert_array_equal(ours, gen[:, x["input_ids"].shape[1] :].numpy())
 
 
 def test_one_compile_serves_every_grid(models):
@@ -121,7 +135,7 @@ def test_pruned_next_matches_hf_language_model(models):
         ids = torch.from_numpy(x["input_ids"][0])
         img = (ids == hf.config.image_token_id).nonzero()[:, 0]
         text = hf.get_input_embeddings()(ids)
-        embeds = torch.cat([text[: img[0]], vis, text[img[-1] + 1:]])[None]
+        embeds = torch.cat([text[: img[0]], vis, text[img[-1] + 1 :]])[None]
         ref = hf(inputs_embeds=embeds).logits.numpy()
     got = np.asarray(out.logits)[np.asarray(out.mask)]
     assert got.shape[0] == ref.shape[1]
@@ -132,8 +146,13 @@ def test_pruned_next_matches_hf_language_model(models):
 def test_other_per_tile_methods_run_on_next(models, pruner):
     model, _ = models
     x = _inputs(model, [(90, 40), (100, 100)])  # 1 and 4 sub-tiles... and a 2-tile grid: N=16 splits evenly
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
-                pruner=pruner)
+    out = model(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        pruner=pruner,
+    )
     assert np.isfinite(np.asarray(out.logits)).all()
     full = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
     assert np.asarray(out.mask).sum() < np.asarray(full.mask).sum()
@@ -164,10 +183,23 @@ def tiny_clip_dir(tmp_path_factory, models):
     model, _ = models
     tok = build_tokenizer()
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, eos_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=model.config.vision.image_size, patch_size=14),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=model.config.vision.image_size,
+            patch_size=14,
+        ),
         projection_dim=24,
     )
     torch.manual_seed(3)
@@ -179,12 +211,19 @@ def tiny_clip_dir(tmp_path_factory, models):
 
 def test_hero_on_next_equals_per_image_reference(models, tiny_clip_dir):
     model, _ = models
-    pruner = prune.HERO(keep_ratio=0.3, alpha=0.5, t_cls=0.1, t_clip=0.1, low_layers=(0, 1), high_layers=(1, 2),
-                        clip_path=tiny_clip_dir)
+    pruner = prune.HERO(
+        keep_ratio=0.3, alpha=0.5, t_cls=0.1, t_clip=0.1, low_layers=(0, 1), high_layers=(1, 2), clip_path=tiny_clip_dir
+    )
     sizes = [(100, 100), (30, 120)]
     x = _inputs(model, sizes, ["What is in the image?", "Is there a cat?"])
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
-                pruner=pruner, text=["What is in the image?", "Is there a cat?"])
+    out = model(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        pruner=pruner,
+        text=["What is in the image?", "Is there a cat?"],
+    )
     assert np.isfinite(np.asarray(out.logits)).all()
     # Reference: the unpadded per-image hero() on the model's own tower outputs and the same CLIP embeddings.
     from vlmprune.anyres import hero_valid_mask, image_layout
@@ -198,13 +237,26 @@ def test_hero_on_next_equals_per_image_reference(models, tiny_clip_dir):
         pix = x["pixel_values"][i, : lay.num_tiles]
         enc = model.vision(pix[None], cls_attention_layers=(0, 1, 2), hidden_state_layers=(3,))
         a = enc["cls_attn"]
-        sel = prune.hero(np.stack([a[1][0], a[2][0]]), np.stack([a[0][1:], a[1][1:]], axis=1),
-                         np.asarray(enc["hidden_states"][3][:, 0]), np.asarray(clip.image_features(pix[1:])),
-                         text_emb[i:i + 1], hero_valid_mask(hw, lay.grid, 4),
-                         keep_ratio=0.3, alpha=0.5, t_cls=0.1, t_clip=0.1, tokens_per_side=4)
+        sel = prune.hero(
+            np.stack([a[1][0], a[2][0]]),
+            np.stack([a[0][1:], a[1][1:]], axis=1),
+            np.asarray(enc["hidden_states"][3][:, 0]),
+            np.asarray(clip.image_features(pix[1:])),
+            text_emb[i : i + 1],
+            hero_valid_mask(hw, lay.grid, 4),
+            keep_ratio=0.3,
+            alpha=0.5,
+            t_cls=0.1,
+            t_clip=0.1,
+            tokens_per_side=4,
+        )
         mask = np.asarray(sel.mask(16))
-        grid = mask[1:].reshape(lay.grid_rows, lay.grid_cols, 4, 4).transpose(0, 2, 1, 3).reshape(
-            lay.grid_rows * 4, lay.grid_cols * 4)[lay.top:lay.bottom, lay.left:lay.right]
+        grid = (
+            mask[1:]
+            .reshape(lay.grid_rows, lay.grid_cols, 4, 4)
+            .transpose(0, 2, 1, 3)
+            .reshape(lay.grid_rows * 4, lay.grid_cols * 4)[lay.top : lay.bottom, lay.left : lay.right]
+        )
         expected_visual += int(mask.sum()) + int(grid.any(axis=1).sum())
     assert int(np.asarray(out.mask).sum()) == n_text + expected_visual
 
@@ -213,8 +265,12 @@ def test_hero_needs_next_and_clip(mha_dir, models):
     model, _ = models
     x = _inputs(model, [(100, 100)])
     with pytest.raises(ValueError, match="clip_path"):
-        model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=prune.HERO(low_layers=(0,),
-                                                                                                  high_layers=(1,)))
+        model(
+            x["input_ids"],
+            x["pixel_values"],
+            image_sizes=x["image_sizes"],
+            pruner=prune.HERO(low_layers=(0,), high_layers=(1,)),
+        )
 
 
 def _reference_sequence(hf, x, keep, style):
@@ -251,7 +307,7 @@ def _reference_sequence(hf, x, keep, style):
         ids = torch.from_numpy(x["input_ids"][0])
         img = (ids == hf.config.image_token_id).nonzero()[:, 0]
         text = hf.get_input_embeddings()(ids)
-        embeds = torch.cat([text[: img[0]], vis, text[img[-1] + 1:]])[None]
+        embeds = torch.cat([text[: img[0]], vis, text[img[-1] + 1 :]])[None]
         return hf(inputs_embeds=embeds).logits.numpy()[0], len(seq)
 
 
@@ -273,8 +329,11 @@ def test_reference_layouts_match_hf_language_model(models, hw):
     pix = torch.from_numpy(x["pixel_values"][0])
     with torch.no_grad():
         vo = hf.model.vision_tower(pix, output_hidden_states=True, output_attentions=True)
-    keep = np.asarray(prune.vispruner(vo.hidden_states[-2][:, 1:].numpy(), vo.attentions[-2][:, :, 0, 1:].numpy(),
-                                      num_keep=6, important_ratio=0.5).mask(16))
+    keep = np.asarray(
+        prune.vispruner(
+            vo.hidden_states[-2][:, 1:].numpy(), vo.attentions[-2][:, :, 0, 1:].numpy(), num_keep=6, important_ratio=0.5
+        ).mask(16)
+    )
     hf_ref = hf.config.image_grid_pinpoints
     hf.config.image_grid_pinpoints = [[112, 112]]
     try:
@@ -290,17 +349,21 @@ def test_reference_layouts_match_hf_language_model(models, hw):
     x = _inputs(model, [hw])
     if hw == (30, 120):
         with pytest.raises(ValueError, match="raster bands"):
-            model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=prune.HiRED(layout="reference"))
+            model(
+                x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=prune.HiRED(layout="reference")
+            )
         return
     hr = prune.HiRED(budget_rate=0.3, alpha=0.5, shallow_layer=0, layout="reference")
     out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=hr)
     k = int(x["image_sizes"].shape[0])
     t = 1 + {(100, 100): 4, (30, 120): 3}[hw]
     with torch.no_grad():
-        vo = hf.model.vision_tower(torch.from_numpy(x["pixel_values"][0][:t]), output_hidden_states=True,
-                                   output_attentions=True)
-    sel = prune.hired(vo.attentions[0][:, :, 0, 1:].numpy(), vo.attentions[-2][:, :, 0, 1:].numpy(),
-                      budget_rate=0.3, alpha=0.5)
+        vo = hf.model.vision_tower(
+            torch.from_numpy(x["pixel_values"][0][:t]), output_hidden_states=True, output_attentions=True
+        )
+    sel = prune.hired(
+        vo.attentions[0][:, :, 0, 1:].numpy(), vo.attentions[-2][:, :, 0, 1:].numpy(), budget_rate=0.3, alpha=0.5
+    )
     keep = np.asarray(sel.mask(16))
     ref, _ = _reference_sequence(hf, x, keep, "cropped")
     got = np.asarray(out.logits)[np.asarray(out.mask)]
@@ -370,7 +433,7 @@ def _hf_official_logits(hf, x, r, keep, proj, grid_rows, tail=None):
         ids = torch.from_numpy(x["input_ids"][r][m])
         img = (ids == hf.config.image_token_id).nonzero()[:, 0]
         text = hf.get_input_embeddings()(ids)
-        embeds = torch.cat([text[: img[0]], vis, text[img[-1] + 1:]])[None]
+        embeds = torch.cat([text[: img[0]], vis, text[img[-1] + 1 :]])[None]
         return hf(inputs_embeds=embeds).logits.numpy()[0], len(seq)
 
 
@@ -392,14 +455,20 @@ def test_divprune_next_matches_hf_language_model(models):
     model, hf = models
     num_keep = 3
     x = _inputs(model, TWO_GRIDS, TWO_PROMPTS)
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
-                pruner=prune.DivPrune(num_keep=num_keep))
+    out = model(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        pruner=prune.DivPrune(num_keep=num_keep),
+    )
     refs = []
     for r, hw in enumerate(TWO_GRIDS):
         _, _, _, proj, (rows, cols) = _hf_tiles(hf, x, r)
         grid_rows = _grid_in_layout(hw, rows, cols, 4)
-        cand = sorted([(0, j) for j in range(16)] + [tp for row in grid_rows for tp in row],
-                      key=lambda tp: tp[0] * 16 + tp[1])  # tile-token order, as the model indexes them
+        cand = sorted(
+            [(0, j) for j in range(16)] + [tp for row in grid_rows for tp in row], key=lambda tp: tp[0] * 16 + tp[1]
+        )  # tile-token order, as the model indexes them
         k = min(num_keep * (1 + rows * cols), len(cand))
         emb = torch.stack([proj[t, p] for t, p in cand]).numpy()[None]
         picked = np.asarray(divprune(emb, num_keep=k).indices[0])
@@ -484,8 +553,13 @@ def test_divprune_next_keeps_min_budget_candidates(models, num_keep):
     x = _inputs(model, sizes)
     enc, layout, lay = _next_enc(model, x, pruner)
     keep = np.asarray(pruner.tile_mask(enc, layout, model.config))
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
-                pruner=pruner)
+    out = model(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        pruner=pruner,
+    )
     for i, li in enumerate(lay.layouts):
         in_layout = np.zeros(keep.shape[1] * 16, bool)
         in_layout[li.token[li.token >= 0]] = True
@@ -499,8 +573,10 @@ def test_divprune_next_keeps_min_budget_candidates(models, num_keep):
         assert keep.sum(axis=(1, 2)).tolist() == [80, 16 + 2 * 12, 16 + 8 * 4]
 
 
-@pytest.mark.parametrize("pruner", [prune.DivPrune(num_keep=4, layout="reference"),
-                                    prune.VisionZip(dominant=6, contextual=2, layout="reference")])
+@pytest.mark.parametrize(
+    "pruner",
+    [prune.DivPrune(num_keep=4, layout="reference"), prune.VisionZip(dominant=6, contextual=2, layout="reference")],
+)
 def test_divprune_visionzip_reference_layout_raises_before_compile(models, pruner):
     model, _ = models
     x = _inputs(model, [(100, 100)])
@@ -519,8 +595,13 @@ def test_visionzip_next_matches_hf_language_model(models):
     model, hf = models
     dominant, contextual = 5, 2
     x = _inputs(model, TWO_GRIDS, TWO_PROMPTS)
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
-                pruner=prune.VisionZip(dominant=dominant, contextual=contextual))
+    out = model(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        pruner=prune.VisionZip(dominant=dominant, contextual=contextual),
+    )
     refs, dropped = [], 0
     for r, hw in enumerate(TWO_GRIDS):
         hidden, attn, keys, proj, (rows, cols) = _hf_tiles(hf, x, r)
@@ -530,8 +611,13 @@ def test_visionzip_next_matches_hf_language_model(models):
         for i in range(t):
             keep[i, np.argsort(-score[i], kind="stable")[: dominant - 1]] = True
         heads = attn.shape[1]
-        res = visionzip(hidden.numpy(), attn.numpy(), keys.numpy().reshape(t, 17, heads, -1), dominant=dominant,
-                        contextual=contextual)
+        res = visionzip(
+            hidden.numpy(),
+            attn.numpy(),
+            keys.numpy().reshape(t, 17, heads, -1),
+            dominant=dominant,
+            contextual=contextual,
+        )
         merged = torch.from_numpy(np.array(res.tokens))
         with torch.no_grad():
             tail = hf.model.multi_modal_projector(torch.cat([merged[:, 0], merged[:, dominant:].reshape(-1, 32)]))
@@ -567,7 +653,7 @@ def test_hired_swapped_grid_layout_equals_the_forks_stitching(hw):
     f = f.flatten(1, 2).flatten(2, 3)
     f = unpad_image(f, torch.tensor(hw))
     fork = f.flatten(1, 2).transpose(0, 1)[:, 0].numpy()
-    np.testing.assert_array_equal(lay.token[n * n:], fork)
+    np.testing.assert_array_equal(lay.token[n * n :], fork)
     np.testing.assert_array_equal(lay.token[: n * n], np.arange(n * n))  # base tile first, unchanged
     plain = image_layout(hw, pins, tile_size=ts, tokens_per_side=n, style="cropped")
     if rows == cols:
@@ -593,10 +679,14 @@ def test_hired_reference_two_tile_grids_match_hf_language_model(models, hw, swap
     hr = prune.HiRED(budget_rate=0.3, alpha=0.5, shallow_layer=0, layout="reference", swapped_grid=swapped)
     out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=hr)
     with torch.no_grad():
-        vo = hf.model.vision_tower(torch.from_numpy(x["pixel_values"][0][:3]), output_hidden_states=True,
-                                   output_attentions=True)
-    keep = np.asarray(prune.hired(vo.attentions[0][:, :, 0, 1:].numpy(), vo.attentions[-2][:, :, 0, 1:].numpy(),
-                                  budget_rate=0.3, alpha=0.5).mask(16))
+        vo = hf.model.vision_tower(
+            torch.from_numpy(x["pixel_values"][0][:3]), output_hidden_states=True, output_attentions=True
+        )
+    keep = np.asarray(
+        prune.hired(
+            vo.attentions[0][:, :, 0, 1:].numpy(), vo.attentions[-2][:, :, 0, 1:].numpy(), budget_rate=0.3, alpha=0.5
+        ).mask(16)
+    )
     ref, n_vis = _reference_sequence(hf, x, keep, "cropped_swapped" if swapped else "cropped")
     got = np.asarray(out.logits)[np.asarray(out.mask)]
     chex.assert_trees_all_close(got, ref, atol=LOGITS_ATOL, rtol=0)

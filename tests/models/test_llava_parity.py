@@ -39,14 +39,16 @@ def test_vision_hidden_states_and_cls_attention_match_hf(hf_llava_dir):
     ours = model.vision(x["pixel_values"], cls_attention_layers=tuple(range(n_layers)), output_hidden_states=True)
     hf = _hf(hf_llava_dir)
     with torch.no_grad():
-        ref = hf.model.vision_tower(torch.from_numpy(x["pixel_values"]), output_hidden_states=True,
-                                    output_attentions=True)
+        ref = hf.model.vision_tower(
+            torch.from_numpy(x["pixel_values"]), output_hidden_states=True, output_attentions=True
+        )
     assert len(ours["hidden_states"]) == len(ref.hidden_states) == n_layers + 1
     for i, h in enumerate(ref.hidden_states):
         chex.assert_trees_all_close(np.asarray(ours["hidden_states"][i]), h.numpy(), atol=COMPONENT_ATOL, rtol=0)
     for layer, a in enumerate(ref.attentions):
-        chex.assert_trees_all_close(np.asarray(ours["cls_attn"][layer]), a[:, :, 0, 1:].numpy(),
-                                    atol=COMPONENT_ATOL, rtol=0)
+        chex.assert_trees_all_close(
+            np.asarray(ours["cls_attn"][layer]), a[:, :, 0, 1:].numpy(), atol=COMPONENT_ATOL, rtol=0
+        )
 
 
 def test_greedy_generation_token_identical_to_hf(hf_llava_dir):
@@ -56,9 +58,14 @@ def test_greedy_generation_token_identical_to_hf(hf_llava_dir):
     ours = model.generate(x["input_ids"], x["pixel_values"], attention_mask=x["attention_mask"], max_new_tokens=16)
     hf = _hf(hf_llava_dir)
     with torch.no_grad():
-        ref = hf.generate(**{k: torch.from_numpy(v) for k, v in x.items()}, max_new_tokens=16, do_sample=False,
-                          min_new_tokens=16, pad_token_id=model.config.pad_token_id)
-    ref_new = ref[:, x["input_ids"].shape[1]:].numpy()
+        ref = hf.generate(
+            **{k: torch.from_numpy(v) for k, v in x.items()},
+            max_new_tokens=16,
+            do_sample=False,
+            min_new_tokens=16,
+            pad_token_id=model.config.pad_token_id,
+        )
+    ref_new = ref[:, x["input_ids"].shape[1] :].numpy()
     np.testing.assert_array_equal(ours, ref_new)
 
 
@@ -67,7 +74,15 @@ def test_prefill_and_decode_compile_once_per_shape(mha_dir):
     x = demo_inputs(mha_dir, prompts=("What is in the image?", "Is there a cat on the table?"))
     for seed in range(3):  # different pixels and sampling seeds, same shapes
         pix = x["pixel_values"] + 0.01 * seed
-        model.generate(x["input_ids"], pix, attention_mask=x["attention_mask"], max_new_tokens=6,
-                       do_sample=True, temperature=0.7 + 0.1 * seed, top_p=0.9, seed=seed)
+        model.generate(
+            x["input_ids"],
+            pix,
+            attention_mask=x["attention_mask"],
+            max_new_tokens=6,
+            do_sample=True,
+            temperature=0.7 + 0.1 * seed,
+            top_p=0.9,
+            seed=seed,
+        )
     counts = model.compile_counts()
     assert counts["prefill"] == 1 and counts["decode"] == 1, counts

@@ -23,22 +23,53 @@ SIZES = [(40, 90), (110, 35)]
 # name -> (vision_aspect_ratio, tied, tile px, patch px): anyres_max_9 never downsamples at the 4 x 4 geometry,
 # max 1 always does; "real27" is OneVision's 27 x 27 = 729 tokens per tile at tiny width (odd N, packed blocks of
 # ~2000-3000 tokens), with max 2 so that its 3x1 grid is downsampled
-VARIANTS = {"max9_untied": ("anyres_max_9", False, TILE, 7), "max1_tied": ("anyres_max_1", True, TILE, 7),
-            "max2_untied": ("anyres_max_2", False, TILE, 7), "real27_tied": ("anyres_max_2", True, 54, 2)}
+VARIANTS = {
+    "max9_untied": ("anyres_max_9", False, TILE, 7),
+    "max1_tied": ("anyres_max_1", True, TILE, 7),
+    "max2_untied": ("anyres_max_2", False, TILE, 7),
+    "real27_tied": ("anyres_max_2", True, 54, 2),
+}
 
 
-def build_hf_onevision(directory, aspect, tied, seed=0, vocab=VOCAB, image=IMAGE, video=101, pad=PAD, tile=TILE,
-                       patch=7):
+def build_hf_onevision(
+    directory, aspect, tied, seed=0, vocab=VOCAB, image=IMAGE, video=101, pad=PAD, tile=TILE, patch=7
+):
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
-    vision = dict(model_type="siglip_vision_model", image_size=tile, patch_size=patch, hidden_size=32,
-                  intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, vision_use_head=False)
-    text = dict(model_type="qwen2", vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1e6,
-                tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=pad)
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=image,
-                               video_token_index=video, vision_aspect_ratio=aspect, tie_word_embeddings=tied,
-                               image_grid_pinpoints=[[tile * a, tile * b] for a in (1, 2, 3) for b in (1, 2, 3)])
+    vision = dict(
+        model_type="siglip_vision_model",
+        image_size=tile,
+        patch_size=patch,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        vision_use_head=False,
+    )
+    text = dict(
+        model_type="qwen2",
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=pad,
+    )
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image,
+        video_token_index=video,
+        vision_aspect_ratio=aspect,
+        tie_word_embeddings=tied,
+        image_grid_pinpoints=[[tile * a, tile * b] for a in (1, 2, 3) for b in (1, 2, 3)],
+    )
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():  # HF's init leaves biases at 0, norms at 1 and the newline at 0: perturb everything
@@ -67,14 +98,13 @@ def _batch(model, seed=0):
     pix = np.zeros((len(sizes), t_max, 3, tile, tile), np.float32)
     for i, lay in enumerate(lays):
         pix[i, : lay.num_tiles] = rng.standard_normal((lay.num_tiles, 3, tile, tile))
-    rows = [[5, 6] + [IMAGE] * lays[0].num_tokens + [7, 8, 9, 10],
-            [11] + [IMAGE] * lays[1].num_tokens + [12, 13]]
+    rows = [[5, 6] + [IMAGE] * lays[0].num_tokens + [7, 8, 9, 10], [11] + [IMAGE] * lays[1].num_tokens + [12, 13]]
     length = max(map(len, rows))
     ids = np.full((2, length), PAD, np.int64)
     mask = np.zeros((2, length), np.int64)
     for r, row in enumerate(rows):
-        ids[r, length - len(row):] = row
-        mask[r, length - len(row):] = 1
+        ids[r, length - len(row) :] = row
+        mask[r, length - len(row) :] = 1
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pix, image_sizes=np.array(sizes, np.int64)), lays
 
 
@@ -93,8 +123,11 @@ def test_layout_counts_match_hf(models):
     name, model, hf = models
     x, lays = _batch(model)
     with torch.no_grad():
-        feats = hf.model.get_image_features(torch.from_numpy(x["pixel_values"]), torch.from_numpy(x["image_sizes"]),
-                                            vision_aspect_ratio=hf.config.vision_aspect_ratio)
+        feats = hf.model.get_image_features(
+            torch.from_numpy(x["pixel_values"]),
+            torch.from_numpy(x["image_sizes"]),
+            vision_aspect_ratio=hf.config.vision_aspect_ratio,
+        )
     feats = getattr(feats, "pooler_output", feats)
     assert [f.shape[0] for f in feats] == [lay.num_tokens for lay in lays]
     if name == "max1_tied":
@@ -121,11 +154,16 @@ def test_logits_match_hf_left_padded_mixed_sizes(models):
 def test_greedy_generation_matches_hf(models):
     _, model, hf = models
     x, _ = _batch(model, seed=1)
-    ours = model.generate(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"],
-                          attention_mask=x["attention_mask"], max_new_tokens=16)
+    ours = model.generate(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        max_new_tokens=16,
+    )
     with torch.no_grad():
         gen = hf.generate(**_torch(x), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=PAD)
-    np.testing.assert_array_equal(ours, gen[:, x["input_ids"].shape[1]:].numpy())
+    np.testing.assert_array_equal(ours, gen[:, x["input_ids"].shape[1] :].numpy())
 
 
 def test_visual_pruner_refused_before_compile(models):
@@ -133,8 +171,13 @@ def test_visual_pruner_refused_before_compile(models):
     x, _ = _batch(model)
     before = model.compile_counts()["forward"]
     with pytest.raises(NotImplementedError, match="not implemented"):
-        model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
-              pruner=prune.get("vispruner", num_keep=4))
+        model(
+            x["input_ids"],
+            x["pixel_values"],
+            image_sizes=x["image_sizes"],
+            attention_mask=x["attention_mask"],
+            pruner=prune.get("vispruner", num_keep=4),
+        )
     assert model.compile_counts()["forward"] == before
 
 
@@ -152,11 +195,13 @@ def with_processor(tmp_path_factory):
     tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
     tok.chat_template = CHAT_TEMPLATE
     image, video = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>")
-    hf = build_hf_onevision(d, "anyres_max_2", False, seed=3, vocab=len(tok), image=image, video=video,
-                            pad=tok.pad_token_id)
+    hf = build_hf_onevision(
+        d, "anyres_max_2", False, seed=3, vocab=len(tok), image=image, video=video, pad=tok.pad_token_id
+    )
     pins = hf.config.image_grid_pinpoints
-    LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": TILE, "width": TILE},
-                                    image_grid_pinpoints=pins).save_pretrained(d)
+    LlavaOnevisionImageProcessorPil(
+        image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": TILE, "width": TILE}, image_grid_pinpoints=pins
+    ).save_pretrained(d)
     tok.save_pretrained(d)
     return vlmprune.load(str(d)), hf
 
@@ -169,8 +214,12 @@ def test_processor_from_checkpoint_files_matches_hf(with_processor):
     assert list(proc.image_processor.image_mean) == [0.5] * 3  # the checkpoint's values, not CLIP's class defaults
     rng = np.random.default_rng(5)
     imgs = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
-    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                                      add_generation_prompt=True) for q in ("What is in the image?", "Where?")]
+    texts = [
+        proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True
+        )
+        for q in ("What is in the image?", "Where?")
+    ]
     x = proc(images=imgs, text=texts, padding=True)
     assert x["attention_mask"][1, 0] == 0  # left padded: the two images pack into different lengths
     out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
@@ -212,17 +261,24 @@ def test_fastv_on_qwen2_matches_hf_layers(models):
     name, model, hf = models
     pruner = prune.FastV(layer=1, keep_ratio=0.3)
     x, lays = _batch(model, seed=2)
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
-                pruner=pruner)
+    out = model(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        pruner=pruner,
+    )
     logits, mask = np.asarray(out.logits), np.asarray(out.mask)
     for r, lay in enumerate(lays):
         m = x["attention_mask"][r].astype(bool)
         ids = torch.from_numpy(x["input_ids"][r][m])[None]
         with torch.no_grad():
             embeds = hf.model.get_input_embeddings()(ids)
-            feats = hf.model.get_image_features(torch.from_numpy(x["pixel_values"][r:r + 1]),
-                                                torch.from_numpy(x["image_sizes"][r:r + 1]),
-                                                vision_aspect_ratio=hf.config.vision_aspect_ratio)
+            feats = hf.model.get_image_features(
+                torch.from_numpy(x["pixel_values"][r : r + 1]),
+                torch.from_numpy(x["image_sizes"][r : r + 1]),
+                vision_aspect_ratio=hf.config.vision_aspect_ratio,
+            )
             feats = getattr(feats, "pooler_output", feats)[0]
             img_slots = (ids[0] == IMAGE).nonzero()[:, 0]
             embeds[0, img_slots] = feats
@@ -241,8 +297,12 @@ def test_one_tower_program_for_every_grid(models):
     assert lays[0].num_tiles != lays[1].num_tiles
     before = model.compile_counts()["vision"]
     for i in range(2):
-        plan = model.plan(x["input_ids"][i:i + 1], x["pixel_values"][i:i + 1], image_sizes=x["image_sizes"][i:i + 1],
-                          attention_mask=x["attention_mask"][i:i + 1])
+        plan = model.plan(
+            x["input_ids"][i : i + 1],
+            x["pixel_values"][i : i + 1],
+            image_sizes=x["image_sizes"][i : i + 1],
+            attention_mask=x["attention_mask"][i : i + 1],
+        )
         model.taps(plan.pixel_values)
     assert model.compile_counts()["vision"] - before == 1
 
@@ -253,9 +313,11 @@ def _hf_row_embeds(hf, x, r):
     ids = torch.from_numpy(x["input_ids"][r][m])[None]
     with torch.no_grad():
         embeds = hf.model.get_input_embeddings()(ids)
-        feats = hf.model.get_image_features(torch.from_numpy(x["pixel_values"][r:r + 1]),
-                                            torch.from_numpy(x["image_sizes"][r:r + 1]),
-                                            vision_aspect_ratio=hf.config.vision_aspect_ratio)
+        feats = hf.model.get_image_features(
+            torch.from_numpy(x["pixel_values"][r : r + 1]),
+            torch.from_numpy(x["image_sizes"][r : r + 1]),
+            vision_aspect_ratio=hf.config.vision_aspect_ratio,
+        )
         feats = getattr(feats, "pooler_output", feats)[0]
     img_slots = (ids[0] == IMAGE).nonzero()[:, 0]
     embeds[0, img_slots] = feats
@@ -271,8 +333,13 @@ def test_divprune_on_packed_block_matches_hf_language_model(models):
     name, model, hf = models
     pruner = prune.get("divprune", num_keep=3)
     x, lays = _batch(model, seed=3)
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"],
-                pruner=pruner)
+    out = model(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        pruner=pruner,
+    )
     logits, mask = np.asarray(out.logits), np.asarray(out.mask)
     for r, lay in enumerate(lays):
         embeds, img_slots, feats = _hf_row_embeds(hf, x, r)

@@ -35,9 +35,21 @@ def build_hf_qwen2(directory, seed, **overrides):
     from transformers import Qwen2Config as HFQwen2Config
     from transformers import Qwen2ForCausalLM as HFQwen2
 
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, rope_theta=1e6, rms_norm_eps=1e-6,
-              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     kw.update(overrides)
     cfg = HFQwen2Config(**kw)
     torch.manual_seed(seed)
@@ -90,8 +102,11 @@ def test_logits_left_padded(qwen2_pair):
     ids, mask = _batch()
     pos = _positions(mask)
     with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
-                 position_ids=torch.tensor(pos, dtype=torch.long)).logits.numpy()
+        ref = hf(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            position_ids=torch.tensor(pos, dtype=torch.long),
+        ).logits.numpy()
     embeds = module.apply({"params": params}, jnp.asarray(ids), method=Qwen2ForCausalLM.embed)
     logits, _, _ = module.apply({"params": params}, embeds, jnp.asarray(pos), jnp.asarray(mask))
     err = float(np.max(np.abs(np.asarray(logits)[mask] - ref[mask])))
@@ -107,10 +122,16 @@ def test_cached_greedy_decode_matches_hf_generate(qwen2_pair):
     ids, mask = _batch()
     new = 16
     with torch.no_grad():
-        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)),
-                          max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
-                          pad_token_id=0)
-    ref = out[:, ids.shape[1]:].numpy()
+        out = hf.generate(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask.astype(np.int64)),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    ref = out[:, ids.shape[1] :].numpy()
 
     b, t = ids.shape
     apply = jax.jit(module.apply, static_argnames=("method", "last_only"))
@@ -126,8 +147,14 @@ def test_cached_greedy_decode_matches_hf_generate(qwen2_pair):
         if i == new - 1:
             break
         emb = apply({"params": params}, tok[:, None], method=Qwen2ForCausalLM.embed)
-        logits, cache = apply({"params": params}, emb, (last + 1 + i)[:, None], cache, jnp.int32(t + i),
-                              method=Qwen2ForCausalLM.decode_step)
+        logits, cache = apply(
+            {"params": params},
+            emb,
+            (last + 1 + i)[:, None],
+            cache,
+            jnp.int32(t + i),
+            method=Qwen2ForCausalLM.decode_step,
+        )
     got = np.stack(got, axis=1)
     assert len(set(ref.ravel().tolist())) > 3  # not a degenerate repeat of one token
     np.testing.assert_array_equal(got, ref)
@@ -191,18 +218,39 @@ def test_weight_rules_map_a_onevision_checkpoint(tmp_path):
     from vlmprune.models.llava import LLAVA_RENAMES
     from vlmprune.models.text.qwen2 import weight_rules
 
-    vision = {"model_type": "siglip_vision_model", "image_size": 28, "patch_size": 7, "hidden_size": 32,
-              "intermediate_size": 37, "num_hidden_layers": 1, "num_attention_heads": 4}
-    text = {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 37,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}
-    cfg = LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=100, video_token_index=101,
-                               image_grid_pinpoints=[[28, 28], [28, 56]])
+    vision = {
+        "model_type": "siglip_vision_model",
+        "image_size": 28,
+        "patch_size": 7,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 4,
+    }
+    text = {
+        "model_type": "qwen2",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+    }
+    cfg = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=100,
+        video_token_index=101,
+        image_grid_pinpoints=[[28, 28], [28, 56]],
+    )
     LlavaOnevisionForConditionalGeneration(cfg).save_pretrained(tmp_path)
     ours = Qwen2Config.from_hf(cfg.text_config)
     module = Qwen2ForCausalLM(ours)
     one = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), one, one, one.astype(bool),
-                                                method=Qwen2ForCausalLM.forward_ids))["params"]
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), one, one, one.astype(bool), method=Qwen2ForCausalLM.forward_ids)
+    )["params"]
     expected = {"language_model/" + "/".join(k): v.shape for k, v in flatten_dict(shapes).items()}
     ours_rules = weight_rules("language_model.model.", "language_model/", "language_model.lm_head.")
     rules = [(re.compile(p + "$"), t, f) for p, t, f in ours_rules]

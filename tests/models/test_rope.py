@@ -9,8 +9,13 @@ VARIANTS = {
     "default": None,
     "linear": {"rope_type": "linear", "factor": 2.0},
     "dynamic": {"rope_type": "dynamic", "factor": 2.0},
-    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 256},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256,
+    },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
 }
 
@@ -21,8 +26,15 @@ def test_inverse_frequencies_match_transformers(name):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    kw = dict(hidden_size=256, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64, vocab_size=10,
-              max_position_embeddings=1024, rope_theta=500000.0)
+    kw = dict(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        vocab_size=10,
+        max_position_embeddings=1024,
+        rope_theta=500000.0,
+    )
     scaling = VARIANTS[name]
     if scaling is not None:
         kw["rope_scaling"] = dict(scaling)
@@ -30,7 +42,11 @@ def test_inverse_frequencies_match_transformers(name):
     ours = OurConfig.from_hf(hf)
     inv, scale = ours.rope()
     rope_type = hf.rope_parameters["rope_type"]
-    init = LlamaRotaryEmbedding.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+    init = (
+        LlamaRotaryEmbedding.compute_default_rope_parameters
+        if rope_type == "default"
+        else ROPE_INIT_FUNCTIONS[rope_type]
+    )
     ref_inv, ref_scale = init(hf)
     # float32 on both sides; HF's torch float32 pow is within one ulp of our correctly rounded power, and the
     # reciprocal (and yarn's blend) can add one more ulp: at most 2 ulp apart. llama3's smoothing runs five more
@@ -51,8 +67,15 @@ def test_rotation_matches_transformers_apply_rotary_pos_emb(name):
 
     from vlmprune.models.text.llama import apply_rope, rope_tables
 
-    kw = dict(hidden_size=256, num_attention_heads=4, num_hidden_layers=1, intermediate_size=64, vocab_size=10,
-              max_position_embeddings=1024, rope_theta=10000.0)
+    kw = dict(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        vocab_size=10,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+    )
     if VARIANTS[name] is not None:
         kw["rope_scaling"] = dict(VARIANTS[name])
     hf = LlamaConfig(**kw)
@@ -65,8 +88,9 @@ def test_rotation_matches_transformers_apply_rotary_pos_emb(name):
     rope = rope_tables(jnp.asarray(positions), jnp.asarray(inv), scale, jnp.float32)
     got_q, got_k = np.asarray(apply_rope(jnp.asarray(q), rope)), np.asarray(apply_rope(jnp.asarray(k), rope))
     cos, sin = LlamaRotaryEmbedding(hf)(torch.from_numpy(q), torch.from_numpy(positions).long())
-    want_q, want_k = apply_rotary_pos_emb(torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2),
-                                          cos, sin)
+    want_q, want_k = apply_rotary_pos_emb(
+        torch.from_numpy(q).transpose(1, 2), torch.from_numpy(k).transpose(1, 2), cos, sin
+    )
     freqs = positions[..., None].astype(np.float64) * np.asarray(inv, np.float64)  # (B, T, D/2)
     for x, got, want in ((q, got_q, want_q), (k, got_k, want_k)):
         want = want.transpose(1, 2).numpy()

@@ -18,8 +18,6 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import load_file, save_file
-from transformers import SiglipVisionConfig as HFConfig
-from transformers import SiglipVisionModel
 
 from reference.siglip_builders import build_hf_siglip, load_tower
 from vlmprune import sharding
@@ -30,7 +28,6 @@ from vlmprune.models.vision.siglip import (
     SiglipVisionTransformer,
     attention_and_received,
     received_attention,
-    siglip_vision_renames,
     siglip_vision_rules,
 )
 
@@ -56,15 +53,27 @@ def tower(request, tmp_path_factory):
     for i, layer in enumerate(hf.encoder.layers):
         for name in ("q_proj", "k_proj"):
             mod = getattr(layer.self_attn, name)
-            hooks.append(mod.register_forward_hook(
-                lambda m, a, out, key=(name, i): captured.__setitem__(key, out.detach().numpy())))
+            hooks.append(
+                mod.register_forward_hook(
+                    lambda m, a, out, key=(name, i): captured.__setitem__(key, out.detach().numpy())
+                )
+            )
     with torch.no_grad():
         ref = hf(torch.from_numpy(pix), output_hidden_states=True, output_attentions=True)
     for h in hooks:
         h.remove()
-    return {"name": request.param, "dir": str(d), "hf": hf, "hf_cfg": hf_cfg, "module": module, "params": params,
-            "pix": pix,
-                "ref": ref, "qk": captured, "block": block}
+    return {
+        "name": request.param,
+        "dir": str(d),
+        "hf": hf,
+        "hf_cfg": hf_cfg,
+        "module": module,
+        "params": params,
+        "pix": pix,
+        "ref": ref,
+        "qk": captured,
+        "block": block,
+    }
 
 
 def test_every_hidden_state_matches_hf(tower):
@@ -102,8 +111,14 @@ def test_received_attention_matches_hf_eager(tower):
 def test_taps_are_consistent_and_do_not_change_the_output(tower):
     module, params, pix = tower["module"], tower["params"], tower["pix"]
     plain = module.apply({"params": params}, pix, hidden_state_layers=(1, 2, 3))
-    tapped = module.apply({"params": params}, pix, hidden_state_layers=(1, 2, 3), received_attention_layers=(0, 2),
-                          key_layers=(2,), query_layers=(2,))
+    tapped = module.apply(
+        {"params": params},
+        pix,
+        hidden_state_layers=(1, 2, 3),
+        received_attention_layers=(0, 2),
+        key_layers=(2,),
+        query_layers=(2,),
+    )
     for i in (1, 2, 3):
         # the tapped layers' outputs come from the blocked probabilities, the others from the fused path:
         # float32 rounding only
@@ -149,8 +164,9 @@ def test_bfloat16_tower_rounds_probabilities_like_hf(tower):
     cfg = tower["module"].config
     module16 = SiglipVisionTransformer(cfg, query_block=tower["block"], dtype=jnp.bfloat16)
     r16 = module16.apply({"params": tower["params"]}, tower["pix"], received_attention_layers=(-1,))["received_attn"][2]
-    r32 = tower["module"].apply({"params": tower["params"]}, tower["pix"],
-                                received_attention_layers=(-1,))["received_attn"][2]
+    r32 = tower["module"].apply({"params": tower["params"]}, tower["pix"], received_attention_layers=(-1,))[
+        "received_attn"
+    ][2]
     assert r16.dtype == jnp.bfloat16
     r16 = np.asarray(r16, np.float32)
     # bfloat16 keeps 8 bits: the inputs, weights and probabilities each round at ~4e-3 relative through 3
@@ -183,8 +199,9 @@ def _square_outputs(jaxpr, n):
 def test_received_tap_keeps_no_square_map():
     """At OneVision's N = 729 the tapped tower program has no (729, 729) array anywhere (the CPU attention path
     is blocked too), and the tap's compiled scratch memory scales with the query block, not with N x N."""
-    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                             image_size=54, patch_size=2)
+    cfg = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=54, patch_size=2
+    )
     n, h = cfg.num_patches, cfg.num_attention_heads
     module = SiglipVisionTransformer(cfg)
     pix = jnp.zeros((2, 3, 54, 54))
@@ -197,7 +214,8 @@ def test_received_tap_keeps_no_square_map():
     assert _square_outputs(tapped.jaxpr, n) == _square_outputs(plain.jaxpr, n) == 0
     # the detector does see a square map where one exists
     dense = jax.make_jaxpr(lambda q, k: jnp.einsum("bihd,bjhd->bhij", q, k))(
-        jnp.zeros((2, n, h, 8)), jnp.zeros((2, n, h, 8)))
+        jnp.zeros((2, n, h, 8)), jnp.zeros((2, n, h, 8))
+    )
     assert _square_outputs(dense.jaxpr, n) == 1
 
     full_map_bytes = 2 * h * n * n * 4  # one layer's float32 probabilities, all heads, B = 2
@@ -247,8 +265,9 @@ def test_prefixed_rules_and_checkpoint_errors(tmp_path, tower):
     save_file({f"model.vision_tower.{k}": v for k, v in tensors.items()}, str(nested / "model.safetensors"))
     abstract = {"vision_tower": abstract_params(module, pix)}
     params = load_params(str(nested), abstract, siglip_vision_rules("model.vision_tower.", "vision_tower"))
-    np.testing.assert_array_equal(np.asarray(params["vision_tower"]["position_embedding"]),
-                                  tensors["embeddings.position_embedding.weight"])
+    np.testing.assert_array_equal(
+        np.asarray(params["vision_tower"]["position_embedding"]), tensors["embeddings.position_embedding.weight"]
+    )
     # a missing and a mis-shaped tensor are both reported, in one error
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -274,8 +293,15 @@ def test_head_tensors_without_head_config_are_reported(tmp_path):
 
 
 def test_sharding_rules_cover_the_projections():
-    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                             image_size=28, patch_size=7, use_head=True)
+    cfg = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
+        use_head=True,
+    )
     module = SiglipVisionTransformer(cfg)
     shapes = abstract_params(module, jnp.zeros((1, 3, 28, 28)))
     matched = {}
@@ -320,13 +346,15 @@ def test_sharding_rules_cover_the_projections():
     ],
 )
 def test_bad_inputs_raise_named_errors_before_compile(shape, dtype, kwargs, message):
-    cfg = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
-                             image_size=28, patch_size=7)
+    cfg = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, image_size=28, patch_size=7
+    )
     module = SiglipVisionTransformer(cfg)
     params = abstract_params(module, jnp.zeros((1, 3, 28, 28)))
     with pytest.raises(ValueError, match=message):
-        jax.eval_shape(lambda p, x: module.apply({"params": p}, x, **kwargs), params,
-                       jax.ShapeDtypeStruct(shape, dtype))
+        jax.eval_shape(
+            lambda p, x: module.apply({"params": p}, x, **kwargs), params, jax.ShapeDtypeStruct(shape, dtype)
+        )
 
 
 def test_config_rejects_what_the_port_cannot_run():
@@ -338,6 +366,14 @@ def test_config_rejects_what_the_port_cannot_run():
     with pytest.raises(ValueError, match="unsupported activation"):
         SiglipVisionConfig(hidden_act="swish_beta")
     with pytest.raises(ValueError, match="query block"):
-        SiglipVisionTransformer(SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                                                   num_attention_heads=4, image_size=28, patch_size=7),
-                                query_block=0).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 28, 28)))
+        SiglipVisionTransformer(
+            SiglipVisionConfig(
+                hidden_size=32,
+                intermediate_size=37,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                image_size=28,
+                patch_size=7,
+            ),
+            query_block=0,
+        ).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 28, 28)))

@@ -22,8 +22,12 @@ HERO_CASES = json.load(open(os.path.join(GOLDEN, "cases_hero_public.json")))["he
 
 
 def _cfg(pinpoints_hw):
-    return LlavaConfig(vision=CLIPVisionConfig(), text=LlamaConfig(), model_type="llava_next",
-                       image_grid_pinpoints=tuple(tuple(p) for p in pinpoints_hw))
+    return LlavaConfig(
+        vision=CLIPVisionConfig(),
+        text=LlamaConfig(),
+        model_type="llava_next",
+        image_grid_pinpoints=tuple(tuple(p) for p in pinpoints_hw),
+    )
 
 
 @pytest.mark.parametrize("case", range(len(CASES["hired"]["cases"])))
@@ -39,11 +43,13 @@ def test_hired_golden_through_next_path(case):
     deep = np.zeros_like(shallow)
     off = 0
     for i, p in enumerate(meta["num_patches"]):
-        shallow[i, :p] = g[f"c{case}_top_cls_attn"][off:off + p]
-        deep[i, :p] = g[f"c{case}_bottom_cls_attn"][off:off + p]
+        shallow[i, :p] = g[f"c{case}_top_cls_attn"][off : off + p]
+        deep[i, :p] = g[f"c{case}_bottom_cls_attn"][off : off + p]
         off += p
-    enc = {"features": jnp.zeros((ni * t, 576, 1)),
-           "cls_attn": {0: jnp.asarray(shallow.reshape(ni * t, h, 576)), 22: jnp.asarray(deep.reshape(ni * t, h, 576))}}
+    enc = {
+        "features": jnp.zeros((ni * t, 576, 1)),
+        "cls_attn": {0: jnp.asarray(shallow.reshape(ni * t, h, 576)), 22: jnp.asarray(deep.reshape(ni * t, h, 576))},
+    }
     pruner = prune.HiRED(budget_rate=meta["token_budget_rate"], alpha=meta["alpha"], shallow_layer=0, deep_layer=22)
     mask = np.asarray(pruner.tile_mask(enc, {"tile_valid": jnp.asarray(lay.tile_valid)}, cfg))
     for i, p in enumerate(meta["num_patches"]):
@@ -70,7 +76,7 @@ def test_hero_golden_through_next_path(case):
     for j, l in enumerate(high):
         attn[l][0] = g[f"c{case}_attn_high"][j]
     for j, l in enumerate(low):
-        attn[l][1:1 + k] = g[f"c{case}_attn_low"][:, j]
+        attn[l][1 : 1 + k] = g[f"c{case}_attn_low"][:, j]
     last = np.zeros((t, 577, 1024), np.float32)
     last[: 1 + k, 0] = g[f"c{case}_cls_last"]
     img = np.zeros((1, t - 1, 768), np.float32)
@@ -78,12 +84,26 @@ def test_hero_golden_through_next_path(case):
     valid = np.zeros((1, t - 1, 576), bool)
     valid[0, :k] = hero_valid_mask((h, w), li.grid)  # (height, width) on the (rows, cols) grid
     np.testing.assert_array_equal(valid[0, :k], g[f"c{case}_valid_mask"])
-    enc = {"features": jnp.zeros((t, 576, 1)), "cls_attn": {l: jnp.asarray(a) for l, a in attn.items()},
-           "hidden_states": {24: jnp.asarray(last)}}
-    layout = {"tile_valid": jnp.asarray(lay.tile_valid), "clip_image": jnp.asarray(img),
-              "clip_text": jnp.asarray(g[f"c{case}_clip_text_embeds"][None]), "hero_valid": jnp.asarray(valid)}
-    pruner = prune.HERO(keep_ratio=meta["R"], alpha=meta["alpha"], t_cls=meta["T_cls"], t_clip=meta["T_clip"],
-                        low_layers=tuple(meta["low_layers"]), high_layers=tuple(meta["high_layers"]), clip_path="-")
+    enc = {
+        "features": jnp.zeros((t, 576, 1)),
+        "cls_attn": {l: jnp.asarray(a) for l, a in attn.items()},
+        "hidden_states": {24: jnp.asarray(last)},
+    }
+    layout = {
+        "tile_valid": jnp.asarray(lay.tile_valid),
+        "clip_image": jnp.asarray(img),
+        "clip_text": jnp.asarray(g[f"c{case}_clip_text_embeds"][None]),
+        "hero_valid": jnp.asarray(valid),
+    }
+    pruner = prune.HERO(
+        keep_ratio=meta["R"],
+        alpha=meta["alpha"],
+        t_cls=meta["T_cls"],
+        t_clip=meta["T_clip"],
+        low_layers=tuple(meta["low_layers"]),
+        high_layers=tuple(meta["high_layers"]),
+        clip_path="-",
+    )
     mask = np.asarray(pruner.tile_mask(enc, layout, cfg))[0]
     np.testing.assert_array_equal(mask[: 1 + k], g[f"c{case}_mask"])
-    assert not mask[1 + k:].any()
+    assert not mask[1 + k :].any()

@@ -34,8 +34,12 @@ def inputs(model):
 
 def test_model_and_pipeline_know_no_method():
     builtin = [c for c in prune.REGISTRY.values() if c.__module__.startswith("vlmprune.")]
-    names = ([f'"{c.name}"' for c in builtin] + [f"'{c.name}'" for c in builtin] + [c.__name__ for c in builtin]
-             + ["inside_llm", "next_layout_style", "hasattr(pruner", "auxiliary_clip(", "fastv", "hero"])
+    names = (
+        [f'"{c.name}"' for c in builtin]
+        + [f"'{c.name}'" for c in builtin]
+        + [c.__name__ for c in builtin]
+        + ["inside_llm", "next_layout_style", "hasattr(pruner", "auxiliary_clip(", "fastv", "hero"]
+    )
     files = [ROOT / "model.py", *sorted((ROOT / "pipeline").glob("*.py")), ROOT / "models" / "text" / "llama.py"]
     for f in files:
         text = f.read_text()
@@ -108,9 +112,10 @@ def test_generic_decoder_hook_and_merged_tokens(model, inputs):
     hooked = model(ids, pix, attention_mask=am, pruner=_IdentityInLLM())
     # the later layers rerun on gathered (identical) rows: fp32, same kernels, so equal up to summation order
     np.testing.assert_allclose(np.asarray(hooked.logits), np.asarray(full.logits), rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(np.asarray(model.generate(ids, pix, attention_mask=am, max_new_tokens=3)),
-                                  np.asarray(model.generate(ids, pix, attention_mask=am, max_new_tokens=3,
-                                                            pruner=_IdentityInLLM())))
+    np.testing.assert_array_equal(
+        np.asarray(model.generate(ids, pix, attention_mask=am, max_new_tokens=3)),
+        np.asarray(model.generate(ids, pix, attention_mask=am, max_new_tokens=3, pruner=_IdentityInLLM())),
+    )
 
     @dataclasses.dataclass(frozen=True)
     class MeanToken(prune.VisualPruner):

@@ -201,16 +201,22 @@ def test_visionzip_matches_reference(n, data):
     dominant = data.draw(st.integers(1, 1 + n))
     contextual = data.draw(st.integers(0, 1 + n - dominant))
     hidden, attn, keys = _visionzip_inputs(data.draw(st.integers(0, 2**31 - 1)), 3, n)
-    res = visionzip(jnp.asarray(hidden[:2]), jnp.asarray(attn[:2]), jnp.asarray(keys[:2]),
-                    dominant=dominant, contextual=contextual)
+    res = visionzip(
+        jnp.asarray(hidden[:2]), jnp.asarray(attn[:2]), jnp.asarray(keys[:2]), dominant=dominant, contextual=contextual
+    )
     assert isinstance(res, MergeResult)
     assert res.tokens.shape == (2, dominant + contextual, hidden.shape[2]) and np.asarray(res.valid).all()
     for b in range(2):
         tokens, anchors = ref_visionzip(hidden[b], attn[b], keys[b], dominant, contextual)
         np.testing.assert_allclose(res.tokens[b], tokens, rtol=1e-5, atol=1e-5)
         assert np.asarray(res.selection.indices[b]).tolist() == anchors
-    other = visionzip(jnp.asarray(hidden[[0, 2]]), jnp.asarray(attn[[0, 2]]), jnp.asarray(keys[[0, 2]]),
-                      dominant=dominant, contextual=contextual)
+    other = visionzip(
+        jnp.asarray(hidden[[0, 2]]),
+        jnp.asarray(attn[[0, 2]]),
+        jnp.asarray(keys[[0, 2]]),
+        dominant=dominant,
+        contextual=contextual,
+    )
     np.testing.assert_array_equal(other.tokens[0], res.tokens[0])
 
 
@@ -251,8 +257,9 @@ def test_prumerge_matches_reference(plus, seed):
         np.testing.assert_array_equal(res.tokens[b, count:], 0)
         assert int(res.selection.count[b]) == len(kept)
         assert np.asarray(res.selection.indices[b, : len(kept)]).tolist() == kept
-    other = prumerge_plus(jnp.asarray(features[[0, 2]]), jnp.asarray(attn[[0, 2]]), jnp.asarray(keys[[0, 2]]),
-                          plus=plus)
+    other = prumerge_plus(
+        jnp.asarray(features[[0, 2]]), jnp.asarray(attn[[0, 2]]), jnp.asarray(keys[[0, 2]]), plus=plus
+    )
     np.testing.assert_array_equal(other.tokens[0], res.tokens[0])
 
 

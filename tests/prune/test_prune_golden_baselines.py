@@ -125,8 +125,9 @@ def test_visionzip_golden(case):
     z, i = _npz("visionzip"), case["case"]
     hidden, keys = z[f"c{i}_hidden_with_cls"], z[f"c{i}_keys"]
     dom, ctx = case["dominant"], case["contextual"]
-    out = prune.visionzip(jnp.asarray(hidden), jnp.asarray(z[f"c{i}_cls_attn"]), jnp.asarray(keys),
-                          dominant=dom, contextual=ctx)
+    out = prune.visionzip(
+        jnp.asarray(hidden), jnp.asarray(z[f"c{i}_cls_attn"]), jnp.asarray(keys), dominant=dom, contextual=ctx
+    )
     golden = z[f"c{i}_tokens"]
     tokens = np.asarray(out.tokens)
     assert tokens.shape == golden.shape and np.asarray(out.valid).all()
@@ -201,8 +202,9 @@ def _merge_bound(features, num_neighbors=32):
     return 4 * features.shape[-2] * U32 * np.abs(features).max()
 
 
-@pytest.mark.parametrize("case", [p for p in _cases("prumerge") if p.values[0]["B"] == 1
-                                  and "original_error" not in p.values[0]])
+@pytest.mark.parametrize(
+    "case", [p for p in _cases("prumerge") if p.values[0]["B"] == 1 and "original_error" not in p.values[0]]
+)
 def test_prumerge_golden(case):
     z, i = _npz("prumerge"), case["case"]
     features, attn, keys = _prumerge_inputs(z, i)
@@ -253,8 +255,12 @@ def test_prumerge_batch_uses_per_image_statistics():
     pooled_ratio = int((pooled > q3 + 1.5 * (q3 - q1)).sum()) / pooled.size
     own_counts = []
     for b in range(case["B"]):
-        alone = prune.prumerge_plus(jnp.asarray(features[b : b + 1]), jnp.asarray(attn[b : b + 1]),
-                                    jnp.asarray(keys[b : b + 1]), plus=case["plus"])
+        alone = prune.prumerge_plus(
+            jnp.asarray(features[b : b + 1]),
+            jnp.asarray(attn[b : b + 1]),
+            jnp.asarray(keys[b : b + 1]),
+            plus=case["plus"],
+        )
         np.testing.assert_array_equal(np.asarray(batched.valid[b]), np.asarray(alone.valid[0]))
         np.testing.assert_array_equal(np.asarray(batched.selection.indices[b]), np.asarray(alone.selection.indices[0]))
         np.testing.assert_array_equal(np.asarray(batched.tokens[b]), np.asarray(alone.tokens[0]))

@@ -128,8 +128,12 @@ def test_golden_intermediates(npz, results, case):
     _, _, sel, _ = results[i]
     np.testing.assert_allclose(np.asarray(sel.global_scores), npz[f"c{i}_global_scores"], rtol=RTOL_PATCH, atol=0)
     np.testing.assert_allclose(np.asarray(sel.sub_scores), npz[f"c{i}_sub_scores"], rtol=RTOL_PATCH, atol=0)
-    for mine, theirs in [("similarity", "similarity_scores"), ("clip", "clip_scores"),
-                         ("density", "density_scores"), ("fused", "scores_fused")]:
+    for mine, theirs in [
+        ("similarity", "similarity_scores"),
+        ("clip", "clip_scores"),
+        ("density", "density_scores"),
+        ("fused", "scores_fused"),
+    ]:
         np.testing.assert_allclose(
             np.asarray(getattr(sel, mine)), npz[f"c{i}_{theirs}"], rtol=RTOL_TILE, atol=ATOL_TILE, err_msg=mine
         )
@@ -200,8 +204,14 @@ def test_golden_batched_equals_single(npz, results):
 
 @pytest.mark.parametrize(
     "wh,grid",
-    [((800, 600), (2, 2)), ((1000, 400), (3, 1)), ((300, 1000), (1, 3)), ((1000, 500), (2, 1)),
-     ((500, 1000), (1, 2)), ((336, 336), (1, 2))],
+    [
+        ((800, 600), (2, 2)),
+        ((1000, 400), (3, 1)),
+        ((300, 1000), (1, 3)),
+        ((1000, 500), (2, 1)),
+        ((500, 1000), (1, 2)),
+        ((336, 336), (1, 2)),
+    ],
 )
 def test_select_best_resolution_llava_examples(wh, grid):
     """§4.2 examples (LLaVA (width, height) convention); a square image ties, and the first canvas wins."""

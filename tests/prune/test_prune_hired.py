@@ -113,8 +113,10 @@ def test_golden_mask_per_image(npz, case, j):
     np.testing.assert_array_equal(np.asarray(sel.budgets), gold.sum(1))
     assert mask.sum() == case["kept"][j]
     _check_selection_invariants(sel, N)
-    assert sel.indices.shape == (len(shallow), hired_max_keep(len(shallow), N, budget_rate=case["token_budget_rate"],
-                                                              alpha=case["alpha"]))
+    assert sel.indices.shape == (
+        len(shallow),
+        hired_max_keep(len(shallow), N, budget_rate=case["token_budget_rate"], alpha=case["alpha"]),
+    )
 
 
 @pytest.mark.parametrize("case", [c for c in CFG["cases"] if len(c["num_patches"]) > 1], ids=lambda c: f"c{c['case']}")
@@ -138,8 +140,12 @@ def test_golden_batched_different_grids(npz, case):
 def test_golden_all_images_one_batch_one_compile(npz):
     """Every golden image with the same H (16) in one batch; num_tiles traced -> one compilation for any mix."""
     rate, alpha = 0.2, 0.5
-    imgs = [im for c in CFG["cases"] if c["heads"] == 16 and c["token_budget_rate"] == rate and c["alpha"] == alpha
-            for im in _images(npz, c)]
+    imgs = [
+        im
+        for c in CFG["cases"]
+        if c["heads"] == 16 and c["token_budget_rate"] == rate and c["alpha"] == alpha
+        for im in _images(npz, c)
+    ]
     assert len(imgs) >= 3
     sh = np.zeros((len(imgs), 5, 16, N), np.float32)
     dp = np.zeros_like(sh)

@@ -21,7 +21,6 @@ GOLDEN = pathlib.Path(TESTS_DIR) / "golden"
 CASES = json.loads((GOLDEN / "cases_public.json").read_text())["vispruner"]
 
 
-
 @pytest.fixture(scope="module")
 def npz():
     return np.load(GOLDEN / "vispruner_public.npz")
@@ -133,8 +132,12 @@ def test_golden_has_all_eight_cases():
 def test_golden_mask_parity(npz, case):
     """All 8 golden cases, element for element, through the pure function."""
     features, cls_attn, golden = _inputs(npz, case)
-    sel = vispruner(jnp.asarray(features), jnp.asarray(cls_attn), num_keep=case["visual_token_num"],
-                    important_ratio=case["important_ratio"])
+    sel = vispruner(
+        jnp.asarray(features),
+        jnp.asarray(cls_attn),
+        num_keep=case["visual_token_num"],
+        important_ratio=case["important_ratio"],
+    )
     mask = np.asarray(sel.mask(case["N"]))
     assert mask.shape == golden.shape
     for b in range(case["B"]):
@@ -237,8 +240,9 @@ def test_properties_and_reference(cfg):
         kept = np.asarray(sel.indices[b]).tolist()
         assert _important(cls_attn[b], num_keep, ratio) <= set(kept)
         assert kept == reference_vispruner(features[b], cls_attn[b], num_keep, ratio)
-    swapped = vispruner(jnp.asarray(features[[0, 2]]), jnp.asarray(cls_attn[[0, 2]]), num_keep=num_keep,
-                        important_ratio=ratio)  # same shapes: no recompilation
+    swapped = vispruner(
+        jnp.asarray(features[[0, 2]]), jnp.asarray(cls_attn[[0, 2]]), num_keep=num_keep, important_ratio=ratio
+    )  # same shapes: no recompilation
     np.testing.assert_array_equal(swapped.indices[0], sel.indices[0])
 
 

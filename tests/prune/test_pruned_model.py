@@ -35,17 +35,17 @@ def _hf_reference_embeds(hf, x, choose):
         ids = torch.from_numpy(x["input_ids"][0])
         img = (ids == hf.config.image_token_id).nonzero()[:, 0]
         text = hf.get_input_embeddings()(ids)
-        embeds = torch.cat([text[: img[0]], kept, text[img[-1] + 1:]])[None]
+        embeds = torch.cat([text[: img[0]], kept, text[img[-1] + 1 :]])[None]
     return embeds, idx
 
 
 CASES = {
-    "vispruner": (prune.VisPruner(num_keep=16, important_ratio=0.5),
-                  lambda f, a, p: prune.vispruner(f, a, num_keep=16, important_ratio=0.5).indices),
-    "fastervlm": (prune.FasterVLM(num_keep=12),
-                  lambda f, a, p: prune.fastervlm(a, num_keep=12).indices),
-    "hired": (prune.HiRED(budget_rate=0.25),
-              lambda f, a, p: prune.hired_single(a, budget_rate=0.25).indices),
+    "vispruner": (
+        prune.VisPruner(num_keep=16, important_ratio=0.5),
+        lambda f, a, p: prune.vispruner(f, a, num_keep=16, important_ratio=0.5).indices,
+    ),
+    "fastervlm": (prune.FasterVLM(num_keep=12), lambda f, a, p: prune.fastervlm(a, num_keep=12).indices),
+    "hired": (prune.HiRED(budget_rate=0.25), lambda f, a, p: prune.hired_single(a, budget_rate=0.25).indices),
 }
 
 
@@ -65,9 +65,14 @@ def test_pruned_logits_and_generation_match_hf_language_model(setup, method):
 
     ours = model.generate(x["input_ids"], x["pixel_values"], pruner=pruner, max_new_tokens=12)
     with torch.no_grad():
-        gen = hf.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-                          max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                          pad_token_id=model.config.pad_token_id)
+        gen = hf.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+            pad_token_id=model.config.pad_token_id,
+        )
     np.testing.assert_array_equal(ours, gen[:, -12:].numpy())
 
 
@@ -78,7 +83,7 @@ def test_pruned_batch_with_left_padding_matches_rows_run_alone(setup):
     both = model(x["input_ids"], x["pixel_values"], attention_mask=x["attention_mask"], pruner=pruner)
     for r in range(2):
         m = x["attention_mask"][r].astype(bool)
-        alone = model(x["input_ids"][r:r + 1, m], x["pixel_values"][r:r + 1], pruner=pruner)
+        alone = model(x["input_ids"][r : r + 1, m], x["pixel_values"][r : r + 1], pruner=pruner)
         got = np.asarray(both.logits[r])[np.asarray(both.mask[r])]
         chex.assert_trees_all_close(got, np.asarray(alone.logits[0]), atol=LOGITS_ATOL, rtol=0)
 

@@ -75,8 +75,9 @@ def test_plain_division_by_a_broadcast_is_rewritten_by_xla_and_divide_is_not():
 def _ulps(a, b, tdtype):
     """|a - b| in units of the last place of b's dtype (both torch tensors)."""
     a64, b64 = a.double(), b.double()
-    spacing = torch.from_numpy(np.spacing(np.abs(b.float().numpy()).astype(
-        np.float16 if tdtype == torch.float16 else np.float32))).double()
+    spacing = torch.from_numpy(
+        np.spacing(np.abs(b.float().numpy()).astype(np.float16 if tdtype == torch.float16 else np.float32))
+    ).double()
     if tdtype == torch.bfloat16:
         spacing = spacing * 2.0**16  # 8 significand bits instead of 24
     return ((a64 - b64).abs() / spacing.clamp_min(1e-300)).max().item()

@@ -27,8 +27,14 @@ def test_budget_and_settings():
 
 def test_lists_split_on_names():
     got = prune.parse_specs("vispruner:64,128,fastervlm:8,none hired:0.2 vispruner:4,important_ratio=0.25")
-    assert got == [prune.VisPruner(num_keep=64), prune.VisPruner(num_keep=128), prune.FasterVLM(num_keep=8), None,
-                   prune.HiRED(budget_rate=0.2), prune.VisPruner(num_keep=4, important_ratio=0.25)]
+    assert got == [
+        prune.VisPruner(num_keep=64),
+        prune.VisPruner(num_keep=128),
+        prune.FasterVLM(num_keep=8),
+        None,
+        prune.HiRED(budget_rate=0.2),
+        prune.VisPruner(num_keep=4, important_ratio=0.25),
+    ]
     assert prune.parse_specs(["none", "vispruner:64,128:important_ratio=0.25"])[2].important_ratio == 0.25
     with pytest.raises(ValueError, match="list budgets first"):
         prune.parse_specs("vispruner:64:important_ratio=0.25,128")
@@ -40,35 +46,51 @@ def test_num_tokens_counts_and_rates():
     assert prune.parse_spec("hired:0.2", num_tokens=576).budget_rate == 0.2
     with pytest.raises(ValueError, match="budget 65 is larger than the 64 visual tokens"):
         prune.parse_spec("vispruner:65", num_tokens=64)
-    assert prune.parse_spec("visionzip:65", num_tokens=64).dominant + prune.parse_spec(
-        "visionzip:65", num_tokens=64).contextual == 65  # VisionZip's total counts CLS
+    assert (
+        prune.parse_spec("visionzip:65", num_tokens=64).dominant
+        + prune.parse_spec("visionzip:65", num_tokens=64).contextual
+        == 65
+    )  # VisionZip's total counts CLS
 
 
-@pytest.mark.parametrize("text,message", [
-    ("nope:3", r"unknown pruning method 'nope'; available: none, "),
-    ("vispruner:64:foo=1", r"vispruner: unknown setting 'foo'; its settings are .*important_ratio"),
-    ("vispruner:64:important_ratio=abc", r"vispruner: setting important_ratio='abc' must be a number"),
-    ("vispruner:64:exact_similarity=2", r"vispruner: setting exact_similarity='2' must be true or false"),
-    ("vispruner:64:layer=x", r"vispruner: setting layer='x' must be an integer or none"),
-    ("hero:0.2:low_layers=3", r"hero: setting low_layers='3' must be a tuple"),
-    ("hero:0.2:low_layers=(1,a)", r"hero: setting low_layers='\(1,a\)' must be an integer"),
-    ("vispruner:0.5", r"vispruner: the budget is a token count"),
-    ("vispruner:abc", r"vispruner: budget 'abc' is not a number"),
-    ("vispruner:-4", r"vispruner: the budget must be a positive number"),
-    ("prumerge_plus:64", r"prumerge_plus takes no budget"),
-    ("vispruner:64,128", r"lists 2 budgets"),
-    ("none:3", r"'none' keeps every token"),
-    ("vispruner:64:important_ratio", r"bad setting 'important_ratio'.*key=value"),
-    (":64", r"empty method name"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("nope:3", r"unknown pruning method 'nope'; available: none, "),
+        ("vispruner:64:foo=1", r"vispruner: unknown setting 'foo'; its settings are .*important_ratio"),
+        ("vispruner:64:important_ratio=abc", r"vispruner: setting important_ratio='abc' must be a number"),
+        ("vispruner:64:exact_similarity=2", r"vispruner: setting exact_similarity='2' must be true or false"),
+        ("vispruner:64:layer=x", r"vispruner: setting layer='x' must be an integer or none"),
+        ("hero:0.2:low_layers=3", r"hero: setting low_layers='3' must be a tuple"),
+        ("hero:0.2:low_layers=(1,a)", r"hero: setting low_layers='\(1,a\)' must be an integer"),
+        ("vispruner:0.5", r"vispruner: the budget is a token count"),
+        ("vispruner:abc", r"vispruner: budget 'abc' is not a number"),
+        ("vispruner:-4", r"vispruner: the budget must be a positive number"),
+        ("prumerge_plus:64", r"prumerge_plus takes no budget"),
+        ("vispruner:64,128", r"lists 2 budgets"),
+        ("none:3", r"'none' keeps every token"),
+        ("vispruner:64:important_ratio", r"bad setting 'important_ratio'.*key=value"),
+        (":64", r"empty method name"),
+    ],
+)
 def test_clear_errors(text, message):
     with pytest.raises(ValueError, match=message):
         prune.parse_spec(text)
 
 
-@pytest.mark.parametrize("text", ["vispruner:64:important_ratio=0.25,exact_similarity=false", "visionzip:16",
-                                  "hero:0.3:low_layers=(0,1),clip_path=/c", "prumerge_plus::plus=false", "none",
-                                  "fastv:0.25:layer=3", "random:8:seed=3", "hired:0.2:alpha=0.3"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "vispruner:64:important_ratio=0.25,exact_similarity=false",
+        "visionzip:16",
+        "hero:0.3:low_layers=(0,1),clip_path=/c",
+        "prumerge_plus::plus=false",
+        "none",
+        "fastv:0.25:layer=3",
+        "random:8:seed=3",
+        "hired:0.2:alpha=0.3",
+    ],
+)
 def test_format_is_the_inverse(text):
     p = prune.parse_spec(text)
     assert prune.parse_spec(prune.format_spec(p)) == p
@@ -99,7 +121,8 @@ def test_cli_method_flag_takes_a_spec():
         return build_parser().parse_args(["generate", "--model", "m", "--image", "i", "--prompt", "p", *extra])
 
     assert pruner_from_args(args("--method", "vispruner:8:important_ratio=0.25")) == prune.VisPruner(
-        num_keep=8, important_ratio=0.25)
+        num_keep=8, important_ratio=0.25
+    )
     assert pruner_from_args(args("--method", "vispruner", "--keep", "8")) == prune.VisPruner(num_keep=8)
     with pytest.raises(SystemExit, match="not both"):
         pruner_from_args(args("--method", "vispruner:8", "--keep", "8"))

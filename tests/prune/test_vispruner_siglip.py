@@ -172,8 +172,9 @@ def test_reference_transcription_reproduces_the_golden(golden):
         case = cases[case_id]
         src = case.get("inputs_from", case_id)
         for b in range(case["B"]):
-            mask, _, rounds = reference_mask(z[f"c{src}_features"][b].astype(np.float64),
-                                             z[f"c{case_id}_score_f64"][b], case["T"], case["r"])
+            mask, _, rounds = reference_mask(
+                z[f"c{src}_features"][b].astype(np.float64), z[f"c{case_id}_score_f64"][b], case["T"], case["r"]
+            )
             np.testing.assert_array_equal(mask, z[f"c{case_id}_mask"][b])
             assert rounds == case["rounds"]
 

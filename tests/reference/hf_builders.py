@@ -33,8 +33,9 @@ def demo_inputs(directory, prompts=("What is in the image?",), images=None):
 
     proc = AutoProcessor.from_pretrained(directory)
     texts = [
-        proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
-                                 add_generation_prompt=True)
+        proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}], add_generation_prompt=True
+        )
         for p in prompts
     ]
     if images is None:
@@ -88,10 +89,23 @@ def build_hf_clip(directory, image_size=56, seed=0):
 
     tok = build_tokenizer()
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, eos_token_id=2),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=14),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=14,
+        ),
         projection_dim=24,
     )
     torch.manual_seed(seed)

@@ -16,8 +16,15 @@ from vlmprune.models.vision.siglip import (
 
 def build_hf_siglip(directory, image_size, patch_size, use_head, seed=0):
     """Random HF SiglipVisionModel (torch, eager attention), saved with save_pretrained; returns (model, cfg)."""
-    cfg = HFConfig(image_size=image_size, patch_size=patch_size, hidden_size=32, intermediate_size=37,
-                   num_hidden_layers=3, num_attention_heads=4, vision_use_head=use_head)
+    cfg = HFConfig(
+        image_size=image_size,
+        patch_size=patch_size,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        vision_use_head=use_head,
+    )
     torch.manual_seed(seed)
     model = SiglipVisionModel._from_config(cfg, attn_implementation="eager").eval()
     with torch.no_grad():  # HF's init leaves norms at 1/0 and biases at 0: perturb every parameter
@@ -31,6 +38,10 @@ def load_tower(directory, hf_cfg, query_block=128, renames=None):
     cfg = SiglipVisionConfig.from_hf(hf_cfg)
     module = SiglipVisionTransformer(cfg, query_block=query_block)
     pix = jnp.zeros((1, cfg.num_channels, cfg.image_size, cfg.image_size), jnp.float32)
-    params = load_params(directory, abstract_params(module, pix), siglip_vision_rules(),
-                         renames=siglip_vision_renames() if renames is None else renames)
+    params = load_params(
+        directory,
+        abstract_params(module, pix),
+        siglip_vision_rules(),
+        renames=siglip_vision_renames() if renames is None else renames,
+    )
     return module, params

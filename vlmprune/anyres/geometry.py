@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -33,8 +34,11 @@ CONVENTIONS: tuple[str, ...] = ("height_width", "width_height")
 LLAVA_V16_PINPOINTS: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 #: unpad variants: name -> (rounding, band); see the module docstring.
-UNPAD_RULES: dict[str, tuple[str, str]] = {"hf": ("round7", "symmetric"), "llava": ("int", "symmetric"),
-                                           "hero": ("int", "exact")}
+UNPAD_RULES: dict[str, tuple[str, str]] = {
+    "hf": ("round7", "symmetric"),
+    "llava": ("int", "symmetric"),
+    "hero": ("int", "exact"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +53,7 @@ class Grid:
         """Grid tiles plus the base image."""
         return 1 + self.rows * self.cols
 
-    def transposed(self) -> "Grid":
+    def transposed(self) -> Grid:
         return Grid(self.cols, self.rows)
 
 
@@ -93,8 +97,9 @@ def _to_hw(pair: tuple[int, int], convention: str) -> tuple[int, int]:
     return pair if convention == "height_width" else (pair[1], pair[0])
 
 
-def select_best_resolution(image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], *,
-                           convention: Convention) -> tuple[int, int]:
+def select_best_resolution(
+    image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], *, convention: Convention
+) -> tuple[int, int]:
     """The anyres canvas for an image: the pinpoint with the largest effective resolution
     ``min(int(w·s)·int(h·s), w·h)`` (``s = min(W/w, H/h)``), ties to the smaller waste, then to the first listed.
 
@@ -118,8 +123,13 @@ def select_best_resolution(image_size: Sequence[int], pinpoints: Sequence[Sequen
     return best
 
 
-def grid_for(image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], *, tile_size: int,
-             convention: Convention = "height_width") -> Grid:
+def grid_for(
+    image_size: Sequence[int],
+    pinpoints: Sequence[Sequence[int]],
+    *,
+    tile_size: int,
+    convention: Convention = "height_width",
+) -> Grid:
     """The tile :class:`Grid` of an image: its best canvas divided by ``tile_size``.
 
     Raises ValueError for non-positive sizes, empty pinpoints, or a canvas that is not a multiple of the tile.
@@ -137,8 +147,7 @@ def max_tiles(pinpoints, tile_size: int) -> int:
     return 1 + max((int(h) // tile_size) * (int(w) // tile_size) for h, w in pinpoints)
 
 
-def unpad_bounds(image_size_hw: Sequence[int], map_hw: Sequence[int], *, rule: str = "hf"
-                 ) -> tuple[int, int, int, int]:
+def unpad_bounds(image_size_hw: Sequence[int], map_hw: Sequence[int], *, rule: str = "hf") -> tuple[int, int, int, int]:
     """The part of a stitched ``(Hc, Wc)`` token map that holds the image, as ``(top, bottom, left, right)``.
 
     Wider than the map (``w / h > Wc / Hc``): rows are cropped, ``new = h·Wc/w`` rounded per ``rule``; otherwise
@@ -183,8 +192,9 @@ def grid_to_tiles(grid_map: np.ndarray, grid, tokens_per_side: int) -> np.ndarra
     s = positive_int("tokens_per_side", tokens_per_side, where)
     grid_map = np.asarray(grid_map)
     if grid_map.shape[:2] != (g.rows * s, g.cols * s):
-        raise ValueError(f"{where}: map shape {grid_map.shape[:2]} does not match (rows·s, cols·s) = "
-                         f"{(g.rows * s, g.cols * s)}")
+        raise ValueError(
+            f"{where}: map shape {grid_map.shape[:2]} does not match (rows·s, cols·s) = {(g.rows * s, g.cols * s)}"
+        )
     rest = grid_map.shape[2:]
     t = np.moveaxis(grid_map.reshape((g.rows, s, g.cols, s) + rest), 2, 1)
     return t.reshape((g.rows * g.cols, s * s) + rest)
@@ -197,8 +207,9 @@ def tiles_to_grid(tiles: np.ndarray, grid, tokens_per_side: int) -> np.ndarray:
     s = positive_int("tokens_per_side", tokens_per_side, where)
     tiles = np.asarray(tiles)
     if tiles.shape[:2] != (g.rows * g.cols, s * s):
-        raise ValueError(f"{where}: tiles shape {tiles.shape[:2]} does not match (rows·cols, s·s) = "
-                         f"{(g.rows * g.cols, s * s)}")
+        raise ValueError(
+            f"{where}: tiles shape {tiles.shape[:2]} does not match (rows·cols, s·s) = {(g.rows * g.cols, s * s)}"
+        )
     rest = tiles.shape[2:]
     t = np.moveaxis(tiles.reshape((g.rows, g.cols, s, s) + rest), 1, 2)
     return t.reshape((g.rows * s, g.cols * s) + rest)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -70,8 +70,9 @@ class ImageLayout:
         return int((self.token < 0).sum())
 
 
-def image_layout(image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tokens_per_side: int,
-                 style: str = "official") -> ImageLayout:
+def image_layout(
+    image_size_hw: Sequence[int], pinpoints, *, tile_size: int, tokens_per_side: int, style: str = "official"
+) -> ImageLayout:
     """The layout of one image in ``style`` (see STYLES). Raises ValueError for a non-positive size."""
     if len(image_size_hw) != 2 or min(int(v) for v in image_size_hw) <= 0:
         raise ValueError(f"image size must be (height, width) with positive entries, got {tuple(image_size_hw)}")
@@ -112,17 +113,21 @@ class BatchLayout:
 
     def tables(self) -> NextLayout:
         """The device-side :class:`NextLayout` pytree."""
-        return NextLayout(token=jnp.asarray(self.token), row=jnp.asarray(self.row),
-                          tile_valid=jnp.asarray(self.tile_valid))
+        return NextLayout(
+            token=jnp.asarray(self.token), row=jnp.asarray(self.row), tile_valid=jnp.asarray(self.tile_valid)
+        )
 
 
-def batch_layout(image_sizes_hw, pinpoints, *, tile_size: int, tokens_per_side: int,
-                 style: str = "official") -> BatchLayout:
+def batch_layout(
+    image_sizes_hw, pinpoints, *, tile_size: int, tokens_per_side: int, style: str = "official"
+) -> BatchLayout:
     """Layouts of a batch of images (NI, 2) (height, width), padded to the longest and to the largest grid."""
     pinpoints = [tuple(int(v) for v in p) for p in pinpoints]
     t_max = max_tiles(pinpoints, tile_size)
-    lays = tuple(image_layout(s, pinpoints, tile_size=tile_size, tokens_per_side=tokens_per_side, style=style)
-                 for s in np.asarray(image_sizes_hw).tolist())
+    lays = tuple(
+        image_layout(s, pinpoints, tile_size=tile_size, tokens_per_side=tokens_per_side, style=style)
+        for s in np.asarray(image_sizes_hw).tolist()
+    )
     f_max = max(lay.length for lay in lays)
     token = np.full((len(lays), f_max), -2, np.int32)
     row = np.full((len(lays), f_max), -1, np.int32)

@@ -48,7 +48,9 @@ def anyres_max(vision_aspect_ratio: str) -> int:
     require the exact form so a value HF would misread is refused). Raises ValueError naming the value."""
     m = _ANYRES_MAX.fullmatch(str(vision_aspect_ratio))
     if m is None or int(m.group(1)) < 1:
-        raise ValueError(f"vision_aspect_ratio must look like 'anyres_max_<N>' with N >= 1, got {vision_aspect_ratio!r}")
+        raise ValueError(
+            f"vision_aspect_ratio must look like 'anyres_max_<N>' with N >= 1, got {vision_aspect_ratio!r}"
+        )
     return int(m.group(1))
 
 
@@ -77,17 +79,22 @@ class OnevisionGeometry:
             raise ValueError("OnevisionGeometry: image_grid_pinpoints must not be empty")
         for i, p in enumerate(pins):
             if len(p) != 2 or min(p) < self.tile_size or p[0] % self.tile_size or p[1] % self.tile_size:
-                raise ValueError(f"OnevisionGeometry: image_grid_pinpoints[{i}] = {list(p)} must be a (height, width) "
-                                 f"pair of positive multiples of tile_size={self.tile_size}")
+                raise ValueError(
+                    f"OnevisionGeometry: image_grid_pinpoints[{i}] = {list(p)} must be a (height, width) "
+                    f"pair of positive multiples of tile_size={self.tile_size}"
+                )
         object.__setattr__(self, "pinpoints", pins)
 
     @classmethod
     def from_hf(cls, hf_config) -> OnevisionGeometry:
         """From a ``transformers.LlavaOnevisionConfig``."""
         vc = hf_config.vision_config
-        return cls(tile_size=int(vc.image_size), tokens_per_side=int(vc.image_size // vc.patch_size),
-                   pinpoints=tuple(tuple(p) for p in hf_config.image_grid_pinpoints),
-                   max_num=anyres_max(getattr(hf_config, "vision_aspect_ratio", "anyres_max_9")))
+        return cls(
+            tile_size=int(vc.image_size),
+            tokens_per_side=int(vc.image_size // vc.patch_size),
+            pinpoints=tuple(tuple(p) for p in hf_config.image_grid_pinpoints),
+            max_num=anyres_max(getattr(hf_config, "vision_aspect_ratio", "anyres_max_9")),
+        )
 
     @property
     def tokens_per_tile(self) -> int:
@@ -293,8 +300,9 @@ def _image_tables(lay: ImageLayout, length: int):
     return src, hw, ww, newline, valid
 
 
-def pack_tables(image_sizes_hw, geom: OnevisionGeometry, length: int | None = None,
-                tiled: bool | Sequence[bool] = True) -> PackTables:
+def pack_tables(
+    image_sizes_hw, geom: OnevisionGeometry, length: int | None = None, tiled: bool | Sequence[bool] = True
+) -> PackTables:
     """Host tables for a batch of images of (height, width) pixels.
 
     length: packed slots per image (static); default :func:`max_tokens_per_image`, so that every image size
@@ -331,7 +339,10 @@ def pack_image_features(tile_features: Array, image_newline: Array, tables: Pack
     chex.assert_shape(tables.tile_valid, (ni, t))
     flat = tile_features.reshape(ni, t * nn_, d)
     dt = tile_features.dtype
-    take = lambda k: jnp.take_along_axis(flat, tables.src[:, :, k, None], axis=1)
+
+    def take(k):
+        return jnp.take_along_axis(flat, tables.src[:, :, k, None], axis=1)
+
     hw, ww = jnp.asarray(tables.hw, dt)[..., None], jnp.asarray(tables.ww, dt)[..., None]
     top = ww[:, :, 0] * take(0) + ww[:, :, 1] * take(1)
     bottom = ww[:, :, 0] * take(2) + ww[:, :, 1] * take(3)
@@ -409,8 +420,9 @@ def read_processor_facts(directory: str) -> ProcessorFacts:
                 cfg, where = data, path
                 break
     if cfg is None:
-        raise FileNotFoundError(f"{directory}: no preprocessor_config.json (nor an image_processor entry in "
-                                "processor_config.json)")
+        raise FileNotFoundError(
+            f"{directory}: no preprocessor_config.json (nor an image_processor entry in processor_config.json)"
+        )
 
     def triple(field, default):
         v = cfg.get(field, default)
@@ -429,11 +441,17 @@ def read_processor_facts(directory: str) -> ProcessorFacts:
         raise ValueError(f"{where}: size must be a square {{'height': s, 'width': s}} tile, got {size!r}")
     pins = cfg.get("image_grid_pinpoints", CLASS_DEFAULT_PINPOINTS)
     if not pins or not all(len(p) == 2 for p in pins):
-        raise ValueError(f"{where}: image_grid_pinpoints must be a non-empty list of (height, width) pairs, "
-                         f"got {pins!r}")
-    return ProcessorFacts(image_mean=mean, image_std=std, rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
-                          tile_size=int(tile), pinpoints=tuple(tuple(int(x) for x in p) for p in pins),
-                          resample=int(cfg.get("resample", 3)))
+        raise ValueError(
+            f"{where}: image_grid_pinpoints must be a non-empty list of (height, width) pairs, got {pins!r}"
+        )
+    return ProcessorFacts(
+        image_mean=mean,
+        image_std=std,
+        rescale_factor=float(cfg.get("rescale_factor", 1 / 255)),
+        tile_size=int(tile),
+        pinpoints=tuple(tuple(int(x) for x in p) for p in pins),
+        resample=int(cfg.get("resample", 3)),
+    )
 
 
 # --- a batch of OneVision images, planned on the host ---------------------------------------------------------
@@ -442,9 +460,12 @@ def read_processor_facts(directory: str) -> ProcessorFacts:
 def geometry(config) -> OnevisionGeometry:
     """The :class:`OnevisionGeometry` of a frozen ``LlavaConfig`` of model type ``llava_onevision``."""
     v = config.vision
-    return OnevisionGeometry(tile_size=int(v.image_size), tokens_per_side=int(v.image_size // v.patch_size),
-                             pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
-                             max_num=anyres_max(config.vision_aspect_ratio))
+    return OnevisionGeometry(
+        tile_size=int(v.image_size),
+        tokens_per_side=int(v.image_size // v.patch_size),
+        pinpoints=tuple(tuple(p) for p in config.image_grid_pinpoints),
+        max_num=anyres_max(config.vision_aspect_ratio),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -483,17 +504,20 @@ def onevision_batch(config, pixel_values, image_sizes) -> tuple[np.ndarray, Onev
     lays = tuple(image_layout(s, geom) for s in sizes.tolist())
     for i, lay in enumerate(lays):
         if lay.num_tiles > pixel_values.shape[1]:
-            raise ValueError(f"image {i} of size {tuple(sizes[i])} needs {lay.num_tiles} tiles ({lay.rows}x{lay.cols} "
-                             f"grid + base) but pixel_values holds {pixel_values.shape[1]}")
+            raise ValueError(
+                f"image {i} of size {tuple(sizes[i])} needs {lay.num_tiles} tiles ({lay.rows}x{lay.cols} "
+                f"grid + base) but pixel_values holds {pixel_values.shape[1]}"
+            )
     t_max = geom.max_tiles
     if pixel_values.shape[1] > t_max:
-        raise ValueError(f"pixel_values holds {pixel_values.shape[1]} tiles per image; the pinpoints allow at most "
-                         f"{t_max}")
+        raise ValueError(
+            f"pixel_values holds {pixel_values.shape[1]} tiles per image; the pinpoints allow at most {t_max}"
+        )
     pix = np.zeros((ni, t_max) + tuple(pixel_values.shape[2:]), np.float32)
     pix[:, : pixel_values.shape[1]] = np.asarray(pixel_values, np.float32)
     # padding tiles past an image's own are zero: HF cuts them off, and the pack tables never read them
     for i, lay in enumerate(lays):
-        pix[i, lay.num_tiles:] = 0
+        pix[i, lay.num_tiles :] = 0
     counts = [lay.num_tokens for lay in lays]
     length = max(counts)
     return pix, OnevisionBatch(lays, pack_tables(sizes, geom, length=length), length), counts

@@ -58,8 +58,16 @@ def layout_candidates(layout: NextLayout, num_tokens: int) -> Array:
     return cand & jnp.repeat(tile_valid, num_tokens, axis=1)
 
 
-def pack(embeddings: Array, keep: Array, newline: Array, layout: NextLayout, *, stride: int,
-         appended: Array | None = None, appended_valid: Array | None = None) -> tuple[Array, Array]:
+def pack(
+    embeddings: Array,
+    keep: Array,
+    newline: Array,
+    layout: NextLayout,
+    *,
+    stride: int,
+    appended: Array | None = None,
+    appended_valid: Array | None = None,
+) -> tuple[Array, Array]:
     """The packed visual block of every image, in layout order, then its appended tokens.
 
     embeddings (NI, T·N, D) post-projector tile tokens; keep bool (NI, T·N); newline (D,); appended (NI, E, D)

@@ -176,7 +176,8 @@ def _torch_inputs(r: _Run) -> None:
     r.res["torch_tokens"] = "jax-merged" if (tsel and tsel["tokens"] is not None) else "hf-at-kept-indices"
     plan = st["plan"]
     st["plan_t"] = tuple(ts.t(a) for a in (plan.text_src, plan.vis_src, plan.text_mask)) + (
-        ts.t(np.asarray(st["valid"])),)
+        ts.t(np.asarray(st["valid"])),
+    )
     st["ids_t"] = ts.t(r.x1["input_ids"], ts.torch.long)
     with torch_mode(ts):
         vis_t = ts.visual_tokens(st["pix_t"], tsel)
@@ -211,8 +212,9 @@ def _torch_ttft(r: _Run):
     def run():
         if p is None:
             m = ts.t(r.x1["attention_mask"])
-            out = ts.model(input_ids=st["ids_t"], pixel_values=st["pix_t"], attention_mask=m, use_cache=True,
-                           logits_to_keep=1)
+            out = ts.model(
+                input_ids=st["ids_t"], pixel_values=st["pix_t"], attention_mask=m, use_cache=True, logits_to_keep=1
+            )
             pos = m.long().sum(1)
         else:
             e, m, ps = ts.assemble(st["ids_t"], ts.visual_tokens(st["pix_t"], st["tsel"]), st["plan_t"])
@@ -231,8 +233,13 @@ def _ttft(r: _Run) -> None:
 
     def jttft():
         logits, cache, pos, plan = r.model.prefill(
-            x1["input_ids"], x1["pixel_values"], attention_mask=x1["attention_mask"], pruner=r.run.pruner,
-            max_new_tokens=r.max_new_tokens, image_sizes=x1.get("image_sizes"))
+            x1["input_ids"],
+            x1["pixel_values"],
+            attention_mask=x1["attention_mask"],
+            pruner=r.run.pruner,
+            max_new_tokens=r.max_new_tokens,
+            image_sizes=x1.get("image_sizes"),
+        )
         state.update(logits=logits, cache=cache, pos=pos, plan=plan)
         return access.first_token(logits)
 
@@ -247,7 +254,8 @@ def _decode_b1(r: _Run) -> None:
     with torch_mode(r.ts):
         tdec = r.ts.decode(tst["tok"], tst["cache"], tst["mask"], tst["pos"], n_new) if r.ts is not None else None
     r.jx["decode_tok_s_b1"], r.th["decode_tok_s_b1"] = r.measure(
-        access.decode(r.model, r.st["state"], n_new), tdec, invert=(n_new - 1))
+        access.decode(r.model, r.st["state"], n_new), tdec, invert=(n_new - 1)
+    )
 
 
 def _batch(r: _Run) -> None:
@@ -258,8 +266,14 @@ def _batch(r: _Run) -> None:
     stb = {}
 
     def jttft_b():
-        out = r.model.prefill(xb["input_ids"], xb["pixel_values"], attention_mask=xb["attention_mask"],
-                              pruner=r.run.pruner, max_new_tokens=n_new, image_sizes=xb.get("image_sizes"))
+        out = r.model.prefill(
+            xb["input_ids"],
+            xb["pixel_values"],
+            attention_mask=xb["attention_mask"],
+            pruner=r.run.pruner,
+            max_new_tokens=n_new,
+            image_sizes=xb.get("image_sizes"),
+        )
         stb.update(logits=out[0], cache=out[1], pos=out[2], plan=out[3])
         return access.first_token(out[0])
 
@@ -272,7 +286,8 @@ def _batch(r: _Run) -> None:
         with torch_mode(r.ts):
             tdec_b = r.ts.decode(rep(tst["tok"]), cache_b, rep(tst["mask"]), rep(tst["pos"]), n_new)
     r.jx[f"decode_tok_s_b{bsz}"], r.th[f"decode_tok_s_b{bsz}"] = r.measure(
-        access.decode(r.model, stb, n_new), tdec_b, invert=bsz * (n_new - 1))
+        access.decode(r.model, stb, n_new), tdec_b, invert=bsz * (n_new - 1)
+    )
     stb.clear()  # drop the batch's caches before the batch LLM prefill allocates its own
     tdec_b = None
     planned_b = access.plan_inputs(r.model, xb, r.run.pruner)
@@ -288,12 +303,29 @@ def copy_cache(cache, batch: int):
     return out
 
 
-STAGES = (("vision encoder", _vision), ("selection", _selection), ("LLM prefill", _llm_prefill),
-          ("time to first token", _ttft), ("decode (batch 1)", _decode_b1), ("decode (larger batch)", _batch))
+STAGES = (
+    ("vision encoder", _vision),
+    ("selection", _selection),
+    ("LLM prefill", _llm_prefill),
+    ("time to first token", _ttft),
+    ("decode (batch 1)", _decode_b1),
+    ("decode (larger batch)", _batch),
+)
 
 
-def run_one(model, pieces: access.JaxPieces, run: MethodRun, x1, xb, *, torch_side: TorchSide | None, repeats: int,
-            warmup: int, max_new_tokens: int, progress=log) -> dict:
+def run_one(
+    model,
+    pieces: access.JaxPieces,
+    run: MethodRun,
+    x1,
+    xb,
+    *,
+    torch_side: TorchSide | None,
+    repeats: int,
+    warmup: int,
+    max_new_tokens: int,
+    progress=log,
+) -> dict:
     """Measure one method/budget. x1 / xb: processor outputs at batch 1 / the decode batch."""
     if run.pruner is not None:
         run.pruner.validate(model.config)
@@ -330,8 +362,10 @@ def _prepare_env(bc: BenchConfig) -> None:
         # CPU cores from XLA's threads: a 607x2816 @ 2816x1024 matmul ran 1.8x slower in JAX right after a torch
         # call on 2 cores. PASSIVE must be set before torch loads its OpenMP runtime.
         if "torch" in sys.modules and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-            log("warning: torch was imported before the benchmark set OMP_WAIT_POLICY=PASSIVE; its spinning "
-                "OpenMP threads can slow the JAX timings on CPU")
+            log(
+                "warning: torch was imported before the benchmark set OMP_WAIT_POLICY=PASSIVE; its spinning "
+                "OpenMP threads can slow the JAX timings on CPU"
+            )
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # Two frameworks share the accelerator: JAX gets a fixed half (its default arena is 75 %, and a growing,
         # non-preallocated pool keeps what it freed, which starved PyTorch's 13B decode at batch 8 on an H100).
@@ -352,14 +386,28 @@ def check_config(bc: BenchConfig) -> list[MethodRun]:
 
 def _one_safely(model, pieces, run, x1, xb, bc, torch_side) -> dict:
     try:
-        return run_one(model, pieces, run, x1, xb, torch_side=torch_side, repeats=bc.repeats, warmup=bc.warmup,
-                       max_new_tokens=bc.max_new_tokens)
+        return run_one(
+            model,
+            pieces,
+            run,
+            x1,
+            xb,
+            torch_side=torch_side,
+            repeats=bc.repeats,
+            warmup=bc.warmup,
+            max_new_tokens=bc.max_new_tokens,
+        )
     except (NotImplementedError, ValueError, ImportError, OSError) as e:
         log(f"  {run.label}: FAILED: {type(e).__name__}: {e}")
         if os.environ.get("VLMPRUNE_BENCH_DEBUG"):
             traceback.print_exc()
-        return {"label": run.label, "method": run.method, "budget": run.budget, "settings": run.settings,
-                "error": f"{type(e).__name__}: {e}"}
+        return {
+            "label": run.label,
+            "method": run.method,
+            "budget": run.budget,
+            "settings": run.settings,
+            "error": f"{type(e).__name__}: {e}",
+        }
 
 
 def run_bench(bc: BenchConfig) -> dict:
@@ -367,14 +415,24 @@ def run_bench(bc: BenchConfig) -> dict:
     t_start = time.perf_counter()
     _prepare_env(bc)
     runs = check_config(bc)
-    model, directory, info = build_model(bc.preset, bc.dtype, root=bc.checkpoint_root, seed=bc.seed,
-                                         batch=bc.batch, max_new_tokens=bc.max_new_tokens, model_dir=bc.model)
+    model, directory, info = build_model(
+        bc.preset,
+        bc.dtype,
+        root=bc.checkpoint_root,
+        seed=bc.seed,
+        batch=bc.batch,
+        max_new_tokens=bc.max_new_tokens,
+        model_dir=bc.model,
+    )
     torch_side = None
     if bc.compare_torch:
         if model.config.model_type != "llava":
             raise BenchError(f"--compare-torch supports LLaVA-1.5 models; {bc.model} is {model.config.model_type}")
-        log(f"loading the HF PyTorch model from {directory} ..." if directory else
-            f"building the HF PyTorch model with the same {bc.dtype} weights ...")
+        log(
+            f"loading the HF PyTorch model from {directory} ..."
+            if directory
+            else f"building the HF PyTorch model with the same {bc.dtype} weights ..."
+        )
         torch_side = TorchSide(directory, bc.dtype, model=model)
     x1, xb = bench_inputs(model, 1), bench_inputs(model, bc.batch)
     meta = _meta(bc, model, info, x1, torch_side)
@@ -430,15 +488,24 @@ def _meta(bc, model, info, x1, torch_side) -> dict:
     m = machine_info()
     desc = PRESETS[bc.preset].description if bc.model is None else f"checkpoint {bc.model} ({c.model_type})"
     meta = {
-        "preset": bc.preset if bc.model is None else "checkpoint", "preset_description": desc, "dtype": bc.dtype,
-        **m, "repeats": bc.repeats, "selection_repeats": max(bc.repeats, SELECTION_REPEATS), "warmup": bc.warmup,
-        "decode_batch": bc.batch, "max_new_tokens": bc.max_new_tokens,
-        "params": info.get("params"), "tokens_per_image": c.tokens_per_image, "model_type": c.model_type,
+        "preset": bc.preset if bc.model is None else "checkpoint",
+        "preset_description": desc,
+        "dtype": bc.dtype,
+        **m,
+        "repeats": bc.repeats,
+        "selection_repeats": max(bc.repeats, SELECTION_REPEATS),
+        "warmup": bc.warmup,
+        "decode_batch": bc.batch,
+        "max_new_tokens": bc.max_new_tokens,
+        "params": info.get("params"),
+        "tokens_per_image": c.tokens_per_image,
+        "model_type": c.model_type,
         "input_tokens": int(x1["input_ids"].shape[1]),
         "vision": dataclasses.asdict(c.vision),
         "text": {k: v for k, v in dataclasses.asdict(c.text).items() if k != "rope_scaling"},
         "threads": bc.threads or "default",
-        "compare_torch": torch_side is not None, "peak_flops": targets.peak_flops(m["device"], bc.dtype),
+        "compare_torch": torch_side is not None,
+        "peak_flops": targets.peak_flops(m["device"], bc.dtype),
     }
     if bc.model is not None:
         meta["model"] = bc.model
@@ -446,9 +513,14 @@ def _meta(bc, model, info, x1, torch_side) -> dict:
         import torch
         import transformers
 
-        meta.update(torch=torch.__version__, transformers=transformers.__version__,
-                    torch_threads=torch.get_num_threads(), torch_device=torch_side.device, torch_attn="sdpa",
-                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+        meta.update(
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            torch_threads=torch.get_num_threads(),
+            torch_device=torch_side.device,
+            torch_attn="sdpa",
+            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        )
     if "memory_estimate" in info:
         meta["memory_estimate"] = info["memory_estimate"]
     return meta

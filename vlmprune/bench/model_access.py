@@ -25,8 +25,21 @@ from vlmprune.pipeline import DeviceInputs, Greedy, SequencePlan
 from vlmprune.prune.base import LLMPruner, PruneContext, image_keep_mask, tokens_for_llm
 from vlmprune.types import PruneResult, VisionTaps
 
-__all__ = ["DTYPES", "LlavaConfig", "LlavaModel", "Llava", "JaxPieces", "Planned", "abstract_params", "decode",
-           "first_token", "inside_llm", "kept_indices", "plan_inputs", "project_first"]
+__all__ = [
+    "DTYPES",
+    "LlavaConfig",
+    "LlavaModel",
+    "Llava",
+    "JaxPieces",
+    "Planned",
+    "abstract_params",
+    "decode",
+    "first_token",
+    "inside_llm",
+    "kept_indices",
+    "plan_inputs",
+    "project_first",
+]
 
 
 def abstract_params(module: Llava):
@@ -83,8 +96,16 @@ def first_token(logits):
 def decode(model: LlavaModel, state: dict, max_new_tokens: int):
     """A closure decoding ``max_new_tokens`` greedy tokens from a prefill ``state`` (logits, cache, pos, plan: what
     ``LlavaModel.prefill`` returns), with EOS off so that every call decodes exactly that many."""
-    return lambda: model.decode(state["logits"], state["cache"], state["pos"], state["plan"],
-                                max_new_tokens=max_new_tokens, sampler=Greedy(), seed=0, stop_at_eos=False)
+    return lambda: model.decode(
+        state["logits"],
+        state["cache"],
+        state["pos"],
+        state["plan"],
+        max_new_tokens=max_new_tokens,
+        sampler=Greedy(),
+        seed=0,
+        stop_at_eos=False,
+    )
 
 
 class JaxPieces:
@@ -99,8 +120,9 @@ class JaxPieces:
             PyTorch side's full prefill); (logits at each row's last real slot (B, V), cache)."""
             b = seq.embeds.shape[0]
             cache = KVCache.zeros(m.config.text, b, max_len, seq.embeds.dtype)
-            logits, out_mask, cache = m.apply({"params": params}, seq.embeds, seq.positions, seq.mask, cache,
-                                              seq.hook, method=Llava.prefill)
+            logits, out_mask, cache = m.apply(
+                {"params": params}, seq.embeds, seq.positions, seq.mask, cache, seq.hook, method=Llava.prefill
+            )
             last = out_mask.shape[1] - 1 - jnp.argmax(out_mask[:, ::-1], axis=1)
             return logits[jnp.arange(b), last], cache
 
@@ -134,13 +156,16 @@ class JaxPieces:
         """The selection alone, jitted: taps -> (PruneResult, what the method hands on). LLaVA-1.5: its tokens
         (NI, K, ·) and valid before projection; LLaVA-NeXT: the keep mask bool (NI, T·N) over the tile tokens."""
         if ctx.layout is None:
+
             def go(taps: VisionTaps, ctx: PruneContext):
                 res = pipeline.prune(pruner, taps, ctx)
                 return res, tokens_for_llm(res, taps, lambda f: f)
         else:
+
             def go(taps: VisionTaps, ctx: PruneContext):
                 res = pipeline.prune(pruner, taps, ctx)
                 return res, image_keep_mask(res, ctx.layout.tile_valid.shape[1] * taps.num_tokens)
+
         jitted = jax.jit(go)
         return lambda taps: jitted(taps, ctx)
 
@@ -148,8 +173,9 @@ class JaxPieces:
         """A closure: taps -> (tokens (NI, K, D_llm), valid (NI, K)) the LLM receives (``tokens_from_taps``: the
         pruner's selection and the projection, NeXT packing included)."""
         inputs = planned.inputs
-        return lambda taps: self.tokens(self.model.params, taps, pruner, inputs.layout, dict(inputs.aux),
-                                        planned.stride)
+        return lambda taps: self.tokens(
+            self.model.params, taps, pruner, inputs.layout, dict(inputs.aux), planned.stride
+        )
 
 
 def kept_indices(result: PruneResult):

@@ -23,14 +23,32 @@ from vlmprune.bench import model_access as access
 from vlmprune.bench.config import PROMPT, BenchError, log
 from vlmprune.demo import prepare_inputs
 
-_CLIP_L336 = dict(vision_hidden_size=1024, vision_intermediate_size=4096, vision_num_hidden_layers=24,
-                  vision_num_attention_heads=16, vision_image_size=336, vision_patch_size=14,
-                  vision_projection_dim=768)
-_VICUNA_7B = dict(text_hidden_size=4096, text_intermediate_size=11008, text_num_hidden_layers=32,
-                  text_num_attention_heads=32, text_num_key_value_heads=32, text_vocab_size=32064,
-                  text_max_position_embeddings=4096)
-_VICUNA_13B = dict(_VICUNA_7B, text_hidden_size=5120, text_intermediate_size=13824, text_num_hidden_layers=40,
-                   text_num_attention_heads=40, text_num_key_value_heads=40)
+_CLIP_L336 = dict(
+    vision_hidden_size=1024,
+    vision_intermediate_size=4096,
+    vision_num_hidden_layers=24,
+    vision_num_attention_heads=16,
+    vision_image_size=336,
+    vision_patch_size=14,
+    vision_projection_dim=768,
+)
+_VICUNA_7B = dict(
+    text_hidden_size=4096,
+    text_intermediate_size=11008,
+    text_num_hidden_layers=32,
+    text_num_attention_heads=32,
+    text_num_key_value_heads=32,
+    text_vocab_size=32064,
+    text_max_position_embeddings=4096,
+)
+_VICUNA_13B = dict(
+    _VICUNA_7B,
+    text_hidden_size=5120,
+    text_intermediate_size=13824,
+    text_num_hidden_layers=40,
+    text_num_attention_heads=40,
+    text_num_key_value_heads=40,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,28 +62,74 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "tiny": Preset("tiny", dict(vision_image_size=56, vision_num_hidden_layers=3, text_num_hidden_layers=2,
-                                text_hidden_size=64, text_intermediate_size=128), False,
-                   "16 visual tokens, 2-layer LLM: smoke tests only"),
+    "tiny": Preset(
+        "tiny",
+        dict(
+            vision_image_size=56,
+            vision_num_hidden_layers=3,
+            text_num_hidden_layers=2,
+            text_hidden_size=64,
+            text_intermediate_size=128,
+        ),
+        False,
+        "16 visual tokens, 2-layer LLM: smoke tests only",
+    ),
     "cpu-small": Preset(
         "cpu-small",
-        dict(vision_image_size=336, vision_patch_size=14, vision_hidden_size=768, vision_intermediate_size=3072,
-             vision_num_hidden_layers=8, vision_num_attention_heads=12, vision_projection_dim=512,
-             text_hidden_size=1024, text_intermediate_size=2816, text_num_hidden_layers=6,
-             text_num_attention_heads=16, text_num_key_value_heads=16, text_vocab_size=32064,
-             text_max_position_embeddings=2048),
-        False, "CLIP-B-like 8-layer tower at 336 px (576 visual tokens) + 6-layer d1024 LLaMA, 32k vocab"),
-    "tiny-next": Preset("tiny-next", dict(vision_image_size=56, vision_num_hidden_layers=3, text_num_hidden_layers=2,
-                                          text_hidden_size=64, text_intermediate_size=128), True,
-                        "tiny LLaVA-NeXT (anyres tiles of 16 tokens), params in memory: smoke tests only",
-                        next_model=True),
-    "llava-1.5-7b": Preset("llava-1.5-7b", dict(_CLIP_L336, **_VICUNA_7B), True,
-                           "CLIP-L/14-336 + Vicuna-7B shapes (random weights)", gpu_only=True),
-    "llava-1.5-13b": Preset("llava-1.5-13b", dict(_CLIP_L336, **_VICUNA_13B), True,
-                            "CLIP-L/14-336 + Vicuna-13B shapes (random weights)", gpu_only=True),
-    "llava-next-7b": Preset("llava-next-7b", dict(_CLIP_L336, **_VICUNA_7B), True,
-                            "LLaVA-NeXT-7B shapes (anyres, up to 5 tiles of 576 tokens; random weights)",
-                            next_model=True, gpu_only=True),
+        dict(
+            vision_image_size=336,
+            vision_patch_size=14,
+            vision_hidden_size=768,
+            vision_intermediate_size=3072,
+            vision_num_hidden_layers=8,
+            vision_num_attention_heads=12,
+            vision_projection_dim=512,
+            text_hidden_size=1024,
+            text_intermediate_size=2816,
+            text_num_hidden_layers=6,
+            text_num_attention_heads=16,
+            text_num_key_value_heads=16,
+            text_vocab_size=32064,
+            text_max_position_embeddings=2048,
+        ),
+        False,
+        "CLIP-B-like 8-layer tower at 336 px (576 visual tokens) + 6-layer d1024 LLaMA, 32k vocab",
+    ),
+    "tiny-next": Preset(
+        "tiny-next",
+        dict(
+            vision_image_size=56,
+            vision_num_hidden_layers=3,
+            text_num_hidden_layers=2,
+            text_hidden_size=64,
+            text_intermediate_size=128,
+        ),
+        True,
+        "tiny LLaVA-NeXT (anyres tiles of 16 tokens), params in memory: smoke tests only",
+        next_model=True,
+    ),
+    "llava-1.5-7b": Preset(
+        "llava-1.5-7b",
+        dict(_CLIP_L336, **_VICUNA_7B),
+        True,
+        "CLIP-L/14-336 + Vicuna-7B shapes (random weights)",
+        gpu_only=True,
+    ),
+    "llava-1.5-13b": Preset(
+        "llava-1.5-13b",
+        dict(_CLIP_L336, **_VICUNA_13B),
+        True,
+        "CLIP-L/14-336 + Vicuna-13B shapes (random weights)",
+        gpu_only=True,
+    ),
+    "llava-next-7b": Preset(
+        "llava-next-7b",
+        dict(_CLIP_L336, **_VICUNA_7B),
+        True,
+        "LLaVA-NeXT-7B shapes (anyres, up to 5 tiles of 576 tokens; random weights)",
+        next_model=True,
+        gpu_only=True,
+    ),
 }
 
 
@@ -151,8 +215,16 @@ def random_params(abstract, dtype, seed: int, std: float = 0.02):
     return jax.jit(make)()
 
 
-def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints", seed: int = 0,
-                batch: int = 4, max_new_tokens: int = 32, model_dir: str | None = None):
+def build_model(
+    preset: str,
+    dtype: str = "float32",
+    *,
+    root: str = "checkpoints",
+    seed: int = 0,
+    batch: int = 4,
+    max_new_tokens: int = 32,
+    model_dir: str | None = None,
+):
     """(LlavaModel, checkpoint directory or None, info dict). Refuses presets that cannot fit the backend.
 
     ``model_dir``: load that checkpoint (either family) instead of building the preset.
@@ -189,18 +261,24 @@ def build_model(preset: str, dtype: str = "float32", *, root: str = "checkpoints
     tiles = 5 if p.next_model else 1  # NeXT: base image + up to a 2x2 grid
     vis = cfg.tokens_per_image * tiles
     est = memory_estimate(cfg, n_params, nbytes, seq_len=vis + 96 + max_new_tokens, batch=batch)
-    need = (f"{preset} ({n_params / 1e9:.2f} B params) needs about {est['total'] / GiB:.1f} GiB of device memory "
-            f"in {dtype} (params {est['params'] / GiB:.1f} GiB + KV cache at batch {batch} "
-            f"{est['kv_cache'] / GiB:.2f} GiB + activations/logits "
-            f"{(est['activations'] + est['logits']) / GiB:.1f} GiB)")
+    need = (
+        f"{preset} ({n_params / 1e9:.2f} B params) needs about {est['total'] / GiB:.1f} GiB of device memory "
+        f"in {dtype} (params {est['params'] / GiB:.1f} GiB + KV cache at batch {batch} "
+        f"{est['kv_cache'] / GiB:.2f} GiB + activations/logits "
+        f"{(est['activations'] + est['logits']) / GiB:.1f} GiB)"
+    )
     if p.gpu_only and dev.platform == "cpu":
-        raise BenchError(f"{need}; real-shape presets run on GPU/TPU only and this JAX backend is CPU. "
-                         f"Use --preset cpu-small (or tiny) on CPU.")
+        raise BenchError(
+            f"{need}; real-shape presets run on GPU/TPU only and this JAX backend is CPU. "
+            f"Use --preset cpu-small (or tiny) on CPU."
+        )
     stats = dev.memory_stats() or {}
     limit = stats.get("bytes_limit")
     if limit and est["total"] > limit:
-        raise BenchError(f"{need}, but {dev.device_kind} has {limit / GiB:.1f} GiB; try --dtype bfloat16, a smaller "
-                         f"--batch, or a larger device.")
+        raise BenchError(
+            f"{need}, but {dev.device_kind} has {limit / GiB:.1f} GiB; try --dtype bfloat16, a smaller "
+            f"--batch, or a larger device."
+        )
     log(f"initialising random {preset} params on {dev.device_kind} in {dtype} ({n_params / 1e9:.3f} B) ...")
     params = random_params(abstract, access.DTYPES[dtype], seed)
     model = access.LlavaModel(cfg, params, dtype=dtype, processor=proc, hf_config=hf)

@@ -48,11 +48,17 @@ def _header(meta: dict) -> list[str]:
         f"{meta['preset_description']}; {meta['params'] / 1e6:.0f} M params, {meta['tokens_per_image']} visual tokens "
         f"per image, {meta['input_tokens']} input tokens. Median ± half range over {meta['repeats']} timed runs after "
         f"{meta['warmup']} warm-up run(s); decode = {meta['max_new_tokens']} greedy tokens (EOS disabled). "
-        f"jax {meta['jax']}" + (f", torch {meta.get('torch')} ({meta.get('torch_threads')} threads, SDPA, "
-                                f"OMP_WAIT_POLICY={meta.get('omp_wait_policy')}), "
-                                f"transformers {meta.get('transformers')}" if meta.get("compare_torch") else "") +
-        f". Host: {meta['host_cpus']} CPUs" + (f", load average at start {meta['load_average'][0]:.1f}"
-                                                if meta.get("load_average") else "") + ".",
+        f"jax {meta['jax']}"
+        + (
+            f", torch {meta.get('torch')} ({meta.get('torch_threads')} threads, SDPA, "
+            f"OMP_WAIT_POLICY={meta.get('omp_wait_policy')}), "
+            f"transformers {meta.get('transformers')}"
+            if meta.get("compare_torch")
+            else ""
+        )
+        + f". Host: {meta['host_cpus']} CPUs"
+        + (f", load average at start {meta['load_average'][0]:.1f}" if meta.get("load_average") else "")
+        + ".",
         "",
         "FLOPs: analytic = 2 × §6 MACs over `n_text + kept` tokens (2ndm = papers' convention, 3ndm = SwiGLU); "
         "XLA = `cost_analysis()` of the LLM-prefill program (incl. LM head over all positions, norms, RoPE). "
@@ -90,7 +96,8 @@ def _jax_table(runs: list[dict], b: int) -> list[str]:
             f"{sel} | "
             f"{_fmt_t(j['select_project_ms'], 2)} | {_fmt_t(j['llm_prefill_ms'])}{_cut(r, 'jax_llm_prefill_ms')} | "
             f"{_fmt_t(j['ttft_ms'])} | {_fmt_t(j['decode_tok_s_b1'])} | {_fmt_t(j.get(f'decode_tok_s_b{b}'))} | "
-            f"{_fmt_b(j['kv_cache_bytes'])} | {_fmt_b(j.get('peak_device_bytes'))} |")
+            f"{_fmt_b(j['kv_cache_bytes'])} | {_fmt_b(j.get('peak_device_bytes'))} |"
+        )
     return lines
 
 
@@ -99,21 +106,30 @@ def _pc(x) -> str:
 
 
 def _batch_table(runs: list[dict], meta: dict, b: int) -> list[str]:
-    lines = ["", f"Batch {b} (the same prompt and image in every row; JAX): the weight reads are shared by {b} rows, "
-                 "so the prefill is compute-bound and pruning's FLOP cut shows in the time.", "",
-             f"| method | TTFT ms b{b} (cut) | LLM prefill ms b{b} (cut) | MFU LLM prefill b1 | MFU b{b} |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"Batch {b} (the same prompt and image in every row; JAX): the weight reads are shared by {b} rows, "
+        "so the prefill is compute-bound and pruning's FLOP cut shows in the time.",
+        "",
+        f"| method | TTFT ms b{b} (cut) | LLM prefill ms b{b} (cut) | MFU LLM prefill b1 | MFU b{b} |",
+        "|---|---|---|---|---|",
+    ]
     for r in runs:
         if "error" in r:
             continue
         j, mfu = r["jax"], r.get("mfu_llm_prefill") or {}
-        lines.append(f"| {r['label']} | {_fmt_t(j.get(f'ttft_ms_b{b}'))}{_cut(r, f'jax_ttft_ms_b{b}')} | "
-                     f"{_fmt_t(j.get(f'llm_prefill_ms_b{b}'))}{_cut(r, f'jax_llm_prefill_ms_b{b}')} | "
-                     f"{_pc(targets.mfu(mfu))} | {_pc(targets.mfu(mfu, f'_b{b}'))} |")
+        lines.append(
+            f"| {r['label']} | {_fmt_t(j.get(f'ttft_ms_b{b}'))}{_cut(r, f'jax_ttft_ms_b{b}')} | "
+            f"{_fmt_t(j.get(f'llm_prefill_ms_b{b}'))}{_cut(r, f'jax_llm_prefill_ms_b{b}')} | "
+            f"{_pc(targets.mfu(mfu))} | {_pc(targets.mfu(mfu, f'_b{b}'))} |"
+        )
     if meta.get("peak_flops"):
-        lines += ["", f"MFU = FLOPs of the LLM prefill (XLA's count of the program, or where the backend gives none "
-                      f"the analytic 3ndm count) ÷ median time ÷ the chip's dense peak of "
-                      f"{meta['peak_flops'] / 1e12:.0f} TFLOP/s ({meta['dtype']})."]
+        lines += [
+            "",
+            f"MFU = FLOPs of the LLM prefill (XLA's count of the program, or where the backend gives none "
+            f"the analytic 3ndm count) ÷ median time ÷ the chip's dense peak of "
+            f"{meta['peak_flops'] / 1e12:.0f} TFLOP/s ({meta['dtype']}).",
+        ]
     return lines
 
 
@@ -147,17 +163,24 @@ def _torch_table(runs: list[dict], b: int) -> list[str]:
             f"{_fmt_t(th.get('llm_prefill_last_logits_ms'))} | {cell('ttft_ms')} | {cell('decode_tok_s_b1')} | "
             f"{cell(f'decode_tok_s_b{b}')} | {_fmt_b(j['kv_cache_bytes'])} / {_fmt_b(th.get('kv_cache_bytes'))} "
             f"({_fmt_r(kvr)}) | {_fmt_g(r.get('xla_flops_llm_prefill'))} / {_fmt_g(fl)} ({_fmt_r(flr)}) | "
-            f"{_fmt_b(j.get('peak_device_bytes'))} / {_fmt_b(th.get('peak_device_bytes'))} |")
+            f"{_fmt_b(j.get('peak_device_bytes'))} / {_fmt_b(th.get('peak_device_bytes'))} |"
+        )
     return lines
 
 
 def _targets_list(runs: list[dict], tg: dict) -> list[str]:
     lines = []
-    lc = [f"{r['label']} {r['logits_vs_torch']['rel_l2']:.1e} / {r['logits_vs_torch']['top1_agree']:.0%}"
-          for r in runs if r.get("logits_vs_torch")]
+    lc = [
+        f"{r['label']} {r['logits_vs_torch']['rel_l2']:.1e} / {r['logits_vs_torch']['top1_agree']:.0%}"
+        for r in runs
+        if r.get("logits_vs_torch")
+    ]
     if lc:
-        lines += ["", "Same model on both sides: last-token logits of the two LLM prefills, relative L2 error / "
-                      "top-1 agreement: " + ", ".join(lc) + "."]
+        lines += [
+            "",
+            "Same model on both sides: last-token logits of the two LLM prefills, relative L2 error / "
+            "top-1 agreement: " + ", ".join(lc) + ".",
+        ]
     if tg:
         lines += ["", "## Targets", ""]
         for k, v in tg.items():
@@ -195,8 +218,11 @@ def _series(runs, m, fn):
 def _finish(plt, fig, ax, colors, methods, styles, ylabel, title_text, path):
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=colors[m], marker="o", label=m) for m in methods
-               if any(ln.get_color() == colors[m] for ln in ax.lines)]
+    handles = [
+        Line2D([], [], color=colors[m], marker="o", label=m)
+        for m in methods
+        if any(ln.get_color() == colors[m] for ln in ax.lines)
+    ]
     handles += [Line2D([], [], color="0.3", linestyle=ls, marker=mk, label=lab) for lab, ls, mk in styles]
     if handles:
         ax.legend(handles=handles, fontsize=8)
@@ -234,14 +260,26 @@ def plot(out: dict, path_prefix: str) -> list[str]:
         if xs:
             ax.plot(xs, ys, "s--", color=colors[m], alpha=0.7)
     styles = [("JAX", "-", "o")] + ([("PyTorch (HF)", "--", "s")] if meta.get("compare_torch") else [])
-    paths = [_finish(plt, fig, ax, colors, methods, styles, "time to first token (ms)",
-                     f"Time to first token — {title}", f"{path_prefix}_ttft.png")]
+    paths = [
+        _finish(
+            plt,
+            fig,
+            ax,
+            colors,
+            methods,
+            styles,
+            "time to first token (ms)",
+            f"Time to first token — {title}",
+            f"{path_prefix}_ttft.png",
+        )
+    ]
     fig, ax = plt.subplots(figsize=(7, 4.5))  # FLOPs
     has_torch = False
     for m in methods:
         ax.plot(*_series(runs, m, lambda r: r["analytic"]["flops_2ndm"] / 1e9), "o-", color=colors[m])
-        xs, ys = _series(runs, m, lambda r: r["xla_flops_llm_prefill"] / 1e9 if r.get("xla_flops_llm_prefill")
-                         else None)
+        xs, ys = _series(
+            runs, m, lambda r: r["xla_flops_llm_prefill"] / 1e9 if r.get("xla_flops_llm_prefill") else None
+        )
         if xs:
             ax.plot(xs, ys, "^:", color=colors[m], alpha=0.8)
         xs, ys = _series(runs, m, _torch_flops_g)
@@ -251,8 +289,19 @@ def plot(out: dict, path_prefix: str) -> list[str]:
     styles = [("analytic §6 (2ndm)", "-", "o"), ("XLA cost_analysis (JAX)", ":", "^")]
     if has_torch:
         styles.append(("torch FlopCounter (PyTorch)", "--", "s"))
-    paths.append(_finish(plt, fig, ax, colors, methods, styles, "LLM prefill GFLOPs", f"Prefill FLOPs — {title}",
-                         f"{path_prefix}_flops.png"))
+    paths.append(
+        _finish(
+            plt,
+            fig,
+            ax,
+            colors,
+            methods,
+            styles,
+            "LLM prefill GFLOPs",
+            f"Prefill FLOPs — {title}",
+            f"{path_prefix}_flops.png",
+        )
+    )
     return paths
 
 
@@ -299,8 +348,11 @@ def merge_outputs(paths: list[str], out_dir: str, tag: str, *, plots: bool = Tru
     for o in outs:
         for r in o["runs"]:
             runs[r["label"]] = r
-    meta = dict(outs[0]["meta"], merged_from=[os.path.basename(p) for p in paths],
-                compare_torch=any(o["meta"].get("compare_torch") for o in outs))
+    meta = dict(
+        outs[0]["meta"],
+        merged_from=[os.path.basename(p) for p in paths],
+        compare_torch=any(o["meta"].get("compare_torch") for o in outs),
+    )
     for o in outs[1:]:
         for k in ("torch", "transformers", "torch_threads", "torch_device", "torch_attn", "omp_wait_policy"):
             meta.setdefault(k, o["meta"].get(k))
@@ -331,8 +383,10 @@ def _exact_note(r: dict) -> str:
 
 
 def selection_table(rows: list[dict]) -> str:
-    head = ("| method | budget | JAX jit ms (median ± IQR) | JAX API ms | PyTorch ms (median ± IQR) | "
-            "speed-up (torch/jax): median (min) | % of encoder | JAX compile s | selections agree |")
+    head = (
+        "| method | budget | JAX jit ms (median ± IQR) | JAX API ms | PyTorch ms (median ± IQR) | "
+        "speed-up (torch/jax): median (min) | % of encoder | JAX compile s | selections agree |"
+    )
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         agree = {True: "yes", False: "NO", None: "n/a"}[r["agree"]]
@@ -341,7 +395,8 @@ def selection_table(rows: list[dict]) -> str:
             f"| {r['method']} | {r['budget']} | {_fmt_ms(j['median'])} ± {_fmt_ms(j['iqr'])} | "
             f"{_fmt_ms(median(r.get('jax_api')))} | {_fmt_ms(t['median'])} ± {_fmt_ms(t['iqr'])} | "
             f"{r['speedup']:.1f}× ({r['speedup_min']:.1f}×) | {r['pct_encoder']:.3f} % | {r['jax_compile_s']:.1f} | "
-            f"{agree} ({r['agree_detail']}{_exact_note(r)}) |")
+            f"{agree} ({r['agree_detail']}{_exact_note(r)}) |"
+        )
     return "\n".join(lines)
 
 
@@ -351,9 +406,11 @@ def selection_verdicts(rows: list[dict], speedup: float, encoder_pct: float) -> 
         if r["method"] != "vispruner":
             continue
         fast, small = r["speedup"] >= speedup, r["pct_encoder"] <= encoder_pct
-        out.append(f"VisPruner T={r['budget']}: speed-up {r['speedup']:.1f}× "
-                   f"({'meets' if fast else 'MISSES'} ≥{speedup:g}×), {r['pct_encoder']:.2f} % of encoder "
-                   f"({'meets' if small else 'MISSES'} ≤{encoder_pct:g} %)")
+        out.append(
+            f"VisPruner T={r['budget']}: speed-up {r['speedup']:.1f}× "
+            f"({'meets' if fast else 'MISSES'} ≥{speedup:g}×), {r['pct_encoder']:.2f} % of encoder "
+            f"({'meets' if small else 'MISSES'} ≤{encoder_pct:g} %)"
+        )
     return out
 
 
@@ -366,7 +423,8 @@ def _selection_notes(rows: list[dict], budgets: list[int]) -> list[str]:
             notes.append(
                 f"* {r['method']} T={r['budget']} re-timed with `torch.set_num_threads(1)` (interleaved again): "
                 f"JAX {_fmt_ms(o['jax']['median'])} ms, PyTorch {_fmt_ms(o['torch']['median'])} ms, speed-up "
-                f"{o['speedup']:.1f}× (min/min {o['torch']['min'] / o['jax']['min']:.1f}×)")
+                f"{o['speedup']:.1f}× (min/min {o['torch']['min'] / o['jax']['min']:.1f}×)"
+            )
     return notes
 
 
@@ -374,18 +432,21 @@ def selection_markdown(result: dict, command: str, speedup: float, encoder_pct: 
     """The selection suite's results as markdown: machine, inputs, encoder, the table, notes and targets."""
     info, cfg, enc, rows = result["machine"], result["config"], result["encoder"], result["rows"]
     md = [
-        "# Token-selection speed on CPU: JAX (jit) vs a straightforward PyTorch implementation", "",
-        f"Command: `{command}`", "",
+        "# Token-selection speed on CPU: JAX (jit) vs a straightforward PyTorch implementation",
+        "",
+        f"Command: `{command}`",
+        "",
         f"Machine: {info['processor']}, {info['host_cpus']} CPU cores, {info['platform']}; jax {info['jax']} "
         f"(jaxlib {info['jaxlib']}, backend {info['backend']}), flax {info['flax']}, torch {info.get('torch')} "
         f"({info.get('torch_threads')} threads), numpy {info['numpy']}; {info['date']}. Load average (1/5/15 min) "
-        f"at start {info['load_average']}, at end {result.get('loadavg_end')}.", "",
+        f"at start {info['load_average']}, at end {result.get('loadavg_end')}.",
+        "",
         f"Inputs: seeded random, B={cfg['batch']}, N={cfg['num_tokens']}, C={cfg['dim']}, H={cfg['heads']}, float32. "
         f"Timings: median ± IQR over {cfg['repeats']} calls after one warm-up, JAX and PyTorch calls interleaved "
         "(JAX: jitted, `block_until_ready`; JAX API: the public function called eagerly, validation and host-side "
         "NaN check included; PyTorch: eager, `torch.no_grad()`, default threads). Speed-up = PyTorch median / "
         "JAX median (in brackets: fastest PyTorch call / fastest JAX call, less sensitive to background load); "
-        "% of encoder = JAX median / encoder median. \"selections agree\" compares the JAX and PyTorch outputs "
+        '% of encoder = JAX median / encoder median. "selections agree" compares the JAX and PyTorch outputs '
         "of this run (index sets, masks, or merged tokens to 1e-3). For VisPruner and HERO it also compares JAX "
         "with an untimed float64 reference: float32 rounding can reorder near-equal scores (VisPruner's "
         "best-similarity ranking, HERO's double-softmax scores) and so change the kept set; see `exact_vispruner`.",
@@ -393,8 +454,10 @@ def selection_markdown(result: dict, command: str, speedup: float, encoder_pct: 
         f"Encoder: Flax CLIP vision tower, {enc['layers']} layers ({enc['layers_run']} run, as LLaVA: hidden state -2 "
         f"and the CLS attention row of layer {enc['cls_attention_layer']}), {enc['image_size']} px, B={cfg['batch']}, "
         f"random weights ({enc['params'] / 1e6:.0f} M params), jitted: **{enc['median']:.1f} ms** "
-        f"(IQR {enc['iqr']:.1f} ms over {enc['n']} calls; compile {enc['compile_s']:.1f} s).", "",
-        selection_table(rows), "",
+        f"(IQR {enc['iqr']:.1f} ms over {enc['n']} calls; compile {enc['compile_s']:.1f} s).",
+        "",
+        selection_table(rows),
+        "",
     ]
     notes = _selection_notes(rows, cfg["budgets"])
     if notes:
@@ -402,6 +465,9 @@ def selection_markdown(result: dict, command: str, speedup: float, encoder_pct: 
     if result["skipped"]:
         md += ["Skipped:", *[f"* {s['method']}: {s['reason']}" for s in result["skipped"]], ""]
     if result["verdicts"]:
-        md += [f"Targets (VisPruner ≥ {speedup:g}× faster than PyTorch, ≤ {encoder_pct:g} % of encoder):",
-               *[f"* {v}" for v in result["verdicts"]], ""]
+        md += [
+            f"Targets (VisPruner ≥ {speedup:g}× faster than PyTorch, ≤ {encoder_pct:g} % of encoder):",
+            *[f"* {v}" for v in result["verdicts"]],
+            "",
+        ]
     return "\n".join(md)

@@ -38,9 +38,18 @@ from vlmprune.prune.ops import l2_normalize
 torch = T.torch
 
 #: the suite's rows -> the registered method whose settings they take (hired_single: HiRED's LLaVA-1.5 form)
-SUITE_METHODS = {"vispruner": "vispruner", "fastervlm": "fastervlm", "hired_single": "hired", "hired": "hired",
-                 "hero": "hero", "divprune": "divprune", "visionzip": "visionzip", "prumerge_plus": "prumerge_plus",
-                 "random_keep": "random", "uniform": "uniform"}
+SUITE_METHODS = {
+    "vispruner": "vispruner",
+    "fastervlm": "fastervlm",
+    "hired_single": "hired",
+    "hired": "hired",
+    "hero": "hero",
+    "divprune": "divprune",
+    "visionzip": "visionzip",
+    "prumerge_plus": "prumerge_plus",
+    "random_keep": "random",
+    "uniform": "uniform",
+}
 ALL_METHODS = tuple(SUITE_METHODS)
 TARGET_SPEEDUP = 10.0
 TARGET_ENCODER_PCT = 2.0
@@ -82,8 +91,9 @@ def _cls_rows(rng, shape, n: int) -> np.ndarray:
     return _softmax_rows(logits)[..., 1:]
 
 
-def make_inputs(batch: int, n: int, dim: int, heads: int, emb_dim: int, seed: int,
-                hero_low: int = 11, hero_high: int = 12) -> Inputs:
+def make_inputs(
+    batch: int, n: int, dim: int, heads: int, emb_dim: int, seed: int, hero_low: int = 11, hero_high: int = 12
+) -> Inputs:
     rng = np.random.default_rng(seed)
     s = int(round(n**0.5))
     k_tiles = 4
@@ -156,8 +166,10 @@ def sets_equal(jax_idx, torch_idx) -> tuple[bool, str]:
     b = np.sort(np.asarray(torch_idx), axis=-1)
     if a.shape != b.shape:
         return False, f"shape {a.shape} vs {b.shape}"
-    diff = sum(len(set(x.tolist()) ^ set(y.tolist())) // 2 for x, y in zip(a.reshape(-1, a.shape[-1]),
-                                                                           b.reshape(-1, b.shape[-1])))
+    diff = sum(
+        len(set(x.tolist()) ^ set(y.tolist())) // 2
+        for x, y in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+    )
     return diff == 0, ("identical index sets" if diff == 0 else f"{diff} index(es) differ")
 
 
@@ -186,8 +198,12 @@ class CaseInputs:
 
     @classmethod
     def of(cls, inp: Inputs, seed: int) -> CaseInputs:
-        return cls(inp, {k: jnp.asarray(v) for k, v in vars(inp).items()},
-                   {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in vars(inp).items()}, seed)
+        return cls(
+            inp,
+            {k: jnp.asarray(v) for k, v in vars(inp).items()},
+            {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in vars(inp).items()},
+            seed,
+        )
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -203,24 +219,40 @@ def _vispruner(p, c: CaseInputs, label: str) -> Case:
         normalized = np.asarray(jax.jit(l2_normalize)(j["features"]))
         return sets_equal(o.indices, T.exact_vispruner(normalized, c.inp.cls_attn, k, ratio))
 
-    return Case(lambda: jf(j["features"], j["cls_attn"]), lambda: f(j["features"], j["cls_attn"]),
-                lambda: T.torch_vispruner(t["features"], t["cls_attn"], k, ratio),
-                lambda o, r: sets_equal(o.indices, r), label, f"important_ratio {ratio:g}", exact_check)
+    return Case(
+        lambda: jf(j["features"], j["cls_attn"]),
+        lambda: f(j["features"], j["cls_attn"]),
+        lambda: T.torch_vispruner(t["features"], t["cls_attn"], k, ratio),
+        lambda o, r: sets_equal(o.indices, r),
+        label,
+        f"important_ratio {ratio:g}",
+        exact_check,
+    )
 
 
 def _fastervlm(p, c: CaseInputs, label: str) -> Case:
     f = functools.partial(P.fastervlm, num_keep=p.num_keep)
     jf = jax.jit(f)
-    return Case(lambda: jf(c.j["cls_attn"]), lambda: f(c.j["cls_attn"]),
-                lambda: T.torch_fastervlm(c.t["cls_attn"], p.num_keep), lambda o, r: sets_equal(o.indices, r), label)
+    return Case(
+        lambda: jf(c.j["cls_attn"]),
+        lambda: f(c.j["cls_attn"]),
+        lambda: T.torch_fastervlm(c.t["cls_attn"], p.num_keep),
+        lambda o, r: sets_equal(o.indices, r),
+        label,
+    )
 
 
 def _hired_single(p, c: CaseInputs, label: str) -> Case:
     f = functools.partial(P.hired_single, budget_rate=p.budget_rate)
     jf = jax.jit(f)
-    return Case(lambda: jf(c.j["cls_attn"]), lambda: f(c.j["cls_attn"]),
-                lambda: T.torch_hired_single(c.t["cls_attn"], p.budget_rate),
-                lambda o, r: sets_equal(o.indices, r), label, "LLaVA-1.5 (one partition)")
+    return Case(
+        lambda: jf(c.j["cls_attn"]),
+        lambda: f(c.j["cls_attn"]),
+        lambda: T.torch_hired_single(c.t["cls_attn"], p.budget_rate),
+        lambda o, r: sets_equal(o.indices, r),
+        label,
+        "LLaVA-1.5 (one partition)",
+    )
 
 
 def _hired(p, c: CaseInputs, label: str) -> Case:
@@ -229,14 +261,19 @@ def _hired(p, c: CaseInputs, label: str) -> Case:
         f = functools.partial(P.hired, budget_rate=p.budget_rate, alpha=p.alpha)
         args = (j["nx_shallow"][0], j["nx_deep"][0])
     else:
-        f = functools.partial(P.hired_batched, num_tiles=np.full((bsz,), 5, np.int32), budget_rate=p.budget_rate,
-                              alpha=p.alpha)
+        f = functools.partial(
+            P.hired_batched, num_tiles=np.full((bsz,), 5, np.int32), budget_rate=p.budget_rate, alpha=p.alpha
+        )
         args = (j["nx_shallow"], j["nx_deep"])
     jf = jax.jit(f)
-    return Case(lambda: jf(*args), lambda: f(*args),
-                lambda: T.torch_hired(c.t["nx_shallow"], c.t["nx_deep"], p.budget_rate, p.alpha),
-                lambda o, r: masks_equal(o.mask(n).reshape(r.shape), r), label,
-                f"LLaVA-NeXT, 5 partitions, alpha {p.alpha:g}: budget = mean per partition")
+    return Case(
+        lambda: jf(*args),
+        lambda: f(*args),
+        lambda: T.torch_hired(c.t["nx_shallow"], c.t["nx_deep"], p.budget_rate, p.alpha),
+        lambda o, r: masks_equal(o.mask(n).reshape(r.shape), r),
+        label,
+        f"LLaVA-NeXT, 5 partitions, alpha {p.alpha:g}: budget = mean per partition",
+    )
 
 
 _HERO_INPUTS = ("hero_thumb", "hero_tiles", "hero_cls", "hero_img", "hero_txt", "hero_valid")
@@ -259,17 +296,28 @@ def _hero(p, c: CaseInputs, label: str) -> Case:
         ref = T.torch_hero(*(x.double() if x.is_floating_point() else x for x in targs), **kw)
         return masks_equal(o.mask(n).reshape(ref.shape), ref)
 
-    return Case(lambda: jf(*args), lambda: f(*args), lambda: T.torch_hero(*targs, **kw),
-                lambda o, r: masks_equal(o.mask(n).reshape(r.shape), r), label,
-                "LLaVA-NeXT 2x2 (800x600), R = budget/N, 11 low + 12 high layers", exact_check)
+    return Case(
+        lambda: jf(*args),
+        lambda: f(*args),
+        lambda: T.torch_hero(*targs, **kw),
+        lambda o, r: masks_equal(o.mask(n).reshape(r.shape), r),
+        label,
+        "LLaVA-NeXT 2x2 (800x600), R = budget/N, 11 low + 12 high layers",
+        exact_check,
+    )
 
 
 def _divprune(p, c: CaseInputs, label: str) -> Case:
     f = functools.partial(BL.divprune, num_keep=p.num_keep)
     jf = jax.jit(f)
-    return Case(lambda: jf(c.j["emb"]), lambda: f(c.j["emb"]), lambda: T.torch_divprune(c.t["emb"], p.num_keep),
-                lambda o, r: sets_equal(o.indices, r), label,
-                f"post-projector embeddings (B, N, {c.inp.emb.shape[-1]})")
+    return Case(
+        lambda: jf(c.j["emb"]),
+        lambda: f(c.j["emb"]),
+        lambda: T.torch_divprune(c.t["emb"], p.num_keep),
+        lambda o, r: sets_equal(o.indices, r),
+        label,
+        f"post-projector embeddings (B, N, {c.inp.emb.shape[-1]})",
+    )
 
 
 def _visionzip(p, c: CaseInputs, label: str) -> Case:
@@ -279,10 +327,14 @@ def _visionzip(p, c: CaseInputs, label: str) -> Case:
     f = functools.partial(BL.visionzip, dominant=p.dominant, contextual=p.contextual)
     jf = jax.jit(f)
     hj, aj = c.j["hidden_full"], c.j["cls_attn"]
-    return Case(lambda: jf(hj, aj, kj), lambda: f(hj, aj, kj),
-                lambda: T.torch_visionzip(c.t["hidden_full"], c.t["cls_attn"], kt, p.dominant, p.contextual),
-                lambda o, r: tokens_close(np.asarray(o.tokens)[np.asarray(o.valid)].reshape(r.shape), r),
-                label, f"dominant {p.dominant} + contextual {p.contextual}")
+    return Case(
+        lambda: jf(hj, aj, kj),
+        lambda: f(hj, aj, kj),
+        lambda: T.torch_visionzip(c.t["hidden_full"], c.t["cls_attn"], kt, p.dominant, p.contextual),
+        lambda o, r: tokens_close(np.asarray(o.tokens)[np.asarray(o.valid)].reshape(r.shape), r),
+        label,
+        f"dominant {p.dominant} + contextual {p.contextual}",
+    )
 
 
 def _prumerge_cmp(o, r):
@@ -300,32 +352,55 @@ def _prumerge_plus(p, c: CaseInputs, label: str) -> Case:
     jf = jax.jit(f)
     if not p.plus:
         raise ValueError("the PyTorch reference implements PruMerge+ (plus=true) only")
-    return Case(lambda: jf(j["features"], j["single_attn"], keys), lambda: f(j["features"], j["single_attn"], keys),
-                lambda: T.torch_prumerge_plus(c.t["features"], c.t["single_attn"], c.t["keys"][:, 1:]),
-                _prumerge_cmp, "adaptive", "IQR outlier count + spatial samples; torch loops over kept tokens as the "
-                "original")
+    return Case(
+        lambda: jf(j["features"], j["single_attn"], keys),
+        lambda: f(j["features"], j["single_attn"], keys),
+        lambda: T.torch_prumerge_plus(c.t["features"], c.t["single_attn"], c.t["keys"][:, 1:]),
+        _prumerge_cmp,
+        "adaptive",
+        "IQR outlier count + spatial samples; torch loops over kept tokens as the original",
+    )
 
 
 def _random_keep(p, c: CaseInputs, label: str) -> Case:
     (bsz, n), key = c.shape, jax.random.PRNGKey(c.seed)
     f = functools.partial(BL.random_keep, num_keep=p.num_keep, batch=bsz)
     jf = jax.jit(f, static_argnums=1)
-    return Case(lambda: jf(key, n), lambda: f(key, n), lambda: T.torch_random(n, p.num_keep, bsz, c.seed),
-                lambda o, r: (None, "n/a: different RNGs"), label)
+    return Case(
+        lambda: jf(key, n),
+        lambda: f(key, n),
+        lambda: T.torch_random(n, p.num_keep, bsz, c.seed),
+        lambda o, r: (None, "n/a: different RNGs"),
+        label,
+    )
 
 
 def _uniform(p, c: CaseInputs, label: str) -> Case:
     bsz, n = c.shape
     f = functools.partial(BL.uniform, num_keep=p.num_keep)
     jf = jax.jit(f, static_argnums=0)
-    return Case(lambda: jf(n), lambda: f(n), lambda: T.torch_uniform(n, p.num_keep, bsz),
-                lambda o, r: sets_equal(np.broadcast_to(np.asarray(o.indices), r.shape), r), label,
-                "data-independent constant grid")
+    return Case(
+        lambda: jf(n),
+        lambda: f(n),
+        lambda: T.torch_uniform(n, p.num_keep, bsz),
+        lambda o, r: sets_equal(np.broadcast_to(np.asarray(o.indices), r.shape), r),
+        label,
+        "data-independent constant grid",
+    )
 
 
-BUILDERS = {"vispruner": _vispruner, "fastervlm": _fastervlm, "hired_single": _hired_single, "hired": _hired,
-            "hero": _hero, "divprune": _divprune, "visionzip": _visionzip, "prumerge_plus": _prumerge_plus,
-            "random_keep": _random_keep, "uniform": _uniform}
+BUILDERS = {
+    "vispruner": _vispruner,
+    "fastervlm": _fastervlm,
+    "hired_single": _hired_single,
+    "hired": _hired,
+    "hero": _hero,
+    "divprune": _divprune,
+    "visionzip": _visionzip,
+    "prumerge_plus": _prumerge_plus,
+    "random_keep": _random_keep,
+    "uniform": _uniform,
+}
 
 
 def suite_pruner(method: str, budget: int | None, n: int, settings=()):
@@ -334,8 +409,11 @@ def suite_pruner(method: str, budget: int | None, n: int, settings=()):
     reg = SUITE_METHODS[method]
     kw = spec.typed_settings(reg, settings)
     if budget is not None:
-        value = rate_for(budget, n) if spec.budget_setting(spec.method_class(reg)) in ("budget_rate",
-                                                                                        "keep_ratio") else budget
+        value = (
+            rate_for(budget, n)
+            if spec.budget_setting(spec.method_class(reg)) in ("budget_rate", "keep_ratio")
+            else budget
+        )
         kw.update(spec.budget_settings(reg, value))
     return spec.make(reg, **kw)
 
@@ -363,9 +441,18 @@ def time_encoder(batch: int, layers: int, image_size: int, repeats: int, seed: i
     n_params = int(sum(x.size for x in jax.tree.leaves(params)))
     fwd = jax.jit(lambda p, x: model.apply(p, x, **kw))
     st, first, _ = time_jax(lambda: fwd(params, pixels), repeats)
-    return {"layers": layers, "layers_run": cls_layer + 1, "image_size": image_size, "batch": batch,
-            "hidden_size": cfg.hidden_size, "num_patches": cfg.num_patches, "params": n_params,
-            "cls_attention_layer": cls_layer, "compile_s": first, **st}
+    return {
+        "layers": layers,
+        "layers_run": cls_layer + 1,
+        "image_size": image_size,
+        "batch": batch,
+        "hidden_size": cfg.hidden_size,
+        "num_patches": cfg.num_patches,
+        "params": n_params,
+        "cls_attention_layer": cls_layer,
+        "compile_s": first,
+        **st,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- the suite
@@ -388,21 +475,34 @@ def measure_row(method: str, case: Case, repeats: int, encoder_ms: float, single
     agree, detail = case.compare(jout, tout)
     exact, exact_detail = case.extra_check(jout) if case.extra_check else (None, "")
     one = _one_thread(case, repeats) if single_thread and torch.get_num_threads() > 1 else None
-    return {"method": method, "budget": case.budget_label, "jax": js, "jax_api": api, "jax_compile_s": compile_s,
-            "torch": ts, "speedup": ts["median"] / js["median"], "speedup_min": ts["min"] / js["min"],
-            "pct_encoder": 100.0 * js["median"] / encoder_ms, "agree": agree, "agree_detail": detail,
-            "note": case.note, "agree_exact_ref": exact, "agree_exact_ref_detail": exact_detail,
-            "torch_1thread": one}
+    return {
+        "method": method,
+        "budget": case.budget_label,
+        "jax": js,
+        "jax_api": api,
+        "jax_compile_s": compile_s,
+        "torch": ts,
+        "speedup": ts["median"] / js["median"],
+        "speedup_min": ts["min"] / js["min"],
+        "pct_encoder": 100.0 * js["median"] / encoder_ms,
+        "agree": agree,
+        "agree_detail": detail,
+        "note": case.note,
+        "agree_exact_ref": exact,
+        "agree_exact_ref_detail": exact_detail,
+        "torch_1thread": one,
+    }
 
 
 def _progress(row: dict, case: Case) -> str:
     one = row["torch_1thread"]
-    return (f"{row['method']:>14} {row['budget']:>8}: jax {row['jax']['median']:9.3f} ms  torch "
-            f"{row['torch']['median']:9.3f} ms  x{row['speedup']:7.1f}  {row['pct_encoder']:7.3f} % enc  compile "
-            f"{row['jax_compile_s']:5.1f} s  agree={row['agree']} ({row['agree_detail']})"
-            + (f"; vs float64 ref: {row['agree_exact_ref']} ({row['agree_exact_ref_detail']})"
-               if case.extra_check else "")
-            + (f"; torch 1 thread: {one['torch']['median']:.1f} ms, x{one['speedup']:.1f}" if one else ""))
+    return (
+        f"{row['method']:>14} {row['budget']:>8}: jax {row['jax']['median']:9.3f} ms  torch "
+        f"{row['torch']['median']:9.3f} ms  x{row['speedup']:7.1f}  {row['pct_encoder']:7.3f} % enc  compile "
+        f"{row['jax_compile_s']:5.1f} s  agree={row['agree']} ({row['agree_detail']})"
+        + (f"; vs float64 ref: {row['agree_exact_ref']} ({row['agree_exact_ref_detail']})" if case.extra_check else "")
+        + (f"; torch 1 thread: {one['torch']['median']:.1f} ms, x{one['speedup']:.1f}" if one else "")
+    )
 
 
 def run_rows(methods, budgets: list[int], inp: Inputs, args, encoder_ms: float):
@@ -427,27 +527,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--batch", type=int, default=1, help="images per call (B)")
     ap.add_argument("--budgets", default="64,128,192", help="comma-separated kept-token budgets")
-    ap.add_argument("--methods", default=",".join(ALL_METHODS),
-                    help="comma-separated specs without budgets, e.g. vispruner:important_ratio=0.25,fastervlm;\n"
-                         "names: " + ", ".join(ALL_METHODS))
+    ap.add_argument(
+        "--methods",
+        default=",".join(ALL_METHODS),
+        help="comma-separated specs without budgets, e.g. vispruner:important_ratio=0.25,fastervlm;\n"
+        "names: " + ", ".join(ALL_METHODS),
+    )
     ap.add_argument("--repeats", type=int, default=20, help="timed calls per measurement")
     ap.add_argument("--encoder-repeats", type=int, default=3, help="timed encoder calls")
     ap.add_argument("--encoder-layers", type=int, default=24, help="CLIP encoder layers (24 = CLIP-L)")
     ap.add_argument("--image-size", type=int, default=336, help="encoder input size in pixels (multiple of 14)")
-    ap.add_argument("--num-tokens", type=int, default=None,
-                    help="N for the selection inputs (default: the encoder's patch count, 576 at 336 px)")
+    ap.add_argument(
+        "--num-tokens",
+        type=int,
+        default=None,
+        help="N for the selection inputs (default: the encoder's patch count, 576 at 336 px)",
+    )
     ap.add_argument("--dim", type=int, default=1024, help="feature width C")
     ap.add_argument("--heads", type=int, default=16, help="attention heads H")
     ap.add_argument("--emb-dim", type=int, default=4096, help="post-projector width for DivPrune")
-    ap.add_argument("--torch-threads", type=int, default=None,
-                    help="torch.set_num_threads value (default: leave torch's default, one per core)")
-    ap.add_argument("--single-thread-torch", default="vispruner",
-                    help="methods also timed with torch.set_num_threads(1), JAX interleaved again (a check on\n"
-                         "OpenMP contention when the machine is shared; '' = none)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads value (default: leave torch's default, one per core)",
+    )
+    ap.add_argument(
+        "--single-thread-torch",
+        default="vispruner",
+        help="methods also timed with torch.set_num_threads(1), JAX interleaved again (a check on\n"
+        "OpenMP contention when the machine is shared; '' = none)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 repeats, 1 encoder repeat")
-    ap.add_argument("--out-dir", default=os.path.join("experiments", "results"),
-                    help="where selection_cpu.{md,json} go ('' = do not write)")
+    ap.add_argument(
+        "--out-dir",
+        default=os.path.join("experiments", "results"),
+        help="where selection_cpu.{md,json} go ('' = do not write)",
+    )
     return ap.parse_args(argv)
 
 
@@ -459,8 +576,10 @@ def _check_args(args) -> tuple[list, list[int], int]:
         raise SystemExit(f"error: --methods: {e}") from None
     for m in methods:
         if m.name not in SUITE_METHODS or m.budgets:
-            raise SystemExit(f"error: --methods: {m.text!r}: choose from {', '.join(ALL_METHODS)}, without a budget "
-                             "(the budgets come from --budgets)")
+            raise SystemExit(
+                f"error: --methods: {m.text!r}: choose from {', '.join(ALL_METHODS)}, without a budget "
+                "(the budgets come from --budgets)"
+            )
     if args.image_size % 14:
         raise SystemExit("error: --image-size must be a multiple of the patch size 14")
     n = args.num_tokens or (args.image_size // 14) ** 2
@@ -481,17 +600,29 @@ def main(argv=None) -> dict:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     info = machine_info()
-    print(f"# selection benchmark  {info['date']}  host_cpus={info['host_cpus']}  jax {info['jax']} "
-          f"({info['backend']})  torch {info['torch']} ({info['torch_threads']} threads)", flush=True)
+    print(
+        f"# selection benchmark  {info['date']}  host_cpus={info['host_cpus']}  jax {info['jax']} "
+        f"({info['backend']})  torch {info['torch']} ({info['torch_threads']} threads)",
+        flush=True,
+    )
     inp = make_inputs(args.batch, n, args.dim, args.heads, args.emb_dim, args.seed)
     enc = time_encoder(args.batch, args.encoder_layers, args.image_size, args.encoder_repeats, args.seed)
-    print(f"encoder: {enc['median']:.1f} ms (IQR {enc['iqr']:.1f}, compile {enc['compile_s']:.1f} s, "
-          f"{enc['params'] / 1e6:.0f} M params, {enc['layers_run']} layers run)", flush=True)
+    print(
+        f"encoder: {enc['median']:.1f} ms (IQR {enc['iqr']:.1f}, compile {enc['compile_s']:.1f} s, "
+        f"{enc['params'] / 1e6:.0f} M params, {enc['layers_run']} layers run)",
+        flush=True,
+    )
     rows, skipped = run_rows(methods, budgets, inp, args, enc["median"])
     config = dict(vars(args), num_tokens=n, budgets=budgets, methods=[m.text for m in methods])
-    result = {"machine": info, "config": config, "encoder": enc, "rows": rows, "skipped": skipped,
-              "verdicts": report.selection_verdicts(rows, TARGET_SPEEDUP, TARGET_ENCODER_PCT),
-              "loadavg_end": load_average()}
+    result = {
+        "machine": info,
+        "config": config,
+        "encoder": enc,
+        "rows": rows,
+        "skipped": skipped,
+        "verdicts": report.selection_verdicts(rows, TARGET_SPEEDUP, TARGET_ENCODER_PCT),
+        "loadavg_end": load_average(),
+    }
     command = " ".join(["python experiments/bench_selection.py", *(argv if argv is not None else sys.argv[1:])])
     md_text = report.selection_markdown(result, command, TARGET_SPEEDUP, TARGET_ENCODER_PCT)
     print()

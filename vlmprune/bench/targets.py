@@ -12,9 +12,21 @@ from vlmprune.flops import reduction
 #: Dense bf16/fp16 peak FLOP/s from the vendors' datasheets (no sparsity), matched on ``device_kind``
 #: (first match wins, so the more specific names come first). Override with VLMPRUNE_PEAK_FLOPS.
 PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12), ("H20", 148e12),
-    ("GH200", 989.4e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
-    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989.4e12),
+    ("H200", 989.4e12),
+    ("H20", 148e12),
+    ("GH200", 989.4e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("TPU v6", 918e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 197e12),
+    ("TPU v4", 275e12),
 )
 
 
@@ -49,8 +61,10 @@ def derived(results: list[dict], meta: dict | None = None) -> None:
         if peak and j.get("llm_prefill_ms"):
             sec = j["llm_prefill_ms"]["median"] / 1e3
             fl = r.get("xla_flops_llm_prefill")
-            r["mfu_llm_prefill"] = {"xla": fl / sec / peak if fl else None,
-                                    "analytic_3ndm": r["analytic"]["flops_3ndm"] / sec / peak}
+            r["mfu_llm_prefill"] = {
+                "xla": fl / sec / peak if fl else None,
+                "analytic_3ndm": r["analytic"]["flops_3ndm"] / sec / peak,
+            }
             b = (meta or {}).get("decode_batch")
             flb, tb = r.get(f"xla_flops_llm_prefill_b{b}"), j.get(f"llm_prefill_ms_b{b}")
             if tb:
@@ -65,8 +79,11 @@ def derived(results: list[dict], meta: dict | None = None) -> None:
         r["reduction_vs_none"] = red = {
             "analytic_2ndm": reduction(a["flops_2ndm"], b["flops_2ndm"]),
             "analytic_3ndm": reduction(a["flops_3ndm"], b["flops_3ndm"]),
-            "xla_llm_prefill": (reduction(r["xla_flops_llm_prefill"], base["xla_flops_llm_prefill"])
-                                if r.get("xla_flops_llm_prefill") and base.get("xla_flops_llm_prefill") else None),
+            "xla_llm_prefill": (
+                reduction(r["xla_flops_llm_prefill"], base["xla_flops_llm_prefill"])
+                if r.get("xla_flops_llm_prefill") and base.get("xla_flops_llm_prefill")
+                else None
+            ),
             "jax_llm_prefill_ms": 1 - j["llm_prefill_ms"]["median"] / base["jax"]["llm_prefill_ms"]["median"],
             "jax_ttft_ms": 1 - j["ttft_ms"]["median"] / base["jax"]["ttft_ms"]["median"],
         }
@@ -86,9 +103,12 @@ def evaluate_targets(results: list[dict], meta: dict) -> dict:
     b = meta.get("decode_batch", 4)
     if meta.get("compare_torch"):
         pr = [r["ratio"]["llm_prefill_ms"] for r in ok if r.get("ratio", {}).get("llm_prefill_ms")]
-        t["jax_llm_prefill_le_torch"] = {"max_ratio": max(pr) if pr else None,
-                                         "median_ratio": float(np.median(pr)) if pr else None,
-                                         "met": bool(pr) and max(pr) <= 1.0, "aim_0.7_met": bool(pr) and max(pr) <= 0.7}
+        t["jax_llm_prefill_le_torch"] = {
+            "max_ratio": max(pr) if pr else None,
+            "median_ratio": float(np.median(pr)) if pr else None,
+            "met": bool(pr) and max(pr) <= 1.0,
+            "aim_0.7_met": bool(pr) and max(pr) <= 0.7,
+        }
         tt = [r["ratio"]["ttft_ms"] for r in ok if r.get("ratio", {}).get("ttft_ms")]
         t["jax_ttft_le_torch"] = {"max_ratio": max(tt) if tt else None, "met": bool(tt) and max(tt) <= 1.0}
         for key in ("decode_tok_s_b1", f"decode_tok_s_b{b}"):
@@ -96,17 +116,25 @@ def evaluate_targets(results: list[dict], meta: dict) -> dict:
             t[f"jax_{key}_ge_torch"] = {"min_ratio": min(d) if d else None, "met": bool(d) and min(d) >= 1.0}
     shares = {r["label"]: r.get("selection_share_of_vision") for r in ok if r.get("method") != "none"}
     vals = [v for v in shares.values() if v is not None]
-    t["selection_le_2pct_of_vision"] = {"shares": shares, "max": max(vals) if vals else None,
-                                        "met": bool(vals) and max(vals) <= 0.02}
-    vp = next((r for r in ok if r.get("method") == "vispruner" and r.get("budget") == 64
-               and r.get("reduction_vs_none")), None)
+    t["selection_le_2pct_of_vision"] = {
+        "shares": shares,
+        "max": max(vals) if vals else None,
+        "met": bool(vals) and max(vals) <= 0.02,
+    }
+    vp = next(
+        (r for r in ok if r.get("method") == "vispruner" and r.get("budget") == 64 and r.get("reduction_vs_none")), None
+    )
     base = next((r for r in ok if r.get("method") == "none"), None)
     if meta.get("backend") != "cpu":  # the accelerator targets, at batch 1 and at the larger batch
         if base is not None and base.get("mfu_llm_prefill"):
             m = base["mfu_llm_prefill"]
             v = mfu(m)
-            t["unpruned_llm_prefill_mfu_ge_40pct_b1"] = {"mfu": v, "mfu_analytic_3ndm": m["analytic_3ndm"],
-                                                         "peak_tflops": meta["peak_flops"] / 1e12, "met": v >= 0.40}
+            t["unpruned_llm_prefill_mfu_ge_40pct_b1"] = {
+                "mfu": v,
+                "mfu_analytic_3ndm": m["analytic_3ndm"],
+                "peak_tflops": meta["peak_flops"] / 1e12,
+                "met": v >= 0.40,
+            }
             vb = mfu(m, f"_b{b}")
             if vb is not None:
                 t[f"unpruned_llm_prefill_mfu_ge_40pct_b{b}"] = {"mfu": vb, "met": vb >= 0.40}
@@ -117,18 +145,24 @@ def evaluate_targets(results: list[dict], meta: dict) -> dict:
                     t[f"vispruner64_ttft_le_0.3x_unpruned_{name}"] = {"ratio": r, "met": r <= 0.3}
     if vp is not None:
         red = vp["reduction_vs_none"]
-        t["vispruner64_llm_prefill_cut_ge_70pct"] = {"cut": red["jax_llm_prefill_ms"],
-                                                     "met": red["jax_llm_prefill_ms"] >= 0.70}
+        t["vispruner64_llm_prefill_cut_ge_70pct"] = {
+            "cut": red["jax_llm_prefill_ms"],
+            "met": red["jax_llm_prefill_ms"] >= 0.70,
+        }
         # the measured count: XLA's, else (GPU, where the lowered program reports none) PyTorch's FLOP counter
         measured = red["xla_llm_prefill"]
         src = "xla"
-        tf_vp, tf_base = vp.get("torch", {}).get("flops_llm_prefill"), (base or {}).get("torch", {}).get(
-            "flops_llm_prefill")
+        tf_vp, tf_base = (
+            vp.get("torch", {}).get("flops_llm_prefill"),
+            (base or {}).get("torch", {}).get("flops_llm_prefill"),
+        )
         if measured is None and tf_vp and tf_base:
             measured, src = 1 - tf_vp / tf_base, "torch_flop_counter"
         t["vispruner64_flops_cut_as_predicted"] = {
-            "analytic_2ndm": red["analytic_2ndm"], "analytic_3ndm": red["analytic_3ndm"],
-            "measured": measured, "measured_by": src,
+            "analytic_2ndm": red["analytic_2ndm"],
+            "analytic_3ndm": red["analytic_3ndm"],
+            "measured": measured,
+            "measured_by": src,
             "met": measured is not None and abs(measured - red["analytic_3ndm"]) <= 0.05,
         }
     return t

@@ -30,8 +30,14 @@ def stats(xs) -> dict | None:
     a = np.asarray(xs, float)
     q1, med, q3 = np.percentile(a, [25, 50, 75])
     med = float(med)
-    return {"median": med, "min": float(a.min()), "max": float(a.max()), "n": int(a.size),
-            "spread": float((a.max() - a.min()) / 2 / med) if med else 0.0, "iqr": float(q3 - q1)}
+    return {
+        "median": med,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": int(a.size),
+        "spread": float((a.max() - a.min()) / 2 / med) if med else 0.0,
+        "iqr": float(q3 - q1),
+    }
 
 
 def median(x):
@@ -88,16 +94,26 @@ def machine_info() -> dict:
     dev = jax.devices()[0]
     info = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-        "host_cpus": os.cpu_count(), "python": platform.python_version(), "jax": jax.__version__,
-        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None, "flax": flax.__version__,
-        "numpy": np.__version__, "backend": dev.platform, "device": dev.device_kind, "devices": jax.device_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "host_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else None,
+        "flax": flax.__version__,
+        "numpy": np.__version__,
+        "backend": dev.platform,
+        "device": dev.device_kind,
+        "devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision),
         "load_average": load_average(),
     }
     if "torch" in sys.modules:
         torch = sys.modules["torch"]
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
-                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
+        info.update(
+            torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
+            omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        )
     return info

@@ -183,7 +183,9 @@ def torch_visionzip(hidden_full, cls_attn, keys, dominant: int, contextual: int)
 
 
 def torch_prumerge_plus(features, attn, keys) -> list[torch.Tensor]:
-    """PruMerge+ (docs/methods.md §5.4), per image, with the original's per-kept-token loop. Returns a list of (M, C)."""
+    """PruMerge+ (docs/methods.md §5.4), per image, with the original's per-kept-token loop.
+
+    Returns a list of (M, C)."""
     out = []
     n = features.shape[1]
     for x, a, k in zip(features, attn, keys):
@@ -227,4 +229,3 @@ def torch_uniform(n: int, num_keep: int, batch: int) -> torch.Tensor:
 def torch_random(n: int, num_keep: int, batch: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randperm(n, generator=g)[:num_keep].sort().values for _ in range(batch)])
-

@@ -48,8 +48,11 @@ class TorchSide:
         self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if directory is not None:
-            self.model = LlavaForConditionalGeneration.from_pretrained(
-                directory, attn_implementation="sdpa", dtype=self.dtype).to(self.device).eval()
+            self.model = (
+                LlavaForConditionalGeneration.from_pretrained(directory, attn_implementation="sdpa", dtype=self.dtype)
+                .to(self.device)
+                .eval()
+            )
         else:
             self.model = self._from_params(model)
         cfg = self.model.config
@@ -66,8 +69,11 @@ class TorchSide:
             raise BenchError("the PyTorch comparison supports LLaVA-1.5 models with an HF config")
         with torch.device(self.device):
             # HF's way to build a model from a config without loading weights
-            tm = LlavaForConditionalGeneration._from_config(model.hf_config, attn_implementation="sdpa",  # noqa: SLF001
-                                                            dtype=self.dtype)
+            tm = LlavaForConditionalGeneration._from_config(
+                model.hf_config,
+                attn_implementation="sdpa",  # noqa: SLF001
+                dtype=self.dtype,
+            )
         state = tm.state_dict()
 
         def convert(x):
@@ -79,8 +85,13 @@ class TorchSide:
             return torch.from_numpy(a)
 
         with torch.no_grad():
-            for key, value in iter_export(model.params, {k: tuple(v.shape) for k, v in state.items()},
-                                          LLAVA_RULES, renames=LLAVA_RENAMES, convert=convert):
+            for key, value in iter_export(
+                model.params,
+                {k: tuple(v.shape) for k, v in state.items()},
+                LLAVA_RULES,
+                renames=LLAVA_RENAMES,
+                convert=convert,
+            ):
                 state[key].copy_(value)
         return tm.eval()
 
@@ -120,8 +131,9 @@ class TorchSide:
         return embeds, mask.long(), pos
 
     def prefill(self, embeds, mask, pos, logits_to_keep=0):
-        return self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True,
-                          logits_to_keep=logits_to_keep)
+        return self.model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=logits_to_keep
+        )
 
     def decode(self, first_tok, cache, mask, next_pos, n_new: int):
         """A closure that greedily decodes ``n_new - 1`` tokens after ``first_tok`` with HF's KV cache.
@@ -139,8 +151,13 @@ class TorchSide:
             tok, m = first_tok, mask
             for t in range(n_new - 1):
                 m = torch.cat([m, ones], dim=1)
-                out = self.model(input_ids=tok[:, None], attention_mask=m, position_ids=(next_pos + t)[:, None],
-                                 past_key_values=cache, use_cache=True)
+                out = self.model(
+                    input_ids=tok[:, None],
+                    attention_mask=m,
+                    position_ids=(next_pos + t)[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
                 tok = out.logits[:, -1].argmax(-1)
             for layer in cache.layers:
                 layer.keys = layer.keys[..., :start_len, :]
@@ -175,8 +192,10 @@ def compare_logits(jax_logits, torch_logits) -> dict:
     The check that both sides compute the same model (bf16: expect ~1e-2; float32: ~1e-6)."""
     a = np.asarray(jax_logits, np.float32)
     b = torch_logits.float().cpu().numpy()
-    return {"rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)),
-            "top1_agree": float((a.argmax(-1) == b.argmax(-1)).mean())}
+    return {
+        "rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)),
+        "top1_agree": float((a.argmax(-1) == b.argmax(-1)).mean()),
+    }
 
 
 def torch_selection(ts: TorchSide, result, tokens, project_first: bool):

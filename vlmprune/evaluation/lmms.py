@@ -28,8 +28,17 @@ from vlmprune import prune
 from vlmprune.evaluation.runner import model_predict_fn
 from vlmprune.evaluation.tasks import LLAVA_SYSTEM_PROMPT
 
-_OWN_ARGS = ("pretrained", "method", "dtype", "image_aspect", "system_prompt", "pad_multiple", "batch_size",
-             "max_batch_size", "device")
+_OWN_ARGS = (
+    "pretrained",
+    "method",
+    "dtype",
+    "image_aspect",
+    "system_prompt",
+    "pad_multiple",
+    "batch_size",
+    "max_batch_size",
+    "device",
+)
 
 
 def pruner_from_model_args(method, settings: dict):
@@ -52,11 +61,22 @@ def _task_of(req) -> str:
 
 class VlmpruneLMM(lmms):
     """lmms-eval simple model over ``vlmprune.load`` + a pruner."""
+
     is_simple = True
 
-    def __init__(self, pretrained: str = None, method: str = "none", dtype: str = "float32",
-                 image_aspect: str | None = None, system_prompt: str = LLAVA_SYSTEM_PROMPT, pad_multiple: int = 64,
-                 batch_size: int | str = 1, max_batch_size=None, device=None, **settings) -> None:
+    def __init__(
+        self,
+        pretrained: str = None,
+        method: str = "none",
+        dtype: str = "float32",
+        image_aspect: str | None = None,
+        system_prompt: str = LLAVA_SYSTEM_PROMPT,
+        pad_multiple: int = 64,
+        batch_size: int | str = 1,
+        max_batch_size=None,
+        device=None,
+        **settings,
+    ) -> None:
         super().__init__()
 
         if not pretrained:
@@ -89,16 +109,23 @@ class VlmpruneLMM(lmms):
         beams = int(gk.pop("num_beams", 1) or 1)
         gk.pop("top_p", None)  # irrelevant for greedy decoding
         if do_sample or float(temperature) > 0 or beams != 1:
-            raise NotImplementedError(f"vlmprune: task {task} asks for sampling or beam search (temperature="
-                                      f"{temperature}, do_sample={do_sample}, num_beams={beams}); only greedy "
-                                      "decoding is implemented")
+            raise NotImplementedError(
+                f"vlmprune: task {task} asks for sampling or beam search (temperature="
+                f"{temperature}, do_sample={do_sample}, num_beams={beams}); only greedy "
+                "decoding is implemented"
+            )
         return max_new, until
 
     def _predictor(self, max_new: int):
         if max_new not in self._predict:
             self._predict[max_new] = model_predict_fn(
-                self.model, pruner=self.pruner, max_new_tokens=max_new, batch_size=self.batch_size,
-                system_prompt=self.system_prompt, pad_multiple=self.pad_multiple)
+                self.model,
+                pruner=self.pruner,
+                max_new_tokens=max_new,
+                batch_size=self.batch_size,
+                system_prompt=self.system_prompt,
+                pad_multiple=self.pad_multiple,
+            )
         return self._predict[max_new]
 
     def _image(self, req):
@@ -106,8 +133,10 @@ class VlmpruneLMM(lmms):
         visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual is not None else []
         visuals = [v for v in (visuals or []) if v is not None]
         if len(visuals) != 1 or not hasattr(visuals[0], "convert"):
-            raise NotImplementedError(f"vlmprune: task {task} (doc {doc_id}) gives {len(visuals)} visual(s); "
-                                      "LLaVA-1.5 / NeXT here take exactly one image per request")
+            raise NotImplementedError(
+                f"vlmprune: task {task} (doc {doc_id}) gives {len(visuals)} visual(s); "
+                "LLaVA-1.5 / NeXT here take exactly one image per request"
+            )
         return visuals[0]
 
     def generate_until(self, requests) -> list[str]:
@@ -126,7 +155,7 @@ class VlmpruneLMM(lmms):
             max_new, until = plans[idx[0]]
             predict = self._predictor(max_new)
             for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
+                chunk = idx[start : start + self.batch_size]
                 prompts = [str(requests[i].args[0]) for i in chunk]
                 images = [self._image(requests[i]) for i in chunk]
                 for i, text in zip(chunk, predict(prompts, images, [{} for _ in chunk])):
@@ -141,10 +170,11 @@ class VlmpruneLMM(lmms):
 
     def loglikelihood(self, requests):
         tasks = sorted({_task_of(r) for r in requests})
-        raise NotImplementedError(f"vlmprune: task(s) {', '.join(tasks)} need log-likelihoods (multiple-choice "
-                                  "scoring), which this model does not implement; use generate_until tasks")
+        raise NotImplementedError(
+            f"vlmprune: task(s) {', '.join(tasks)} need log-likelihoods (multiple-choice "
+            "scoring), which this model does not implement; use generate_until tasks"
+        )
 
     def generate_until_multi_round(self, requests):
         tasks = sorted({_task_of(r) for r in requests})
         raise NotImplementedError(f"vlmprune: task(s) {', '.join(tasks)} are multi-round; not implemented")
-

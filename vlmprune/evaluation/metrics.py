@@ -25,44 +25,169 @@ from collections.abc import Iterable, Sequence
 
 # The official VQA / EvalAI contraction table (its quirks, e.g. "somebody'd" -> "somebodyd", kept for parity).
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
-    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
-    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
-    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
-    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
-    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
-    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
-    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
-    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
-    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
-    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
-    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
-    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
-    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
-    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
     "youve": "you've",
 }
-NUMBER_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-              "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+NUMBER_MAP = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 ARTICLES = ("a", "an", "the")
 # As in the official code: the look-behind is misspelled "(?!<=\d)" (so a period after a digit is stripped too,
 # unless a digit follows) and ``re.UNICODE`` lands in ``sub``'s *count* argument (at most 32 periods removed).
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA_STRIP = re.compile(r"(?<=\d)(\,)+(?=\d)")
-_PUNCTUATIONS = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
-                 "?", "!")
+_PUNCTUATIONS = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 
 
 def _process_punctuation(text: str) -> str:
@@ -145,8 +270,18 @@ def binary_metrics(preds: Sequence[str], labels: Sequence[str]) -> dict:
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return dict(accuracy=(tp + tn) / n if n else 0.0, precision=precision, recall=recall, f1=f1,
-                yes_ratio=(tp + fp) / n if n else 0.0, tp=tp, fp=fp, tn=tn, fn=fn, n=n)
+    return dict(
+        accuracy=(tp + tn) / n if n else 0.0,
+        precision=precision,
+        recall=recall,
+        f1=f1,
+        yes_ratio=(tp + fp) / n if n else 0.0,
+        tp=tp,
+        fp=fp,
+        tn=tn,
+        fn=fn,
+        n=n,
+    )
 
 
 def pope_scores(predictions: Sequence[str], labels: Sequence[str], categories: Sequence[str] | None = None) -> dict:
@@ -186,8 +321,18 @@ def gqa_accuracy(predictions: Sequence[str], answers: Sequence[str]) -> float:
 
 # ------------------------------------------------------------------------------------------------- MME
 
-MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
-                  "artwork", "OCR")
+MME_PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
 
 
@@ -205,8 +350,9 @@ def parse_mme(text: str) -> str:
     return "other"
 
 
-def mme_scores(predictions: Sequence[str], answers: Sequence[str], categories: Sequence[str],
-               pairs: Sequence[str]) -> dict:
+def mme_scores(
+    predictions: Sequence[str], answers: Sequence[str], categories: Sequence[str], pairs: Sequence[str]
+) -> dict:
     """Per category ``100·acc + 100·acc+`` (acc over questions, acc+ over images with every question right);
     ``perception`` / ``cognition`` sum the categories of each group that are present."""
     groups: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
@@ -218,8 +364,7 @@ def mme_scores(predictions: Sequence[str], answers: Sequence[str], categories: S
         questions = [r for v in images.values() for r in v]
         acc = 100.0 * sum(questions) / len(questions)
         acc_plus = 100.0 * sum(all(v) for v in images.values()) / len(images)
-        per[c] = dict(acc=acc, acc_plus=acc_plus, score=acc + acc_plus, questions=len(questions),
-                      images=len(images))
+        per[c] = dict(acc=acc, acc_plus=acc_plus, score=acc + acc_plus, questions=len(questions), images=len(images))
     perception = sum(per[c]["score"] for c in MME_PERCEPTION if c in per)
     cognition = sum(per[c]["score"] for c in MME_COGNITION if c in per)
     return dict(perception=perception, cognition=cognition, categories=per)
@@ -256,8 +401,7 @@ def sqa_accuracy(predictions: Sequence[str], answers: Sequence[int], num_choices
 
 # ------------------------------------------------------------------------------------------------- records
 
-HEADLINE = {"pope": "f1", "textvqa": "accuracy", "gqa": "accuracy", "mme": "perception",
-            "scienceqa_img": "accuracy"}
+HEADLINE = {"pope": "f1", "textvqa": "accuracy", "gqa": "accuracy", "mme": "perception", "scienceqa_img": "accuracy"}
 
 
 def score_task(task: str, records: Iterable[dict]) -> dict:
@@ -272,13 +416,13 @@ def score_task(task: str, records: Iterable[dict]) -> dict:
     if task == "pope":
         out = pope_scores(preds, [r["answer"] for r in refs], [r.get("category", "all") for r in refs])
     elif task == "textvqa":
-        out = dict(accuracy=100.0 * sum(vqa_accuracy(p, r["answers"]) for p, r in zip(preds, refs))
-                   / max(len(preds), 1))
+        out = dict(
+            accuracy=100.0 * sum(vqa_accuracy(p, r["answers"]) for p, r in zip(preds, refs)) / max(len(preds), 1)
+        )
     elif task == "gqa":
         out = dict(accuracy=gqa_accuracy(preds, [r["answer"] for r in refs]))
     elif task == "mme":
-        out = mme_scores(preds, [r["answer"] for r in refs], [r["category"] for r in refs],
-                         [r["pair"] for r in refs])
+        out = mme_scores(preds, [r["answer"] for r in refs], [r["category"] for r in refs], [r["pair"] for r in refs])
     elif task == "scienceqa_img":
         out = dict(accuracy=sqa_accuracy(preds, [r["answer"] for r in refs], [r["num_choices"] for r in refs]))
     else:

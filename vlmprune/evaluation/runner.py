@@ -83,8 +83,8 @@ def left_pad(input_ids: np.ndarray, attention_mask: np.ndarray, multiple: int, p
         return input_ids, attention_mask
     ids = np.full((b, target), pad_id, input_ids.dtype)
     mask = np.zeros((b, target), attention_mask.dtype)
-    ids[:, target - length:] = input_ids
-    mask[:, target - length:] = attention_mask
+    ids[:, target - length :] = input_ids
+    mask[:, target - length :] = attention_mask
     return ids, mask
 
 
@@ -100,9 +100,12 @@ def decode_outputs(tokenizer, out: np.ndarray, eos_ids: Sequence[int]) -> list[s
 
 def check_options(*, batch_size=1, limit=None, max_new_tokens=None, pad_multiple=1) -> None:
     """Range checks of the run options (before any data or model is loaded); ValueError names the option."""
-    for name, v, lo, optional in (("batch_size", batch_size, 1, False), ("limit", limit, 1, True),
-                                  ("max_new_tokens", max_new_tokens, 1, True), ("pad_multiple", pad_multiple, 1,
-                                                                                 False)):
+    for name, v, lo, optional in (
+        ("batch_size", batch_size, 1, False),
+        ("limit", limit, 1, True),
+        ("max_new_tokens", max_new_tokens, 1, True),
+        ("pad_multiple", pad_multiple, 1, False),
+    ):
         if v is None and optional:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
@@ -132,8 +135,9 @@ def throughput(generated: int, seconds: float, timing: dict) -> dict:
     """summary.json's speed fields: samples/s over this run's wall time (data reading and compiles included),
     and the share of the model's time spent selecting tokens (the selection timed alone on the first batch,
     times the number of batches, over the time inside ``generate``)."""
-    out = dict(samples_per_second=round(generated / seconds, 4) if generated and seconds > 0 else None,
-               selection_share=None)
+    out = dict(
+        samples_per_second=round(generated / seconds, 4) if generated and seconds > 0 else None, selection_share=None
+    )
     sel, gen, batches = timing.get("selection_s"), timing.get("generate_s", 0.0), timing.get("batches", 0)
     if sel is not None and gen > 0 and batches:
         out["selection_share"] = round(min(sel * batches / gen, 1.0), 6)
@@ -141,9 +145,16 @@ def throughput(generated: int, seconds: float, timing: dict) -> dict:
     return out
 
 
-def model_predict_fn(model, *, pruner=None, max_new_tokens: int = 16, batch_size: int = 1,
-                     system_prompt: str | None = LLAVA_SYSTEM_PROMPT, pad_multiple: int = 64,
-                     timing: dict | None = None) -> PredictFn:
+def model_predict_fn(
+    model,
+    *,
+    pruner=None,
+    max_new_tokens: int = 16,
+    batch_size: int = 1,
+    system_prompt: str | None = LLAVA_SYSTEM_PROMPT,
+    pad_multiple: int = 64,
+    timing: dict | None = None,
+) -> PredictFn:
     """Greedy generation with ``model`` (a ``LlavaModel`` with a processor).
 
     Batches are left padded (as the model expects) to a multiple of ``pad_multiple`` tokens and short final
@@ -168,9 +179,16 @@ def model_predict_fn(model, *, pruner=None, max_new_tokens: int = 16, batch_size
         x = proc(images=images, text=chat_prompts(proc, prompts, system_prompt), return_tensors="np", padding=True)
         ids, mask = left_pad(np.asarray(x["input_ids"]), np.asarray(x["attention_mask"]), pad_multiple, pad_id)
         t = time.perf_counter()
-        out = np.asarray(model.generate(ids, x["pixel_values"], attention_mask=mask,
-                                        image_sizes=x.get("image_sizes"), pruner=pruner,
-                                        max_new_tokens=max_new_tokens))
+        out = np.asarray(
+            model.generate(
+                ids,
+                x["pixel_values"],
+                attention_mask=mask,
+                image_sizes=x.get("image_sizes"),
+                pruner=pruner,
+                max_new_tokens=max_new_tokens,
+            )
+        )
         if timing is not None:
             timing["generate_s"] = timing.get("generate_s", 0.0) + time.perf_counter() - t
             timing["batches"] = timing.get("batches", 0) + 1
@@ -237,10 +255,13 @@ def _check_run(out_dir: str, settings: dict, done: dict[str, dict], overwrite: b
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
         else:
-            details = (f"fingerprint(s) {', '.join(seen)} in the records, {fp} now"
-                       + ("" if old is not None else f"; {RUN} is missing, so what differed is unknown"))
-        raise ValueError(f"{out_dir} holds {len(done)} predictions of a run with other settings ({details}); use "
-                         "another output directory or overwrite=True (--overwrite)")
+            details = f"fingerprint(s) {', '.join(seen)} in the records, {fp} now" + (
+                "" if old is not None else f"; {RUN} is missing, so what differed is unknown"
+            )
+        raise ValueError(
+            f"{out_dir} holds {len(done)} predictions of a run with other settings ({details}); use "
+            "another output directory or overwrite=True (--overwrite)"
+        )
     with open(path, "w") as f:
         json.dump(settings, f, indent=2, sort_keys=True)
     return done
@@ -249,18 +270,35 @@ def _check_run(out_dir: str, settings: dict, done: dict[str, dict], overwrite: b
 # ------------------------------------------------------------------------------------------- the runner
 
 
-def _predict_batches(task: Task, td: TaskData, ids, todo, done: dict, predict_fn, pred_path: str, fingerprint: str,
-                     *, batch_size: int, ocr: bool, progress: bool, total: int) -> int:
+def _predict_batches(
+    task: Task,
+    td: TaskData,
+    ids,
+    todo,
+    done: dict,
+    predict_fn,
+    pred_path: str,
+    fingerprint: str,
+    *,
+    batch_size: int,
+    ocr: bool,
+    progress: bool,
+    total: int,
+) -> int:
     """Predict the ``todo`` rows batch by batch, appending each record to ``pred_path`` (and ``done``) as soon as
     its batch returns; the number of predictions made."""
     generated = 0
-    with open(pred_path, "a", encoding="utf-8") as f, \
-            tqdm(total=total, initial=total - len(todo), desc=task.name, unit="sample", disable=not progress) as bar:
+    with (
+        open(pred_path, "a", encoding="utf-8") as f,
+        tqdm(total=total, initial=total - len(todo), desc=task.name, unit="sample", disable=not progress) as bar,
+    ):
         for start in range(0, len(todo), batch_size):
-            rows = [td.row(i) for i in todo[start:start + batch_size]]
+            rows = [td.row(i) for i in todo[start : start + batch_size]]
             prompts = [task.prompt(r, ocr=ocr) for r in rows]
-            samples = [dict(id=ids[i], index=i, reference=task.reference(r, ids[i]), row=r)
-                       for i, r in zip(todo[start:start + batch_size], rows)]
+            samples = [
+                dict(id=ids[i], index=i, reference=task.reference(r, ids[i]), row=r)
+                for i, r in zip(todo[start : start + batch_size], rows)
+            ]
             texts = list(predict_fn(prompts, [r["image"] for r in rows], samples))
             if len(texts) != len(rows):
                 raise ValueError(f"predict_fn returned {len(texts)} predictions for {len(rows)} samples")
@@ -274,12 +312,30 @@ def _predict_batches(task: Task, td: TaskData, ids, todo, done: dict, predict_fn
     return generated
 
 
-def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data: str | None = None,
-             split: str | None = None, config: str | None = None, images: str | None = None, dataset=None,
-             limit: int | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
-             system_prompt: str | None = LLAVA_SYSTEM_PROMPT, ocr: bool = True, predict_fn: PredictFn | None = None,
-             pad_multiple: int = 64, progress: bool = True, overwrite: bool = False, cache_dir: str | None = None,
-             run_info: dict | None = None, data_key: str | None = None) -> dict:
+def run_eval(
+    task: Task | str,
+    output_dir: str,
+    *,
+    model=None,
+    pruner=None,
+    data: str | None = None,
+    split: str | None = None,
+    config: str | None = None,
+    images: str | None = None,
+    dataset=None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    system_prompt: str | None = LLAVA_SYSTEM_PROMPT,
+    ocr: bool = True,
+    predict_fn: PredictFn | None = None,
+    pad_multiple: int = 64,
+    progress: bool = True,
+    overwrite: bool = False,
+    cache_dir: str | None = None,
+    run_info: dict | None = None,
+    data_key: str | None = None,
+) -> dict:
     """Evaluate ``model`` (with ``pruner``) or ``predict_fn`` on a task; resumable. Returns the summary dict.
 
     Args:
@@ -305,15 +361,25 @@ def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data
         raise ValueError("pass model=... (a LlavaModel) or predict_fn=...")
     check_options(batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, pad_multiple=pad_multiple)
     max_new_tokens = task.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-    td = data if isinstance(data, TaskData) else load_task_data(
-        task, data, split=split, config=config, images=images, cache_dir=cache_dir, dataset=dataset)
+    td = (
+        data
+        if isinstance(data, TaskData)
+        else load_task_data(task, data, split=split, config=config, images=images, cache_dir=cache_dir, dataset=dataset)
+    )
     n = len(td) if limit is None else min(int(limit), len(td))
     td.check_labels(n)
     if isinstance(data, str):
         data_key = os.path.abspath(data) if os.path.isdir(data) else data
-    settings = dict(task=task.name, data=data_key, split=split or task.split,
-                    pruner=pruner_label(pruner), max_new_tokens=max_new_tokens, system_prompt=system_prompt or "",
-                    ocr=bool(ocr), **(run_info or {}))
+    settings = dict(
+        task=task.name,
+        data=data_key,
+        split=split or task.split,
+        pruner=pruner_label(pruner),
+        max_new_tokens=max_new_tokens,
+        system_prompt=system_prompt or "",
+        ocr=bool(ocr),
+        **(run_info or {}),
+    )
     if model is not None and predict_fn is None and "image_aspect" not in settings:
         settings["image_aspect"] = image_aspect(model.processor)
     fingerprint = settings_fingerprint(settings)
@@ -324,16 +390,41 @@ def run_eval(task: Task | str, output_dir: str, *, model=None, pruner=None, data
     todo = [i for i in range(n) if ids[i] not in done]
     timing = {}
     if predict_fn is None:
-        predict_fn = model_predict_fn(model, pruner=pruner, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                      system_prompt=system_prompt, pad_multiple=pad_multiple, timing=timing)
+        predict_fn = model_predict_fn(
+            model,
+            pruner=pruner,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            system_prompt=system_prompt,
+            pad_multiple=pad_multiple,
+            timing=timing,
+        )
     t0 = time.perf_counter()
-    generated = _predict_batches(task, td, ids, todo, done, predict_fn, pred_path, fingerprint,
-                                 batch_size=batch_size, ocr=ocr, progress=progress, total=n)
+    generated = _predict_batches(
+        task,
+        td,
+        ids,
+        todo,
+        done,
+        predict_fn,
+        pred_path,
+        fingerprint,
+        batch_size=batch_size,
+        ocr=ocr,
+        progress=progress,
+        total=n,
+    )
     elapsed = time.perf_counter() - t0
     metrics = score_task(task.name, [done[i] for i in ids])
-    summary = dict(settings, **metrics, generated_this_run=generated,
-                   seconds_this_run=round(elapsed, 3), predictions=pred_path, settings_fingerprint=fingerprint,
-                   **throughput(generated, elapsed, timing))
+    summary = dict(
+        settings,
+        **metrics,
+        generated_this_run=generated,
+        seconds_this_run=round(elapsed, 3),
+        predictions=pred_path,
+        settings_fingerprint=fingerprint,
+        **throughput(generated, elapsed, timing),
+    )
     with open(os.path.join(output_dir, SUMMARY), "w") as f:
         json.dump(summary, f, indent=2, sort_keys=True)
     return summary
@@ -346,24 +437,39 @@ def add_eval_args(p) -> None:
     """Arguments of ``vlmprune eval`` (the pruning flags are added by the CLI's ``_add_method_args``)."""
     p.add_argument("--model", required=True, help="HF LLaVA directory or vlmprune checkpoint")
     p.add_argument("--task", required=True, choices=sorted(TASKS))
-    p.add_argument("--data", default=None, help="save_to_disk directory, local hub-layout directory or hub id "
-                                                "(default: the task's lmms-lab dataset)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="save_to_disk directory, local hub-layout directory or hub id (default: the task's lmms-lab dataset)",
+    )
     p.add_argument("--split", default=None, help="default: the task's (test / validation / testdev)")
     p.add_argument("--config", default=None, help="dataset config (default: the task's, e.g. ScienceQA-IMG)")
     p.add_argument("--images", default=None, help="GQA: image table (id, image) when the questions carry imageId")
-    p.add_argument("--output-dir", default=None,
-                   help="default: results/eval/<model>/<task>/<method>; rerunning into it resumes")
+    p.add_argument(
+        "--output-dir", default=None, help="default: results/eval/<model>/<task>/<method>; rerunning into it resumes"
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's (16)")
-    p.add_argument("--pad-multiple", type=int, default=64,
-                   help="left-pad prompts to a multiple of N tokens (fewer distinct shapes to compile)")
+    p.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=64,
+        help="left-pad prompts to a multiple of N tokens (fewer distinct shapes to compile)",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--image-aspect", default=None, choices=list(ASPECTS),
-                   help="pad: the original LLaVA pipeline (mean-colour square, then CLIP); crop: the HF llava-hf "
-                        "processor's centre crop (default: the checkpoint's processor, i.e. crop)")
-    p.add_argument("--system-prompt", default=LLAVA_SYSTEM_PROMPT,
-                   help="system prompt before USER: (default LLaVA-1.5's vicuna_v1 one; '' for none)")
+    p.add_argument(
+        "--image-aspect",
+        default=None,
+        choices=list(ASPECTS),
+        help="pad: the original LLaVA pipeline (mean-colour square, then CLIP); crop: the HF llava-hf "
+        "processor's centre crop (default: the checkpoint's processor, i.e. crop)",
+    )
+    p.add_argument(
+        "--system-prompt",
+        default=LLAVA_SYSTEM_PROMPT,
+        help="system prompt before USER: (default LLaVA-1.5's vicuna_v1 one; '' for none)",
+    )
     p.add_argument("--no-ocr", action="store_true", help="TextVQA: leave out the 'Reference OCR token' line")
     p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --output-dir")
     p.add_argument("--no-progress", action="store_true")
@@ -371,8 +477,9 @@ def add_eval_args(p) -> None:
 
 def check_args(args) -> None:
     """Validate ``vlmprune eval``'s flags before anything is loaded (ValueError / FileNotFoundError)."""
-    check_options(batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                  pad_multiple=args.pad_multiple)
+    check_options(
+        batch_size=args.batch_size, limit=args.limit, max_new_tokens=args.max_new_tokens, pad_multiple=args.pad_multiple
+    )
     if not os.path.isdir(args.model):
         raise FileNotFoundError(f"--model {args.model!r}: no such directory")
     if args.data is not None:
@@ -388,7 +495,8 @@ def run_from_args(args, pruner) -> dict:
     """``vlmprune eval``: check the flags, open the data (labels validated), load the model, run."""
     check_args(args)
     out_dir = args.output_dir or os.path.join(
-        "results", "eval", os.path.basename(os.path.normpath(args.model)), args.task, pruner_label(pruner))
+        "results", "eval", os.path.basename(os.path.normpath(args.model)), args.task, pruner_label(pruner)
+    )
     td = load_task_data(args.task, args.data, split=args.split, config=args.config, images=args.images)
     td.check_labels(len(td) if args.limit is None else min(args.limit, len(td)))
     log(f"loading {args.model} ...")
@@ -398,14 +506,28 @@ def run_from_args(args, pruner) -> dict:
         pruner.validate(model.config)
     data_key = os.path.abspath(args.data) if args.data and os.path.isdir(args.data) else args.data
     summary = run_eval(
-        args.task, out_dir, model=model, pruner=pruner, data=td, split=args.split, config=args.config,
-        images=args.images, limit=args.limit, data_key=data_key, batch_size=args.batch_size,
+        args.task,
+        out_dir,
+        model=model,
+        pruner=pruner,
+        data=td,
+        split=args.split,
+        config=args.config,
+        images=args.images,
+        limit=args.limit,
+        data_key=data_key,
+        batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        system_prompt=args.system_prompt, ocr=not args.no_ocr, pad_multiple=args.pad_multiple,
+        system_prompt=args.system_prompt,
+        ocr=not args.no_ocr,
+        pad_multiple=args.pad_multiple,
         progress=not args.no_progress,
-        overwrite=args.overwrite, run_info=dict(model=os.path.abspath(args.model), dtype=args.dtype),
+        overwrite=args.overwrite,
+        run_info=dict(model=os.path.abspath(args.model), dtype=args.dtype),
     )
-    print(f"{summary['task']} {summary['pruner']}: {summary['headline_metric']} = {summary['headline']:.2f} "
-          f"({summary['num_samples']} samples; {summary['generated_this_run']} generated now)")
+    print(
+        f"{summary['task']} {summary['pruner']}: {summary['headline_metric']} = {summary['headline']:.2f} "
+        f"({summary['num_samples']} samples; {summary['generated_this_run']} generated now)"
+    )
     print(f"[vlmprune] wrote {os.path.join(out_dir, SUMMARY)}", file=sys.stderr)
     return summary

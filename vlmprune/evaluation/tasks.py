@@ -30,8 +30,10 @@ from vlmprune.evaluation.metrics import LETTERS, image_digest
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
 # LLaVA-1.5's conversation template ``vicuna_v1`` starts with this system prompt.
-LLAVA_SYSTEM_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                       "helpful, detailed, and polite answers to the human's questions.")
+LLAVA_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,16 +141,48 @@ def _sqa_ref(row):
 
 
 TASKS: dict[str, Task] = {
-    "pope": Task("pope", "lmms-lab/POPE", None, "test", ("question", "answer"), _short, _pope_ref,
-                 id_columns=("question_id", "id")),
-    "textvqa": Task("textvqa", "lmms-lab/textvqa", None, "validation", ("question", "answers"), _textvqa_prompt,
-                    _textvqa_ref, id_columns=("question_id",)),
-    "gqa": Task("gqa", "lmms-lab/GQA", "testdev_balanced_instructions", "testdev", ("question", "answer"), _short,
-                _gqa_ref, id_columns=("id", "question_id"),
-                image_table=("lmms-lab/GQA", "testdev_balanced_images", "testdev"), image_key="imageId"),
+    "pope": Task(
+        "pope",
+        "lmms-lab/POPE",
+        None,
+        "test",
+        ("question", "answer"),
+        _short,
+        _pope_ref,
+        id_columns=("question_id", "id"),
+    ),
+    "textvqa": Task(
+        "textvqa",
+        "lmms-lab/textvqa",
+        None,
+        "validation",
+        ("question", "answers"),
+        _textvqa_prompt,
+        _textvqa_ref,
+        id_columns=("question_id",),
+    ),
+    "gqa": Task(
+        "gqa",
+        "lmms-lab/GQA",
+        "testdev_balanced_instructions",
+        "testdev",
+        ("question", "answer"),
+        _short,
+        _gqa_ref,
+        id_columns=("id", "question_id"),
+        image_table=("lmms-lab/GQA", "testdev_balanced_images", "testdev"),
+        image_key="imageId",
+    ),
     "mme": Task("mme", "lmms-lab/MME", None, "test", ("question", "answer", "category"), _short, _mme_ref),
-    "scienceqa_img": Task("scienceqa_img", "lmms-lab/ScienceQA", "ScienceQA-IMG", "test",
-                          ("question", "choices", "answer"), _sqa_prompt, _sqa_ref),
+    "scienceqa_img": Task(
+        "scienceqa_img",
+        "lmms-lab/ScienceQA",
+        "ScienceQA-IMG",
+        "test",
+        ("question", "choices", "answer"),
+        _sqa_prompt,
+        _sqa_ref,
+    ),
 }
 
 
@@ -163,8 +197,10 @@ def get_task(name: str) -> Task:
 
 
 def _is_saved(path: str) -> bool:
-    return os.path.isdir(path) and (os.path.exists(os.path.join(path, "dataset_info.json"))
-                                    or os.path.exists(os.path.join(path, "dataset_dict.json")))
+    return os.path.isdir(path) and (
+        os.path.exists(os.path.join(path, "dataset_info.json"))
+        or os.path.exists(os.path.join(path, "dataset_dict.json"))
+    )
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -210,12 +246,18 @@ class TaskData:
         self._image_index = None
         if "image" not in cols:
             if images is None or task.image_key is None or task.image_key not in cols:
-                raise ValueError(f"{task.name}: the data has no 'image' column"
-                                 + (f" and no image table for its {task.image_key!r} column (pass images=... / "
-                                    "--images)" if task.image_key else ""))
+                raise ValueError(
+                    f"{task.name}: the data has no 'image' column"
+                    + (
+                        f" and no image table for its {task.image_key!r} column (pass images=... / --images)"
+                        if task.image_key
+                        else ""
+                    )
+                )
             if not {"id", "image"} <= set(images.column_names):
-                raise ValueError(f"{task.name}: the image table needs columns 'id' and 'image' "
-                                 f"(has {sorted(images.column_names)})")
+                raise ValueError(
+                    f"{task.name}: the image table needs columns 'id' and 'image' (has {sorted(images.column_names)})"
+                )
             self.images = images
             self._image_index = {str(k): i for i, k in enumerate(images["id"])}
         self.ids = self._sample_ids()
@@ -250,8 +292,10 @@ class TaskData:
             r["image"] = self.images[self._image_index[key]]["image"]
         img = r.get("image")
         if img is not None and not hasattr(img, "convert"):
-            raise TypeError(f"{self.task.name}: row {i} 'image' is {type(img).__name__}, expected a PIL image "
-                            "(a datasets Image feature)")
+            raise TypeError(
+                f"{self.task.name}: row {i} 'image' is {type(img).__name__}, expected a PIL image "
+                "(a datasets Image feature)"
+            )
         return r
 
 
@@ -268,9 +312,16 @@ def _load_default_config(path: str, config: str | None, default: str | None, spl
         return _load(path, None, split, cache_dir)
 
 
-def load_task_data(task: Task | str, data: str | None = None, *, split: str | None = None,
-                   config: str | None = None, images: str | None = None, cache_dir: str | None = None,
-                   dataset: Any = None) -> TaskData:
+def load_task_data(
+    task: Task | str,
+    data: str | None = None,
+    *,
+    split: str | None = None,
+    config: str | None = None,
+    images: str | None = None,
+    cache_dir: str | None = None,
+    dataset: Any = None,
+) -> TaskData:
     """Open a task's data.
 
     Args:
@@ -288,8 +339,7 @@ def load_task_data(task: Task | str, data: str | None = None, *, split: str | No
     if images is not None:
         check_data_path(images, "images")
     if dataset is None:
-        dataset = _load_default_config(data or task.hub_path, config, task.hub_config, split or task.split,
-                                       cache_dir)
+        dataset = _load_default_config(data or task.hub_path, config, task.hub_config, split or task.split, cache_dir)
     table = None
     if "image" not in dataset.column_names and task.image_table is not None:
         hub, cfg, sp = task.image_table

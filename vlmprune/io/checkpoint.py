@@ -29,7 +29,9 @@ def read_hf_config(path: str):
 
     cfg_file = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face LLaVA directory or a vlmprune checkpoint)")
+        raise FileNotFoundError(
+            f"{path}: no config.json (expected a Hugging Face LLaVA directory or a vlmprune checkpoint)"
+        )
     check_json_files(path, ["config.json"])
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
@@ -54,20 +56,32 @@ def check_json_files(path: str, names=None) -> None:
 
 def load_processor(path: str):
     """The checkpoint's HF processor when it ships tokenizer files, else None."""
-    has_tok = any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    has_tok = any(
+        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
     if not has_tok:
         return None
     from transformers import AutoProcessor  # heavy (pulls in torch): only when a directory ships a processor
 
-    check_json_files(path, [f for f in sorted(os.listdir(path)) if f.endswith(".json") and f != "config.json"
-                            and not f.startswith("model.safetensors")])
+    check_json_files(
+        path,
+        [
+            f
+            for f in sorted(os.listdir(path))
+            if f.endswith(".json") and f != "config.json" and not f.startswith("model.safetensors")
+        ],
+    )
     try:
         return AutoProcessor.from_pretrained(path, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - name the directory and the processor files
-        names = [f for f in sorted(os.listdir(path)) if f.endswith(".json") and f != "config.json"
-                 and not f.startswith("model.safetensors")]
-        raise ValueError(f"{path}: the processor/tokenizer files could not be read ({', '.join(names)}): "
-                         f"{type(e).__name__}: {e}") from e
+        names = [
+            f
+            for f in sorted(os.listdir(path))
+            if f.endswith(".json") and f != "config.json" and not f.startswith("model.safetensors")
+        ]
+        raise ValueError(
+            f"{path}: the processor/tokenizer files could not be read ({', '.join(names)}): {type(e).__name__}: {e}"
+        ) from e
 
 
 def is_converted(path: str) -> bool:
@@ -125,14 +139,16 @@ def restore_params(path: str, abstract, dtype, shardings=None, *, check_finite: 
                 cast = lambda d: dtype if jnp.issubdtype(d, jnp.floating) else d  # noqa: E731
                 want = jax.tree_util.tree_map_with_path(
                     lambda p, a: jax.ShapeDtypeStruct(a.shape, cast(saved[_key(p)].dtype), sharding=place[_key(p)]),
-                    abstract)
+                    abstract,
+                )
                 restored = ckpt.restore(target, want)
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(path, [f"orbax could not restore {target!r}: {e}"]) from e
-    cast = jax.tree.map(lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x),
-                        restored)
+    cast = jax.tree.map(
+        lambda x: jnp.asarray(x, dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.asarray(x), restored
+    )
     if check_finite:
         _check_finite(path, restored, cast, dtype)
     return cast
@@ -141,10 +157,12 @@ def restore_params(path: str, abstract, dtype, shardings=None, *, check_finite: 
 def _check_saved_dtypes(path: str, abstract, saved) -> None:
     want = {"/".join(k): v for k, v in flatten_dict(abstract).items()}
     got = {"/".join(k): v for k, v in flatten_dict(saved).items()}
-    problems = [f"tensor {k!r} in {PARAMS_DIR} has dtype {got[k].dtype}, not a floating-point type; quantised or "
-                "integer weights are not supported"
-                for k in sorted(want) if jnp.issubdtype(want[k].dtype, jnp.floating)
-                and not jnp.issubdtype(got[k].dtype, jnp.floating)]
+    problems = [
+        f"tensor {k!r} in {PARAMS_DIR} has dtype {got[k].dtype}, not a floating-point type; quantised or "
+        "integer weights are not supported"
+        for k in sorted(want)
+        if jnp.issubdtype(want[k].dtype, jnp.floating) and not jnp.issubdtype(got[k].dtype, jnp.floating)
+    ]
     if problems:
         raise CheckpointError(path, problems)
 
@@ -157,13 +175,17 @@ def _check_finite(path: str, restored, cast, dtype) -> None:
             continue
         bad = int(x.size - jnp.count_nonzero(jnp.isfinite(saved[k])))
         if bad:
-            problems.append(f"tensor {k!r} in {PARAMS_DIR} holds {bad} NaN/inf value(s) of {x.size} (a corrupt or "
-                            "diverged checkpoint; pass check_finite=False / --no-weight-scan to load it anyway)")
+            problems.append(
+                f"tensor {k!r} in {PARAMS_DIR} holds {bad} NaN/inf value(s) of {x.size} (a corrupt or "
+                "diverged checkpoint; pass check_finite=False / --no-weight-scan to load it anyway)"
+            )
             continue
         over = int(x.size - jnp.count_nonzero(jnp.isfinite(x)))
         if over:
-            problems.append(f"tensor {k!r} in {PARAMS_DIR} has {over} value(s) beyond the {jnp.dtype(dtype).name} "
-                            "range; load it in float32 or bfloat16")
+            problems.append(
+                f"tensor {k!r} in {PARAMS_DIR} has {over} value(s) beyond the {jnp.dtype(dtype).name} "
+                "range; load it in float32 or bfloat16"
+            )
     if problems:
         raise CheckpointError(path, problems)
 
@@ -177,7 +199,10 @@ def _check_tree(path: str, abstract, saved) -> None:
     got = {"/".join(k): v for k, v in flatten_dict(saved).items()}
     problems = [f"missing tensor for parameter {k!r}" for k in sorted(set(want) - set(got))]
     problems += [f"unexpected tensor {k!r}" for k in sorted(set(got) - set(want))]
-    problems += [f"shape mismatch at {k!r}: checkpoint {list(got[k].shape)}, config {list(want[k].shape)}"
-                 for k in sorted(set(want) & set(got)) if tuple(got[k].shape) != tuple(want[k].shape)]
+    problems += [
+        f"shape mismatch at {k!r}: checkpoint {list(got[k].shape)}, config {list(want[k].shape)}"
+        for k in sorted(set(want) & set(got))
+        if tuple(got[k].shape) != tuple(want[k].shape)
+    ]
     if problems:
         raise CheckpointError(path, problems)

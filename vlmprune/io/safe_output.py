@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 
 class OutputExistsError(FileExistsError):
@@ -63,8 +63,9 @@ def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def check_dir_target(path: str, kind: OutputKind, *, overwrite: bool = False, protect: Sequence[str] = (),
-                     flag: str = "overwrite=True") -> None:
+def check_dir_target(
+    path: str, kind: OutputKind, *, overwrite: bool = False, protect: Sequence[str] = (), flag: str = "overwrite=True"
+) -> None:
     """Raise :class:`OutputExistsError` unless ``path`` may receive a ``kind`` output.
 
     Args:
@@ -76,15 +77,18 @@ def check_dir_target(path: str, kind: OutputKind, *, overwrite: bool = False, pr
     """
     for src in protect:
         if _inside(src, path):
-            raise OutputExistsError(f"{path}: the output directory would replace {src!r}, which is being read; "
-                                    "write to another directory")
+            raise OutputExistsError(
+                f"{path}: the output directory would replace {src!r}, which is being read; write to another directory"
+            )
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path) or os.path.islink(path):
         if overwrite and not os.path.isdir(path):
             return
-        raise OutputExistsError(f"{path}: exists and is not a directory; refusing to replace it"
-                                + ("" if overwrite else f" (pass {flag} to replace it)"))
+        raise OutputExistsError(
+            f"{path}: exists and is not a directory; refusing to replace it"
+            + ("" if overwrite else f" (pass {flag} to replace it)")
+        )
     if not os.listdir(path) or read_marker(path, kind) is not None or overwrite:
         return
     raise OutputExistsError(
@@ -101,8 +105,9 @@ def _temp_sibling(path: str) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def staged_dir(path: str, kind: OutputKind, *, overwrite: bool = False, protect: Sequence[str] = (),
-               flag: str = "overwrite=True") -> Iterator[str]:
+def staged_dir(
+    path: str, kind: OutputKind, *, overwrite: bool = False, protect: Sequence[str] = (), flag: str = "overwrite=True"
+) -> Iterator[str]:
     """Yield a fresh temporary sibling of ``path`` to write into; on success it replaces ``path`` by rename.
 
     The check of :func:`check_dir_target` runs first. The caller must write the ``kind`` marker into the staged

@@ -10,7 +10,7 @@ import json
 import mmap
 import os
 import struct
-from typing import Iterator
+from collections.abc import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -40,15 +40,20 @@ def _check_entry(path: str, key: str, e) -> None:
     if e["dtype"] not in _DTYPES:
         raise SafetensorsError(f"{path}: tensor {key!r} has unsupported dtype {e['dtype']}")
     shape, off = e["shape"], e["data_offsets"]
-    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
-                                                   for x in xs)
+
+    def ints(xs):
+        return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+
     if not ints(shape) or not ints(off) or len(off) != 2 or off[1] < off[0]:
-        raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {key!r} has shape {shape!r} and "
-                               f"data_offsets {off!r}")
+        raise SafetensorsError(
+            f"{path}: corrupt safetensors header: tensor {key!r} has shape {shape!r} and data_offsets {off!r}"
+        )
     need = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[e["dtype"]]).itemsize
     if off[1] - off[0] != need:
-        raise SafetensorsError(f"{path}: corrupt safetensors header: tensor {key!r} {e['dtype']} {shape} needs "
-                               f"{need} bytes but its data_offsets span {off[1] - off[0]}")
+        raise SafetensorsError(
+            f"{path}: corrupt safetensors header: tensor {key!r} {e['dtype']} {shape} needs "
+            f"{need} bytes but its data_offsets span {off[1] - off[0]}"
+        )
 
 
 class SafetensorsFile:
@@ -62,7 +67,9 @@ class SafetensorsFile:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n <= 0 or 8 + n > size:
-                raise SafetensorsError(f"{path}: truncated or corrupt safetensors header (header length {n}, file {size} bytes)")
+                raise SafetensorsError(
+                    f"{path}: truncated or corrupt safetensors header (header length {n}, file {size} bytes)"
+                )
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -119,15 +126,19 @@ def list_files(directory: str) -> list[str]:
             raise SafetensorsError(f"{idx}: not a readable JSON file ({e})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise SafetensorsError(f"{idx}: has no \"weight_map\" object of tensor name -> shard file")
+            raise SafetensorsError(f'{idx}: has no "weight_map" object of tensor name -> shard file')
         files = sorted(set(weight_map.values()))
         missing = [fn for fn in files if not os.path.exists(os.path.join(directory, fn))]
         if missing:
-            raise SafetensorsError(f"{directory}: shard(s) listed in model.safetensors.index.json are missing: {missing}")
+            raise SafetensorsError(
+                f"{directory}: shard(s) listed in model.safetensors.index.json are missing: {missing}"
+            )
         return [os.path.join(directory, fn) for fn in files]
     files = sorted(fn for fn in os.listdir(directory) if fn.endswith(".safetensors"))
     if not files:
-        raise SafetensorsError(f"{directory}: no *.safetensors files found (PyTorch .bin checkpoints are not supported)")
+        raise SafetensorsError(
+            f"{directory}: no *.safetensors files found (PyTorch .bin checkpoints are not supported)"
+        )
     return [os.path.join(directory, fn) for fn in files]
 
 

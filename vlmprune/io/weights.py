@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,9 @@ class Transform:
 # torch ``Linear`` weight (out, in) -> flax ``Dense`` kernel (in, out)
 transpose = Transform("transpose", lambda w: w.T, lambda s: tuple(s)[::-1], lambda a, s: a.T)
 # patch convolution (D, C, p, p) -> ``Dense`` kernel (C*p*p, D) over flattened (C, p, p) patches
-patch_conv = Transform("patch_conv", lambda w: w.reshape(w.shape[0], -1).T,
-                       lambda s: (math.prod(s[1:]), s[0]), lambda a, s: a.T.reshape(s))
+patch_conv = Transform(
+    "patch_conv", lambda w: w.reshape(w.shape[0], -1).T, lambda s: (math.prod(s[1:]), s[0]), lambda a, s: a.T.reshape(s)
+)
 identity = Transform("identity", lambda w: w, tuple, lambda a, s: a)
 
 
@@ -90,6 +92,62 @@ class _RuleTable:
         return None
 
 
+def _plan_tensors(directory: str, expected: dict, table: _RuleTable, tied) -> tuple[dict, list[str]]:
+    """From the file headers alone: which tensor (file, key, transform) fills each param, and every problem
+    (unreadable files first, then unexpected, non-float, mis-shaped, duplicate and missing tensors)."""
+    plan: dict[str, tuple] = {}  # target -> (file, key, transform)
+    seen: set[str] = set()  # targets present in the checkpoint, even if mis-shaped or refused
+    problems: list[str] = []
+    file_problems: list[str] = []  # unreadable files: reported first, their missing tensors summarised
+    files = list_files(directory)
+    for key, f in iter_tensors(files, file_problems):
+        fname = f.path.rsplit("/", 1)[-1]
+        hit = table.match(key)
+        if hit is None:
+            problems.append(f"unexpected tensor {key!r} {list(f.shape(key))} in {fname}")
+            continue
+        if hit is _RuleTable.IGNORE:
+            continue
+        target, fn = hit
+        if target not in expected:
+            problems.append(f"unexpected tensor {key!r} (maps to {target!r}, which this model config does not have)")
+            continue
+        seen.add(target)
+        if jnp.issubdtype(expected[target].dtype, jnp.floating) and f.dtype(key) not in FLOAT_DTYPES:
+            problems.append(
+                f"tensor {key!r} in {fname} has dtype {f.dtype(key)}, not a floating-point type "
+                f"({', '.join(FLOAT_DTYPES)}); quantised or integer weights are not supported"
+            )
+            continue
+        shape = tuple(fn.shape(f.shape(key)))
+        want = tuple(expected[target].shape)
+        if shape != want:
+            problems.append(
+                f"shape mismatch for {key!r}: checkpoint {list(f.shape(key))} (as {list(shape)}) "
+                f"but the config expects {list(want)} at {target!r}"
+            )
+            continue
+        if target in plan:
+            problems.append(f"duplicate tensor for {target!r} (key {key!r})")
+            continue
+        plan[target] = (f, key, fn)
+    if tied is not None:
+        tgt, src = tied
+        if tgt in expected and tgt not in plan and src in plan:
+            f, key, fn = plan[src]
+            plan[tgt] = (f, key, _then_transpose(fn))
+    missing = sorted(set(expected) - set(plan) - seen)
+    if file_problems and missing:
+        # the unreadable file(s) explain the missing tensors: one line instead of one per tensor
+        shown = ", ".join(repr(m) for m in missing[:3])
+        problems.insert(
+            0, f"{len(missing)} parameter(s) were not loaded because of the unreadable file(s) above (e.g. {shown})"
+        )
+    else:
+        problems += [f"missing tensor for parameter {m!r} {list(expected[m].shape)}" for m in missing]
+    return plan, file_problems + problems
+
+
 def load_params(
     directory: str,
     abstract_params: dict,
@@ -123,53 +181,7 @@ def load_params(
         one line.
     """
     expected = {"/".join(k): v for k, v in flatten_dict(abstract_params).items()}
-    table = _RuleTable(rules, renames)
-    plan: dict[str, tuple] = {}  # target -> (file, key, transform)
-    seen: set[str] = set()  # targets present in the checkpoint, even if mis-shaped or refused
-    problems: list[str] = []
-    file_problems: list[str] = []  # unreadable files: reported first, their missing tensors summarised
-    files = list_files(directory)
-    for key, f in iter_tensors(files, file_problems):
-        fname = f.path.rsplit("/", 1)[-1]
-        hit = table.match(key)
-        if hit is None:
-            problems.append(f"unexpected tensor {key!r} {list(f.shape(key))} in {fname}")
-            continue
-        if hit is _RuleTable.IGNORE:
-            continue
-        target, fn = hit
-        if target not in expected:
-            problems.append(f"unexpected tensor {key!r} (maps to {target!r}, which this model config does not have)")
-            continue
-        seen.add(target)
-        if jnp.issubdtype(expected[target].dtype, jnp.floating) and f.dtype(key) not in FLOAT_DTYPES:
-            problems.append(f"tensor {key!r} in {fname} has dtype {f.dtype(key)}, not a floating-point type "
-                            f"({', '.join(FLOAT_DTYPES)}); quantised or integer weights are not supported")
-            continue
-        shape = tuple(fn.shape(f.shape(key)))
-        want = tuple(expected[target].shape)
-        if shape != want:
-            problems.append(f"shape mismatch for {key!r}: checkpoint {list(f.shape(key))} (as {list(shape)}) "
-                            f"but the config expects {list(want)} at {target!r}")
-            continue
-        if target in plan:
-            problems.append(f"duplicate tensor for {target!r} (key {key!r})")
-            continue
-        plan[target] = (f, key, fn)
-    if tied is not None:
-        tgt, src = tied
-        if tgt in expected and tgt not in plan and src in plan:
-            f, key, fn = plan[src]
-            plan[tgt] = (f, key, _then_transpose(fn))
-    missing = sorted(set(expected) - set(plan) - seen)
-    if file_problems and missing:
-        # the unreadable file(s) explain the missing tensors: one line instead of one per tensor
-        shown = ", ".join(repr(m) for m in missing[:3])
-        problems.insert(0, f"{len(missing)} parameter(s) were not loaded because of the unreadable file(s) above "
-                           f"(e.g. {shown})")
-    else:
-        problems += [f"missing tensor for parameter {m!r} {list(expected[m].shape)}" for m in missing]
-    problems = file_problems + problems
+    plan, problems = _plan_tensors(directory, expected, _RuleTable(rules, renames), tied)
     if problems:
         raise CheckpointError(directory, problems)
     placement = {} if shardings is None else {"/".join(k): v for k, v in flatten_dict(shardings).items()}
@@ -177,8 +189,9 @@ def load_params(
     for k, (f, key, fn) in plan.items():
         floating = jnp.issubdtype(expected[k].dtype, jnp.floating)
         want_dtype = numpy_dtype(dtype) if floating else np.dtype(expected[k].dtype)
-        arr, bad = array_problems(key, fn(f.get(key)), want_dtype, check_finite=check_finite,
-                                  where=f.path.rsplit("/", 1)[-1])
+        arr, bad = array_problems(
+            key, fn(f.get(key)), want_dtype, check_finite=check_finite, where=f.path.rsplit("/", 1)[-1]
+        )
         problems += bad
         if not bad:
             flat[tuple(k.split("/"))] = _place(arr, want_dtype, placement.get(k))
@@ -195,8 +208,9 @@ def numpy_dtype(dtype) -> np.dtype:
     return np.dtype(jnp.dtype(dtype))
 
 
-def array_problems(name: str, arr: np.ndarray, target: np.dtype, *, check_finite: bool = True,
-                   where: str = "") -> tuple[np.ndarray, list[str]]:
+def array_problems(
+    name: str, arr: np.ndarray, target: np.dtype, *, check_finite: bool = True, where: str = ""
+) -> tuple[np.ndarray, list[str]]:
     """Cast one loaded tensor to ``target`` and say what is wrong with it.
 
     Returns ``(arr as target, problems)``; problems name ``name`` (and ``where``, the file) for a non-float
@@ -206,27 +220,34 @@ def array_problems(name: str, arr: np.ndarray, target: np.dtype, *, check_finite
     loc = f" in {where}" if where else ""
     target = np.dtype(target)
     if jnp.issubdtype(target, jnp.floating) and not jnp.issubdtype(arr.dtype, jnp.floating):
-        return arr, [f"tensor {name!r}{loc} has dtype {arr.dtype}, not a floating-point type; quantised or integer "
-                     "weights are not supported"]
+        return arr, [
+            f"tensor {name!r}{loc} has dtype {arr.dtype}, not a floating-point type; quantised or integer "
+            "weights are not supported"
+        ]
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, by name
         out = arr.astype(target, copy=False)
     if not check_finite or not jnp.issubdtype(target, jnp.floating):
         return out, []
     bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
     if bad:
-        return out, [f"tensor {name!r}{loc} holds {bad} NaN/inf value(s) of {arr.size} (a corrupt or diverged "
-                     "checkpoint; pass check_finite=False / --no-weight-scan to load it anyway)"]
+        return out, [
+            f"tensor {name!r}{loc} holds {bad} NaN/inf value(s) of {arr.size} (a corrupt or diverged "
+            "checkpoint; pass check_finite=False / --no-weight-scan to load it anyway)"
+        ]
     over = int(out.size - np.count_nonzero(np.isfinite(out)))
     if over:
         big = float(np.max(np.abs(arr.astype(np.float64))))
-        return out, [f"tensor {name!r}{loc} has {over} value(s) beyond the {target.name} range (largest |x| = "
-                     f"{big:.4g}); load it in float32 or bfloat16"]
+        return out, [
+            f"tensor {name!r}{loc} has {over} value(s) beyond the {target.name} range (largest |x| = "
+            f"{big:.4g}); load it in float32 or bfloat16"
+        ]
     return out, []
 
 
 def _then_transpose(fn: Transform) -> Transform:
-    return Transform(f"{fn.name}.T", lambda w: fn(w).T, lambda s: tuple(fn.shape(s))[::-1],
-                     lambda a, s: fn.inverse(a.T, s))
+    return Transform(
+        f"{fn.name}.T", lambda w: fn(w).T, lambda s: tuple(fn.shape(s))[::-1], lambda a, s: fn.inverse(a.T, s)
+    )
 
 
 def _place(arr: np.ndarray, dtype, sharding) -> jax.Array:
@@ -289,8 +310,9 @@ def iter_export(
         have = tuple(flat[target].shape)
         want = tuple(fn.shape(tuple(shape)))
         if have != want:
-            problems.append(f"shape mismatch for {key!r}: HF expects {list(shape)}, params have {list(have)} "
-                            f"at {target!r}")
+            problems.append(
+                f"shape mismatch for {key!r}: HF expects {list(shape)}, params have {list(have)} at {target!r}"
+            )
             continue
         plan.append((key, target, fn, tuple(shape)))
     if problems:

@@ -29,8 +29,10 @@ def family(model_type: str, kind: str) -> Family:
     if fam is None or fam.kind != kind:
         known = sorted(k for k, f in FAMILIES.items() if f.kind == kind)
         what = "vision tower" if kind == VISION else "language model"
-        raise ValueError(f"unsupported {what} {model_type!r}; vlmprune implements {', '.join(known)} "
-                         "(see docs/adding_a_model.md to add one)")
+        raise ValueError(
+            f"unsupported {what} {model_type!r}; vlmprune implements {', '.join(known)} "
+            "(see docs/adding_a_model.md to add one)"
+        )
     return fam
 
 
@@ -39,8 +41,10 @@ def family_of(config) -> Family:
     for fam in FAMILIES.values():
         if isinstance(config, fam.config):
             return fam
-    raise ValueError(f"no model family has config type {type(config).__name__}; known: "
-                     f"{sorted({f.config.__name__ for f in FAMILIES.values()})}")
+    raise ValueError(
+        f"no model family has config type {type(config).__name__}; known: "
+        f"{sorted({f.config.__name__ for f in FAMILIES.values()})}"
+    )
 
 
 __all__ = ["FAMILIES", "TEXT", "VISION", "Family", "family", "family_of"]

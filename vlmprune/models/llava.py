@@ -96,8 +96,11 @@ class Llava(nn.Module):
         c = self.config
         L = c.vision.num_hidden_layers
         feat_idx = c.vision_feature_layer % (L + 1)
-        taps = {"cls_attention_layers": tuple(cls_attention_layers),
-                "received_attention_layers": tuple(received_attention_layers), "key_layers": tuple(key_layers)}
+        taps = {
+            "cls_attention_layers": tuple(cls_attention_layers),
+            "received_attention_layers": tuple(received_attention_layers),
+            "key_layers": tuple(key_layers),
+        }
         out = self.vision_tower(
             pixel_values,
             hidden_state_layers=tuple(hidden_state_layers) + (feat_idx,),
@@ -154,8 +157,11 @@ PROJECTOR_SHARDING: sharding.ShardingRules = [
 
 
 def _compose(vision: Family, text: Family) -> Rules:
-    return [*prefix_rules(vision.weight_rules, "vision_tower.vision_model.", "vision_tower"), *PROJECTOR_RULES,
-            *prefix_rules(text.weight_rules, "language_model.", "language_model")]
+    return [
+        *prefix_rules(vision.weight_rules, "vision_tower.vision_model.", "vision_tower"),
+        *PROJECTOR_RULES,
+        *prefix_rules(text.weight_rules, "language_model.", "language_model"),
+    ]
 
 
 def weight_rules(config: LlavaConfig) -> Rules:
@@ -167,8 +173,11 @@ def weight_rules(config: LlavaConfig) -> Rules:
 def sharding_rules(config: LlavaConfig) -> sharding.ShardingRules:
     """Param path -> partition spec rules of a LLaVA with ``config``'s tower and decoder."""
     v, t = family_of(config.vision), family_of(config.text)
-    return [*sharding.prefix_rules(v.sharding_rules, "vision_tower"), *PROJECTOR_SHARDING,
-            *sharding.prefix_rules(t.sharding_rules, "language_model")]
+    return [
+        *sharding.prefix_rules(v.sharding_rules, "vision_tower"),
+        *PROJECTOR_SHARDING,
+        *sharding.prefix_rules(t.sharding_rules, "language_model"),
+    ]
 
 
 # The table of the llava-hf 1.5 / NeXT checkpoints (CLIP tower, LLaMA decoder), e.g. to export to PyTorch.
@@ -224,7 +233,12 @@ def load_llava(path: str, *, dtype, mesh=None, check_finite: bool = True) -> Loa
     else:
         tied = family_of(cfg.text).tied
         params = weights.load_params(
-            path, abstract, weight_rules(cfg), renames=LLAVA_RENAMES, dtype=dtype, shardings=shardings,
+            path,
+            abstract,
+            weight_rules(cfg),
+            renames=LLAVA_RENAMES,
+            dtype=dtype,
+            shardings=shardings,
             check_finite=check_finite,
             tied=None if tied is None else tuple(f"language_model/{p}" for p in tied),
         )

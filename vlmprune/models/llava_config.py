@@ -51,7 +51,7 @@ class LlavaConfig:
         return n if self.vision_feature_select_strategy == "full" else n - 1
 
     @classmethod
-    def from_hf(cls, hf, source: str | None = None) -> "LlavaConfig":
+    def from_hf(cls, hf, source: str | None = None) -> LlavaConfig:
         """Freeze a HF ``LlavaConfig`` / ``LlavaNextConfig``; every index and id is range-checked.
 
         Args:
@@ -78,11 +78,14 @@ class LlavaConfig:
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ValueError(f"{where}: {field}={v!r} must be an integer")
             if not -(n_layers + 1) <= v <= n_layers:
-                raise ValueError(f"{where}: {field}={v} is out of range for a vision tower with {n_layers} layers "
-                                 f"(hidden states -{n_layers + 1}..{n_layers})")
+                raise ValueError(
+                    f"{where}: {field}={v} is out of range for a vision tower with {n_layers} layers "
+                    f"(hidden states -{n_layers + 1}..{n_layers})"
+                )
         if not isinstance(layer, int):
-            raise ValueError(f"{where}: vision_feature_layer={layer!r}: multi-layer feature concatenation is not "
-                             "supported")
+            raise ValueError(
+                f"{where}: vision_feature_layer={layer!r}: multi-layer feature concatenation is not supported"
+            )
         strat = hf.vision_feature_select_strategy
         if strat not in ("default", "full"):
             raise ValueError(f"{where}: unknown vision_feature_select_strategy {strat!r} (default, full)")
@@ -96,19 +99,26 @@ class LlavaConfig:
             pad, pad_field = eos[0], "eos_token_id"
         bos = getattr(tc, "bos_token_id", None)
         vocab = tc.vocab_size
-        ids = [("image_token_index", getattr(hf, "image_token_id", None)), (pad_field, pad),
-               ("text_config.bos_token_id", bos)] + [("eos_token_id", e) for e in eos]
+        ids = [
+            ("image_token_index", getattr(hf, "image_token_id", None)),
+            (pad_field, pad),
+            ("text_config.bos_token_id", bos),
+        ] + [("eos_token_id", e) for e in eos]
         for field, v in ids:
             if v is None and field == "text_config.bos_token_id":
                 continue
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= v < vocab:
-                raise ValueError(f"{where}: {field}={v!r} is not a token id of the vocabulary "
-                                 f"(text_config.vocab_size={vocab}: ids 0..{vocab - 1})")
+                raise ValueError(
+                    f"{where}: {field}={v!r} is not a token id of the vocabulary "
+                    f"(text_config.vocab_size={vocab}: ids 0..{vocab - 1})"
+                )
         pins = tuple(tuple(p) for p in (getattr(hf, "image_grid_pinpoints", None) or ()))
         for i, p in enumerate(pins):
             if len(p) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in p):
-                raise ValueError(f"{where}: image_grid_pinpoints[{i}]={list(p)!r} must be a (height, width) pair "
-                                 "of positive pixel counts")
+                raise ValueError(
+                    f"{where}: image_grid_pinpoints[{i}]={list(p)!r} must be a (height, width) pair "
+                    "of positive pixel counts"
+                )
         if hf.model_type in ANYRES and not pins:
             raise ValueError(f"{where}: image_grid_pinpoints is empty; a {hf.model_type} model needs its tile grids")
         aspect, video = "", None
@@ -142,17 +152,24 @@ def check_onevision(hf, pins, where: str) -> tuple[str, int]:
     video = getattr(hf, "video_token_index", None)
     vocab = hf.text_config.vocab_size
     if isinstance(video, bool) or not isinstance(video, (int, np.integer)) or not 0 <= video < vocab:
-        raise ValueError(f"{where}: video_token_index={video!r} is not a token id of the vocabulary "
-                         f"(text_config.vocab_size={vocab})")
+        raise ValueError(
+            f"{where}: video_token_index={video!r} is not a token id of the vocabulary (text_config.vocab_size={vocab})"
+        )
     if video == hf.image_token_id:
         raise ValueError(f"{where}: video_token_index={video} must differ from image_token_index")
     if getattr(hf.vision_config, "vision_use_head", False):
-        raise ValueError(f"{where}: vision_config.vision_use_head=True: OneVision feeds the tower's last hidden "
-                         "state and has no pooling head")
+        raise ValueError(
+            f"{where}: vision_config.vision_use_head=True: OneVision feeds the tower's last hidden "
+            "state and has no pooling head"
+        )
     vc = hf.vision_config
     try:
-        OnevisionGeometry(tile_size=vc.image_size, tokens_per_side=vc.image_size // vc.patch_size, pinpoints=pins,
-                          max_num=int(aspect.rsplit("_", 1)[1]))
+        OnevisionGeometry(
+            tile_size=vc.image_size,
+            tokens_per_side=vc.image_size // vc.patch_size,
+            pinpoints=pins,
+            max_num=int(aspect.rsplit("_", 1)[1]),
+        )
     except ValueError as e:
         raise ValueError(f"{where}: image_grid_pinpoints: {e}") from None
     return aspect, int(video)
@@ -162,28 +179,56 @@ def check_sizes(hf, where: str) -> None:
     """Positive sizes and layer counts, heads that divide the width, a patch grid that tiles the image."""
     v, t = hf.vision_config, hf.text_config
     for prefix, c, fields in (
-        ("vision_config", v, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                              "image_size", "patch_size", "num_channels")),
-        ("text_config", t, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                            "num_attention_heads", "max_position_embeddings")),
+        (
+            "vision_config",
+            v,
+            (
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "image_size",
+                "patch_size",
+                "num_channels",
+            ),
+        ),
+        (
+            "text_config",
+            t,
+            (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "max_position_embeddings",
+            ),
+        ),
     ):
         for f in fields:
             x = getattr(c, f, None)
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(f"{where}: {prefix}.{f}={x!r} must be a positive integer")
     if v.hidden_size % v.num_attention_heads:
-        raise ValueError(f"{where}: vision_config.hidden_size={v.hidden_size} is not a multiple of "
-                         f"num_attention_heads={v.num_attention_heads}")
+        raise ValueError(
+            f"{where}: vision_config.hidden_size={v.hidden_size} is not a multiple of "
+            f"num_attention_heads={v.num_attention_heads}"
+        )
     if v.image_size % v.patch_size:
-        raise ValueError(f"{where}: vision_config.image_size={v.image_size} is not a multiple of "
-                         f"patch_size={v.patch_size}")
+        raise ValueError(
+            f"{where}: vision_config.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}"
+        )
     kv = getattr(t, "num_key_value_heads", None) or t.num_attention_heads
     if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or t.num_attention_heads % kv:
-        raise ValueError(f"{where}: text_config.num_key_value_heads={kv!r} must be a positive divisor of "
-                         f"num_attention_heads={t.num_attention_heads}")
+        raise ValueError(
+            f"{where}: text_config.num_key_value_heads={kv!r} must be a positive divisor of "
+            f"num_attention_heads={t.num_attention_heads}"
+        )
     if not getattr(t, "head_dim", None) and t.hidden_size % t.num_attention_heads:
-        raise ValueError(f"{where}: text_config.hidden_size={t.hidden_size} is not a multiple of "
-                         f"num_attention_heads={t.num_attention_heads}")
+        raise ValueError(
+            f"{where}: text_config.hidden_size={t.hidden_size} is not a multiple of "
+            f"num_attention_heads={t.num_attention_heads}"
+        )
 
 
 def _eos_ids(hf) -> tuple[int, ...]:

@@ -60,13 +60,16 @@ class OnevisionProcessor:
           ValueError: a prompt without exactly one ``<image>``, or a different number of images and prompts.
         """
         if return_tensors != "np":
-            raise ValueError("OnevisionProcessor returns NumPy arrays only (return_tensors='np'), "
-                             f"got {return_tensors!r}")
+            raise ValueError(
+                f"OnevisionProcessor returns NumPy arrays only (return_tensors='np'), got {return_tensors!r}"
+            )
         texts = [text] if isinstance(text, str) else list(text or [])
         images = [] if images is None else (list(images) if isinstance(images, (list, tuple)) else [images])
         if len(images) != len(texts):
-            raise ValueError(f"OnevisionProcessor: {len(images)} image(s) for {len(texts)} prompt(s); give one image "
-                             "per prompt (several images in one prompt are not supported)")
+            raise ValueError(
+                f"OnevisionProcessor: {len(images)} image(s) for {len(texts)} prompt(s); give one image "
+                "per prompt (several images in one prompt are not supported)"
+            )
         out: dict[str, Any] = {}
         if images:
             px = self.image_processor(images, return_tensors="np")
@@ -75,8 +78,10 @@ class OnevisionProcessor:
         expanded = []
         for i, t in enumerate(texts):
             if t.count(self.image_token) != 1:
-                raise ValueError(f"OnevisionProcessor: prompt {i} holds {t.count(self.image_token)} "
-                                 f"{self.image_token!r} placeholders; exactly one is supported")
+                raise ValueError(
+                    f"OnevisionProcessor: prompt {i} holds {t.count(self.image_token)} "
+                    f"{self.image_token!r} placeholders; exactly one is supported"
+                )
             n = self.num_image_tokens(out["image_sizes"][i])
             expanded.append(t.replace(self.image_token, self.image_token * n))
         tok = self.tokenizer(expanded, return_tensors="np", padding=padding)
@@ -91,13 +96,16 @@ def load_onevision_processor(path: str, geometry: OnevisionGeometry):
     Raises:
       FileNotFoundError: a tokenizer without ``preprocessor_config.json``.
     """
-    has_tok = any(os.path.exists(os.path.join(path, f))
-                  for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    has_tok = any(
+        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
     if not has_tok:
         return None
     if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        raise FileNotFoundError(f"{path}: a OneVision checkpoint with a tokenizer needs preprocessor_config.json "
-                                "(its image mean/std; HF's class defaults are CLIP's, not the checkpoint's)")
+        raise FileNotFoundError(
+            f"{path}: a OneVision checkpoint with a tokenizer needs preprocessor_config.json "
+            "(its image mean/std; HF's class defaults are CLIP's, not the checkpoint's)"
+        )
     from transformers import AutoTokenizer  # heavy: only when the directory ships a processor
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,

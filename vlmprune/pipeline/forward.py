@@ -31,7 +31,7 @@ from vlmprune.prune.base import (
     keep_all,
     tokens_for_llm,
 )
-from vlmprune.types import ModelOutput, NextLayout, PruneResult, TapRequest, VisionTaps
+from vlmprune.types import NO_TAPS, ModelOutput, NextLayout, PruneResult, TapRequest, VisionTaps
 
 Array = jax.Array
 
@@ -62,21 +62,37 @@ def project(module: Llava, params, features: Array) -> Array:
     return module.apply({"params": params}, features, method=Llava.project)
 
 
-def encode(module: Llava, params, pixel_values: Array, request: TapRequest = TapRequest(), *,
-           output_hidden_states: bool = False) -> VisionTaps:
+def encode(
+    module: Llava,
+    params,
+    pixel_values: Array,
+    request: TapRequest = NO_TAPS,
+    *,
+    output_hidden_states: bool = False,
+) -> VisionTaps:
     """Vision tower on images or tiles (B, C, S, S) with exactly the taps ``request`` names -> VisionTaps
     (``embeddings`` filled when ``request.projected``)."""
     enc = module.apply(
-        {"params": params}, pixel_values, method=Llava.encode,
-        cls_attention_layers=request.cls_attention_layers, received_attention_layers=request.column_mean_layers,
+        {"params": params},
+        pixel_values,
+        method=Llava.encode,
+        cls_attention_layers=request.cls_attention_layers,
+        received_attention_layers=request.column_mean_layers,
         key_layers=request.key_layers,
-        hidden_state_layers=request.hidden_state_layers, output_hidden_states=output_hidden_states,
+        hidden_state_layers=request.hidden_state_layers,
+        output_hidden_states=output_hidden_states,
         post_layernorm=request.post_layernorm,
     )
-    taps = VisionTaps(features=enc["features"], feature_hidden=enc["feature_hidden"],
-                      cls_attn=enc.get("cls_attn", {}), column_mean=enc.get("received_attn", {}), keys=enc["keys"],
-                      cls_query=enc.get("cls_query", {}), hidden_states=enc["hidden_states"],
-                      pooled=enc.get("pooled"))
+    taps = VisionTaps(
+        features=enc["features"],
+        feature_hidden=enc["feature_hidden"],
+        cls_attn=enc.get("cls_attn", {}),
+        column_mean=enc.get("received_attn", {}),
+        keys=enc["keys"],
+        cls_query=enc.get("cls_query", {}),
+        hidden_states=enc["hidden_states"],
+        pooled=enc.get("pooled"),
+    )
     if request.projected:
         taps = taps.replace(embeddings=project(module, params, taps.features))
     return taps
@@ -88,8 +104,15 @@ def prune(pruner, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
     return keep_all(taps, ctx) if p is None else p.prune(taps, ctx)
 
 
-def tokens_from_taps(module: Llava, params, taps: VisionTaps, pruner=None,
-                     layout: NextLayout | PackTables | None = None, aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
+def tokens_from_taps(
+    module: Llava,
+    params,
+    taps: VisionTaps,
+    pruner=None,
+    layout: NextLayout | PackTables | None = None,
+    aux: dict | None = None,
+    stride: int | None = None,
+) -> tuple[Array, Array]:
     """Prune and project encoded images: (tokens (NI, K, D_llm), valid bool (NI, K)).
 
     LLaVA-1.5: taps of NI images, K = the pruner's budget (all tokens without one).
@@ -123,12 +146,26 @@ def tokens_from_taps(module: Llava, params, taps: VisionTaps, pruner=None,
     appended = res.appended
     if appended is not None and not res.projected:
         appended = project(module, params, appended)
-    return pack(flat_emb.reshape(ni, t * n, -1), image_keep_mask(res, t * n), newline, layout, stride=stride,
-                appended=appended, appended_valid=res.appended_valid)
+    return pack(
+        flat_emb.reshape(ni, t * n, -1),
+        image_keep_mask(res, t * n),
+        newline,
+        layout,
+        stride=stride,
+        appended=appended,
+        appended_valid=res.appended_valid,
+    )
 
 
-def visual_tokens(module: Llava, params, pixel_values: Array, pruner=None, layout=None,
-                  aux: dict | None = None, stride: int | None = None) -> tuple[Array, Array]:
+def visual_tokens(
+    module: Llava,
+    params,
+    pixel_values: Array,
+    pruner=None,
+    layout=None,
+    aux: dict | None = None,
+    stride: int | None = None,
+) -> tuple[Array, Array]:
     """``encode`` with the pruner's request, then ``tokens_from_taps``. pixel_values (NI, C, S, S) (LLaVA-1.5)
     or (NI, T_max, C, S, S) with ``layout`` (LLaVA-NeXT)."""
     request = tap_request(module.config, pruner).replace(projected=False)  # projected in tokens_from_taps
@@ -164,14 +201,16 @@ def decoder_prefill(module: Llava, params, seq: Assembled, *, max_len: int | Non
     else generation's prefill into a fresh cache of ``max_len`` slots: (last logits (B, V), cache, next positions
     (B,))."""
     if max_len is None:
-        logits, mask, _ = module.apply({"params": params}, seq.embeds, seq.positions, seq.mask, None, seq.hook,
-                                       method=Llava.prefill)
+        logits, mask, _ = module.apply(
+            {"params": params}, seq.embeds, seq.positions, seq.mask, None, seq.hook, method=Llava.prefill
+        )
         return logits, mask
     b = seq.embeds.shape[0]
     next_pos = jnp.sum(seq.mask, axis=1, dtype=jnp.int32)  # positions continue after the real prompt tokens
     cache = KVCache.zeros(module.config.text, b, max_len, seq.embeds.dtype)
-    logits, _, cache = module.apply({"params": params}, seq.embeds, seq.positions, seq.mask, cache, seq.hook, True,
-                                    method=Llava.prefill)
+    logits, _, cache = module.apply(
+        {"params": params}, seq.embeds, seq.positions, seq.mask, cache, seq.hook, True, method=Llava.prefill
+    )
     return logits[:, 0], cache, next_pos  # LM head at each row's last real token only
 
 

@@ -9,8 +9,20 @@ from vlmprune.models.llava import Llava
 from vlmprune.models.text.llama import KVCache
 
 
-def decode(module: Llava, params, first_logits, cache: KVCache, next_pos, key, sampler, *, start_slot: int,
-           max_new_tokens: int, eos_ids: tuple, pad_id: int):
+def decode(
+    module: Llava,
+    params,
+    first_logits,
+    cache: KVCache,
+    next_pos,
+    key,
+    sampler,
+    *,
+    start_slot: int,
+    max_new_tokens: int,
+    eos_ids: tuple,
+    pad_id: int,
+):
     """Generate ``max_new_tokens`` tokens int32 (B, max_new_tokens); rows are padded with ``pad_id`` after EOS.
 
     first_logits float32 (B, V) from the prefill; cache with the prompt in slots [0, start_slot - 1); next_pos

@@ -9,7 +9,8 @@ text token or a visual slot (``vlmprune.pipeline.sequence``). Nothing here knows
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -39,7 +40,7 @@ class DeviceInputs:
     text_src: Any
     vis_src: Any
     text_mask: Any
-    layout: Optional[NextLayout] = None
+    layout: NextLayout | None = None
     aux: dict = flax.struct.field(default_factory=dict)
 
 
@@ -50,14 +51,16 @@ class Plan:
 
     sequence: SequencePlan
     pixel_values: np.ndarray
-    layout: Optional[BatchLayout]
+    layout: BatchLayout | None
     aux: dict
-    stride: Optional[int]
+    stride: int | None
 
     def device_inputs(self, input_ids, dtype) -> DeviceInputs:
         return DeviceInputs(
-            input_ids=jnp.asarray(input_ids, jnp.int32), pixel_values=jnp.asarray(self.pixel_values, dtype),
-            text_src=jnp.asarray(self.sequence.text_src), vis_src=jnp.asarray(self.sequence.vis_src),
+            input_ids=jnp.asarray(input_ids, jnp.int32),
+            pixel_values=jnp.asarray(self.pixel_values, dtype),
+            text_src=jnp.asarray(self.sequence.text_src),
+            vis_src=jnp.asarray(self.sequence.vis_src),
             text_mask=jnp.asarray(self.sequence.text_mask),
             layout=None if self.layout is None else self.layout.tables(),
             aux={k: jnp.asarray(v) for k, v in self.aux.items()},
@@ -105,20 +108,23 @@ def next_layout(config, pixel_values, image_sizes, pruner=None):
     t_max = max_tiles(c.image_grid_pinpoints, c.vision.image_size)
     for i, li in enumerate(lay.layouts):
         if li.num_tiles > pixel_values.shape[1]:
-            raise ValueError(f"image {i} of size {tuple(sizes[i])} needs {li.num_tiles} tiles "
-                             f"({li.grid_rows}x{li.grid_cols} grid + base) but pixel_values holds "
-                             f"{pixel_values.shape[1]}")
+            raise ValueError(
+                f"image {i} of size {tuple(sizes[i])} needs {li.num_tiles} tiles "
+                f"({li.grid_rows}x{li.grid_cols} grid + base) but pixel_values holds "
+                f"{pixel_values.shape[1]}"
+            )
     if pixel_values.shape[1] > t_max:
-        raise ValueError(f"pixel_values holds {pixel_values.shape[1]} tiles per image; the pinpoints allow at "
-                         f"most {t_max}")
+        raise ValueError(
+            f"pixel_values holds {pixel_values.shape[1]} tiles per image; the pinpoints allow at most {t_max}"
+        )
     pix = np.zeros((ni, t_max) + tuple(pixel_values.shape[2:]), np.float32)
     pix[:, : pixel_values.shape[1]] = np.asarray(pixel_values, np.float32)
     return pix, lay, [li.length for li in official.layouts]
 
 
 def image_texts(config, ids, mask, plan: SequencePlan, text, tokenizer) -> list[str]:
-    """The instruction text per image, for text-guided pruners (``HostNeeds.text``): ``text`` (one string per batch row) or,
-    by default, the row's real tokens after its last image placeholder, decoded without special tokens."""
+    """The instruction text per image, for text-guided pruners (``HostNeeds.text``): ``text`` (one string per batch
+    row) or, by default, the row's real tokens after its last image placeholder, decoded without special tokens."""
     b = ids.shape[0]
     if text is not None:
         text = [text] if isinstance(text, str) else list(text)
@@ -142,8 +148,9 @@ def image_texts(config, ids, mask, plan: SequencePlan, text, tokenizer) -> list[
     return out
 
 
-def prepare_host(pruner, config, pixel_values, layouts, texts: Callable[[], Sequence[str]],
-                 clip_loader: Callable[[str], Any] | None) -> dict:
+def prepare_host(
+    pruner, config, pixel_values, layouts, texts: Callable[[], Sequence[str]], clip_loader: Callable[[str], Any] | None
+) -> dict:
     """Run the pruner's declared host preparation: the texts and auxiliary CLIP model it ``needs``, then its
     ``prepare``. Returns a dict of host arrays (empty for pruners that need nothing)."""
     if not isinstance(pruner, VisualPruner):
@@ -158,8 +165,15 @@ def prepare_host(pruner, config, pixel_values, layouts, texts: Callable[[], Sequ
     return dict(pruner.prepare(host))
 
 
-def plan_inputs(config, inputs: ModelInputs, pruner=None, *, text=None, tokenizer=None,
-                clip_loader: Callable[[str], Any] | None = None) -> Plan:
+def plan_inputs(
+    config,
+    inputs: ModelInputs,
+    pruner=None,
+    *,
+    text=None,
+    tokenizer=None,
+    clip_loader: Callable[[str], Any] | None = None,
+) -> Plan:
     """Validate a batch on the host and plan it (see the module docstring). ValueError names any problem."""
     pruner = check_pruner(pruner)
     if pruner is not None:
@@ -171,20 +185,40 @@ def plan_inputs(config, inputs: ModelInputs, pruner=None, *, text=None, tokenize
     if c.model_type == "llava":
         n = c.tokens_per_image
         slots = slot_count(pruner, c, None, n, 0)
-        seq = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=n,
-                            num_images=pixel_values.shape[0], slots=slots)
-        aux = prepare_host(pruner, c, np.asarray(pixel_values), None,
-                           lambda: image_texts(c, ids, mask, seq, text, tokenizer), clip_loader)
+        seq = plan_sequence(
+            ids,
+            mask,
+            image_token_id=c.image_token_id,
+            tokens_per_image=n,
+            num_images=pixel_values.shape[0],
+            slots=slots,
+        )
+        aux = prepare_host(
+            pruner,
+            c,
+            np.asarray(pixel_values),
+            None,
+            lambda: image_texts(c, ids, mask, seq, text, tokenizer),
+            clip_loader,
+        )
         return Plan(seq, pixel_values, None, aux, None)
     if c.model_type == "llava_onevision":
         return _plan_onevision(c, ids, mask, pixel_values, inputs.image_sizes, pruner)
     pix, lay, placeholders = next_layout(c, pixel_values, inputs.image_sizes, pruner)
     slots = [slot_count(pruner, c, li.num_tiles, li.length, li.num_newlines) for li in lay.layouts]
     stride = max(slots)
-    seq = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=placeholders,
-                        num_images=pix.shape[0], slots=slots, slot_stride=stride)
-    aux = prepare_host(pruner, c, pix, lay.layouts, lambda: image_texts(c, ids, mask, seq, text, tokenizer),
-                       clip_loader)
+    seq = plan_sequence(
+        ids,
+        mask,
+        image_token_id=c.image_token_id,
+        tokens_per_image=placeholders,
+        num_images=pix.shape[0],
+        slots=slots,
+        slot_stride=stride,
+    )
+    aux = prepare_host(
+        pruner, c, pix, lay.layouts, lambda: image_texts(c, ids, mask, seq, text, tokenizer), clip_loader
+    )
     return Plan(seq, pix, lay, aux, stride)
 
 
@@ -197,8 +231,15 @@ def _plan_onevision(c, ids, mask, pixel_values, image_sizes, pruner) -> Plan:
     if isinstance(pruner, VisualPruner):
         slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
         stride = min(pruner.budget(c, pix.shape[1]).kept, lay.length)
-    seq = plan_sequence(ids, mask, image_token_id=c.image_token_id, tokens_per_image=placeholders,
-                        num_images=pix.shape[0], slots=slots, slot_stride=stride)
+    seq = plan_sequence(
+        ids,
+        mask,
+        image_token_id=c.image_token_id,
+        tokens_per_image=placeholders,
+        num_images=pix.shape[0],
+        slots=slots,
+        slot_stride=stride,
+    )
     return Plan(seq, pix, lay, {}, stride)
 
 

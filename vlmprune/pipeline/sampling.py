@@ -30,7 +30,7 @@ class TopP:
     top_p: jax.Array
 
     @classmethod
-    def create(cls, temperature: float = 1.0, top_p: float = 1.0) -> "TopP":
+    def create(cls, temperature: float = 1.0, top_p: float = 1.0) -> TopP:
         checks.check_float("temperature", temperature, lo=0.0, lo_open=True)
         checks.check_float("top_p", top_p, lo=0.0, hi=1.0, lo_open=True)
         return cls(jnp.float32(temperature), jnp.float32(top_p))

@@ -60,13 +60,15 @@ def plan_sequence(
     empty = np.where(mask.sum(1) == 0)[0]
     if empty.size:
         raise ValueError(f"row(s) {empty.tolist()} of the batch have no real tokens (empty prompt)")
-    per_img = [int(tokens_per_image)] * num_images if np.isscalar(tokens_per_image) else [int(t) for t in tokens_per_image]
+    per_img = (
+        [int(tokens_per_image)] * num_images if np.isscalar(tokens_per_image) else [int(t) for t in tokens_per_image]
+    )
     per_slots = [int(slots)] * num_images if np.isscalar(slots) else [int(t) for t in slots]
     stride = slot_stride if slot_stride is not None else (max(per_slots) if per_slots else 0)
     is_img = (ids == image_token_id) & mask
     total, want = int(is_img.sum()), sum(per_img)
     if total != want:
-        detail = (f"{num_images} x {per_img[0]}" if len(set(per_img)) <= 1 else "+".join(map(str, per_img)))
+        detail = f"{num_images} x {per_img[0]}" if len(set(per_img)) <= 1 else "+".join(map(str, per_img))
         raise ValueError(
             f"input_ids hold {total} image placeholder tokens (id {image_token_id}) but {num_images} image(s) "
             f"need {detail} = {want}; expand the <image> placeholder with the model's processor (one id per "
@@ -80,10 +82,11 @@ def plan_sequence(
         while j < n:
             if is_img[r, j]:
                 need = per_img[img]
-                run = is_img[r, j:j + need]
+                run = is_img[r, j : j + need]
                 if run.size < need or not run.all():
-                    raise ValueError(f"row {r}: image placeholder run at position {j} is not {need} consecutive "
-                                     f"tokens (image {img})")
+                    raise ValueError(
+                        f"row {r}: image placeholder run at position {j} is not {need} consecutive tokens (image {img})"
+                    )
                 text_src.extend([-1] * per_slots[img])
                 vis_src.extend(range(img * stride, img * stride + per_slots[img]))
                 img += 1
@@ -100,8 +103,8 @@ def plan_sequence(
     text_mask = np.zeros((b, length), bool)
     for r in range(b):
         k = len(rows_text[r])
-        text_src[r, length - k:] = rows_text[r]
-        vis_src[r, length - k:] = rows_vis[r]
+        text_src[r, length - k :] = rows_text[r]
+        vis_src[r, length - k :] = rows_vis[r]
         t = np.asarray(rows_text[r])
-        text_mask[r, length - k:] = np.where(t >= 0, mask[r, np.maximum(t, 0)], False)
+        text_mask[r, length - k :] = np.where(t >= 0, mask[r, np.maximum(t, 0)], False)
     return SequencePlan(text_src, vis_src, text_mask, num_images, stride)

@@ -23,7 +23,8 @@ everything built on them find it, wherever the class is defined.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import flax.struct
 import jax
@@ -78,7 +79,7 @@ class HostNeeds:
     """Auxiliary host inputs a pruner declares: the instruction text per image, an auxiliary CLIP checkpoint."""
 
     text: bool = False
-    clip_path: Optional[str] = None
+    clip_path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +93,8 @@ class HostInputs:
 
     config: Any
     pixel_values: np.ndarray
-    layouts: Optional[Sequence[Any]] = None
-    texts: Optional[Sequence[str]] = None
+    layouts: Sequence[Any] | None = None
+    texts: Sequence[str] | None = None
     clip: Any = None
 
 
@@ -104,7 +105,7 @@ class PruneContext:
     ``config`` may be None for callers that hold the taps only (then each tap is read from its only tapped layer).
     """
 
-    layout: Optional[NextLayout] = None
+    layout: NextLayout | None = None
     aux: dict = flax.struct.field(default_factory=dict)
     config: Any = flax.struct.field(pytree_node=False, default=None)
 
@@ -114,8 +115,10 @@ class PruneContext:
 
     def aux_array(self, key: str, owner: str) -> Array:
         if key not in self.aux:
-            raise ValueError(f"{owner}: the prepared input {key!r} is missing; call the pruner's prepare() (the "
-                             "model does it for you) and pass its result as PruneContext.aux")
+            raise ValueError(
+                f"{owner}: the prepared input {key!r} is missing; call the pruner's prepare() (the "
+                "model does it for you) and pass its result as PruneContext.aux"
+            )
         return self.aux[key]
 
 
@@ -154,11 +157,11 @@ def check_family(name: str, cfg, supports_next: bool, supports_onevision: bool =
             raise NotImplementedError(
                 f"{name} on LLaVA-OneVision is not implemented: its {type(cfg.vision).__name__} tower has no CLS "
                 "token and its images are packed with anyres_max downsampling, and this method's selection is not "
-                "defined on that layout yet (docs/methods.md §9.3)")
+                "defined on that layout yet (docs/methods.md §9.3)"
+            )
         return
     if cfg.model_type != "llava" and not supports_next:
         raise NotImplementedError(f"{name} on {cfg.model_type} (anyres tiles) is not implemented yet")
-
 
 
 # ----------------------------------------------------------------------------------------------- legacy API
@@ -166,11 +169,17 @@ def check_family(name: str, cfg, supports_next: bool, supports_onevision: bool =
 
 def taps_from_dict(enc: dict) -> VisionTaps:
     """``VisionTaps`` from the encoder-output dict of earlier versions (``features``, ``cls_attn``, ...)."""
-    return VisionTaps(features=enc["features"], feature_hidden=enc.get("feature_hidden"),
-                      cls_attn=dict(enc.get("cls_attn", {})), column_mean=dict(enc.get("column_mean", {})),
-                      keys=dict(enc.get("keys", {})), cls_query=dict(enc.get("cls_query", {})),
-                      hidden_states=dict(enc.get("hidden_states", {})), pooled=enc.get("pooled"),
-                      embeddings=enc.get("embeddings"))
+    return VisionTaps(
+        features=enc["features"],
+        feature_hidden=enc.get("feature_hidden"),
+        cls_attn=dict(enc.get("cls_attn", {})),
+        column_mean=dict(enc.get("column_mean", {})),
+        keys=dict(enc.get("keys", {})),
+        cls_query=dict(enc.get("cls_query", {})),
+        hidden_states=dict(enc.get("hidden_states", {})),
+        pooled=enc.get("pooled"),
+        embeddings=enc.get("embeddings"),
+    )
 
 
 class LegacyVisualAPI:
@@ -182,8 +191,12 @@ class LegacyVisualAPI:
 
     def vision_request(self, cfg) -> dict:
         r = self.request(cfg)
-        out = {"cls_attention_layers": r.cls_attention_layers, "key_layers": r.key_layers,
-               "hidden_state_layers": r.hidden_state_layers, "post_layernorm": r.post_layernorm}
+        out = {
+            "cls_attention_layers": r.cls_attention_layers,
+            "key_layers": r.key_layers,
+            "hidden_state_layers": r.hidden_state_layers,
+            "post_layernorm": r.post_layernorm,
+        }
         return {k: v for k, v in out.items() if v}
 
     def num_slots(self, cfg) -> int:
@@ -261,8 +274,10 @@ class VisualPruner(LegacyVisualAPI, PrunerBase):
         self.check(cfg)
         request = self.request(cfg)  # resolves and range-checks the layers
         if request.column_mean_layers:
-            raise ValueError(f"{self.name}: received-attention column means are not provided by the "
-                             f"{cfg.vision.__class__.__name__} tower")
+            raise ValueError(
+                f"{self.name}: received-attention column means are not provided by the "
+                f"{cfg.vision.__class__.__name__} tower"
+            )
 
     def layout_style(self, cfg) -> tuple[str, Any]:
         """LLaVA-NeXT packing (``vlmprune.anyres.STYLES``) and the pinpoints it uses; default: HF's official."""
@@ -381,8 +396,9 @@ def register(cls=None, *, name: str | None = None, replace: bool = False):
         if key == "base":
             raise ValueError(f"register: {c.__name__} needs a `name` class attribute (or register(name=...))")
         if key in REGISTRY and REGISTRY[key] is not c and not replace:
-            raise ValueError(f"register: the name {key!r} is taken by {REGISTRY[key].__qualname__}; pass "
-                             "replace=True to override it")
+            raise ValueError(
+                f"register: the name {key!r} is taken by {REGISTRY[key].__qualname__}; pass replace=True to override it"
+            )
         REGISTRY[key] = c
         return c
 
@@ -406,8 +422,9 @@ def check_pruner(pruner):
     """None, or a pruner instance (TypeError otherwise)."""
     if pruner is None or isinstance(pruner, (VisualPruner, LLMPruner)):
         return pruner
-    raise TypeError(f"pruner must be a vlmprune pruner (e.g. vlmprune.prune.get('vispruner', num_keep=64)), "
-                    f"got {pruner!r}")
+    raise TypeError(
+        f"pruner must be a vlmprune pruner (e.g. vlmprune.prune.get('vispruner', num_keep=64)), got {pruner!r}"
+    )
 
 
 def check_keep(name: str, num_keep, n: int) -> int:

@@ -272,8 +272,7 @@ def divprune(embeddings: jax.Array, *, num_keep: int) -> Selection:
 
 @functools.partial(jax.jit, static_argnames=("max_keep",))
 def _divprune_masked_jit(embeddings, candidates, count, *, max_keep: int) -> Selection:
-    picked, valid = map_tiles(lambda e, c, k: _divprune_masked_single(e, c, k, max_keep),
-                              embeddings, candidates, count)
+    picked, valid = map_tiles(lambda e, c, k: _divprune_masked_single(e, c, k, max_keep), embeddings, candidates, count)
     m = embeddings.shape[1]
     idx = jnp.sort(jnp.where(valid, picked, m), axis=-1)  # invalid picks -> fill value M, sorted to the tail
     return Selection(indices=idx, valid=idx < m)
@@ -436,9 +435,7 @@ def visionzip(
         raise ValueError(f"{where}: dominant (CLS included) must be in [1, 1+N={total}], got {dominant}")
     contextual = checks.check_int("contextual", contextual, where=where)
     if not 0 <= contextual <= total - dominant:
-        raise ValueError(
-            f"{where}: contextual must be in [0, 1+N-dominant={total - dominant}], got {contextual}"
-        )
+        raise ValueError(f"{where}: contextual must be in [0, 1+N-dominant={total - dominant}], got {contextual}")
     return _visionzip_jit(hidden_with_cls, cls_attn, keys, dominant=dominant, contextual=contextual)
 
 
@@ -541,8 +538,9 @@ def _prumerge_single(features, attn, keys, keep_table, sample_table, num_neighbo
 
     # Output slots: top-k (score order), then samples (ascending), then the extra token, then zero padding.
     at = slot[:, None]
-    anchor_at_slot = jnp.where(slot < num_top, order[jnp.minimum(slot, n - 1)],
-                               sample_list[jnp.clip(slot - num_top, 0, n - 1)])
+    anchor_at_slot = jnp.where(
+        slot < num_top, order[jnp.minimum(slot, n - 1)], sample_list[jnp.clip(slot - num_top, 0, n - 1)]
+    )
     tokens = jnp.where(at < num_anchors, merged[anchor_at_slot], jnp.where(at == num_anchors, extra, 0))
     return tokens.astype(features.dtype), slot <= num_anchors, anchors
 

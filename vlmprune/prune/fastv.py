@@ -124,8 +124,13 @@ class FastV(LLMPruner):
         if cfg.model_type == "llava_onevision":  # variable packed length per image: the ratio applies per row
             if images_per_row != 1:
                 raise ValueError(f"fastv on LLaVA-OneVision takes one image per prompt, got {images_per_row}")
-            return FastVHook(visual=visual, layer=self.layer, keep=0, num_visual=0,
-                             per_row_ratio=float(self.keep_ratio))
+            return FastVHook(
+                visual=visual, layer=self.layer, keep=0, num_visual=0, per_row_ratio=float(self.keep_ratio)
+            )
         n = cfg.tokens_per_image
-        return FastVHook(visual=visual, layer=self.layer, keep=self.kept_per_image(cfg) * images_per_row,
-                         num_visual=n * images_per_row)
+        return FastVHook(
+            visual=visual,
+            layer=self.layer,
+            keep=self.kept_per_image(cfg) * images_per_row,
+            num_visual=n * images_per_row,
+        )

@@ -102,8 +102,22 @@ def hero_max_keep(num_local_tiles: int, keep_ratio: float, num_tokens: int = 576
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _hero_impl(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, present=None, n_local_dyn=None, *,
-               n_global, n_local, alpha, t_cls, t_clip):
+def _hero_impl(
+    thumb_attn,
+    tile_attn,
+    cls_last,
+    img_emb,
+    txt_emb,
+    valid,
+    present=None,
+    n_local_dyn=None,
+    *,
+    n_global,
+    n_local,
+    alpha,
+    t_cls,
+    t_clip,
+):
     """present (K,) bool marks real tiles when tiles are padded to a common K (absent tiles take no part in the
     tile softmaxes and get budget 0); n_local_dyn is then the traced ``int(K_real·N·R)`` (n_local the static max)."""
     f32 = jnp.float32
@@ -169,8 +183,20 @@ def _hero_padded_core(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, 
     return jax.vmap(one)(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, num_local)
 
 
-def hero_padded(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid, num_local_tiles, *,
-                keep_ratio: float, alpha: float, t_cls: float, t_clip: float) -> HeroSelection:
+def hero_padded(
+    thumb_attn,
+    tile_attn,
+    cls_last,
+    clip_image_embeds,
+    clip_text_embeds,
+    valid,
+    num_local_tiles,
+    *,
+    keep_ratio: float,
+    alpha: float,
+    t_cls: float,
+    t_clip: float,
+) -> HeroSelection:
     """HERO for a batch of images of different grids, sub-tiles padded to a common ``K_max``.
 
     Shapes as :func:`hero` with a leading batch axis B and ``K_max`` sub-tiles: thumb_attn (B, n_high, H, N),
@@ -189,9 +215,23 @@ def hero_padded(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_em
     t_clip = checks.check_float("t_clip", t_clip, lo=0.0, lo_open=True, where=where)
     table = tuple(int(k * n * keep_ratio) for k in range(k_max + 1))
     n_global, n_local = int(n * keep_ratio), table[-1]
-    return _hero_padded_core(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid,
-                             jnp.asarray(num_local_tiles, jnp.int32), table=table, n_global=n_global,
-                             n_local=n_local, alpha=alpha, t_cls=t_cls, t_clip=t_clip)
+    return _hero_padded_core(
+        thumb_attn,
+        tile_attn,
+        cls_last,
+        clip_image_embeds,
+        clip_text_embeds,
+        valid,
+        jnp.asarray(num_local_tiles, jnp.int32),
+        table=table,
+        n_global=n_global,
+        n_local=n_local,
+        alpha=alpha,
+        t_cls=t_cls,
+        t_clip=t_clip,
+    )
+
+
 _hero_core = jax.jit(_hero_impl, static_argnames=_STATIC)
 
 
@@ -211,8 +251,22 @@ def _check_float_array(name, x, where):
     checks.check_finite(name, x, where=where)
 
 
-def _validate(thumb_attn, tile_attn, cls_last, img_emb, txt_emb, valid, keep_ratio, alpha, t_cls, t_clip,
-              tokens_per_side, *, batch: bool, where: str):
+def _validate(
+    thumb_attn,
+    tile_attn,
+    cls_last,
+    img_emb,
+    txt_emb,
+    valid,
+    keep_ratio,
+    alpha,
+    t_cls,
+    t_clip,
+    tokens_per_side,
+    *,
+    batch: bool,
+    where: str,
+):
     lead = 1 if batch else 0
     bdim = "B, " if batch else ""
     arrays = {
@@ -315,8 +369,21 @@ def hero(
       ValueError: wrong ranks, mismatched K/H/N/E, N not ``tokens_per_side**2``, ``valid`` not bool, non-float or
         (concrete) non-finite inputs, ``keep_ratio`` outside (0, 1], ``alpha`` outside [0, 1], temperatures <= 0.
     """
-    static = _validate(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid,
-                       keep_ratio, alpha, t_cls, t_clip, tokens_per_side, batch=False, where="hero")
+    static = _validate(
+        thumb_attn,
+        tile_attn,
+        cls_last,
+        clip_image_embeds,
+        clip_text_embeds,
+        valid,
+        keep_ratio,
+        alpha,
+        t_cls,
+        t_clip,
+        tokens_per_side,
+        batch=False,
+        where="hero",
+    )
     return _hero_core(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid, **static)
 
 
@@ -340,6 +407,19 @@ def hero_batched(
     padding). Images of different grids must be bucketed by grid (§4.5). Returns a :class:`HeroSelection` with
     leading dim B, equal item for item to :func:`hero`.
     """
-    static = _validate(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid,
-                       keep_ratio, alpha, t_cls, t_clip, tokens_per_side, batch=True, where="hero_batched")
+    static = _validate(
+        thumb_attn,
+        tile_attn,
+        cls_last,
+        clip_image_embeds,
+        clip_text_embeds,
+        valid,
+        keep_ratio,
+        alpha,
+        t_cls,
+        t_clip,
+        tokens_per_side,
+        batch=True,
+        where="hero_batched",
+    )
     return _hero_batched_core(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid, **static)

@@ -204,12 +204,14 @@ def symmetric_product(left: jax.Array, right: jax.Array, levels: int = 2, prefer
     """
     m = left.shape[0] // 2
     if levels == 0 or m == 0:
-        return jnp.matmul(left, right.T, precision=jax.lax.Precision.HIGHEST,
-                          preferred_element_type=preferred_element_type)
+        return jnp.matmul(
+            left, right.T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=preferred_element_type
+        )
     top = symmetric_product(left[:m], right[:m], levels - 1, preferred_element_type)
     bottom = symmetric_product(left[m:], right[m:], levels - 1, preferred_element_type)
-    off = jnp.matmul(left[:m], right[m:].T, precision=jax.lax.Precision.HIGHEST,
-                     preferred_element_type=preferred_element_type)
+    off = jnp.matmul(
+        left[:m], right[m:].T, precision=jax.lax.Precision.HIGHEST, preferred_element_type=preferred_element_type
+    )
     return jnp.block([[top, off], [off.T, bottom]])
 
 

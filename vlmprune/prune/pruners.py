@@ -113,8 +113,13 @@ class VisPruner(_NextLayout, _KeepN):
         checks.check_bool("exact_similarity", self.exact_similarity, where=self.name)
 
     def prune(self, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
-        sel = vispruner(taps.features, taps.cls_attention(ctx.layer(self.layer, "layer")), num_keep=self.num_keep,
-                        important_ratio=self.important_ratio, exact_similarity=self.exact_similarity)
+        sel = vispruner(
+            taps.features,
+            taps.cls_attention(ctx.layer(self.layer, "layer")),
+            num_keep=self.num_keep,
+            important_ratio=self.important_ratio,
+            exact_similarity=self.exact_similarity,
+        )
         return PruneResult(selection=per_image(sel, ctx, taps.num_tokens))
 
 
@@ -174,9 +179,11 @@ class HiRED(_NextLayout, VisualPruner):
         if num_tiles is None:
             return Budget(min(n, int(n * self.budget_rate)))
         if num_tiles > 2 and n % (num_tiles - 1):
-            raise ValueError(f"hired: an image with {num_tiles - 1} sub-tiles splits the thumbnail's {n} tokens into "
-                             f"{num_tiles - 1} raster bands (the original's allocation), which needs N divisible by "
-                             f"{num_tiles - 1}")
+            raise ValueError(
+                f"hired: an image with {num_tiles - 1} sub-tiles splits the thumbnail's {n} tokens into "
+                f"{num_tiles - 1} raster bands (the original's allocation), which needs N divisible by "
+                f"{num_tiles - 1}"
+            )
         _, n_full, n_sub = hired_allocation(num_tiles, n, budget_rate=self.budget_rate, alpha=self.alpha)
         return Budget(n_full + n_sub)
 
@@ -190,16 +197,22 @@ class HiRED(_NextLayout, VisualPruner):
 
     def prune(self, taps, ctx):
         if ctx.layout is None:
-            sel = hired_single(taps.cls_attention(ctx.layer(self.deep_layer, "deep_layer")),
-                               budget_rate=self.budget_rate)
+            sel = hired_single(
+                taps.cls_attention(ctx.layer(self.deep_layer, "deep_layer")), budget_rate=self.budget_rate
+            )
             return PruneResult(selection=sel)
         tile_valid = ctx.layout.tile_valid
         ni, t = tile_valid.shape
         shallow = taps.cls_attention(ctx.layer(self.shallow_layer, "shallow_layer"))
         deep = taps.cls_attention(ctx.layer(self.deep_layer, "deep_layer"))
         shape = (ni, t) + deep.shape[1:]
-        sel = hired_batched(shallow.reshape(shape), deep.reshape(shape), jnp.sum(tile_valid, axis=1, dtype=jnp.int32),
-                            budget_rate=self.budget_rate, alpha=self.alpha)
+        sel = hired_batched(
+            shallow.reshape(shape),
+            deep.reshape(shape),
+            jnp.sum(tile_valid, axis=1, dtype=jnp.int32),
+            budget_rate=self.budget_rate,
+            alpha=self.alpha,
+        )
         return PruneResult(selection=per_image(sel, ctx, taps.num_tokens))
 
 
@@ -214,8 +227,10 @@ def hero_clip_inputs(clip, pixel_values: np.ndarray, layouts, texts, tokens_per_
     n = tokens_per_image
     side = int(round(n**0.5))
     if clip.module.vision.image_size != pixel_values.shape[-1]:
-        raise ValueError(f"hero: CLIP checkpoint image size {clip.module.vision.image_size} differs from the "
-                         f"tile size {pixel_values.shape[-1]}")
+        raise ValueError(
+            f"hero: CLIP checkpoint image size {clip.module.vision.image_size} differs from the "
+            f"tile size {pixel_values.shape[-1]}"
+        )
     img = np.asarray(clip.image_features(pixel_values[:, 1:].reshape((-1,) + pixel_values.shape[2:])))
     img = img.reshape(ni, t - 1, -1)
     txt = np.asarray(clip.text_features(list(texts)))[:, None]
@@ -256,11 +271,15 @@ class HERO(_NextLayout, VisualPruner):
 
     def validate(self, cfg):
         if cfg.model_type != "llava_next":
-            raise ValueError("hero: HERO allocates budgets across LLaVA-NeXT tiles; LLaVA-1.5 has a single image "
-                             "and no tiles (the original crashes there too). Use a LLaVA-NeXT checkpoint.")
+            raise ValueError(
+                "hero: HERO allocates budgets across LLaVA-NeXT tiles; LLaVA-1.5 has a single image "
+                "and no tiles (the original crashes there too). Use a LLaVA-NeXT checkpoint."
+            )
         if self.clip_path is None:
-            raise ValueError("hero: clip_path (a full HF CLIP checkpoint, e.g. openai/clip-vit-large-patch14-336 "
-                             "downloaded locally) is required for the text-relevance score")
+            raise ValueError(
+                "hero: clip_path (a full HF CLIP checkpoint, e.g. openai/clip-vit-large-patch14-336 "
+                "downloaded locally) is required for the text-relevance score"
+            )
         super().validate(cfg)
 
     def check(self, cfg):
@@ -282,8 +301,10 @@ class HERO(_NextLayout, VisualPruner):
 
     def request(self, cfg):
         low, high = self._layers(cfg)
-        return TapRequest(cls_attention_layers=tuple(sorted(set(low) | set(high))),
-                          hidden_state_layers=(cfg.vision.num_hidden_layers,))
+        return TapRequest(
+            cls_attention_layers=tuple(sorted(set(low) | set(high))),
+            hidden_state_layers=(cfg.vision.num_hidden_layers,),
+        )
 
     def budget(self, cfg, num_tiles):
         if num_tiles is None:
@@ -303,15 +324,27 @@ class HERO(_NextLayout, VisualPruner):
         low, high = self._layers(cfg)
         tile_valid = ctx.layout.tile_valid
         ni, t = tile_valid.shape
-        attn = {l: taps.cls_attention(l).reshape((ni, t) + taps.cls_attention(l).shape[1:])  # noqa: E741
-                for l in sorted(set(low) | set(high))}  # noqa: E741
+        attn = {
+            l: taps.cls_attention(l).reshape((ni, t) + taps.cls_attention(l).shape[1:])  # noqa: E741
+            for l in sorted(set(low) | set(high))
+        }  # noqa: E741
         thumb = jnp.stack([attn[l][:, 0] for l in high], axis=1)  # (NI, n_high, H, N)  # noqa: E741
         tiles = jnp.stack([attn[l][:, 1:] for l in low], axis=2)  # (NI, K_max, n_low, H, N)  # noqa: E741
         cls_last = taps.hidden(cfg.vision.num_hidden_layers)[:, 0].reshape(ni, t, -1)
         aux = lambda k: ctx.aux_array(k, self.name)  # noqa: E731
-        sel = hero_padded(thumb, tiles, cls_last, aux("clip_image"), aux("clip_text"), aux("hero_valid"),
-                          jnp.sum(tile_valid, axis=1, dtype=jnp.int32) - 1, keep_ratio=self.keep_ratio,
-                          alpha=self.alpha, t_cls=self.t_cls, t_clip=self.t_clip)
+        sel = hero_padded(
+            thumb,
+            tiles,
+            cls_last,
+            aux("clip_image"),
+            aux("clip_text"),
+            aux("hero_valid"),
+            jnp.sum(tile_valid, axis=1, dtype=jnp.int32) - 1,
+            keep_ratio=self.keep_ratio,
+            alpha=self.alpha,
+            t_cls=self.t_cls,
+            t_clip=self.t_clip,
+        )
         return PruneResult(selection=per_image(sel, ctx, taps.num_tokens))
 
 
@@ -325,8 +358,9 @@ class RandomKeep(_KeepN):
 
     def prune(self, taps, ctx):
         f = taps.features
-        return PruneResult(selection=random_keep(jax.random.PRNGKey(self.seed), f.shape[1], num_keep=self.num_keep,
-                                                 batch=f.shape[0]))
+        return PruneResult(
+            selection=random_keep(jax.random.PRNGKey(self.seed), f.shape[1], num_keep=self.num_keep, batch=f.shape[0])
+        )
 
 
 @register
@@ -344,8 +378,10 @@ class Uniform(_KeepN):
 
 def _official_only(pruner) -> None:
     if pruner.layout != "official":
-        raise ValueError(f"{pruner.name}: layout must be 'official' (got {pruner.layout!r}); the method's paper has "
-                         "no LLaVA-NeXT packing of its own to reproduce, so only HF's official layout is offered")
+        raise ValueError(
+            f"{pruner.name}: layout must be 'official' (got {pruner.layout!r}); the method's paper has "
+            "no LLaVA-NeXT packing of its own to reproduce, so only HF's official layout is offered"
+        )
 
 
 @register
@@ -380,15 +416,20 @@ class DivPrune(_KeepN):
     def prune(self, taps, ctx):
         emb = taps.embeddings
         if emb is None:
-            raise ValueError("divprune: needs taps.embeddings, the post-projector features (its request sets "
-                             "projected=True; the model provides them)")
+            raise ValueError(
+                "divprune: needs taps.embeddings, the post-projector features (its request sets "
+                "projected=True; the model provides them)"
+            )
         if ctx.layout is None:
             return PruneResult(selection=divprune(emb, num_keep=self.num_keep))
         if isinstance(ctx.layout, PackTables):  # OneVision: emb is the packed block (NI, V, D)
             tiles = jnp.sum(ctx.layout.tile_valid, axis=1, dtype=jnp.int32)
             t, v = ctx.layout.tile_valid.shape[1], emb.shape[1]
-            return PruneResult(selection=divprune_masked(emb, ctx.layout.valid, self.num_keep * tiles,
-                                                         max_keep=min(self.num_keep * t, v)))
+            return PruneResult(
+                selection=divprune_masked(
+                    emb, ctx.layout.valid, self.num_keep * tiles, max_keep=min(self.num_keep * t, v)
+                )
+            )
         tile_valid = ctx.layout.tile_valid
         ni, t = tile_valid.shape
         n = emb.shape[1]
@@ -457,7 +498,7 @@ class VisionZip(VisualPruner):
         tile_valid = ctx.layout.tile_valid
         ni, t = tile_valid.shape
         tok = res.tokens.reshape((ni, t) + res.tokens.shape[1:])
-        tail = jnp.concatenate([tok[:, :, 0], tok[:, :, self.dominant:].reshape(ni, t * self.contextual, -1)], 1)
+        tail = jnp.concatenate([tok[:, :, 0], tok[:, :, self.dominant :].reshape(ni, t * self.contextual, -1)], 1)
         valid = jnp.concatenate([tile_valid, jnp.repeat(tile_valid, self.contextual, axis=1)], axis=1)
         dom = visionzip_dominant(taps.cls_attention(ctx.layer(self.layer, "layer")), dominant=self.dominant)
         return PruneResult(selection=per_image(dom, ctx, taps.num_tokens), appended=tail, appended_valid=valid)

@@ -100,8 +100,9 @@ def split_spec(spec: str) -> SpecParts:
             settings = rest
         else:
             budgets, settings = first, more
-    return SpecParts(_norm(name), tuple(b.strip() for b in budgets.split(",") if b.strip()),
-                     _settings(settings, text), text)
+    return SpecParts(
+        _norm(name), tuple(b.strip() for b in budgets.split(",") if b.strip()), _settings(settings, text), text
+    )
 
 
 def split_specs(specs) -> list[SpecParts]:
@@ -134,8 +135,11 @@ def split_specs(specs) -> list[SpecParts]:
         parts = split_spec(head)
         extra = tuple(_settings(",".join(settings), head)) if settings else ()
         text = ",".join([head, *budgets, *settings])
-        out.append(dataclasses.replace(parts, budgets=parts.budgets + tuple(budgets),
-                                       settings=parts.settings + extra, text=text))
+        out.append(
+            dataclasses.replace(
+                parts, budgets=parts.budgets + tuple(budgets), settings=parts.settings + extra, text=text
+            )
+        )
     if not out:
         raise ValueError("no methods given; write e.g. vispruner:64 fastervlm:64")
     return out
@@ -239,8 +243,9 @@ def field_names(name: str) -> tuple[str, ...]:
 
 
 def _kind(tp) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            type(None): "none"}.get(tp, str(tp))
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}.get(
+        tp, str(tp)
+    )
 
 
 def typed_settings(name: str, settings) -> dict:
@@ -300,8 +305,10 @@ def budget_settings(name: str, budget, *, num_tokens: int | None = None) -> dict
         limit = num_tokens + 1 if cls.name == "visionzip" else num_tokens  # visionzip's total counts CLS
         rate = _field_types(cls).get(key) is float
         if not rate and budget > limit:
-            raise ValueError(f"{cls.name}: budget {int(budget)} is larger than the {num_tokens} visual tokens per "
-                             f"image{' (+ CLS)' if cls.name == 'visionzip' else ''}")
+            raise ValueError(
+                f"{cls.name}: budget {int(budget)} is larger than the {num_tokens} visual tokens per "
+                f"image{' (+ CLS)' if cls.name == 'visionzip' else ''}"
+            )
         if rate:  # a token count for a rate: int(N * (k + 0.5) / N) == k exactly, where k / N could give k - 1
             return {key: min(1.0, (int(budget) + 0.5) / num_tokens)}
     if cls.name == "visionzip" and key == "dominant":
@@ -359,13 +366,19 @@ def format_spec(pruner: Pruner | None) -> str:
     defaults = cls()
     skip = {"dominant", "contextual"} if cls.name == "visionzip" else {key}
     budget = ""
-    if key is not None and not (cls.name == "visionzip" and visionzip_split(pruner.dominant + pruner.contextual)
-                                != {"dominant": pruner.dominant, "contextual": pruner.contextual}):
+    if key is not None and not (
+        cls.name == "visionzip"
+        and visionzip_split(pruner.dominant + pruner.contextual)
+        != {"dominant": pruner.dominant, "contextual": pruner.contextual}
+    ):
         budget = str(pruner.dominant + pruner.contextual if cls.name == "visionzip" else getattr(pruner, key))
     else:
         skip = set()
-    rest = [f"{f.name}={_text(getattr(pruner, f.name))}" for f in dataclasses.fields(cls)
-            if f.name not in skip and getattr(pruner, f.name) != getattr(defaults, f.name)]
+    rest = [
+        f"{f.name}={_text(getattr(pruner, f.name))}"
+        for f in dataclasses.fields(cls)
+        if f.name not in skip and getattr(pruner, f.name) != getattr(defaults, f.name)
+    ]
     return ":".join([cls.name, budget, ",".join(rest)]).rstrip(":")
 
 

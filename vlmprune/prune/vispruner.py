@@ -314,16 +314,18 @@ def _vispruner_tile(features: jax.Array, cls_attn: jax.Array, plan: VisPrunerPla
 
 
 @functools.partial(jax.jit, static_argnames=("num_keep", "important_ratio", "exact_similarity"))
-def _vispruner_jit(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float,
-                   exact_similarity: bool = True) -> Selection:
+def _vispruner_jit(
+    features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float, exact_similarity: bool = True
+) -> Selection:
     plan = vispruner_plan(features.shape[1], num_keep, important_ratio)
     kept = map_tiles(lambda f, a: _vispruner_tile(f, a, plan, exact_similarity), features, cls_attn)
     chex.assert_shape(kept, (features.shape[0], num_keep))
     return from_indices(kept, features.shape[1])
 
 
-def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float,
-              exact_similarity: bool = True) -> Selection:
+def vispruner(
+    features: jax.Array, cls_attn: jax.Array, *, num_keep: int, important_ratio: float, exact_similarity: bool = True
+) -> Selection:
     """VisPruner token selection (docs/methods.md §2.2), batched over tiles/images.
 
     Args:
@@ -372,8 +374,9 @@ def vispruner(features: jax.Array, cls_attn: jax.Array, *, num_keep: int, import
     important_ratio = checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=where)
     checks.check_finite("features", features, where=where)
     checks.check_bool("exact_similarity", exact_similarity, where=where)
-    return _vispruner_jit(features, cls_attn, num_keep=num_keep, important_ratio=important_ratio,
-                          exact_similarity=exact_similarity)
+    return _vispruner_jit(
+        features, cls_attn, num_keep=num_keep, important_ratio=important_ratio, exact_similarity=exact_similarity
+    )
 
 
 # --------------------------------------------------------------------------------------------------------

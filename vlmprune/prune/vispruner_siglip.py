@@ -106,8 +106,15 @@ def vispruner_siglip_plan(num_tokens: int, num_keep: int, important_ratio: float
     return vispruner_plan(num_tokens, num_keep, important_ratio)
 
 
-def vispruner_siglip(features: jax.Array, received_attn: jax.Array, *, num_keep: int, important_ratio: float,
-                     images_dtype=None, exact_similarity: bool = True) -> Selection:
+def vispruner_siglip(
+    features: jax.Array,
+    received_attn: jax.Array,
+    *,
+    num_keep: int,
+    important_ratio: float,
+    images_dtype=None,
+    exact_similarity: bool = True,
+) -> Selection:
     """VisPruner token selection on a tower without CLS (docs/methods.md §9.3.1), batched over tiles.
 
     Args:
@@ -142,5 +149,6 @@ def vispruner_siglip(features: jax.Array, received_attn: jax.Array, *, num_keep:
     checks.check_finite("received_attn", received_attn, where=WHERE)
     if dt is not None:
         features, received_attn = features.astype(dt), received_attn.astype(dt)
-    return vispruner(features, received_attn, num_keep=num_keep, important_ratio=important_ratio,
-                     exact_similarity=exact_similarity)
+    return vispruner(
+        features, received_attn, num_keep=num_keep, important_ratio=important_ratio, exact_similarity=exact_similarity
+    )

@@ -49,7 +49,7 @@ class LlamaConfig:
     hidden_act: str = "silu"
 
     @classmethod
-    def from_hf(cls, c) -> "LlamaConfig":
+    def from_hf(cls, c) -> LlamaConfig:
         rope = dict(getattr(c, "rope_parameters", None) or {})
         legacy = getattr(c, "rope_scaling", None)
         if not rope and legacy:
@@ -165,12 +165,17 @@ class KVCache:
     late_from: int = flax.struct.field(pytree_node=False, default=0)
 
     @classmethod
-    def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype) -> "KVCache":
+    def zeros(cls, cfg: LlamaConfig, batch: int, max_len: int, dtype) -> KVCache:
         shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         m = jnp.zeros((batch, max_len), bool)
         layers = range(cfg.num_hidden_layers)
-        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers), v=tuple(jnp.zeros(shape, dtype) for _ in layers),
-                   key_mask=m, late_mask=m, late_from=cfg.num_hidden_layers)
+        return cls(
+            k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            v=tuple(jnp.zeros(shape, dtype) for _ in layers),
+            key_mask=m,
+            late_mask=m,
+            late_from=cfg.num_hidden_layers,
+        )
 
     @property
     def nbytes(self) -> int:
@@ -305,8 +310,15 @@ class LlamaForCausalLM(nn.Module):
         inv, scale = self.cfg.rope()
         return rope_tables(positions, jnp.asarray(inv), scale, dtype)
 
-    def __call__(self, inputs_embeds: Array, positions: Array, key_mask: Array, cache: KVCache | None = None,
-                 hook=None, last_only: bool = False):
+    def __call__(
+        self,
+        inputs_embeds: Array,
+        positions: Array,
+        key_mask: Array,
+        cache: KVCache | None = None,
+        hook=None,
+        last_only: bool = False,
+    ):
         """Prefill: run the whole sequence and (optionally) fill the cache from slot 0.
 
         inputs_embeds (B, T, D); positions int32 (B, T); key_mask bool (B, T) real tokens.
@@ -333,7 +345,10 @@ class LlamaForCausalLM(nn.Module):
             if i == late_from:
                 keep = hook(q, k, key_mask)
                 keep, keep_valid = keep if isinstance(keep, tuple) else (keep, None)
-                take = lambda a: jnp.take_along_axis(a, keep.reshape(keep.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+
+                def take(a, keep=keep):
+                    return jnp.take_along_axis(a, keep.reshape(keep.shape + (1,) * (a.ndim - 2)), axis=1)
+
                 x, positions, key_mask, slots = take(x), take(positions), take(key_mask), keep
                 if keep_valid is not None:  # slots the hook keeps in place but masks out from here on
                     key_mask = key_mask & keep_valid
@@ -364,8 +379,9 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             m = (key_mask if i < cache.late_from else late_mask)[:, None, None, :]
             x, (k[i], v[i]), _ = layer(x, rope=rope, mask=m, kv=(k[i], v[i]), write_at=slot)
-        return self.logits(x), KVCache(k=tuple(k), v=tuple(v), key_mask=key_mask, late_mask=late_mask,
-                                       late_from=cache.late_from)
+        return self.logits(x), KVCache(
+            k=tuple(k), v=tuple(v), key_mask=key_mask, late_mask=late_mask, late_from=cache.late_from
+        )
 
 
 def _prefill_mask(key_mask: Array) -> Array:
@@ -424,5 +440,12 @@ SHARDING_RULES: ShardingRules = [
     (r"lm_head/kernel", (None, "model")),
 ]
 
-FAMILY = Family(name="LLaMA", kind=TEXT, config=LlamaConfig, module=LlamaForCausalLM, weight_rules=WEIGHT_RULES,
-                sharding_rules=SHARDING_RULES, tied=("lm_head/kernel", "embed_tokens/embedding"))
+FAMILY = Family(
+    name="LLaMA",
+    kind=TEXT,
+    config=LlamaConfig,
+    module=LlamaForCausalLM,
+    weight_rules=WEIGHT_RULES,
+    sharding_rules=SHARDING_RULES,
+    tied=("lm_head/kernel", "embed_tokens/embedding"),
+)

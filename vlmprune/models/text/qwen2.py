@@ -69,14 +69,24 @@ class Qwen2Config:
 
     def __post_init__(self):
         where = "Qwen2Config"
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{where}: {name} must be a positive int, got {v!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"{where}: num_attention_heads={self.num_attention_heads} must be a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
+            raise ValueError(
+                f"{where}: num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)"
+            )
         if self.head_dim % 2:
             raise ValueError(f"{where}: head_dim must be even for rotate-half RoPE, got {self.head_dim}")
         if not self.rms_norm_eps > 0:
@@ -100,12 +110,15 @@ class Qwen2Config:
         if mt != "qwen2":
             raise ValueError(f"Qwen2Config.from_hf: model_type must be 'qwen2', got {mt!r}")
         if getattr(c, "use_sliding_window", False):
-            raise ValueError("Qwen2Config.from_hf: use_sliding_window=True is not supported (sliding-window "
-                             "attention is not implemented; the LLaVA-OneVision checkpoints do not use it)")
+            raise ValueError(
+                "Qwen2Config.from_hf: use_sliding_window=True is not supported (sliding-window "
+                "attention is not implemented; the LLaVA-OneVision checkpoints do not use it)"
+            )
         types = set(getattr(c, "layer_types", None) or ())
         if types - {"full_attention"}:
-            raise ValueError(f"Qwen2Config.from_hf: layer_types {sorted(types)} are not supported "
-                             "(only 'full_attention')")
+            raise ValueError(
+                f"Qwen2Config.from_hf: layer_types {sorted(types)} are not supported (only 'full_attention')"
+            )
         # the rope / head-dim reading is the LLaMA one (HF's rope_parameters, legacy rope_scaling)
         ll = LlamaConfig.from_hf(c)
         return cls(
@@ -208,6 +221,7 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 # --- weights: HF key -> param path ---------------------------------------------------------------------------
 
+
 def weight_rules(src: str = "model.", dst: str = "", lm_head: str = "lm_head.") -> Rules:
     """``(regex over the HF key, param path template, transform)`` for one Qwen2 decoder.
 
@@ -247,8 +261,9 @@ def load(directory: str, *, dtype=jnp.float32) -> tuple[Qwen2Config, Qwen2ForCau
     cfg = Qwen2Config.from_hf(AutoConfig.from_pretrained(directory, local_files_only=True))
     module = Qwen2ForCausalLM(cfg, dtype=dtype)
     one = jnp.zeros((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), one, one, one.astype(bool),
-                                                method=Qwen2ForCausalLM.forward_ids))["params"]
+    shapes = jax.eval_shape(
+        lambda: module.init(jax.random.PRNGKey(0), one, one, one.astype(bool), method=Qwen2ForCausalLM.forward_ids)
+    )["params"]
     return cfg, module, load_params(directory, shapes, weight_rules(), dtype=dtype)
 
 
@@ -270,5 +285,12 @@ SHARDING_RULES: ShardingRules = [
 # HF ``Qwen2ForCausalLM`` keys (``model.*``, ``lm_head.*``) -> :class:`Qwen2ForCausalLM` params.
 WEIGHT_RULES: Rules = weight_rules()
 
-FAMILY = Family(name="Qwen2", kind=TEXT, config=Qwen2Config, module=Qwen2ForCausalLM, weight_rules=WEIGHT_RULES,
-                sharding_rules=SHARDING_RULES, tied=("lm_head/kernel", "embed_tokens/embedding"))
+FAMILY = Family(
+    name="Qwen2",
+    kind=TEXT,
+    config=Qwen2Config,
+    module=Qwen2ForCausalLM,
+    weight_rules=WEIGHT_RULES,
+    sharding_rules=SHARDING_RULES,
+    tied=("lm_head/kernel", "embed_tokens/embedding"),
+)

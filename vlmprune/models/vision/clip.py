@@ -67,7 +67,7 @@ class CLIPVisionConfig:
         return self.num_patches + 1
 
     @classmethod
-    def from_hf(cls, c) -> "CLIPVisionConfig":
+    def from_hf(cls, c) -> CLIPVisionConfig:
         return cls(
             hidden_size=c.hidden_size,
             intermediate_size=c.intermediate_size,
@@ -96,7 +96,7 @@ class CLIPTextConfig:
     projection_dim: int = 768
 
     @classmethod
-    def from_hf(cls, c) -> "CLIPTextConfig":
+    def from_hf(cls, c) -> CLIPTextConfig:
         return cls(
             vocab_size=c.vocab_size,
             hidden_size=c.hidden_size,
@@ -239,8 +239,13 @@ class CLIPVisionTransformer(nn.Module):
             hidden[0] = x
         for i in range(L):
             layer = CLIPEncoderLayer(
-                c.hidden_size, c.intermediate_size, c.num_attention_heads, c.layer_norm_eps, c.hidden_act,
-                dtype=self.dtype, name=f"layers_{i}",
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_attention_heads,
+                c.layer_norm_eps,
+                c.hidden_act,
+                dtype=self.dtype,
+                name=f"layers_{i}",
             )
             if i >= n_run:
                 # Instantiate the params (so init builds the full tree) without running the layer.
@@ -269,7 +274,9 @@ class CLIPTextTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> dict:
-        """input_ids: int (B, T); attention_mask: (B, T) 1 for real tokens. Returns last_hidden (B,T,D), pooled (B,D)."""
+        """input_ids: int (B, T); attention_mask: (B, T) 1 for real tokens.
+
+        Returns last_hidden (B, T, D), pooled (B, D)."""
         c = self.config
         b, t = input_ids.shape
         tok = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, name="token_embedding")
@@ -280,8 +287,13 @@ class CLIPTextTransformer(nn.Module):
             causal = causal & attention_mask.astype(bool)[:, None, None, :]
         for i in range(c.num_hidden_layers):
             x, _, _ = CLIPEncoderLayer(
-                c.hidden_size, c.intermediate_size, c.num_attention_heads, c.layer_norm_eps, c.hidden_act,
-                dtype=self.dtype, name=f"layers_{i}",
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_attention_heads,
+                c.layer_norm_eps,
+                c.hidden_act,
+                dtype=self.dtype,
+                name=f"layers_{i}",
             )(x, causal_mask=causal)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
         if c.eos_token_id == 2:
@@ -375,8 +387,14 @@ SHARDING_RULES: ShardingRules = [
     (r"layers_\d+/(self_attn/out_proj|fc2)/kernel", ("model", None)),
 ]
 
-FAMILY = Family(name="CLIP", kind=VISION, config=CLIPVisionConfig, module=CLIPVisionTransformer,
-                weight_rules=WEIGHT_RULES, sharding_rules=SHARDING_RULES)
+FAMILY = Family(
+    name="CLIP",
+    kind=VISION,
+    config=CLIPVisionConfig,
+    module=CLIPVisionTransformer,
+    weight_rules=WEIGHT_RULES,
+    sharding_rules=SHARDING_RULES,
+)
 
 
 # ---------------------------------------------------------------------------------------------- full CLIP, loaded
@@ -406,7 +424,9 @@ class ClipModel:
 
         Raises ValueError for text longer than the tower's context (77 tokens for CLIP; the HERO original crashes).
         """
-        if isinstance(text_or_ids, (str, list, tuple)) and (isinstance(text_or_ids, str) or isinstance(text_or_ids[0], str)):
+        if isinstance(text_or_ids, (str, list, tuple)) and (
+            isinstance(text_or_ids, str) or isinstance(text_or_ids[0], str)
+        ):
             if self.tokenizer is None:
                 raise ValueError("this CLIP checkpoint has no tokenizer files: pass token ids instead of text")
             texts = [text_or_ids] if isinstance(text_or_ids, str) else list(text_or_ids)

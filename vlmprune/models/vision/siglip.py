@@ -69,8 +69,10 @@ class SiglipVisionConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"SiglipVisionConfig: hidden_size {self.hidden_size} is not a multiple of "
-                             f"num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"SiglipVisionConfig: hidden_size {self.hidden_size} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
         if self.patch_size > self.image_size:
             raise ValueError(f"SiglipVisionConfig: patch_size {self.patch_size} exceeds image_size {self.image_size}")
         activation(self.hidden_act)  # raises for an activation this port does not implement
@@ -140,12 +142,11 @@ def _blocked_attention(q: Array, k: Array, v: Array | None, scale: float, block:
     def step(colsum, xs):
         qi, valid = xs
         # HF: (q @ kᵀ) * scale in the query dtype, then softmax in float32, then back to the query dtype.
-        s = (jnp.einsum("bhtd,bhsd->bhts", qi, kh, preferred_element_type=jnp.float32).astype(q.dtype) * sc)
+        s = jnp.einsum("bhtd,bhsd->bhts", qi, kh, preferred_element_type=jnp.float32).astype(q.dtype) * sc
         s = s.astype(jnp.float32)
         e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
         p = (e / jnp.sum(e, axis=-1, keepdims=True)).astype(q.dtype)
-        colsum = colsum + jnp.einsum("bhts,t->bhs", p.astype(jnp.float32), valid,
-                                     precision=jax.lax.Precision.HIGHEST)
+        colsum = colsum + jnp.einsum("bhts,t->bhs", p.astype(jnp.float32), valid, precision=jax.lax.Precision.HIGHEST)
         out = None
         if vh is not None:
             out = jnp.einsum("bhts,bhsd->bhtd", p, vh, preferred_element_type=jnp.float32).astype(v.dtype)
@@ -180,8 +181,9 @@ def _check_heads(where: str, **arrays) -> None:
         raise ValueError(f"{where}: {', '.join(arrays)} must share one floating dtype, got {dtypes}")
 
 
-def attention_and_received(q: Array, k: Array, v: Array, *, scale: float | None = None,
-                           block: int = QUERY_BLOCK) -> tuple[Array, Array]:
+def attention_and_received(
+    q: Array, k: Array, v: Array, *, scale: float | None = None, block: int = QUERY_BLOCK
+) -> tuple[Array, Array]:
     """Unmasked self-attention and, from the same probabilities, the attention each key receives.
 
     Args:
@@ -232,7 +234,10 @@ class SiglipAttention(nn.Module):
         raw q (B, N, D) or None); raw = the projection outputs before any scaling."""
         b, n, d = x.shape
         hd = d // self.num_heads
-        dense = lambda name: nn.Dense(d, dtype=self.dtype, name=name)
+
+        def dense(name):
+            return nn.Dense(d, dtype=self.dtype, name=name)
+
         q = dense("q_proj")(x)
         k = dense("k_proj")(x)
         v = dense("v_proj")(x)
@@ -259,8 +264,9 @@ class SiglipEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, *, received=False, keys=False, queries=False):
         h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm1")(x)
-        h, r, k, q = SiglipAttention(self.hidden_size, self.num_heads, self.query_block, dtype=self.dtype,
-                                     name="self_attn")(h, received=received, keys=keys, queries=queries)
+        h, r, k, q = SiglipAttention(
+            self.hidden_size, self.num_heads, self.query_block, dtype=self.dtype, name="self_attn"
+        )(h, received=received, keys=keys, queries=queries)
         x = x + h
         h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(x)
         h = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(h)
@@ -300,6 +306,37 @@ class SiglipPoolingHead(nn.Module):
         return (h + y)[:, 0]
 
 
+def _resolve_requests(
+    L: int, hidden_state_layers, received_attention_layers, key_layers, query_layers, num_layers, *, run_all: bool
+):
+    """The tower's requests as sorted 0-based indices and the number of layers to run (ValueError naming a bad
+    index or ``num_layers``)."""
+    hs_idx = tuple(sorted({resolve_layer("hidden_state_layers", i, L + 1) for i in hidden_state_layers}))
+    rec_idx = tuple(sorted({resolve_layer("received_attention_layers", i, L) for i in received_attention_layers}))
+    key_idx = tuple(sorted({resolve_layer("key_layers", i, L) for i in key_layers}))
+    qry_idx = tuple(sorted({resolve_layer("query_layers", i, L) for i in query_layers}))
+    need = L if run_all else max([0, *hs_idx] + [i + 1 for i in rec_idx + key_idx + qry_idx])
+    if num_layers is None:
+        return hs_idx, rec_idx, key_idx, qry_idx, need
+    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
+        raise ValueError(f"SiglipVisionTransformer: num_layers must be a Python int, got {num_layers!r}")
+    if not need <= num_layers <= L:
+        raise ValueError(
+            f"SiglipVisionTransformer: num_layers {num_layers} must be in [{need}, {L}] "
+            f"(the requested outputs need {need} layers)"
+        )
+    return hs_idx, rec_idx, key_idx, qry_idx, int(num_layers)
+
+
+def _patches(pixel_values: Array, p: int, g: int) -> Array:
+    """(B, C, S, S) pixels -> (B, g*g, C*p*p) flattened (C, p, p) patches in raster order, the input of the patch
+    conv as a matmul (kernel layout (C*p*p, D)). HF's stride-p "valid" conv never reads the pixels past g * p."""
+    b, ch = pixel_values.shape[:2]
+    x = pixel_values[:, :, : g * p, : g * p]
+    x = x.reshape(b, ch, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, g * g, ch * p * p)
+
+
 def resolve_layer(name: str, layer, num_layers: int) -> int:
     """A (possibly negative) Python int layer index -> 0-based index in ``[0, num_layers)``, or a ValueError
     naming the request and the valid range."""
@@ -307,8 +344,9 @@ def resolve_layer(name: str, layer, num_layers: int) -> int:
         raise ValueError(f"SiglipVisionTransformer: {name} must hold Python ints, got {layer!r}")
     idx = int(layer) + num_layers if layer < 0 else int(layer)
     if not 0 <= idx < num_layers:
-        raise ValueError(f"SiglipVisionTransformer: {name} index {layer} is out of range "
-                         f"[-{num_layers}, {num_layers - 1}]")
+        raise ValueError(
+            f"SiglipVisionTransformer: {name} index {layer} is out of range [-{num_layers}, {num_layers - 1}]"
+        )
     return idx
 
 
@@ -329,8 +367,10 @@ def check_pixels(pixel_values, config: SiglipVisionConfig) -> None:
         raise ValueError(f"{where}: pixel_values must be a floating dtype (normalised pixels), got {dtype}")
     c, s = config.num_channels, config.image_size
     if shape[1] != c or shape[2] != s or shape[3] != s:
-        raise ValueError(f"{where}: pixel_values must be (B, {c}, {s}, {s}) for this config "
-                         f"(image_size {s}, no position interpolation), got {tuple(shape)}")
+        raise ValueError(
+            f"{where}: pixel_values must be (B, {c}, {s}, {s}) for this config "
+            f"(image_size {s}, no position interpolation), got {tuple(shape)}"
+        )
     if shape[0] < 1:
         raise ValueError(f"{where}: pixel_values has an empty batch, shape {tuple(shape)}")
 
@@ -389,32 +429,16 @@ class SiglipVisionTransformer(nn.Module):
         L = c.num_hidden_layers
         check_pixels(pixel_values, c)
         _check_block(self.query_block)
-        hs_idx = tuple(sorted({resolve_layer("hidden_state_layers", i, L + 1) for i in hidden_state_layers}))
-        rec_idx = tuple(sorted({resolve_layer("received_attention_layers", i, L)
-                                for i in received_attention_layers}))
-        key_idx = tuple(sorted({resolve_layer("key_layers", i, L) for i in key_layers}))
-        qry_idx = tuple(sorted({resolve_layer("query_layers", i, L) for i in query_layers}))
-        need = max([0, *hs_idx] + [i + 1 for i in rec_idx + key_idx + qry_idx])
-        if output_hidden_states or post_layernorm:
-            need = L
-        if num_layers is None:
-            n_run = need
-        else:
-            if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
-                raise ValueError(f"SiglipVisionTransformer: num_layers must be a Python int, got {num_layers!r}")
-            if not need <= num_layers <= L:
-                raise ValueError(f"SiglipVisionTransformer: num_layers {num_layers} must be in [{need}, {L}] "
-                                 f"(the requested outputs need {need} layers)")
-            n_run = int(num_layers)
-
-        b, ch = pixel_values.shape[:2]
-        p = c.patch_size
-        g = c.grid
-        # HF's stride-p "valid" conv never reads the pixels past g * p (config docstring).
-        x = pixel_values[:, :, : g * p, : g * p].astype(self.dtype)
-        # Patch conv as a matmul over flattened (C, p, p) patches, raster order; kernel layout (C*p*p, D).
-        x = x.reshape(b, ch, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
-        x = x.reshape(b, g * g, ch * p * p)
+        hs_idx, rec_idx, key_idx, qry_idx, n_run = _resolve_requests(
+            L,
+            hidden_state_layers,
+            received_attention_layers,
+            key_layers,
+            query_layers,
+            num_layers,
+            run_all=output_hidden_states or post_layernorm,
+        )
+        x = _patches(pixel_values, c.patch_size, c.grid).astype(self.dtype)
         x = nn.Dense(c.hidden_size, dtype=self.dtype, name="patch_embedding")(x)
         pos = self.param("position_embedding", nn.initializers.normal(0.02), (c.num_patches, c.hidden_size))
         x = x + pos.astype(self.dtype)[None]
@@ -424,8 +448,14 @@ class SiglipVisionTransformer(nn.Module):
             hidden[0] = x
         for i in range(L):
             layer = SiglipEncoderLayer(
-                c.hidden_size, c.intermediate_size, c.num_attention_heads, c.layer_norm_eps, c.hidden_act,
-                query_block=self.query_block, dtype=self.dtype, name=f"layers_{i}",
+                c.hidden_size,
+                c.intermediate_size,
+                c.num_attention_heads,
+                c.layer_norm_eps,
+                c.hidden_act,
+                query_block=self.query_block,
+                dtype=self.dtype,
+                name=f"layers_{i}",
             )
             if i >= n_run:
                 if self.is_initializing():  # build the full param tree without running the layer
@@ -445,15 +475,22 @@ class SiglipVisionTransformer(nn.Module):
             last = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(x)
             out["last_hidden_state"] = last
             if c.use_head:
-                out["pooled"] = SiglipPoolingHead(c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                                                  c.layer_norm_eps, c.hidden_act, dtype=self.dtype,
-                                                  name="head")(last)
+                out["pooled"] = SiglipPoolingHead(
+                    c.hidden_size,
+                    c.intermediate_size,
+                    c.num_attention_heads,
+                    c.layer_norm_eps,
+                    c.hidden_act,
+                    dtype=self.dtype,
+                    name="head",
+                )(last)
         return out
 
 
 # --------------------------------------------------------------------------------------------------------
 # Weights and sharding tables
 # --------------------------------------------------------------------------------------------------------
+
 
 def siglip_vision_rules(src: str = "", dst: str = "") -> Rules:
     """:data:`WEIGHT_RULES` under the HF key prefix ``src`` and the param path prefix ``dst``.
@@ -518,5 +555,11 @@ SHARDING_RULES: ShardingRules = [
 
 SIGLIP_SHARDING_RULES = SHARDING_RULES  # the name the standalone tests used
 
-FAMILY = Family(name="SigLIP", kind=VISION, config=SiglipVisionConfig, module=SiglipVisionTransformer,
-                weight_rules=WEIGHT_RULES, sharding_rules=SHARDING_RULES)
+FAMILY = Family(
+    name="SigLIP",
+    kind=VISION,
+    config=SiglipVisionConfig,
+    module=SiglipVisionTransformer,
+    weight_rules=WEIGHT_RULES,
+    sharding_rules=SHARDING_RULES,
+)
