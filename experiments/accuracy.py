@@ -2,12 +2,12 @@
 """Reproduce a paper's accuracy table (methods x budgets) with ``vlmprune.evaluation`` (issue 6).
 
 Each table names the model it was measured on, the runs (method + settings per budget) and the benchmarks; the
-published numbers (the papers, as ``docs/methods.md`` §2.6 and §3.6 point to them) sit in ``PUBLISHED`` below.
-The script runs every (run, benchmark) pair through ``run_eval`` -- resumable, so an interrupted reproduction
-picks up where it stopped -- and prints a markdown table of ``ours (paper)`` cells, also written to ``<out-dir>/<table>.md`` and ``.json``,
-with one PNG per benchmark (``<table>_<task>.png``: accuracy against kept visual tokens, ours beside the paper's).
-Images are preprocessed as the paper did (``IMAGE_ASPECT``: pad for VisPruner's table, crop for HiRED's;
-``--image-aspect`` overrides).
+published numbers (the papers, as ``docs/methods.md`` §2.6 and §3.6 point to them) sit in ``PUBLISHED`` below. The
+script runs every (run, benchmark) pair through ``run_eval`` -- resumable, so an interrupted reproduction picks up
+where it stopped -- and prints a markdown table of ``ours (paper)`` cells, also written to ``<out-dir>/<table>.md``
+and ``.json``, with one PNG per benchmark (``<table>_<task>.png``: accuracy against kept visual tokens, ours beside
+the paper's). Images are preprocessed as the paper did (``IMAGE_ASPECT``: pad for VisPruner's table, crop for
+HiRED's; ``--image-aspect`` overrides).
 
 Tables:
 
