@@ -574,7 +574,7 @@ def prumerge_plus(
     4. One extra token ``sum_{j pruned} a_j x_j`` is appended.
 
     Differences from the original, all documented and tested against its stored outputs
-    (tests/test_prune_golden_baselines.py): per-image statistics: the original flattens the attention of the
+    (tests/prune/test_prune_golden_baselines.py): per-image statistics: the original flattens the attention of the
     whole batch into one IQR test (B*N values) and keeps ``int(N * pooled_ratio)`` tokens in every image; here
     each image counts its own outliers, so an image's result does not depend on what it is batched with (for
     B = 1 both rules are the same); PruMerge+'s samples end at ``N - 1`` (the original's hard-coded 575 raises

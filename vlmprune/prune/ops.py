@@ -9,7 +9,7 @@ picks, VisPruner's even/odd dedup split) the port has to round as torch does:
 * Division is correctly rounded (:func:`divide`). XLA's algebraic simplifier rewrites ``x / broadcast(d)`` into
   ``x * broadcast(1 / d)``, which rounds twice and is off by one ulp in about a fifth of the entries; an
   optimisation barrier on the *broadcast* denominator keeps the true division (one on ``d`` itself does not,
-  because the rewrite happens on the broadcast). tests/test_rounding.py checks the compiled HLO and compares with
+  because the rewrite happens on the broadcast). tests/prune/test_rounding.py checks the compiled HLO and compares with
   torch bit for bit in float32, float16 and bfloat16.
 * A product that is then added is rounded first (:func:`no_fma`): XLA:CPU would otherwise fuse the two into one
   fused multiply-add, which torch's separate kernels never do.

@@ -25,7 +25,7 @@ attention is averaged over heads in torch's summation order (:func:`~vlmprune.pr
 features the similarities of the residual tokens are then computed once, to within ~2e-9 of their exact values
 (an error-free split of the features, :func:`similarity_keys`), and ranked on a grid of 2**-29; the result equals
 the original's wherever the original's own float32 rounding (~1e-7) does not reorder two similarities, which is
-the case on every stored golden input (tests/test_prune_vispruner.py: all 8 cases, element for element).
+the case on every stored golden input (tests/prune/test_prune_vispruner.py: all 8 cases, element for element).
 
 Where the original crashes (§2.2, "Crash condition") we generalise; see :func:`vispruner_plan`. On every
 configuration the original runs, the plan is the original's and the output is identical.
