@@ -15,6 +15,8 @@ from vlmprune import prune
 from vlmprune.cli import main
 from vlmprune.tiny import demo_image
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the commands: skipped by make test-fast
+
 PROMPT = "What is in the image?"
 
 

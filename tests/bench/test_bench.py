@@ -8,6 +8,8 @@ import pytest
 
 from vlmprune import bench
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the commands: skipped by make test-fast
+
 
 def test_bench_tiny_end_to_end(tmp_path):
     cfg = bench.BenchConfig(

@@ -11,6 +11,8 @@ from reference.hf_builders import build_hf_clip
 from vlmprune import bench
 from vlmprune.cli import main
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the commands: skipped by make test-fast
+
 #: the methods with a LLaVA-NeXT form (``supports_next``), tiny budgets for 16-token tiles
 NEXT_SPECS = (
     "none",

@@ -18,6 +18,8 @@ from PIL import Image  # noqa: E402
 from reference.hf_builders import build_hf_llava_next  # noqa: E402
 from vlmprune.evaluation import metrics, runner  # noqa: E402
 
+pytestmark = pytest.mark.slow  # end-to-end runs of the commands: skipped by make test-fast
+
 ANSWERS = ["yes", "no", "yes", "no", "yes"]
 TASK_YAML = """task: vlmprune_pope_local
 dataset_path: {data}

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from reference.paths import REPO_DIR
 
 SCRIPT = textwrap.dedent("""
@@ -92,6 +94,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_forward_and_generation_match_single_device(mha_dir):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     root = REPO_DIR
