@@ -11,6 +11,8 @@ import torch
 import vlmprune
 from vlmprune import prune
 from vlmprune.anyres.onevision import geometry, image_layout
+from vlmprune.prune.baselines import uniform
+from vlmprune.prune.vispruner_siglip import vispruner_siglip
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -373,9 +375,6 @@ def _hf_tile_masks(hf, name, settings, pix, received=None):
     """Keep masks bool (T, N) of one image's own tiles, computed from HF's eager tower outputs (last layer's
     ``attentions[-1].mean(-2)``, ``hidden_states[-1]``) with the method's pure function; ``received`` replaces
     HF's received attention when given. None for random (checked through the logits only)."""
-    from vlmprune.prune.baselines import uniform
-    from vlmprune.prune.vispruner_siglip import vispruner_siglip
-
     with torch.no_grad():
         out = hf.model.vision_tower(torch.from_numpy(pix), output_hidden_states=True, output_attentions=True)
     feats = out.hidden_states[-1].numpy()
@@ -412,6 +411,17 @@ def _spatial_order(mask, lay):
             if mask[tile, p]:
                 out.append((tile, p))
     return out
+
+
+def _pruned_hf_embeds(hf, x, r, mask, lay, pix):
+    """Row r's prompt embeddings with its image placeholders replaced by the kept tower tokens (HF's own tower and
+    projector) in the spatial-compat order: (1, L', D)."""
+    embeds, img_slots, _ = _hf_row_embeds(hf, x, r)
+    with torch.no_grad():
+        tower = hf.model.vision_tower(torch.from_numpy(pix), output_hidden_states=True).hidden_states[-1]
+        kept = hf.model.multi_modal_projector(torch.stack([tower[t, p] for t, p in _spatial_order(mask, lay)]))
+    start, end = int(img_slots[0]), int(img_slots[-1]) + 1
+    return torch.cat([embeds[:, :start], kept[None], embeds[:, end:]], dim=1)
 
 
 @pytest.mark.parametrize("method", sorted(PER_TILE))
@@ -462,14 +472,8 @@ def test_per_tile_pruner_matches_hf_language_model(models, method):
         assert (mask.sum(1) == k).all()
         if want is not None:
             np.testing.assert_array_equal(mask, want)
-        embeds, img_slots, _ = _hf_row_embeds(hf, x, r)
-        with torch.no_grad():
-            tower = hf.model.vision_tower(torch.from_numpy(pix), output_hidden_states=True).hidden_states[-1]
-            kept = torch.stack([tower[t, p] for t, p in _spatial_order(mask, lay)])
-            kept = hf.model.multi_modal_projector(kept)
-        assert kept.shape[0] == lay.num_tiles * k  # exactly (1+K)·T tokens
-        start, end = int(img_slots[0]), int(img_slots[-1]) + 1
-        pruned = torch.cat([embeds[:, :start], kept[None], embeds[:, end:]], dim=1)
+        pruned = _pruned_hf_embeds(hf, x, r, mask, lay, pix)
+        assert pruned.shape[1] == x["attention_mask"][r].sum() - lay.num_tokens + lay.num_tiles * k  # (1+K)·T
         with torch.no_grad():
             ref = hf(inputs_embeds=pruned, attention_mask=torch.ones(pruned.shape[:2], dtype=torch.long)).logits[0]
         ours = logits[r][valid[r]]
@@ -503,3 +507,35 @@ def test_per_tile_bad_settings_raise_before_compile(models, method, settings, er
             pruner=prune.get(method, **settings),
         )
     assert model.compile_counts() == before
+
+
+def test_per_tile_pruner_greedy_matches_hf(models):
+    """A per-tile pruner (uniform, spatial-compat layout) under ``generate``: greedy tokens equal HF's generate on
+    the same pruned sequence, row by row."""
+    _, model, hf = models
+    pruner = prune.get("uniform", num_keep=3)
+    x, lays = _batch(model, seed=5)
+    ours = model.generate(
+        x["input_ids"],
+        x["pixel_values"],
+        image_sizes=x["image_sizes"],
+        attention_mask=x["attention_mask"],
+        pruner=pruner,
+        max_new_tokens=8,
+    )
+    n = model.config.tokens_per_image
+    for r, lay in enumerate(lays):
+        mask = np.zeros((lay.num_tiles, n), bool)
+        mask[:, np.asarray(uniform(n, num_keep=3).indices)] = True
+        pix = np.asarray(x["pixel_values"][r, : lay.num_tiles], np.float32)
+        pruned = _pruned_hf_embeds(hf, x, r, mask, lay, pix)
+        with torch.no_grad():
+            gen = hf.generate(
+                inputs_embeds=pruned,
+                attention_mask=torch.ones(pruned.shape[:2], dtype=torch.long),
+                max_new_tokens=8,
+                min_new_tokens=8,
+                do_sample=False,
+                pad_token_id=PAD,
+            )
+        np.testing.assert_array_equal(np.asarray(ours[r]), gen[0, -8:].numpy())
