@@ -351,6 +351,30 @@ def pack_image_features(tile_features: Array, image_newline: Array, tables: Pack
     return jnp.where(tables.valid[..., None], out, jnp.zeros((), dt))
 
 
+def spatial_ranks(layouts: Sequence[ImageLayout], num_tiles: int) -> np.ndarray:
+    """int32 (NI, num_tiles·n²): each tile token's place in the spatial-compat order (docs/methods.md §9.4 mode A).
+
+    The base tile's tokens come first in raster order, then the grid tiles stitched into one
+    ``(n·rows, n·cols)`` map in global raster order; tokens of padding tiles (past an image's own) rank last.
+    Sorting an image's kept tile tokens by these ranks gives its packed block in that layout (no unpad, no
+    newline, no downsampling)."""
+    rows = []
+    for lay in layouts:
+        n = lay.tokens_per_side
+        nn = n * n
+        y, x = np.divmod(np.arange(nn), n)
+        ranks = np.empty((num_tiles, nn), np.int64)
+        ranks[0] = np.arange(nn)
+        for t in range(1, num_tiles):
+            if t < lay.num_tiles:
+                tr, tc = divmod(t - 1, lay.cols)
+                ranks[t] = nn + (tr * n + y) * (lay.cols * n) + tc * n + x
+            else:
+                ranks[t] = t * nn + np.arange(nn) + num_tiles * nn
+        rows.append(ranks.reshape(-1))
+    return np.stack(rows).astype(np.int32)
+
+
 def video_pooled_side(tokens_per_side: int) -> int:
     """Side of a frame's pooled map: ``ceil(n / 2)`` (14 for 27)."""
     return -(-tokens_per_side // 2)

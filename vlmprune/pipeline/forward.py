@@ -119,7 +119,8 @@ def tokens_from_taps(
     LLaVA-NeXT: taps of the NI·T tiles (T padded to the largest grid) and ``layout``; kept tile tokens are packed
     in layout order (``vlmprune.anyres.pack``), appended tokens after each image's block, into ``stride`` slots.
     LLaVA-OneVision: ``layout`` is its ``PackTables`` (``vlmprune.anyres.onevision``): HF's packing (base, unpadded
-    and possibly downsampled grid, a newline per row), every image's block padded to the tables' length.
+    and possibly downsampled grid, a newline per row), every image's block padded to the tables' length; a pruner
+    that ``selects_per_tile`` selects on the tiles' taps instead, packed by :func:`spatial_tiles`.
     ``taps.embeddings`` is filled here when the pruner's request asks for it.
     """
     cfg = module.config
@@ -132,10 +133,12 @@ def tokens_from_taps(
     ni, t = layout.tile_valid.shape
     n = taps.num_tokens
     flat_emb = project(module, params, taps.features)  # (NI·T, N, D): what the LLM receives
+    p = visual_pruner(pruner)
     newline = module.apply({"params": params}, method=lambda m: m.image_newline)
+    if isinstance(layout, PackTables) and p is not None and p.selects_per_tile(cfg):
+        return spatial_tiles(flat_emb.reshape(ni, t * n, -1), p.prune(taps, PruneContext(config=cfg)), layout, ctx)
     if isinstance(layout, PackTables):  # OneVision: the official packing; a pruner selects on the packed block
         packed = pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout)
-        p = visual_pruner(pruner)
         if p is None:
             return packed, layout.valid
         sel = p.prune(VisionTaps(features=packed, embeddings=packed), ctx).selection
@@ -155,6 +158,25 @@ def tokens_from_taps(
         appended=appended,
         appended_valid=res.appended_valid,
     )
+
+
+def spatial_tiles(emb: Array, result: PruneResult, tables: PackTables, ctx: PruneContext) -> tuple[Array, Array]:
+    """OneVision's spatial-compat layout (docs/methods.md §9.4 mode A) of per-tile selections.
+
+    emb (NI, T·N, D) projected tile tokens; ``result.selection`` (NI·T, K) per tile; ``ctx.aux["spatial_rank"]``
+    int32 (NI, T·N) (``vlmprune.anyres.onevision.spatial_ranks``). Returns (tokens (NI, T·K, D), valid (NI, T·K)):
+    each image's kept tokens of its own tiles sorted by rank (base in raster order, then the stitched grid in global
+    raster order), the padding tiles' slots last and invalid."""
+    ni, t = tables.tile_valid.shape
+    n = emb.shape[1] // t
+    sel = result.selection
+    k = sel.indices.shape[-1]
+    idx = (sel.indices.reshape(ni, t, k) + n * jnp.arange(t, dtype=jnp.int32)[:, None]).reshape(ni, t * k)
+    valid = (sel.valid.reshape(ni, t, k) & tables.tile_valid[..., None]).reshape(ni, t * k)
+    rank = jnp.take_along_axis(ctx.aux_array("spatial_rank", "spatial-compat layout"), idx, axis=1)
+    order = jnp.argsort(jnp.where(valid, rank, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
+    idx, valid = jnp.take_along_axis(idx, order, axis=1), jnp.take_along_axis(valid, order, axis=1)
+    return jnp.take_along_axis(emb, idx[..., None], axis=1), valid
 
 
 def visual_tokens(

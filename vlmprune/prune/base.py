@@ -273,11 +273,17 @@ class VisualPruner(LegacyVisualAPI, PrunerBase):
             raise ValueError(f"{self.name}: layout must be one of {LAYOUTS}, got {self.layout!r}")
         self.check(cfg)
         request = self.request(cfg)  # resolves and range-checks the layers
-        if request.column_mean_layers:
+        if request.column_mean_layers and not type(cfg.vision).__name__.startswith("Siglip"):
             raise ValueError(
                 f"{self.name}: received-attention column means are not provided by the "
                 f"{cfg.vision.__class__.__name__} tower"
             )
+
+    def selects_per_tile(self, cfg) -> bool:
+        """LLaVA-OneVision: True when ``prune`` selects on each tile's tower tokens (taps of the NI·T tiles, a
+        ``Selection`` (NI·T, K) per tile) and the kept tokens are packed in the spatial-compat layout
+        (docs/methods.md §9.4 mode A); False (default): ``prune`` selects on the image's packed block."""
+        return False
 
     def layout_style(self, cfg) -> tuple[str, Any]:
         """LLaVA-NeXT packing (``vlmprune.anyres.STYLES``) and the pinpoints it uses; default: HF's official."""

@@ -48,6 +48,7 @@ from vlmprune.prune.hero import hero_padded
 from vlmprune.prune.hired import hired_allocation, hired_batched, hired_single
 from vlmprune.prune.selection import Selection
 from vlmprune.prune.vispruner import fastervlm, vispruner
+from vlmprune.prune.vispruner_siglip import vispruner_siglip
 from vlmprune.types import PruneResult, TapRequest, VisionTaps
 
 Array = jax.Array
@@ -84,6 +85,30 @@ class _KeepN(VisualPruner):
         check_keep(self.name, self.num_keep, cfg.tokens_per_image)
 
 
+def on_onevision(cfg) -> bool:
+    return cfg is not None and cfg.model_type == "llava_onevision"
+
+
+def check_onevision_layout(pruner, cfg) -> None:
+    """OneVision packs per-tile selections in the spatial-compat layout only (``layout="reference"``); HF's official
+    layout is refused here, before any compile."""
+    if on_onevision(cfg) and pruner.layout == "official":
+        raise NotImplementedError(
+            f"{pruner.name} with layout='official' on LLaVA-OneVision is not implemented: the official layout "
+            "needs the per-tile scores resampled onto the unpadded, possibly downsampled packed grid "
+            "(docs/methods.md §9.4 mode B); pass layout='reference' for the spatial-compat layout (per-tile "
+            "selection, base then the stitched grid in raster order, no unpad, newline or downsampling)"
+        )
+
+
+def received_attention_request(pruner, cfg) -> TapRequest:
+    """OneVision: the received attention of ``pruner.layer``; elsewhere its CLS-attention row."""
+    layer = resolve_layer(pruner.layer, cfg, "layer")
+    if on_onevision(cfg):
+        return TapRequest(column_mean_layers=(layer,))
+    return TapRequest(cls_attention_layers=(layer,))
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class VisPruner(_NextLayout, _KeepN):
@@ -93,6 +118,11 @@ class VisPruner(_NextLayout, _KeepN):
     672x672 canvas (2x2 tiles), no unpad, no newline, exactly 5·T tokens; preprocess with
     ``vlmprune.anyres.reference_processor``. ``exact_similarity=False`` trades bit-parity with the original
     for a cheaper similarity matrix (see ``vlmprune.prune.vispruner``).
+
+    LLaVA-OneVision: the authors' SigLIP rule (``vlmprune.prune.vispruner_siglip``) on the received attention of
+    ``layer`` (the feature layer, the tower's last), ``num_keep`` per tile (base included), packed in the
+    spatial-compat layout (``layout="reference"``, docs/methods.md §9.4 mode A): exactly (1+K)·T tokens for a
+    grid of K tiles. ``layout="official"`` is refused there (not implemented).
     """
 
     important_ratio: float = 0.5
@@ -103,16 +133,30 @@ class VisPruner(_NextLayout, _KeepN):
     reference_fixed_canvas: ClassVar[bool] = True
     name: ClassVar[str] = "vispruner"
     supports_next: ClassVar[bool] = True
+    supports_onevision: ClassVar[bool] = True
 
     def request(self, cfg):
-        return TapRequest(cls_attention_layers=(resolve_layer(self.layer, cfg, "layer"),))
+        return received_attention_request(self, cfg)
+
+    def selects_per_tile(self, cfg):
+        return on_onevision(cfg)
 
     def check(self, cfg):
+        check_onevision_layout(self, cfg)
         super().check(cfg)
         checks.check_float("important_ratio", self.important_ratio, lo=0.0, hi=1.0, where=self.name)
         checks.check_bool("exact_similarity", self.exact_similarity, where=self.name)
 
     def prune(self, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
+        if on_onevision(ctx.config):  # per tile, scores = received attention
+            sel = vispruner_siglip(
+                taps.features,
+                taps.received_attention(ctx.layer(self.layer, "layer")),
+                num_keep=self.num_keep,
+                important_ratio=self.important_ratio,
+                exact_similarity=self.exact_similarity,
+            )
+            return PruneResult(selection=sel)
         sel = vispruner(
             taps.features,
             taps.cls_attention(ctx.layer(self.layer, "layer")),
@@ -126,7 +170,12 @@ class VisPruner(_NextLayout, _KeepN):
 @register
 @dataclasses.dataclass(frozen=True)
 class FasterVLM(_NextLayout, _KeepN):
-    """FasterVLM: top-T tokens by head-mean CLS attention (VisPruner with ratio 1). NeXT layouts as VisPruner."""
+    """FasterVLM: top-T tokens by head-mean CLS attention (VisPruner with ratio 1). NeXT layouts as VisPruner.
+
+    LLaVA-OneVision [PROPOSED] (no SigLIP original): VisPruner's SigLIP rule with ``important_ratio=1``, i.e. the
+    top-T of the head-mean received attention of ``layer``, per tile, in the spatial-compat layout
+    (``layout="reference"``; ``"official"`` is refused there).
+    """
 
     layer: int | None = None
     layout: str = "official"
@@ -134,11 +183,23 @@ class FasterVLM(_NextLayout, _KeepN):
     reference_fixed_canvas: ClassVar[bool] = True
     name: ClassVar[str] = "fastervlm"
     supports_next: ClassVar[bool] = True
+    supports_onevision: ClassVar[bool] = True
 
     def request(self, cfg):
-        return TapRequest(cls_attention_layers=(resolve_layer(self.layer, cfg, "layer"),))
+        return received_attention_request(self, cfg)
+
+    def selects_per_tile(self, cfg):
+        return on_onevision(cfg)
+
+    def check(self, cfg):
+        check_onevision_layout(self, cfg)
+        super().check(cfg)
 
     def prune(self, taps, ctx):
+        if on_onevision(ctx.config):
+            received = taps.received_attention(ctx.layer(self.layer, "layer"))
+            sel = vispruner_siglip(taps.features, received, num_keep=self.num_keep, important_ratio=1.0)
+            return PruneResult(selection=sel)
         sel = fastervlm(taps.cls_attention(ctx.layer(self.layer, "layer")), num_keep=self.num_keep)
         return PruneResult(selection=per_image(sel, ctx, taps.num_tokens))
 
@@ -351,10 +412,15 @@ class HERO(_NextLayout, VisualPruner):
 @register
 @dataclasses.dataclass(frozen=True)
 class RandomKeep(_KeepN):
-    """Uniformly random subset of ``num_keep`` tokens per image (seeded)."""
+    """Uniformly random subset of ``num_keep`` tokens per image (seeded). LLaVA-OneVision [PROPOSED]: per tile,
+    in the spatial-compat layout (docs/methods.md §9.4 mode A)."""
 
     seed: int = 0
     name: ClassVar[str] = "random"
+    supports_onevision: ClassVar[bool] = True
+
+    def selects_per_tile(self, cfg):
+        return on_onevision(cfg)
 
     def prune(self, taps, ctx):
         f = taps.features
@@ -366,9 +432,14 @@ class RandomKeep(_KeepN):
 @register
 @dataclasses.dataclass(frozen=True)
 class Uniform(_KeepN):
-    """Spatially even grid of ``num_keep`` tokens."""
+    """Spatially even grid of ``num_keep`` tokens. LLaVA-OneVision [PROPOSED]: per tile, in the spatial-compat
+    layout (docs/methods.md §9.4 mode A)."""
 
     name: ClassVar[str] = "uniform"
+    supports_onevision: ClassVar[bool] = True
+
+    def selects_per_tile(self, cfg):
+        return on_onevision(cfg)
 
     def prune(self, taps, ctx):
         f = taps.features
