@@ -24,6 +24,9 @@ from vlmprune.io.safe_output import check_dir_target, check_file_target
 from vlmprune.models.llava import load_config
 from vlmprune.models.vision.clip import clip_configs
 
+#: what the CLI calls each LLaVA model type in its messages
+FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
+
 
 def positive_int(text: str) -> int:
     try:
@@ -257,8 +260,8 @@ def cmd_generate(args) -> int:
         )
     else:
         print(
-            f"[vlmprune] {label}: LLaVA-NeXT image {tuple(int(v) for v in x['image_sizes'][0])}, {dt:.2f}s incl. "
-            "compilation",
+            f"[vlmprune] {label}: {FAMILY_NAMES.get(cfg.model_type, cfg.model_type)} image "
+            f"{tuple(int(v) for v in x['image_sizes'][0])}, {dt:.2f}s incl. compilation",
             file=sys.stderr,
         )
     return 0

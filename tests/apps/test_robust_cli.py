@@ -11,6 +11,7 @@ from PIL import Image
 
 import vlmprune
 from reference.hf_builders import build_hf_clip, build_hf_llava_next
+from reference.onevision_builders import build_hf_onevision_with_processor
 from vlmprune import prune
 from vlmprune.cli import main
 from vlmprune.tiny import demo_image
@@ -297,3 +298,40 @@ def test_convert_next_and_generate_from_the_conversion(next_dir, img, tmp_path, 
         == 0
     )
     assert "LLaVA-NeXT image" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ov_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_ov")
+    build_hf_onevision_with_processor(d, seed=3)
+    return str(d)
+
+
+# LLaVA-OneVision: what runs there (per-tile pruners in the spatial-compat layout, given by a spec) and what is
+# refused with a message naming the family, before the weights load
+OV_RUNS = {
+    "none": [],
+    "divprune": ["--method", "divprune", "--keep", "4"],
+    "fastv": ["--method", "fastv", "--layer", "1", "--keep-ratio", "0.5"],
+    "vispruner": ["--method", "vispruner:4:layout=reference"],
+    "fastervlm": ["--method", "fastervlm:4:layout=reference"],
+    "uniform": ["--method", "uniform", "--keep", "4"],
+}
+OV_REFUSED = {
+    "hired": ["--method", "hired", "--budget-rate", "0.25"],
+    "visionzip": ["--method", "visionzip"],
+    "vispruner (official layout)": ["--method", "vispruner", "--keep", "4"],
+}
+
+
+@pytest.mark.parametrize("method", sorted(OV_RUNS) + sorted(OV_REFUSED))
+def test_generate_on_onevision(method, ov_dir, img, capsys, load_once):
+    argv = ["generate", "--model", ov_dir, "--image", img, "--prompt", PROMPT, "--max-new-tokens", "3"]
+    if method in OV_REFUSED:
+        with pytest.raises(SystemExit, match=r"^error: .*(OneVision|onevision)") as e:
+            main(argv + OV_REFUSED[method])
+        assert "Traceback" not in str(e.value)
+        return
+    assert main(argv + OV_RUNS[method]) == 0
+    _, err = capsys.readouterr()
+    assert f"[vlmprune] {method}: LLaVA-OneVision image (80, 120)" in err

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vlmprune
+from reference.onevision_builders import IMAGE, PAD, TILE, build_hf_onevision, build_hf_onevision_with_processor
 from vlmprune import prune
 from vlmprune.anyres.onevision import geometry, image_layout
 from vlmprune.prune.baselines import uniform
@@ -17,8 +18,6 @@ from vlmprune.prune.vispruner_siglip import vispruner_siglip
 jax.config.update("jax_default_matmul_precision", "highest")
 
 LOGITS_ATOL = 1e-4  # fp32 end to end (tower, projector, packing blend, decoder) vs torch fp32 on CPU
-VOCAB, IMAGE, PAD = 120, 100, 0
-TILE = 28  # 7-px patches: 4 x 4 tokens per tile
 # (height, width) of the two images of a batch at TILE: a 1x2 and a 3x1 grid (scaled with the tile size)
 SIZES = [(40, 90), (110, 35)]
 
@@ -31,54 +30,6 @@ VARIANTS = {
     "max2_untied": ("anyres_max_2", False, TILE, 7),
     "real27_tied": ("anyres_max_2", True, 54, 2),
 }
-
-
-def build_hf_onevision(
-    directory, aspect, tied, seed=0, vocab=VOCAB, image=IMAGE, video=101, pad=PAD, tile=TILE, patch=7
-):
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-    vision = dict(
-        model_type="siglip_vision_model",
-        image_size=tile,
-        patch_size=patch,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        vision_use_head=False,
-    )
-    text = dict(
-        model_type="qwen2",
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_theta=1e6,
-        tie_word_embeddings=tied,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=pad,
-    )
-    cfg = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image,
-        video_token_index=video,
-        vision_aspect_ratio=aspect,
-        tie_word_embeddings=tied,
-        image_grid_pinpoints=[[tile * a, tile * b] for a in (1, 2, 3) for b in (1, 2, 3)],
-    )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
-    with torch.no_grad():  # HF's init leaves biases at 0, norms at 1 and the newline at 0: perturb everything
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(directory)
-    return model
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -186,25 +137,8 @@ def test_visual_pruner_refused_before_compile(models):
 @pytest.fixture(scope="module")
 def with_processor(tmp_path_factory):
     """A checkpoint that ships its tokenizer and image processor (SigLIP's mean/std 0.5, not the class defaults)."""
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil,
-    )
-
-    from vlmprune.tiny import CHAT_TEMPLATE, build_tokenizer
-
     d = tmp_path_factory.mktemp("ov_proc")
-    tok = build_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-    tok.chat_template = CHAT_TEMPLATE
-    image, video = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>")
-    hf = build_hf_onevision(
-        d, "anyres_max_2", False, seed=3, vocab=len(tok), image=image, video=video, pad=tok.pad_token_id
-    )
-    pins = hf.config.image_grid_pinpoints
-    LlavaOnevisionImageProcessorPil(
-        image_mean=[0.5] * 3, image_std=[0.5] * 3, size={"height": TILE, "width": TILE}, image_grid_pinpoints=pins
-    ).save_pretrained(d)
-    tok.save_pretrained(d)
+    hf = build_hf_onevision_with_processor(d, seed=3)
     return vlmprune.load(str(d)), hf
 
 
