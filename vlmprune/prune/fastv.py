@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from vlmprune import checks
+from vlmprune.prune import ops
 from vlmprune.prune.base import LLMPruner, register
 
 Array = jax.Array
@@ -38,7 +39,7 @@ def last_token_attention(q: Array, k: Array, key_mask: Array) -> Array:
     kk = jnp.repeat(k.astype(jnp.float32), h // k.shape[2], axis=2)  # (B, T, H, D)
     logits = jnp.einsum("bhd,bthd->bht", ql, kk) * d**-0.5
     logits = jnp.where(key_mask[:, None, :], logits, -jnp.inf)
-    return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=1)
+    return ops.head_mean(jax.nn.softmax(logits, axis=-1))  # torch's mean over heads: its order, divided exactly
 
 
 def fastv_keep(scores: Array, visual: Array, *, keep: int, num_visual: int) -> Array:
