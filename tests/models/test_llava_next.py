@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 import vlmprune
-from reference.hf_builders import build_hf_llava_next
+from reference.hf_builders import build_hf_clip, build_hf_llava_next
 from vlmprune import prune
 from vlmprune.anyres import Grid, grid_for
 
@@ -176,37 +176,8 @@ def test_next_bad_inputs(models):
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory, models):
     """A full CLIP (both towers) whose image tower takes the NeXT tiles, with the demo tokenizer."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from vlmprune.tiny import build_tokenizer
-
     model, _ = models
-    tok = build_tokenizer()
-    cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-            eos_token_id=2,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=model.config.vision.image_size,
-            patch_size=14,
-        ),
-        projection_dim=24,
-    )
-    torch.manual_seed(3)
-    d = tmp_path_factory.mktemp("clip_hero")
-    CLIPModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return build_hf_clip(tmp_path_factory.mktemp("clip_hero"), image_size=model.config.vision.image_size, seed=3)
 
 
 def test_hero_on_next_equals_per_image_reference(models, tiny_clip_dir):
