@@ -120,7 +120,8 @@ def tokens_from_taps(
     in layout order (``vlmprune.anyres.pack``), appended tokens after each image's block, into ``stride`` slots.
     LLaVA-OneVision: ``layout`` is its ``PackTables`` (``vlmprune.anyres.onevision``): HF's packing (base, unpadded
     and possibly downsampled grid, a newline per row), every image's block padded to the tables' length; a pruner
-    that ``selects_per_tile`` selects on the tiles' taps instead, packed by :func:`spatial_tiles`.
+    that ``selects_per_tile`` selects on the tiles' taps instead, packed by :func:`spatial_tiles` (or
+    :func:`tile_blocks` when it returns merged tokens).
     ``taps.embeddings`` is filled here when the pruner's request asks for it.
     """
     cfg = module.config
@@ -136,7 +137,10 @@ def tokens_from_taps(
     p = visual_pruner(pruner)
     newline = module.apply({"params": params}, method=lambda m: m.image_newline)
     if isinstance(layout, PackTables) and p is not None and p.selects_per_tile(cfg):
-        return spatial_tiles(flat_emb.reshape(ni, t * n, -1), p.prune(taps, PruneContext(config=cfg)), layout, ctx)
+        res = p.prune(taps, PruneContext(config=cfg))
+        if res.tokens is not None:  # merged tokens: each tile's block in the method's order
+            return tile_blocks(res.tokens if res.projected else project(module, params, res.tokens), res, layout)
+        return spatial_tiles(flat_emb.reshape(ni, t * n, -1), res, layout, ctx)
     if isinstance(layout, PackTables):  # OneVision: the official packing; a pruner selects on the packed block
         packed = pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout)
         if p is None:
@@ -177,6 +181,27 @@ def spatial_tiles(emb: Array, result: PruneResult, tables: PackTables, ctx: Prun
     order = jnp.argsort(jnp.where(valid, rank, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
     idx, valid = jnp.take_along_axis(idx, order, axis=1), jnp.take_along_axis(valid, order, axis=1)
     return jnp.take_along_axis(emb, idx[..., None], axis=1), valid
+
+
+def tile_blocks(tokens: Array, result: PruneResult, tables: PackTables) -> tuple[Array, Array]:
+    """OneVision's spatial-compat layout (docs/methods.md §9.4 mode A) of per-tile *merged* tokens.
+
+    tokens (NI·T, K, D) every tile's tokens as the LLM receives them (``result.tokens``, projected), valid where
+    ``result.tokens_valid`` (NI·T, K). Merged tokens have no place on the stitched grid, so each tile's block stays
+    whole and in the method's order: the base tile's block, then the grid tiles' blocks in tile order (raster over
+    the grid). Returns (tokens (NI, T·K, D), valid (NI, T·K)): each image's valid tokens first, in that order, its
+    invalid slots (a method's unused slots, the padding tiles) last."""
+    if result.appended is not None:
+        raise ValueError(
+            "a per-tile OneVision result with merged tokens cannot also append tokens (PruneResult.appended); "
+            "put them in each tile's PruneResult.tokens"
+        )
+    ni, t = tables.tile_valid.shape
+    k = tokens.shape[1]
+    valid = (result.tokens_valid.reshape(ni, t, k) & tables.tile_valid[..., None]).reshape(ni, t * k)
+    order = jnp.argsort(~valid, axis=1, stable=True)  # valid slots first, each group in block order
+    tokens = jnp.take_along_axis(tokens.reshape(ni, t * k, -1), order[..., None], axis=1)
+    return tokens, jnp.take_along_axis(valid, order, axis=1)
 
 
 def visual_tokens(

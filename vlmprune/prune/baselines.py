@@ -4,6 +4,7 @@
 * :func:`divprune`: DivPrune's max-min diverse subset of the post-projector embeddings (§5.6).
   :func:`divprune_masked`: the same rule over candidate tokens only, with a per-row budget (NeXT, whole image).
 * :func:`visionzip`: VisionZip's dominant tokens plus merged contextual tokens (§5.5).
+  :func:`visionzip_no_cls`: the same rule on a tower without CLS (SigLIP, received attention; §9.3).
   :func:`visionzip_dominant`: just its dominant patch tokens (their LLaVA-NeXT layout positions).
 * :func:`prumerge_plus`: PruMerge / PruMerge+ with the adaptive IQR token count (§5.4).
 * :func:`fastv_select`: FastV's choice of image tokens inside the LLM (§5.2).
@@ -38,6 +39,7 @@ from vlmprune.prune.ops import (
     check_num_keep,
     divide,
     gram,
+    head_mean,
     head_mean_top_k,
     head_sum,
     l2_normalize,
@@ -352,21 +354,30 @@ def _visionzip_dominant_jit(cls_attn, *, dominant: int) -> Selection:
     return from_indices(top, cls_attn.shape[2])
 
 
-def _visionzip_single(hidden, cls_attn, keys, dominant: int, contextual: int):
-    """VisionZip on one image. hidden (1+N, C), cls_attn (H, N), keys (1+N, H, dh).
+def _visionzip_single(hidden, attn, keys, dominant: int, contextual: int, with_cls: bool = True):
+    """VisionZip on one image or tile.
 
-    Returns (tokens (dominant + contextual, C), anchor patch indices int32 (dominant - 1 + contextual,)).
+    with_cls (CLIP): hidden (1+N, C), attn (H, N) CLS rows, keys (1+N, H, dh); CLS is always dominant and the
+    other ``dominant - 1`` are the top patches by head-summed CLS attention. Without CLS (SigLIP): hidden (N, C),
+    attn (H, N) received attention, keys (N, H, dh); the ``dominant`` top tokens by head-mean received attention.
+
+    Returns (tokens (dominant + contextual, C), anchor patch indices int32 (dominant - with_cls + contextual,)).
     """
-    total = hidden.shape[0]  # 1 + N
-    top_patches = _visionzip_dominant_patches(cls_attn, dominant)
-    is_dominant = jnp.zeros((total,), bool).at[0].set(True).at[top_patches + 1].set(True)
-    (dominant_idx,) = jnp.nonzero(is_dominant, size=dominant)  # ascending: CLS, then patches in raster order
+    total = hidden.shape[0]  # 1 + N with CLS, N without
+    offset = int(with_cls)
+    if with_cls:
+        top_patches = _visionzip_dominant_patches(attn, dominant)
+        is_dominant = jnp.zeros((total,), bool).at[0].set(True).at[top_patches + 1].set(True)
+    else:
+        top_patches = jax.lax.top_k(head_mean(attn), dominant)[1].astype(jnp.int32)  # lower index first on ties
+        is_dominant = jnp.zeros((total,), bool).at[top_patches].set(True)
+    (dominant_idx,) = jnp.nonzero(is_dominant, size=dominant)  # ascending: (CLS, then) patches in raster order
     tokens = [hidden[dominant_idx]]
     anchors = [top_patches]
 
     if contextual > 0:
         remaining = total - dominant
-        (rest_idx,) = jnp.nonzero(~is_dominant, size=remaining)  # ascending, never 0 (CLS is dominant)
+        (rest_idx,) = jnp.nonzero(~is_dominant, size=remaining)  # ascending, never CLS (always dominant)
         target_pos = visionzip_targets(remaining, contextual)
         other_pos = np.setdiff1d(np.arange(remaining), target_pos)
         # metric = raw layer keys averaged over heads, L2-normalised (over the remaining tokens only).
@@ -376,18 +387,20 @@ def _visionzip_single(hidden, cls_attn, keys, dominant: int, contextual: int):
         counts = jnp.maximum(jnp.sum(assign, axis=0), 1)[:, None]  # clamp(min=1): unassigned targets
         merged = divide(matmul(assign.T, hidden[rest_idx[other_pos]]), counts)  # mean of assigned hiddens
         tokens.append(hidden[rest_idx[target_pos]] + merged)
-        anchors.append(rest_idx[target_pos] - 1)
+        anchors.append(rest_idx[target_pos] - offset)
     return jnp.concatenate(tokens), jnp.concatenate(anchors).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("dominant", "contextual"))
-def _visionzip_jit(hidden, cls_attn, keys, *, dominant: int, contextual: int) -> MergeResult:
-    tokens, anchors = jax.vmap(lambda h, a, k: _visionzip_single(h, a, k, dominant, contextual))(hidden, cls_attn, keys)
+@functools.partial(jax.jit, static_argnames=("dominant", "contextual", "with_cls"))
+def _visionzip_jit(hidden, attn, keys, *, dominant: int, contextual: int, with_cls: bool = True) -> MergeResult:
+    tokens, anchors = jax.vmap(lambda h, a, k: _visionzip_single(h, a, k, dominant, contextual, with_cls))(
+        hidden, attn, keys
+    )
     chex.assert_shape(tokens, (hidden.shape[0], dominant + contextual, hidden.shape[2]))
     return MergeResult(
         tokens=tokens,
         valid=jnp.ones(tokens.shape[:2], bool),
-        selection=from_indices(anchors, hidden.shape[1] - 1),
+        selection=from_indices(anchors, hidden.shape[1] - int(with_cls)),
     )
 
 
@@ -437,6 +450,49 @@ def visionzip(
     if not 0 <= contextual <= total - dominant:
         raise ValueError(f"{where}: contextual must be in [0, 1+N-dominant={total - dominant}], got {contextual}")
     return _visionzip_jit(hidden_with_cls, cls_attn, keys, dominant=dominant, contextual=contextual)
+
+
+def visionzip_no_cls(
+    hidden: jax.Array, received_attn: jax.Array, keys: jax.Array, *, dominant: int, contextual: int
+) -> MergeResult:
+    """VisionZip on a tower without CLS (SigLIP; docs/methods.md §9.3, [PROPOSED]): :func:`visionzip` with no
+    CLS slot and the received attention in place of the CLS row.
+
+    1. Dominant: the ``dominant`` tokens with the largest head-*mean* received attention, ascending index order.
+    2. Contextual: exactly as :func:`visionzip` on the other ``R = N - dominant`` tokens (ascending): targets at
+       list positions ``arange(0, R, max(1, R // contextual))[:contextual]``, every other token joins its most
+       cosine-similar target (head-mean raw keys, first target on ties), contextual token = target + mean of
+       the tokens that joined it.
+
+    Args:
+      hidden: float (B, N, C). The tokens to merge (the tower's pre-projector features).
+      received_attn: float (B, H, N). Per head, the attention each token receives averaged over queries.
+      keys: float (B, N, H, dh). The scoring layer's raw ``k_proj`` keys (before scaling), split per head.
+      dominant: static int in [1, N].
+      contextual: static int in [0, N - dominant]; 0 skips step 2.
+
+    Returns:
+      ``MergeResult``: tokens (B, dominant + contextual, C) = ``[dominant (raster), contextual (target
+      order)]``, valid all True; selection = the dominant tokens and the contextual targets over N, ascending.
+    """
+    where = "visionzip_no_cls"
+    _check_features("hidden", hidden, 3, "(B, N, C)", where)
+    check_head_attention("received_attn", received_attn, where)
+    _check_features("keys", keys, 4, "(B, N, H, dh)", where)
+    batch, total, _ = hidden.shape
+    checks.check_dims_equal(
+        [
+            ("hidden batch", batch, "received_attn batch", received_attn.shape[0]),
+            ("hidden batch", batch, "keys batch", keys.shape[0]),
+            ("hidden tokens N", total, "received_attn tokens N", received_attn.shape[2]),
+            ("hidden tokens N", total, "keys tokens N", keys.shape[1]),
+            ("received_attn heads H", received_attn.shape[1], "keys heads H", keys.shape[2]),
+        ],
+        where=where,
+    )
+    dominant = checks.check_int("dominant", dominant, lo=1, hi=total, where=where)
+    contextual = checks.check_int("contextual", contextual, lo=0, hi=total - dominant, where=where)
+    return _visionzip_jit(hidden, received_attn, keys, dominant=dominant, contextual=contextual, with_cls=False)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -43,9 +43,11 @@ from vlmprune.prune.baselines import (
     uniform,
     visionzip,
     visionzip_dominant,
+    visionzip_no_cls,
 )
 from vlmprune.prune.hero import hero_padded
 from vlmprune.prune.hired import hired_allocation, hired_batched, hired_single
+from vlmprune.prune.ops import head_mean
 from vlmprune.prune.selection import Selection
 from vlmprune.prune.vispruner import fastervlm, vispruner
 from vlmprune.prune.vispruner_siglip import vispruner_siglip
@@ -527,6 +529,15 @@ class VisionZip(VisualPruner):
     The original packs the same kinds of tokens in the same tail order (CLS tokens, then contextual tokens) but
     keeps the base tile's VisionZip output unrestored and places the grid's dominant tokens without unpad or
     newlines; the layout here keeps LLaVA-NeXT's official spatial packing instead.
+
+    LLaVA-OneVision [PROPOSED] (docs/methods.md §9.3): per tile (base and grid tiles), no CLS slot: the
+    ``dominant`` tokens with the largest head-mean received attention of ``layer`` (default the feature layer,
+    the tower's last) and ``contextual`` tokens merged on that layer's head-mean raw keys
+    (``baselines.visionzip_no_cls``), from the pre-projector features. Each tile gives
+    ``[dominant (raster), contextual (target order)]``; the tiles follow one another, base tile first, then the
+    grid tiles in raster order of the grid: ``(1+K)·(dominant + contextual)`` tokens, no unpad, newline or
+    downsampling. This is the spatial-compat layout (docs/methods.md §9.4 mode A) and needs
+    ``layout="reference"`` explicitly; ``"official"`` (mode B) is refused there.
     """
 
     dominant: int = 54
@@ -535,16 +546,27 @@ class VisionZip(VisualPruner):
     layout: str = "official"
     name: ClassVar[str] = "visionzip"
     supports_next: ClassVar[bool] = True
+    supports_onevision: ClassVar[bool] = True
 
     def validate(self, cfg):
-        _official_only(self)
+        if on_onevision(cfg):
+            check_onevision_layout(self, cfg)
+        else:
+            _official_only(self)
         super().validate(cfg)
 
     def request(self, cfg):
         layer = resolve_layer(self.layer, cfg, "layer")
+        if on_onevision(cfg):
+            return TapRequest(column_mean_layers=(layer,), key_layers=(layer,))
         return TapRequest(cls_attention_layers=(layer,), key_layers=(layer,))
 
+    def selects_per_tile(self, cfg):
+        return on_onevision(cfg)
+
     def budget(self, cfg, num_tiles):
+        if on_onevision(cfg):  # every tile's dominant + contextual tokens
+            return Budget((self.dominant + self.contextual) * num_tiles)
         if num_tiles is None:
             return Budget(self.dominant + self.contextual)
         # dominant patches in the layout; one CLS and `contextual` merged tokens per tile appended
@@ -552,19 +574,28 @@ class VisionZip(VisualPruner):
 
     def check(self, cfg):
         n = cfg.tokens_per_image
+        if on_onevision(cfg):  # no CLS slot: dominant counts patches only
+            checks.check_int("dominant", self.dominant, lo=1, hi=n, where=self.name)
+            checks.check_int("contextual", self.contextual, lo=0, hi=n - self.dominant, where=self.name)
+            return
         checks.check_int("dominant", self.dominant, lo=2, hi=n, where=self.name)
         checks.check_int("contextual", self.contextual, lo=0, hi=n + 1 - self.dominant, where=self.name)
 
     def merge(self, taps: VisionTaps, ctx: PruneContext):
-        """``baselines.MergeResult``: [CLS, dominant patches, contextual merged tokens] (pre-projector)."""
+        """``baselines.MergeResult``: [CLS, dominant patches, contextual merged tokens] (pre-projector); on
+        OneVision per tile and without CLS: [dominant, contextual]."""
         layer = ctx.layer(self.layer, "layer")
+        if on_onevision(ctx.config):
+            received, keys = taps.received_attention(layer), taps.key(layer)
+            keys = keys.reshape(keys.shape[0], keys.shape[1], received.shape[1], -1)
+            return visionzip_no_cls(taps.features, received, keys, dominant=self.dominant, contextual=self.contextual)
         attn, keys = taps.cls_attention(layer), taps.key(layer)
         keys = keys.reshape(keys.shape[0], keys.shape[1], attn.shape[1], -1)
         return visionzip(taps.feature_hidden, attn, keys, dominant=self.dominant, contextual=self.contextual)
 
     def prune(self, taps, ctx):
         res = self.merge(taps, ctx)
-        if ctx.layout is None:
+        if ctx.layout is None:  # LLaVA-1.5, or OneVision's tiles (selects_per_tile)
             return PruneResult(selection=res.selection, tokens=res.tokens, tokens_valid=res.valid)
         tile_valid = ctx.layout.tile_valid
         ni, t = tile_valid.shape
@@ -578,21 +609,44 @@ class VisionZip(VisualPruner):
 @register
 @dataclasses.dataclass(frozen=True)
 class PruMergePlus(VisualPruner):
-    """PruMerge / PruMerge+ (adaptive IQR count, key-similarity merge) on the last layer's single-head attention."""
+    """PruMerge / PruMerge+ (adaptive IQR count, key-similarity merge) on the last layer's single-head attention.
+
+    LLaVA-OneVision [PROPOSED] (docs/methods.md §9.3): per tile (base and grid tiles), the CLS row replaced by the
+    head-mean received attention of ``layer`` (the tower's last, also the feature layer), keys = that layer's raw
+    keys, merging the pre-projector features. Each tile gets its own adaptive count in a static block of N+1
+    slots (the kept tokens, the extra token, then invalid slots); the tiles' valid tokens follow one another,
+    base tile first, then the grid tiles in raster order of the grid (the spatial-compat layout, docs/methods.md
+    §9.4 mode A; no unpad, newline or downsampling).
+    """
 
     plus: bool = True
     layer: int = -1
     name: ClassVar[str] = "prumerge_plus"
+    supports_onevision: ClassVar[bool] = True
 
     def request(self, cfg):
-        return TapRequest(key_layers=(resolve_layer(self.layer, cfg, "layer"),))
+        layer = resolve_layer(self.layer, cfg, "layer")
+        if on_onevision(cfg):
+            return TapRequest(column_mean_layers=(layer,), key_layers=(layer,))
+        return TapRequest(key_layers=(layer,))
+
+    def selects_per_tile(self, cfg):
+        return on_onevision(cfg)
 
     def budget(self, cfg, num_tiles):
+        if on_onevision(cfg):  # N + 1 slots per tile, a valid prefix of each
+            return Budget((cfg.tokens_per_image + 1) * num_tiles)
         return Budget(cfg.tokens_per_image + 1)
+
+    def check(self, cfg):
+        checks.check_bool("plus", self.plus, where=self.name)
 
     def merge(self, taps: VisionTaps, ctx: PruneContext):
         """MergeResult: kept tokens (score order) merged with their key-similar neighbours, + samples, + extra."""
         layer = ctx.layer(self.layer, "layer")
+        if on_onevision(ctx.config):  # head-mean received attention replaces the CLS row (no CLS to drop)
+            received = head_mean(taps.received_attention(layer))
+            return prumerge_plus(taps.features, received, taps.key(layer).astype(jnp.float32), plus=self.plus)
         k = taps.key(layer).astype(jnp.float32)  # (B, 1+N, D)
         q = taps.query_cls(layer).astype(jnp.float32)  # (B, D)
         logits = jnp.einsum("bd,btd->bt", q, k) * k.shape[-1] ** -0.5  # single head over all D dims (§5.4)
