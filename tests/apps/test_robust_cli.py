@@ -316,10 +316,12 @@ OV_RUNS = {
     "vispruner": ["--method", "vispruner:4:layout=reference"],
     "fastervlm": ["--method", "fastervlm:4:layout=reference"],
     "uniform": ["--method", "uniform", "--keep", "4"],
+    "visionzip": ["--method", "visionzip:6:layout=reference"],
+    "prumerge_plus": ["--method", "prumerge_plus"],
 }
 OV_REFUSED = {
     "hired": ["--method", "hired", "--budget-rate", "0.25"],
-    "visionzip": ["--method", "visionzip"],
+    "visionzip (official layout)": ["--method", "visionzip"],
     "vispruner (official layout)": ["--method", "vispruner", "--keep", "4"],
 }
 
