@@ -549,10 +549,15 @@ class VisionZip(VisualPruner):
     supports_onevision: ClassVar[bool] = True
 
     def validate(self, cfg):
-        if on_onevision(cfg):
-            check_onevision_layout(self, cfg)
-        else:
+        if not on_onevision(cfg):
             _official_only(self)
+        elif self.layout == "official":
+            raise NotImplementedError(
+                "visionzip with layout='official' on LLaVA-OneVision is not implemented: its merged tokens have no "
+                "place on HF's unpadded, downsampled grid with newlines (docs/methods.md §9.3); pass "
+                "layout='reference' for the spatial-compat layout (each tile's [dominant, contextual] block, base "
+                "tile first, no unpad, newline or downsampling)"
+            )
         super().validate(cfg)
 
     def request(self, cfg):
