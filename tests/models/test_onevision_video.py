@@ -422,3 +422,72 @@ def test_processor_video_prompts_match_hf(with_processor):
         ref = hf(**_torch(x), position_ids=torch.from_numpy(_positions(x["attention_mask"]))).logits.numpy()
     print("processor video batch max |logits - HF|:", np.abs(np.asarray(out.logits)[m] - ref[m]).max())
     chex.assert_trees_all_close(np.asarray(out.logits)[m], ref[m], atol=LOGITS_ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+VIDEO_TEMPLATE = (  # the tiny chat template with a video entry, as OneVision's own template has
+    "{% for message in messages %}USER: {% for c in message['content'] %}{% if c['type'] == 'video' %}<video>\n"
+    "{% elif c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("ov_video_cli")
+    hf = build_hf_onevision_with_processor(d, seed=4)
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+    tok.chat_template = VIDEO_TEMPLATE
+    tok.save_pretrained(str(d))
+    return d, hf
+
+
+@pytest.mark.slow  # end to end: three runs of the command, each loading and compiling the model
+def test_cli_generate_video_matches_hf(cli_checkpoint, tmp_path, capsys):
+    """``vlmprune generate --video`` with frame files, a frame directory and a .npy: the printed answer is HF's
+    greedy answer on the same processor inputs."""
+    from vlmprune.cli import main
+    from vlmprune.video_input import read_frames, video_prompt_inputs
+
+    d, hf = cli_checkpoint
+    rng = np.random.default_rng(9)
+    frames = rng.integers(0, 256, (2, 36, 50, 3), dtype=np.uint8)
+    (tmp_path / "frames").mkdir()
+    files = []
+    for i, f in enumerate(frames):
+        files.append(str(tmp_path / "frames" / f"{i:03d}.png"))
+        Image.fromarray(f).save(files[-1])
+    np.save(tmp_path / "video.npy", frames)
+    model = vlmprune.load(str(d))
+    x = video_prompt_inputs(model, read_frames(files), "What happens?")
+    with torch.no_grad():
+        gen = hf.generate(**_torch(x), max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=PAD)
+    want = model.processor.tokenizer.decode(gen[0, x["input_ids"].shape[1] :], skip_special_tokens=True)
+    for video in (files, [str(tmp_path / "frames")], [str(tmp_path / "video.npy")]):
+        args = ["generate", "--model", str(d), "--video", *video, "--prompt", "What happens?", "--max-new-tokens", "4"]
+        assert main(args) == 0
+        out = capsys.readouterr()
+        assert out.out.strip() == want.strip()
+        assert "video of 2 frames" in out.err
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda p: [str(p / "missing.png")], "video frame .* not found"),
+        (lambda p: [str(p)], "holds no frame images"),
+        (lambda p: [str(p / "bad.npy")], "--video must be uint8"),
+    ],
+)
+def test_cli_bad_video_refused(cli_checkpoint, tmp_path, make, match):
+    from vlmprune.cli import main
+
+    d, _ = cli_checkpoint
+    np.save(tmp_path / "bad.npy", np.zeros((2, 8, 8, 3), np.int64))
+    (tmp_path / "empty").mkdir()
+    target = tmp_path / "empty" if match == "holds no frame images" else tmp_path
+    with pytest.raises(SystemExit, match=match):
+        main(["generate", "--model", str(d), "--video", *make(target), "--prompt", "hi"])
