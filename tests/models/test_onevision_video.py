@@ -17,7 +17,14 @@ from PIL import Image
 import vlmprune
 from reference.onevision_builders import IMAGE, PAD, TILE, build_hf_onevision, build_hf_onevision_with_processor
 from vlmprune import prune
-from vlmprune.anyres.onevision import geometry, image_layout, video_num_tokens, video_tables
+from vlmprune.anyres.onevision import (
+    geometry,
+    image_layout,
+    pack_image_features,
+    pack_video_features,
+    video_num_tokens,
+    video_tables,
+)
 from vlmprune.models.onevision_processor import (
     VideoProcessorFacts,
     preprocess_video,
@@ -85,6 +92,26 @@ def _hf_video_block(hf, pix):
             vision_feature_select_strategy=hf.config.vision_feature_select_strategy,
         )
     return out.pooler_output
+
+
+# ------------------------------------------------------------------------------------------------ the tables
+
+
+@pytest.mark.parametrize("n", [4, 5, 27])
+def test_video_tables_gather_equals_pooling(n):
+    """The gather tables (frames on the tile axis) give exactly ``pack_video_features``'s resize, frame by frame;
+    videos with fewer frames than the batch's longest end with their newline and padding."""
+    rng = np.random.default_rng(n)
+    x = jnp.asarray(rng.standard_normal((2, 3, n * n, 8)), jnp.float32)
+    newline = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    ref = pack_video_features(x, newline)
+    got = pack_image_features(x, newline, jax.tree.map(jnp.asarray, video_tables([3, 3], n)))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    short = video_tables([3, 1], n)
+    v1 = video_num_tokens(1, n)
+    got = np.asarray(pack_image_features(x, newline, jax.tree.map(jnp.asarray, short)))
+    np.testing.assert_array_equal(got[1, :v1], np.asarray(pack_video_features(x[1:, :1], newline))[0])
+    assert short.valid[1].sum() == v1 and not got[1, v1:].any() and short.tile_valid[1].tolist() == [True, False, False]
 
 
 # ------------------------------------------------------------------------------------------------ the model
