@@ -23,6 +23,7 @@ from vlmprune.io.checkpoint import ORBAX_CHECKPOINT, read_hf_config, save_model
 from vlmprune.io.safe_output import check_dir_target, check_file_target
 from vlmprune.models.llava import load_config
 from vlmprune.models.vision.clip import clip_configs
+from vlmprune.video_input import read_frames, video_prompt_inputs
 
 #: what the CLI calls each LLaVA model type in its messages
 FAMILY_NAMES = {"llava": "LLaVA-1.5", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision"}
@@ -228,16 +229,23 @@ def cmd_generate(args) -> int:
     pruner = pruner_from_args(args)
     checks.check_float("--temperature", args.temperature, lo=0.0, lo_open=True)
     checks.check_float("--top-p", args.top_p, lo=0.0, hi=1.0, lo_open=True)
-    image = _open_image(args.image)
+    video = None if args.video is None else read_frames(args.video)
+    image = _open_image(args.image) if video is None else None
     cfg = _read_config(args.model)
+    if video is not None and cfg.model_type != "llava_onevision":
+        raise ValueError(f"--video needs a LLaVA-OneVision checkpoint; {args.model} is {cfg.model_type}")
     _validate_pruner(pruner, cfg)
     print(f"[vlmprune] loading {args.model} ...", file=sys.stderr, flush=True)
     model = vlmprune.load(args.model, dtype=args.dtype, check_finite=not args.no_weight_scan)
-    x = prepare_inputs(model, [image], [args.prompt])
+    if video is None:
+        x = prepare_inputs(model, [image], [args.prompt])
+    else:
+        x = video_prompt_inputs(model, video, args.prompt)
     t = time.perf_counter()
     out = model.generate(
         x["input_ids"],
-        x["pixel_values"],
+        x.get("pixel_values"),
+        pixel_values_videos=x.get("pixel_values_videos"),
         attention_mask=x["attention_mask"],
         image_sizes=x.get("image_sizes"),
         pruner=pruner,
@@ -256,6 +264,12 @@ def cmd_generate(args) -> int:
         kept = cfg.tokens_per_image if pruner is None else pruner.num_slots(cfg)
         print(
             f"[vlmprune] {label}: visual tokens: {kept}/{cfg.tokens_per_image}, {dt:.2f}s incl. compilation",
+            file=sys.stderr,
+        )
+    elif video is not None:
+        frames = x["pixel_values_videos"].shape[1]
+        print(
+            f"[vlmprune] {label}: LLaVA-OneVision video of {frames} frames, {dt:.2f}s incl. compilation",
             file=sys.stderr,
         )
     else:
@@ -349,7 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer a prompt about an image")
     g.add_argument("--model", required=True, help="HF LLaVA directory or vlmprune checkpoint")
-    g.add_argument("--image", required=True)
+    media = g.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image")
+    media.add_argument(
+        "--video",
+        nargs="+",
+        metavar="FRAMES",
+        help="LLaVA-OneVision: a video as frame image files, a directory of frames or a uint8 (F, H, W, 3) .npy",
+    )
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=positive_int, default=64)
     _add_load_args(g)

@@ -70,39 +70,39 @@ def check_attention_mask(attention_mask):
     return mask
 
 
-def check_pixel_values(pixel_values):
+def check_pixel_values(pixel_values, name: str = "pixel_values"):
     """Pixels as the processor returns them: floating point, finite, ``|x| <= PIXEL_LIMIT``.
 
     Conversions: a nested list/tuple of floats becomes a NumPy array; float64 arrays are later rounded to the
     model's dtype. Refused: integer or bool pixels (raw 0..255 images: run the model's processor, which
     normalises them), NaN/inf, and values past ``PIXEL_LIMIT`` (which is below float16's largest value, so no
     accepted pixel becomes infinite in any model dtype). Arrays under a user's ``jax.jit`` (tracers) pass
-    through unchecked.
+    through unchecked. ``name`` is the argument the messages name (``pixel_values_videos`` for videos).
     """
     if pixel_values is None:
-        raise ValueError("pixel_values is required (one image per <image> placeholder)")
+        raise ValueError(f"{name} is required (one image per <image> placeholder)")
     if isinstance(pixel_values, (list, tuple)):
-        pixel_values = as_array("pixel_values", pixel_values)
+        pixel_values = as_array(name, pixel_values)
     if not hasattr(pixel_values, "dtype") or not hasattr(pixel_values, "shape"):
-        raise ValueError(f"pixel_values must be an array, got {type(pixel_values).__name__}")
+        raise ValueError(f"{name} must be an array, got {type(pixel_values).__name__}")
     kind = np.dtype(pixel_values.dtype).kind if _is_numpy_dtype(pixel_values.dtype) else "f"
     if kind in "biu":
         raise ValueError(
-            f"pixel_values has dtype {pixel_values.dtype}; the model takes the processor's normalised "
+            f"{name} has dtype {pixel_values.dtype}; the model takes the processor's normalised "
             "floating-point pixels (raw integer images must go through model.processor first)"
         )
     if kind not in "f" and not _is_float_like(pixel_values.dtype):
-        raise ValueError(f"pixel_values must be floating point, got dtype {pixel_values.dtype}")
+        raise ValueError(f"{name} must be floating point, got dtype {pixel_values.dtype}")
     if not _is_concrete(pixel_values):
         return pixel_values
     arr = np.asarray(pixel_values, np.float32) if pixel_values.size else np.asarray(pixel_values)
     finite = np.isfinite(arr)
     if not finite.all():
-        raise ValueError(f"pixel_values contains {int(arr.size - np.count_nonzero(finite))} NaN/inf value(s)")
+        raise ValueError(f"{name} contains {int(arr.size - np.count_nonzero(finite))} NaN/inf value(s)")
     big = np.abs(arr) > PIXEL_LIMIT
     if big.any():
         raise ValueError(
-            f"pixel_values has {int(big.sum())} value(s) of magnitude above {PIXEL_LIMIT:g} (largest "
+            f"{name} has {int(big.sum())} value(s) of magnitude above {PIXEL_LIMIT:g} (largest "
             f"{float(np.abs(arr).max()):.4g}); processor outputs lie within a few units"
         )
     return pixel_values

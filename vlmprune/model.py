@@ -93,11 +93,21 @@ class LlavaModel:
         tok = None if self.processor is None else self.processor.tokenizer
         return image_texts(self.config, ids, mask, plan, text, tok)
 
-    def plan(self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None, text=None) -> Plan:
+    def plan(
+        self,
+        input_ids,
+        pixel_values=None,
+        *,
+        attention_mask=None,
+        image_sizes=None,
+        pruner=None,
+        text=None,
+        pixel_values_videos=None,
+    ) -> Plan:
         """Validate a batch and plan it on the host (``vlmprune.pipeline.plan_inputs``); ValueError names any
         problem, before anything compiles."""
         tok = None if self.processor is None else self.processor.tokenizer
-        inputs = ModelInputs.from_arrays(input_ids, pixel_values, attention_mask, image_sizes)
+        inputs = ModelInputs.from_arrays(input_ids, pixel_values, attention_mask, image_sizes, pixel_values_videos)
         return plan_inputs(
             self.config, inputs, check_pruner(pruner), text=text, tokenizer=tok, clip_loader=self.auxiliary_clip
         )
@@ -120,7 +130,15 @@ class LlavaModel:
     # ---- public API
 
     def __call__(
-        self, input_ids, pixel_values, *, attention_mask=None, image_sizes=None, pruner=None, text=None
+        self,
+        input_ids,
+        pixel_values=None,
+        *,
+        attention_mask=None,
+        image_sizes=None,
+        pruner=None,
+        text=None,
+        pixel_values_videos=None,
     ) -> ModelOutput:
         """Logits over the assembled (optionally pruned) sequence.
 
@@ -133,12 +151,21 @@ class LlavaModel:
           pruner: a pruner (``vlmprune.prune.get(name, ...)``) or None.
           text: instruction per batch row for text-guided pruners (``HostNeeds.text``); default: decoded from the
             prompt.
+          pixel_values_videos: LLaVA-OneVision only: float (NV, F, C, S, S), one video per ``<video>`` placeholder
+            run (``model.processor(videos=..., text=...)``), every video with the same frame count F;
+            ``pixel_values`` may be None when the batch holds videos only.
 
         Returns:
           ModelOutput(logits float32 (B, L', V), mask bool (B, L')), L' = L when not pruning.
         """
         plan = self.plan(
-            input_ids, pixel_values, attention_mask=attention_mask, image_sizes=image_sizes, pruner=pruner, text=text
+            input_ids,
+            pixel_values,
+            attention_mask=attention_mask,
+            image_sizes=image_sizes,
+            pruner=pruner,
+            text=text,
+            pixel_values_videos=pixel_values_videos,
         )
         return self._forward_jit(self.params, self.device_inputs(input_ids, plan), pruner=pruner, stride=plan.stride)
 
@@ -177,19 +204,26 @@ class LlavaModel:
     def prefill(
         self,
         input_ids,
-        pixel_values,
+        pixel_values=None,
         *,
         attention_mask=None,
         image_sizes=None,
         pruner=None,
         max_new_tokens=32,
         text=None,
+        pixel_values_videos=None,
     ):
         """Prefill step of generation: (last logits (B, V), cache, next positions (B,), sequence plan)."""
         check_pruner(pruner)
         checks.check_int("max_new_tokens", max_new_tokens, lo=1)
         plan = self.plan(
-            input_ids, pixel_values, attention_mask=attention_mask, image_sizes=image_sizes, pruner=pruner, text=text
+            input_ids,
+            pixel_values,
+            attention_mask=attention_mask,
+            image_sizes=image_sizes,
+            pruner=pruner,
+            text=text,
+            pixel_values_videos=pixel_values_videos,
         )
         max_len = plan.sequence.length + max_new_tokens
         inputs.check_generation_memory(
@@ -214,7 +248,7 @@ class LlavaModel:
     def generate(
         self,
         input_ids,
-        pixel_values,
+        pixel_values=None,
         *,
         attention_mask=None,
         image_sizes=None,
@@ -225,11 +259,12 @@ class LlavaModel:
         top_p: float = 1.0,
         seed: int = 0,
         text=None,
+        pixel_values_videos=None,
     ) -> np.ndarray:
         """New token ids int32 (B, max_new_tokens), padded with the pad id after EOS.
 
         Batches use left padding (``attention_mask``). Greedy by default; ``do_sample`` enables temperature and
-        nucleus sampling with a ``jax.random`` key from ``seed``.
+        nucleus sampling with a ``jax.random`` key from ``seed``. ``pixel_values_videos``: as in ``__call__``.
         """
         pick = sampler(bool(do_sample), temperature, top_p)
         if not do_sample:  # the settings are still checked, as before
@@ -242,6 +277,7 @@ class LlavaModel:
             pruner=pruner,
             max_new_tokens=max_new_tokens,
             text=text,
+            pixel_values_videos=pixel_values_videos,
         )
         inputs.check_logits_finite(logits)
         return np.asarray(

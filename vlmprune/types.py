@@ -208,20 +208,26 @@ class ModelInputs:
       attention_mask: (B, L) 1 for real tokens, or None (all real).
       pixel_values: float (NI, C, S, S) (LLaVA-1.5) or (NI, T, C, S, S) (LLaVA-NeXT tiles).
       image_sizes: int (NI, 2) original (height, width) per image (LLaVA-NeXT), or None.
+      pixel_values_videos: float (NV, F, C, S, S) (LLaVA-OneVision videos, one per ``<video>`` placeholder run, the
+        same frame count F for all), or None; ``pixel_values`` may then be None (a batch of videos only).
     """
 
     input_ids: Any
     pixel_values: Any
     attention_mask: Any = None
     image_sizes: Any = None
+    pixel_values_videos: Any = None
 
     @classmethod
-    def from_arrays(cls, input_ids, pixel_values, attention_mask=None, image_sizes=None) -> ModelInputs:
+    def from_arrays(
+        cls, input_ids, pixel_values, attention_mask=None, image_sizes=None, pixel_values_videos=None
+    ) -> ModelInputs:
         return cls(
             input_ids=np.asarray(input_ids),
             pixel_values=pixel_values,
             attention_mask=None if attention_mask is None else np.asarray(attention_mask),
             image_sizes=None if image_sizes is None else np.asarray(image_sizes),
+            pixel_values_videos=pixel_values_videos,
         )
 
 

@@ -545,3 +545,76 @@ def onevision_batch(config, pixel_values, image_sizes) -> tuple[np.ndarray, Onev
     counts = [lay.num_tokens for lay in lays]
     length = max(counts)
     return pix, OnevisionBatch(lays, pack_tables(sizes, geom, length=length), length), counts
+
+
+# --- a batch of OneVision videos, planned on the host ---------------------------------------------------------
+
+
+def video_tables(num_frames: Sequence[int], tokens_per_side: int, length: int | None = None) -> PackTables:
+    """:class:`PackTables` of a batch of videos, so that :func:`pack_image_features` packs them as HF's
+    ``get_video_features`` does (the gather form of :func:`pack_video_features`).
+
+    The tile axis holds the frames (``num_frames`` per video, padded to the batch maximum); each frame's ``n × n``
+    map is resized with torch's bilinear weights to ``m × m`` (``m = ceil(n/2)``), frames in order, then one
+    newline: ``F·m² + 1`` slots, padded to ``length`` (default: the largest video of the batch).
+    Raises ValueError for a video without frames or a ``length`` too short.
+    """
+    frames = [int(f) for f in num_frames]
+    if not frames or min(frames) < 1:
+        raise ValueError(f"video_tables: every video needs at least one frame, got frame counts {frames}")
+    n = int(tokens_per_side)
+    m = video_pooled_side(n)
+    counts = [video_num_tokens(f, n) for f in frames]
+    length = max(counts) if length is None else int(length)
+    if max(counts) > length:
+        raise ValueError(f"video_tables: a video packs into {max(counts)} tokens, more than the length {length}")
+    r0, r1, a0, a1 = bilinear_axis(n, m)
+    top = np.stack([r0[:, None] * n + r0[None, :], r0[:, None] * n + r1[None, :]], -1)  # rows r0, cols c0 / c1
+    bottom = np.stack([r1[:, None] * n + r0[None, :], r1[:, None] * n + r1[None, :]], -1)
+    patch = np.concatenate([top, bottom], -1).reshape(m * m, 4)  # (tl, tr, bl, br); square maps: one axis table
+    hw1 = np.stack([a0, a1], -1)[:, None, :].repeat(m, 1).reshape(m * m, 2)
+    ww1 = np.stack([a0, a1], -1)[None, :, :].repeat(m, 0).reshape(m * m, 2)
+    nv, f_max = len(frames), max(frames)
+    src = np.zeros((nv, length, 4), np.int32)
+    hw = np.zeros((nv, length, 2), np.float32)
+    ww = np.zeros((nv, length, 2), np.float32)
+    newline = np.zeros((nv, length), bool)
+    valid = np.zeros((nv, length), bool)
+    tile_valid = np.zeros((nv, f_max), bool)
+    for i, f in enumerate(frames):
+        k = f * m * m
+        src[i, :k] = (patch[None] + (np.arange(f) * n * n)[:, None, None]).reshape(k, 4)
+        hw[i, :k] = np.tile(hw1, (f, 1))
+        ww[i, :k] = np.tile(ww1, (f, 1))
+        newline[i, k] = True
+        valid[i, : k + 1] = True
+        tile_valid[i, :f] = True
+    return PackTables(src=src, hw=hw, ww=ww, newline=newline, valid=valid, tile_valid=tile_valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoBatch:
+    """Host layout of a batch of OneVision videos: frames per video, the gather tables (NumPy) of their packed
+    blocks (``length`` slots each) and the packed token count of each (its ``<video>`` placeholders)."""
+
+    num_frames: tuple[int, ...]
+    pack: PackTables
+    length: int
+    counts: tuple[int, ...]
+
+    def tables(self) -> PackTables:
+        """The tables as device arrays (what the jitted pack step takes)."""
+        return jax.tree.map(jnp.asarray, self.pack)
+
+
+def onevision_video_batch(config, pixel_values_videos) -> tuple[np.ndarray, VideoBatch]:
+    """Plan a batch of videos on the host: pixel_values_videos (NV, F, C, S, S) as the video processor returns
+    them (every video of a batch has the same frame count F, as HF's ``get_video_features`` requires).
+
+    Returns (pixels float32 (NV, F, C, S, S), the batch layout). The caller checks shapes and values first.
+    """
+    nv, f = pixel_values_videos.shape[:2]
+    n = int(config.vision.image_size // config.vision.patch_size)
+    pack = video_tables([f] * nv, n)
+    counts = tuple(video_num_tokens(f, n) for _ in range(nv))
+    return np.asarray(pixel_values_videos, np.float32), VideoBatch((f,) * nv, pack, max(counts), counts)

@@ -36,7 +36,7 @@ class LlavaConfig:
     bos_token_id: int = 1
     image_grid_pinpoints: tuple = ()
     vision_aspect_ratio: str = ""  # LLaVA-OneVision's "anyres_max_N" (its packing budget); "" otherwise
-    video_token_id: int | None = None  # LLaVA-OneVision's <video> id (video input is not implemented)
+    video_token_id: int | None = None  # LLaVA-OneVision's <video> id
 
     @property
     def anyres(self) -> bool:

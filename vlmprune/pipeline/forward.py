@@ -214,7 +214,8 @@ def visual_tokens(
     stride: int | None = None,
 ) -> tuple[Array, Array]:
     """``encode`` with the pruner's request, then ``tokens_from_taps``. pixel_values (NI, C, S, S) (LLaVA-1.5)
-    or (NI, T_max, C, S, S) with ``layout`` (LLaVA-NeXT)."""
+    or (NI, T_max, C, S, S) with ``layout`` (LLaVA-NeXT, LLaVA-OneVision; OneVision videos (NV, F, C, S, S) with
+    their ``PackTables``)."""
     request = tap_request(module.config, pruner).replace(projected=False)  # projected in tokens_from_taps
     pix = pixel_values if layout is None else pixel_values.reshape((-1,) + pixel_values.shape[2:])
     taps = encode(module, params, pix, request)
@@ -222,13 +223,23 @@ def visual_tokens(
 
 
 def assemble(module: Llava, params, inputs: DeviceInputs, pruner=None, stride: int | None = None) -> Assembled:
-    """Visual tokens merged at the image slots of the text embeddings, with masks and contiguous positions."""
-    tokens, valid = visual_tokens(module, params, inputs.pixel_values, pruner, inputs.layout, inputs.aux, stride)
-    d = tokens.shape[-1]
-    flat_tok = tokens.reshape(-1, d)
-    flat_valid = valid.reshape(-1)
+    """Visual tokens merged at the image (and video) slots of the text embeddings, with masks and contiguous
+    positions. The visual table is the images' blocks, then the videos' (LLaVA-OneVision: packed by the same
+    ``tokens_from_taps`` with their frames on the tile axis), as the sequence plan numbers the slots."""
     input_ids = inputs.input_ids
     text_emb = module.apply({"params": params}, input_ids, method=Llava.embed)
+    blocks = []  # (tokens (N, K, D), valid (N, K)) per kind of visual input
+    if inputs.pixel_values is not None:
+        blocks.append(visual_tokens(module, params, inputs.pixel_values, pruner, inputs.layout, inputs.aux, stride))
+    if inputs.pixel_values_videos is not None:
+        blocks.append(visual_tokens(module, params, inputs.pixel_values_videos, pruner, inputs.video_layout))
+    d = text_emb.shape[-1]
+    if blocks:
+        flat_tok = jnp.concatenate([t.reshape(-1, d).astype(text_emb.dtype) for t, _ in blocks])
+        flat_valid = jnp.concatenate([v.reshape(-1) for _, v in blocks])
+    else:  # no visual input at all: every slot is text (the plan refuses placeholders without inputs)
+        flat_tok, flat_valid = jnp.zeros((1, d), text_emb.dtype), jnp.zeros((1,), bool)
+    num_items = sum(t.shape[0] for t, _ in blocks)
     vis_src = inputs.vis_src
     is_vis = vis_src >= 0
     rows = jnp.arange(input_ids.shape[0])[:, None]
@@ -239,7 +250,7 @@ def assemble(module: Llava, params, inputs: DeviceInputs, pruner=None, stride: i
     positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
     hook = None
     if isinstance(pruner, LLMPruner):
-        hook = pruner.decoder_hook(module.config, is_vis, tokens.shape[0] // input_ids.shape[0])
+        hook = pruner.decoder_hook(module.config, is_vis, num_items // input_ids.shape[0])
     return Assembled(embeds=embeds, mask=mask, positions=positions, hook=hook)
 
 

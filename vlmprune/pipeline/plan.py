@@ -20,8 +20,15 @@ import numpy as np
 from vlmprune import inputs as input_checks
 from vlmprune.anyres.geometry import max_tiles
 from vlmprune.anyres.layout import BatchLayout, batch_layout
-from vlmprune.anyres.onevision import onevision_batch, spatial_ranks
-from vlmprune.pipeline.sequence import SequencePlan, plan_sequence
+from vlmprune.anyres.onevision import (
+    OnevisionBatch,
+    PackTables,
+    VideoBatch,
+    onevision_batch,
+    onevision_video_batch,
+    spatial_ranks,
+)
+from vlmprune.pipeline.sequence import SequencePlan, VideoPlaceholders, plan_sequence
 from vlmprune.prune.base import HostInputs, HostNeeds, VisualPruner, check_pruner, slot_count
 from vlmprune.types import ModelInputs, NextLayout
 
@@ -30,9 +37,10 @@ from vlmprune.types import ModelInputs, NextLayout
 class DeviceInputs:
     """The arrays the jitted stages take (one pytree, so that sharding is one ``tree.map``).
 
-    input_ids int32 (B, L); pixel_values (NI, C, S, S) or (NI, T_max, C, S, S); text_src, vis_src int32 (B, L')
-    and text_mask bool (B, L') from the :class:`SequencePlan`; layout: NextLayout or None; aux: the pruner's
-    prepared host arrays.
+    input_ids int32 (B, L); pixel_values (NI, C, S, S) or (NI, T_max, C, S, S), or None (a batch of videos only);
+    text_src, vis_src int32 (B, L') and text_mask bool (B, L') from the :class:`SequencePlan`; layout: NextLayout,
+    OneVision PackTables or None; aux: the pruner's prepared host arrays; pixel_values_videos (NV, F, C, S, S) and
+    video_layout (their PackTables, frames on the tile axis) for LLaVA-OneVision videos, else None.
     """
 
     input_ids: Any
@@ -40,30 +48,37 @@ class DeviceInputs:
     text_src: Any
     vis_src: Any
     text_mask: Any
-    layout: NextLayout | None = None
+    layout: NextLayout | PackTables | None = None
     aux: dict = flax.struct.field(default_factory=dict)
+    pixel_values_videos: Any = None
+    video_layout: PackTables | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """A validated batch: the sequence plan, the (tile-padded) pixels, the NeXT layout, the pruner's prepared
-    arrays and the static visual slot stride (None on LLaVA-1.5)."""
+    """A validated batch: the sequence plan, the (tile-padded) pixels (None without images), the NeXT / OneVision
+    layout, the pruner's prepared arrays, the static visual slot stride (None on LLaVA-1.5), and the OneVision
+    videos' pixels and layout (None without videos)."""
 
     sequence: SequencePlan
-    pixel_values: np.ndarray
-    layout: BatchLayout | None
+    pixel_values: np.ndarray | None
+    layout: BatchLayout | OnevisionBatch | None
     aux: dict
     stride: int | None
+    video_pixels: np.ndarray | None = None
+    videos: VideoBatch | None = None
 
     def device_inputs(self, input_ids, dtype) -> DeviceInputs:
         return DeviceInputs(
             input_ids=jnp.asarray(input_ids, jnp.int32),
-            pixel_values=jnp.asarray(self.pixel_values, dtype),
+            pixel_values=None if self.pixel_values is None else jnp.asarray(self.pixel_values, dtype),
             text_src=jnp.asarray(self.sequence.text_src),
             vis_src=jnp.asarray(self.sequence.vis_src),
             text_mask=jnp.asarray(self.sequence.text_mask),
             layout=None if self.layout is None else self.layout.tables(),
             aux={k: jnp.asarray(v) for k, v in self.aux.items()},
+            pixel_values_videos=None if self.video_pixels is None else jnp.asarray(self.video_pixels, dtype),
+            video_layout=None if self.videos is None else self.videos.tables(),
         )
 
 
@@ -86,6 +101,29 @@ def check_pixels(config, pixel_values):
             f"tower (image_size={v.image_size}), got {shape}; preprocess images with the model's processor"
         )
     return pixel_values
+
+
+def check_video_pixels(config, pixel_values_videos):
+    """pixel_values_videos (NV, F, C, S, S) of the tower's tile size with F >= 1, floating point and finite, on
+    a LLaVA-OneVision model; ValueError naming the problem (None passes through)."""
+    if pixel_values_videos is None:
+        return None
+    if config.model_type != "llava_onevision":
+        raise ValueError(
+            f"pixel_values_videos: video input is supported on LLaVA-OneVision only, not on this {config.model_type} "
+            "model"
+        )
+    v = config.vision
+    x = input_checks.check_pixel_values(pixel_values_videos, name="pixel_values_videos")
+    shape = tuple(getattr(x, "shape", ()))
+    want = (v.num_channels, v.image_size, v.image_size)
+    if len(shape) != 5 or shape[2:] != want or min(shape[:2]) < 1:
+        raise ValueError(
+            f"pixel_values_videos must have shape (num_videos, num_frames, {want[0]}, {want[1]}, {want[2]}) with at "
+            f"least one video and one frame (frames of {v.image_size} px, the same frame count for every video), "
+            f"got {shape}; preprocess videos with the model's processor"
+        )
+    return x
 
 
 def next_layout(config, pixel_values, image_sizes, pruner=None):
@@ -143,7 +181,8 @@ def image_texts(config, ids, mask, plan: SequencePlan, text, tokenizer) -> list[
         rows.append(tokenizer.decode(ids[r, start:][m[start:]], skip_special_tokens=True).strip())
     out = [""] * plan.num_images
     for r in range(b):
-        for v in np.unique(plan.vis_src[r][plan.vis_src[r] >= 0] // plan.slots):
+        img_src = plan.vis_src[r][(plan.vis_src[r] >= 0) & (plan.vis_src[r] < plan.num_images * plan.slots)]
+        for v in np.unique(img_src // plan.slots):
             out[int(v)] = rows[r]
     return out
 
@@ -178,8 +217,10 @@ def plan_inputs(
     pruner = check_pruner(pruner)
     if pruner is not None:
         pruner.validate(config)
-    pixel_values = check_pixels(config, inputs.pixel_values)
+    videos = check_video_pixels(config, inputs.pixel_values_videos)
     c = config
+    no_images = c.model_type == "llava_onevision" and inputs.pixel_values is None and videos is not None
+    pixel_values = None if no_images else check_pixels(config, inputs.pixel_values)
     ids = input_checks.check_token_ids(inputs.input_ids, c.text.vocab_size)
     mask = input_checks.check_attention_mask(inputs.attention_mask)
     if c.model_type == "llava":
@@ -203,7 +244,7 @@ def plan_inputs(
         )
         return Plan(seq, pixel_values, None, aux, None)
     if c.model_type == "llava_onevision":
-        return _plan_onevision(c, ids, mask, pixel_values, inputs.image_sizes, pruner)
+        return _plan_onevision(c, ids, mask, pixel_values, inputs.image_sizes, videos, pruner)
     pix, lay, placeholders = next_layout(c, pixel_values, inputs.image_sizes, pruner)
     slots = [slot_count(pruner, c, li.num_tiles, li.length, li.num_newlines) for li in lay.layouts]
     stride = max(slots)
@@ -222,31 +263,55 @@ def plan_inputs(
     return Plan(seq, pix, lay, aux, stride)
 
 
-def _plan_onevision(c, ids, mask, pixel_values, image_sizes, pruner) -> Plan:
+def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> Plan:
     """OneVision: the official packing computed on the host (``vlmprune.anyres.onevision``); every image's block
     gets the batch's largest length. A visual pruner (one whose ``validate`` accepts OneVision) selects on the packed
     block: image ``i`` gets ``min(budget(T_i), V_i)`` slots, the static stride is the budget of the largest grid.
     A pruner that selects per tile (``selects_per_tile``) gets its whole budget (the spatial-compat layout) and the
-    rank table that orders its kept tokens (``aux["spatial_rank"]``, ``vlmprune.anyres.onevision.spatial_ranks``)."""
-    pix, lay, placeholders = onevision_batch(c, pixel_values, image_sizes)
-    slots, stride, aux = placeholders, lay.length, {}
-    if isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c):
-        slots = [pruner.budget(c, li.num_tiles).kept for li in lay.layouts]
-        stride = pruner.budget(c, pix.shape[1]).kept
-        aux = {"spatial_rank": spatial_ranks(lay.layouts, pix.shape[1])}
-    elif isinstance(pruner, VisualPruner):
-        slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
-        stride = min(pruner.budget(c, pix.shape[1]).kept, lay.length)
+    rank table that orders its kept tokens (``aux["spatial_rank"]``, ``vlmprune.anyres.onevision.spatial_ranks``).
+
+    Videos (``pixel_values_videos``, either kind of batch may be absent): frames take the tile axis, a visual
+    pruner selects on each video's packed block with the budget of its frame count, ``min(budget(F), V)`` slots;
+    a pruner that selects per tile is refused on videos (the frames are pooled 2x2 before the LLM, so a tile-token
+    selection has no place in the video's block)."""
+    pix = lay = None
+    placeholders, slots, stride, aux = [], [], 0, {}
+    if pixel_values is not None:
+        pix, lay, placeholders = onevision_batch(c, pixel_values, image_sizes)
+        slots, stride = placeholders, lay.length
+        if isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c):
+            slots = [pruner.budget(c, li.num_tiles).kept for li in lay.layouts]
+            stride = pruner.budget(c, pix.shape[1]).kept
+            aux = {"spatial_rank": spatial_ranks(lay.layouts, pix.shape[1])}
+        elif isinstance(pruner, VisualPruner):
+            slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
+            stride = min(pruner.budget(c, pix.shape[1]).kept, lay.length)
+    vpix = vid = None
+    vplace = VideoPlaceholders(c.video_token_id, (), (), 0)  # no videos: a stray <video> id is refused
+    if videos is not None:
+        if isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c):
+            raise NotImplementedError(
+                f"{pruner.name} on LLaVA-OneVision videos is not implemented: it selects tokens per tile, and a "
+                "video's frames are pooled 2x2 into its packed block before the LLM; use a method that selects on "
+                "the packed block (divprune) or inside the LLM (fastv)"
+            )
+        vpix, vid = onevision_video_batch(c, videos)
+        vslots, vstride = list(vid.counts), vid.length
+        if isinstance(pruner, VisualPruner):
+            vslots = [min(pruner.budget(c, f).kept, v) for f, v in zip(vid.num_frames, vid.counts)]
+            vstride = min(pruner.budget(c, max(vid.num_frames)).kept, vid.length)
+        vplace = VideoPlaceholders(c.video_token_id, vid.counts, tuple(vslots), vstride)
     seq = plan_sequence(
         ids,
         mask,
         image_token_id=c.image_token_id,
         tokens_per_image=placeholders,
-        num_images=pix.shape[0],
+        num_images=0 if pix is None else pix.shape[0],
         slots=slots,
         slot_stride=stride,
+        videos=vplace,
     )
-    return Plan(seq, pix, lay, aux, stride)
+    return Plan(seq, pix, lay, aux, stride, vpix, vid)
 
 
 def shard_inputs(inputs: DeviceInputs, mesh, sharding_for: Callable) -> DeviceInputs:

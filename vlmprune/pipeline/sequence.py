@@ -6,6 +6,9 @@ slot either to a text token of the input or to a visual slot, so that the jitted
 sequence with two gathers. Rows that end up shorter than the longest row are left-padded (as HF batches are).
 Masked visual slots and padding are excluded from attention and from the position count, which reproduces the
 contiguous positions the originals get from boolean indexing.
+
+Videos (LLaVA-OneVision) are a second kind of placeholder (``videos``: their own token id, counts and slots); their
+slots follow the images' in the flattened visual table, so the model gathers both with the same two gathers.
 """
 
 from __future__ import annotations
@@ -16,15 +19,33 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class VideoPlaceholders:
+    """The videos of a batch in the prompt: their placeholder ``token_id``, placeholder tokens per video, visual
+    slots the model provides per video (at most ``stride`` each)."""
+
+    token_id: int
+    tokens_per_video: tuple[int, ...]
+    slots: tuple[int, ...]
+    stride: int
+
+    @property
+    def num_videos(self) -> int:
+        return len(self.tokens_per_video)
+
+
+@dataclasses.dataclass(frozen=True)
 class SequencePlan:
     """text_src (B, L') index into the row's input_ids or -1; vis_src (B, L') index into the flattened
-    visual slots (num_images * slots) or -1; text_mask (B, L') the input attention mask at text slots."""
+    visual slots (num_images * slots, then num_videos * video_slots) or -1; text_mask (B, L') the input attention
+    mask at text slots."""
 
     text_src: np.ndarray
     vis_src: np.ndarray
     text_mask: np.ndarray
     num_images: int
     slots: int
+    num_videos: int = 0
+    video_slots: int = 0
 
     @property
     def length(self) -> int:
@@ -40,6 +61,7 @@ def plan_sequence(
     num_images: int,
     slots,
     slot_stride: int | None = None,
+    videos: VideoPlaceholders | None = None,
 ) -> SequencePlan:
     """Validate placeholders and build the plan. Raises ValueError naming the problem.
 
@@ -47,6 +69,7 @@ def plan_sequence(
       tokens_per_image: placeholder tokens per image: an int (LLaVA-1.5) or one int per image (LLaVA-NeXT).
       slots: visual slots the model provides per image (int or one per image), at most ``slot_stride`` each.
       slot_stride: image ``i``'s slots are ``i·slot_stride + j`` in the flattened visual table (default: slots).
+      videos: the batch's videos, or None; video ``v``'s slots are ``num_images·slot_stride + v·videos.stride + j``.
     """
     ids = np.asarray(input_ids)
     if ids.ndim != 2:
@@ -65,31 +88,50 @@ def plan_sequence(
     )
     per_slots = [int(slots)] * num_images if np.isscalar(slots) else [int(t) for t in slots]
     stride = slot_stride if slot_stride is not None else (max(per_slots) if per_slots else 0)
-    is_img = (ids == image_token_id) & mask
-    total, want = int(is_img.sum()), sum(per_img)
-    if total != want:
-        detail = f"{num_images} x {per_img[0]}" if len(set(per_img)) <= 1 else "+".join(map(str, per_img))
-        raise ValueError(
-            f"input_ids hold {total} image placeholder tokens (id {image_token_id}) but {num_images} image(s) "
-            f"need {detail} = {want}; expand the <image> placeholder with the model's processor (one id per "
-            "visual token) and pass one image per placeholder"
+    kinds = [("image", image_token_id, per_img, per_slots, stride, 0)]
+    if videos is not None:
+        kinds.append(
+            (
+                "video",
+                videos.token_id,
+                list(videos.tokens_per_video),
+                list(videos.slots),
+                videos.stride,
+                num_images * stride,
+            )
         )
+    found = []
+    for kind, token_id, per_item, _, _, _ in kinds:
+        is_kind = (ids == token_id) & mask
+        total, want = int(is_kind.sum()), sum(per_item)
+        if total != want:
+            k = len(per_item)
+            detail = f"{k} x {per_item[0]}" if len(set(per_item)) == 1 else "+".join(map(str, per_item)) or "0"
+            raise ValueError(
+                f"input_ids hold {total} {kind} placeholder tokens (id {token_id}) but {k} {kind}(s) "
+                f"need {detail} = {want}; expand the <{kind}> placeholder with the model's processor (one id per "
+                f"visual token) and pass one {kind} per placeholder"
+            )
+        found.append(is_kind)
     rows_text, rows_vis = [], []
-    img = 0
+    item = [0] * len(kinds)
     for r in range(b):
         text_src, vis_src = [], []
         j = 0
         while j < n:
-            if is_img[r, j]:
-                need = per_img[img]
-                run = is_img[r, j : j + need]
+            hit = next((k for k, is_kind in enumerate(found) if is_kind[r, j]), None)
+            if hit is not None:
+                kind, _, per_item, per_slot, kstride, offset = kinds[hit]
+                i = item[hit]
+                need = per_item[i]
+                run = found[hit][r, j : j + need]
                 if run.size < need or not run.all():
                     raise ValueError(
-                        f"row {r}: image placeholder run at position {j} is not {need} consecutive tokens (image {img})"
+                        f"row {r}: {kind} placeholder run at position {j} is not {need} consecutive tokens ({kind} {i})"
                     )
-                text_src.extend([-1] * per_slots[img])
-                vis_src.extend(range(img * stride, img * stride + per_slots[img]))
-                img += 1
+                text_src.extend([-1] * per_slot[i])
+                vis_src.extend(range(offset + i * kstride, offset + i * kstride + per_slot[i]))
+                item[hit] += 1
                 j += need
             else:
                 text_src.append(j)
@@ -107,4 +149,6 @@ def plan_sequence(
         vis_src[r, length - k :] = rows_vis[r]
         t = np.asarray(rows_text[r])
         text_mask[r, length - k :] = np.where(t >= 0, mask[r, np.maximum(t, 0)], False)
-    return SequencePlan(text_src, vis_src, text_mask, num_images, stride)
+    if videos is None:
+        return SequencePlan(text_src, vis_src, text_mask, num_images, stride)
+    return SequencePlan(text_src, vis_src, text_mask, num_images, stride, videos.num_videos, videos.stride)

@@ -124,7 +124,7 @@ class FastV(LLMPruner):
     def decoder_hook(self, cfg, visual: Array, images_per_row: int) -> FastVHook:
         if cfg.model_type == "llava_onevision":  # variable packed length per image: the ratio applies per row
             if images_per_row != 1:
-                raise ValueError(f"fastv on LLaVA-OneVision takes one image per prompt, got {images_per_row}")
+                raise ValueError(f"fastv on LLaVA-OneVision takes one image or video per prompt, got {images_per_row}")
             return FastVHook(
                 visual=visual, layer=self.layer, keep=0, num_visual=0, per_row_ratio=float(self.keep_ratio)
             )
