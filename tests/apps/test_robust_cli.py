@@ -316,9 +316,11 @@ OV_RUNS = {
     "vispruner": ["--method", "vispruner:4:layout=reference"],
     "fastervlm": ["--method", "fastervlm:4:layout=reference"],
     "uniform": ["--method", "uniform", "--keep", "4"],
+    "hired": ["--method", "hired:0.25:layout=reference"],
 }
 OV_REFUSED = {
-    "hired": ["--method", "hired", "--budget-rate", "0.25"],
+    "hired (official layout)": ["--method", "hired", "--budget-rate", "0.25"],
+    "hero": ["--method", "hero", "--clip-path", "/nonexistent/clip"],
     "visionzip": ["--method", "visionzip"],
     "vispruner (official layout)": ["--method", "vispruner", "--keep", "4"],
 }

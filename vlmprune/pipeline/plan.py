@@ -20,7 +20,7 @@ import numpy as np
 from vlmprune import inputs as input_checks
 from vlmprune.anyres.geometry import max_tiles
 from vlmprune.anyres.layout import BatchLayout, batch_layout
-from vlmprune.anyres.onevision import onevision_batch, spatial_ranks
+from vlmprune.anyres.onevision import grid_table, onevision_batch, spatial_ranks
 from vlmprune.pipeline.sequence import SequencePlan, plan_sequence
 from vlmprune.prune.base import HostInputs, HostNeeds, VisualPruner, check_pruner, slot_count
 from vlmprune.types import ModelInputs, NextLayout
@@ -226,14 +226,18 @@ def _plan_onevision(c, ids, mask, pixel_values, image_sizes, pruner) -> Plan:
     """OneVision: the official packing computed on the host (``vlmprune.anyres.onevision``); every image's block
     gets the batch's largest length. A visual pruner (one whose ``validate`` accepts OneVision) selects on the packed
     block: image ``i`` gets ``min(budget(T_i), V_i)`` slots, the static stride is the budget of the largest grid.
-    A pruner that selects per tile (``selects_per_tile``) gets its whole budget (the spatial-compat layout) and the
-    rank table that orders its kept tokens (``aux["spatial_rank"]``, ``vlmprune.anyres.onevision.spatial_ranks``)."""
+    A pruner that selects per tile (``selects_per_tile``) gets its whole budget (the spatial-compat layout), the
+    rank table of its declared ``tile_packing`` that orders its kept tokens (``aux["spatial_rank"]``,
+    ``vlmprune.anyres.onevision.spatial_ranks``) and the images' grids (``aux["tile_grid"]`` (NI, 2) rows, cols)."""
     pix, lay, placeholders = onevision_batch(c, pixel_values, image_sizes)
     slots, stride, aux = placeholders, lay.length, {}
     if isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c):
         slots = [pruner.budget(c, li.num_tiles).kept for li in lay.layouts]
         stride = pruner.budget(c, pix.shape[1]).kept
-        aux = {"spatial_rank": spatial_ranks(lay.layouts, pix.shape[1])}
+        aux = {
+            "spatial_rank": spatial_ranks(lay.layouts, pix.shape[1], pruner.tile_packing(c)),
+            "tile_grid": grid_table(lay.layouts),
+        }
     elif isinstance(pruner, VisualPruner):
         slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
         stride = min(pruner.budget(c, pix.shape[1]).kept, lay.length)
