@@ -163,8 +163,8 @@ def tokens_from_taps(
 def spatial_tiles(
     emb: Array, result: PruneResult, tables: PackTables, ctx: PruneContext, stride: int | None = None
 ) -> tuple[Array, Array]:
-    """OneVision's per-tile packings (docs/methods.md §9.4 mode A, and HiRED's cropped variant) of per-tile
-    selections.
+    """OneVision's per-tile packings (``vlmprune.anyres.onevision.TILE_PACKINGS``: docs/methods.md §9.4 mode A, or
+    the same order inside the unpad crop) of per-tile selections.
 
     emb (NI, T·N, D) projected tile tokens; ``result.selection`` (NI·T, K) per tile; ``ctx.aux["spatial_rank"]``
     int32 (NI, T·N) (``vlmprune.anyres.onevision.spatial_ranks``; rank -1 = a token the packing drops). Returns

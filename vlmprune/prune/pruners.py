@@ -46,7 +46,7 @@ from vlmprune.prune.baselines import (
     visionzip_dominant,
 )
 from vlmprune.prune.hero import hero_padded
-from vlmprune.prune.hired import hired_allocation, hired_batched, hired_single
+from vlmprune.prune.hired import HiredSelection, hired_allocation, hired_batched, hired_single
 from vlmprune.prune.selection import Selection
 from vlmprune.prune.vispruner import fastervlm, vispruner
 from vlmprune.prune.vispruner_siglip import vispruner_siglip
@@ -294,46 +294,39 @@ class HiRED(_NextLayout, VisualPruner):
         if min(n, int(n * self.budget_rate)) < 1:
             raise ValueError(f"hired: budget_rate={self.budget_rate} keeps int({n}·rate) = 0 tokens per image")
 
-    def _onevision(self, taps, ctx):
-        """Per-tile selection on LLaVA-OneVision: Selection (NI·T, K_max), tiles padded to T (see the class)."""
+    def _tiled(self, taps, ctx) -> HiredSelection:
+        """``hired_batched`` on every image's tiles: (NI, T, K_max). LLaVA-NeXT: CLS rows, the original's band
+        split; LLaVA-OneVision: received attention and the images' grids, the footprint split (see the class)."""
+        ov = on_onevision(ctx.config)
+        if ctx.layout is None:
+            raise ValueError("hired: tiled images need the layout in the PruneContext (the model provides it)")
         tile_valid = ctx.layout.tile_valid
         ni, t = tile_valid.shape
-        shallow = taps.received_attention(ctx.layer(self.shallow_layer, "shallow_layer"))
-        deep = taps.received_attention(ctx.layer(self.deep_layer, "deep_layer"))
+        tap = taps.received_attention if ov else taps.cls_attention
+        shallow = tap(ctx.layer(self.shallow_layer, "shallow_layer"))
+        deep = tap(ctx.layer(self.deep_layer, "deep_layer"))
         shape = (ni, t) + deep.shape[1:]
-        grids = ctx.aux_array("tile_grid", self.name)[:, ::-1]  # (rows, cols) -> hired's (cols, rows)
-        sel = hired_batched(
+        # OneVision: the plan's (rows, cols) per image -> hired's (cols, rows)
+        split = dict(variant="paper", grids=ctx.aux_array("tile_grid", self.name)[:, ::-1]) if ov else {}
+        return hired_batched(
             shallow.reshape(shape),
             deep.reshape(shape),
             jnp.sum(tile_valid, axis=1, dtype=jnp.int32),
             budget_rate=self.budget_rate,
             alpha=self.alpha,
-            variant="paper",
-            grids=grids,
+            **split,
         )
-        k = sel.indices.shape[-1]
-        return Selection(indices=sel.indices.reshape(ni * t, k), valid=sel.valid.reshape(ni * t, k))
 
     def prune(self, taps, ctx):
-        if on_onevision(ctx.config):
-            return PruneResult(selection=self._onevision(taps, ctx))
-        if ctx.layout is None:
+        if ctx.layout is None and not on_onevision(ctx.config):
             sel = hired_single(
                 taps.cls_attention(ctx.layer(self.deep_layer, "deep_layer")), budget_rate=self.budget_rate
             )
             return PruneResult(selection=sel)
-        tile_valid = ctx.layout.tile_valid
-        ni, t = tile_valid.shape
-        shallow = taps.cls_attention(ctx.layer(self.shallow_layer, "shallow_layer"))
-        deep = taps.cls_attention(ctx.layer(self.deep_layer, "deep_layer"))
-        shape = (ni, t) + deep.shape[1:]
-        sel = hired_batched(
-            shallow.reshape(shape),
-            deep.reshape(shape),
-            jnp.sum(tile_valid, axis=1, dtype=jnp.int32),
-            budget_rate=self.budget_rate,
-            alpha=self.alpha,
-        )
+        sel = self._tiled(taps, ctx)
+        if on_onevision(ctx.config):  # per tile (selects_per_tile): (NI·T, K_max)
+            k = sel.indices.shape[-1]
+            return PruneResult(selection=Selection(indices=sel.indices.reshape(-1, k), valid=sel.valid.reshape(-1, k)))
         return PruneResult(selection=per_image(sel, ctx, taps.num_tokens))
 
 
