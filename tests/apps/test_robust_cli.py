@@ -318,9 +318,11 @@ OV_RUNS = {
     "uniform": ["--method", "uniform", "--keep", "4"],
     "visionzip": ["--method", "visionzip:6:layout=reference"],
     "prumerge_plus": ["--method", "prumerge_plus"],
+    "hired": ["--method", "hired:0.25:layout=reference"],
 }
 OV_REFUSED = {
-    "hired": ["--method", "hired", "--budget-rate", "0.25"],
+    "hired (official layout)": ["--method", "hired", "--budget-rate", "0.25"],
+    "hero": ["--method", "hero", "--clip-path", "/nonexistent/clip"],
     "visionzip (official layout)": ["--method", "visionzip"],
     "vispruner (official layout)": ["--method", "vispruner", "--keep", "4"],
 }

@@ -351,13 +351,23 @@ def pack_image_features(tile_features: Array, image_newline: Array, tables: Pack
     return jnp.where(tables.valid[..., None], out, jnp.zeros((), dt))
 
 
-def spatial_ranks(layouts: Sequence[ImageLayout], num_tiles: int) -> np.ndarray:
-    """int32 (NI, num_tiles·n²): each tile token's place in the spatial-compat order (docs/methods.md §9.4 mode A).
+#: how a per-tile pruner's kept tokens are laid out on OneVision (``VisualPruner.tile_packing``): base tile first in
+#: raster order, then the stitched grid in global raster order, all of it ("uncropped", docs/methods.md §9.4 mode A)
+#: or only the tokens inside HF's unpad crop ("cropped", HiRED's packing, §9.3.6). Neither adds newlines or
+#: downsamples.
+TILE_PACKINGS = ("uncropped", "cropped")
+
+
+def spatial_ranks(layouts: Sequence[ImageLayout], num_tiles: int, packing: str = "uncropped") -> np.ndarray:
+    """int32 (NI, num_tiles·n²): each tile token's place in a per-tile packing (:data:`TILE_PACKINGS`).
 
     The base tile's tokens come first in raster order, then the grid tiles stitched into one
     ``(n·rows, n·cols)`` map in global raster order; tokens of padding tiles (past an image's own) rank last.
-    Sorting an image's kept tile tokens by these ranks gives its packed block in that layout (no unpad, no
-    newline, no downsampling)."""
+    ``packing="cropped"``: grid tokens outside the image's unpad crop (:func:`image_layout`, HF's rounding) get
+    rank -1, i.e. the layout drops them. Sorting an image's kept tile tokens of rank >= 0 by these ranks gives its
+    packed block (no newline, no downsampling)."""
+    if packing not in TILE_PACKINGS:
+        raise ValueError(f"spatial_ranks: packing must be one of {TILE_PACKINGS}, got {packing!r}")
     rows = []
     for lay in layouts:
         n = lay.tokens_per_side
@@ -368,11 +378,20 @@ def spatial_ranks(layouts: Sequence[ImageLayout], num_tiles: int) -> np.ndarray:
         for t in range(1, num_tiles):
             if t < lay.num_tiles:
                 tr, tc = divmod(t - 1, lay.cols)
-                ranks[t] = nn + (tr * n + y) * (lay.cols * n) + tc * n + x
+                gy, gx = tr * n + y, tc * n + x  # position on the stitched map
+                ranks[t] = nn + gy * (lay.cols * n) + gx
+                if packing == "cropped":
+                    inside = (gy >= lay.top) & (gy < lay.bottom) & (gx >= lay.left) & (gx < lay.right)
+                    ranks[t] = np.where(inside, ranks[t], -1)
             else:
                 ranks[t] = t * nn + np.arange(nn) + num_tiles * nn
         rows.append(ranks.reshape(-1))
     return np.stack(rows).astype(np.int32)
+
+
+def grid_table(layouts: Sequence[ImageLayout]) -> np.ndarray:
+    """int32 (NI, 2): each image's tile grid ``(rows, cols)`` (0, 0 for an untiled image)."""
+    return np.asarray([(lay.rows, lay.cols) for lay in layouts], np.int32).reshape(-1, 2)
 
 
 def video_pooled_side(tokens_per_side: int) -> int:

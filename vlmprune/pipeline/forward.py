@@ -137,10 +137,10 @@ def tokens_from_taps(
     p = visual_pruner(pruner)
     newline = module.apply({"params": params}, method=lambda m: m.image_newline)
     if isinstance(layout, PackTables) and p is not None and p.selects_per_tile(cfg):
-        res = p.prune(taps, PruneContext(config=cfg))
+        res = p.prune(taps, ctx)
         if res.tokens is not None:  # merged tokens: each tile's block in the method's order
             return tile_blocks(res.tokens if res.projected else project(module, params, res.tokens), res, layout)
-        return spatial_tiles(flat_emb.reshape(ni, t * n, -1), res, layout, ctx)
+        return spatial_tiles(flat_emb.reshape(ni, t * n, -1), res, layout, ctx, stride)
     if isinstance(layout, PackTables):  # OneVision: the official packing; a pruner selects on the packed block
         packed = pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout)
         if p is None:
@@ -164,13 +164,17 @@ def tokens_from_taps(
     )
 
 
-def spatial_tiles(emb: Array, result: PruneResult, tables: PackTables, ctx: PruneContext) -> tuple[Array, Array]:
-    """OneVision's spatial-compat layout (docs/methods.md §9.4 mode A) of per-tile selections.
+def spatial_tiles(
+    emb: Array, result: PruneResult, tables: PackTables, ctx: PruneContext, stride: int | None = None
+) -> tuple[Array, Array]:
+    """OneVision's per-tile packings (``vlmprune.anyres.onevision.TILE_PACKINGS``: docs/methods.md §9.4 mode A, or
+    the same order inside the unpad crop) of per-tile selections.
 
     emb (NI, T·N, D) projected tile tokens; ``result.selection`` (NI·T, K) per tile; ``ctx.aux["spatial_rank"]``
-    int32 (NI, T·N) (``vlmprune.anyres.onevision.spatial_ranks``). Returns (tokens (NI, T·K, D), valid (NI, T·K)):
-    each image's kept tokens of its own tiles sorted by rank (base in raster order, then the stitched grid in global
-    raster order), the padding tiles' slots last and invalid."""
+    int32 (NI, T·N) (``vlmprune.anyres.onevision.spatial_ranks``; rank -1 = a token the packing drops). Returns
+    (tokens (NI, S, D), valid (NI, S)) with S = ``stride`` (default T·K): each image's kept tokens of its own tiles
+    sorted by rank (base in raster order, then the stitched grid in global raster order), invalid slots last. A
+    stride shorter than T·K must still hold every image's valid tokens (the pruner's budget guarantees it)."""
     ni, t = tables.tile_valid.shape
     n = emb.shape[1] // t
     sel = result.selection
@@ -178,8 +182,14 @@ def spatial_tiles(emb: Array, result: PruneResult, tables: PackTables, ctx: Prun
     idx = (sel.indices.reshape(ni, t, k) + n * jnp.arange(t, dtype=jnp.int32)[:, None]).reshape(ni, t * k)
     valid = (sel.valid.reshape(ni, t, k) & tables.tile_valid[..., None]).reshape(ni, t * k)
     rank = jnp.take_along_axis(ctx.aux_array("spatial_rank", "spatial-compat layout"), idx, axis=1)
+    valid = valid & (rank >= 0)
     order = jnp.argsort(jnp.where(valid, rank, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
     idx, valid = jnp.take_along_axis(idx, order, axis=1), jnp.take_along_axis(valid, order, axis=1)
+    s = t * k if stride is None else stride
+    if s > t * k:  # pad with invalid slots
+        idx = jnp.pad(idx, ((0, 0), (0, s - t * k)))
+        valid = jnp.pad(valid, ((0, 0), (0, s - t * k)))
+    idx, valid = idx[:, :s], valid[:, :s]
     return jnp.take_along_axis(emb, idx[..., None], axis=1), valid
 
 

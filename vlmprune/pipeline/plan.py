@@ -26,6 +26,7 @@ from vlmprune.anyres.onevision import (
     VideoBatch,
     onevision_batch,
     onevision_video_batch,
+    grid_table,
     spatial_ranks,
 )
 from vlmprune.pipeline.sequence import SequencePlan, VideoPlaceholders, plan_sequence
@@ -267,8 +268,9 @@ def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> 
     """OneVision: the official packing computed on the host (``vlmprune.anyres.onevision``); every image's block
     gets the batch's largest length. A visual pruner (one whose ``validate`` accepts OneVision) selects on the packed
     block: image ``i`` gets ``min(budget(T_i), V_i)`` slots, the static stride is the budget of the largest grid.
-    A pruner that selects per tile (``selects_per_tile``) gets its whole budget (the spatial-compat layout) and the
-    rank table that orders its kept tokens (``aux["spatial_rank"]``, ``vlmprune.anyres.onevision.spatial_ranks``).
+    A pruner that selects per tile (``selects_per_tile``) gets its whole budget (the spatial-compat layout), the
+    rank table of its declared ``tile_packing`` that orders its kept tokens (``aux["spatial_rank"]``,
+    ``vlmprune.anyres.onevision.spatial_ranks``) and the images' grids (``aux["tile_grid"]`` (NI, 2) rows, cols).
 
     Videos (``pixel_values_videos``, either kind of batch may be absent): frames take the tile axis, a visual
     pruner selects on each video's packed block with the budget of its frame count, ``min(budget(F), V)`` slots;
@@ -282,7 +284,10 @@ def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> 
         if isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c):
             slots = [pruner.budget(c, li.num_tiles).kept for li in lay.layouts]
             stride = pruner.budget(c, pix.shape[1]).kept
-            aux = {"spatial_rank": spatial_ranks(lay.layouts, pix.shape[1])}
+            aux = {
+                "spatial_rank": spatial_ranks(lay.layouts, pix.shape[1], pruner.tile_packing(c)),
+                "tile_grid": grid_table(lay.layouts),
+            }
         elif isinstance(pruner, VisualPruner):
             slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
             stride = min(pruner.budget(c, pix.shape[1]).kept, lay.length)

@@ -285,6 +285,12 @@ class VisualPruner(LegacyVisualAPI, PrunerBase):
         (docs/methods.md §9.4 mode A); False (default): ``prune`` selects on the image's packed block."""
         return False
 
+    def tile_packing(self, cfg) -> str:
+        """LLaVA-OneVision, for a pruner that ``selects_per_tile``: how its kept tokens are packed, one of
+        ``vlmprune.anyres.onevision.TILE_PACKINGS`` ("uncropped": the spatial-compat layout, default; "cropped":
+        the same order restricted to HF's unpad crop)."""
+        return "uncropped"
+
     def layout_style(self, cfg) -> tuple[str, Any]:
         """LLaVA-NeXT packing (``vlmprune.anyres.STYLES``) and the pinpoints it uses; default: HF's official."""
         return "official", cfg.image_grid_pinpoints

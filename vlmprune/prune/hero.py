@@ -330,6 +330,12 @@ def _validate(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _checked_call(core, arrays: tuple, settings: tuple, *, batch: bool, where: str) -> HeroSelection:
+    """``core`` (the jitted single or batched HERO) on ``arrays`` (its six inputs) once :func:`_validate` has
+    checked them and ``settings`` ``(keep_ratio, alpha, t_cls, t_clip, tokens_per_side)``."""
+    return core(*arrays, **_validate(*arrays, *settings, batch=batch, where=where))
+
+
 def hero(
     thumb_attn: jax.Array,
     tile_attn: jax.Array,
@@ -369,22 +375,9 @@ def hero(
       ValueError: wrong ranks, mismatched K/H/N/E, N not ``tokens_per_side**2``, ``valid`` not bool, non-float or
         (concrete) non-finite inputs, ``keep_ratio`` outside (0, 1], ``alpha`` outside [0, 1], temperatures <= 0.
     """
-    static = _validate(
-        thumb_attn,
-        tile_attn,
-        cls_last,
-        clip_image_embeds,
-        clip_text_embeds,
-        valid,
-        keep_ratio,
-        alpha,
-        t_cls,
-        t_clip,
-        tokens_per_side,
-        batch=False,
-        where="hero",
-    )
-    return _hero_core(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid, **static)
+    arrays = (thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid)
+    settings = (keep_ratio, alpha, t_cls, t_clip, tokens_per_side)
+    return _checked_call(_hero_core, arrays, settings, batch=False, where="hero")
 
 
 def hero_batched(
@@ -407,19 +400,6 @@ def hero_batched(
     padding). Images of different grids must be bucketed by grid (§4.5). Returns a :class:`HeroSelection` with
     leading dim B, equal item for item to :func:`hero`.
     """
-    static = _validate(
-        thumb_attn,
-        tile_attn,
-        cls_last,
-        clip_image_embeds,
-        clip_text_embeds,
-        valid,
-        keep_ratio,
-        alpha,
-        t_cls,
-        t_clip,
-        tokens_per_side,
-        batch=True,
-        where="hero_batched",
-    )
-    return _hero_batched_core(thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid, **static)
+    arrays = (thumb_attn, tile_attn, cls_last, clip_image_embeds, clip_text_embeds, valid)
+    settings = (keep_ratio, alpha, t_cls, t_clip, tokens_per_side)
+    return _checked_call(_hero_batched_core, arrays, settings, batch=True, where="hero_batched")

@@ -12,6 +12,7 @@ selection per image over its T·N tile tokens (``vlmprune.prune.base.per_image``
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import jax
@@ -46,7 +47,7 @@ from vlmprune.prune.baselines import (
     visionzip_no_cls,
 )
 from vlmprune.prune.hero import hero_padded
-from vlmprune.prune.hired import hired_allocation, hired_batched, hired_single
+from vlmprune.prune.hired import HiredSelection, hired_allocation, hired_batched, hired_single
 from vlmprune.prune.ops import head_mean
 from vlmprune.prune.selection import Selection
 from vlmprune.prune.vispruner import fastervlm, vispruner
@@ -210,38 +211,58 @@ class FasterVLM(_NextLayout, _KeepN):
 @dataclasses.dataclass(frozen=True)
 class HiRED(_NextLayout, VisualPruner):
     """HiRED (AAAI'25). On LLaVA-1.5 (one partition) each image keeps ``min(N, int(N·budget_rate))`` tokens by
-    head-summed deep-layer CLS attention; alpha and the shallow layer only matter for tiled (NeXT) inputs."""
+    head-summed deep-layer CLS attention; alpha and the shallow layer only matter for tiled (NeXT) inputs.
+
+    LLaVA-OneVision [PROPOSED] (docs/methods.md §9.3.6): both CLS rows are replaced by the received attention
+    summed over heads (``shallow_layer`` for the budget split, ``deep_layer``, default the feature layer, for the
+    selection); ``N_budget = int(P·N·budget_rate)`` for an image of P tiles; the tile budgets follow the paper's
+    footprint rule (``hired`` variant "paper": head-summed shallow attention mass of the base tile over each grid
+    tile's footprint) instead of the original's raster bands; kept tokens are packed as HiRED packs them: base,
+    then the stitched grid inside HF's unpad crop, no newline and no anyres_max downsampling
+    (``tile_packing`` "cropped"). Needs ``layout="reference"``; ``swapped_grid`` does not apply there.
+    """
 
     budget_rate: float = 0.2
     alpha: float = 0.5
     shallow_layer: int = 0
     deep_layer: int | None = None
     layout: str = "official"
-    #: layout="reference" only: reproduce the fork's swapped grid dims (docs/methods.md §3.7; changes 1x2/2x1/1x3/3x1
-    #: grids only). False gives the unpadded, newline-free layout with the true grid.
-    swapped_grid: bool = True
+    #: layout="reference" on LLaVA-NeXT only: reproduce the fork's swapped grid dims (docs/methods.md §3.7; changes
+    #: 1x2/2x1/1x3/3x1 grids only). None = True there; False gives the unpadded, newline-free layout with the true
+    #: grid. LLaVA-OneVision has no fork to reproduce: None or False only.
+    swapped_grid: bool | None = None
     name: ClassVar[str] = "hired"
     reference_style: ClassVar[str] = "cropped"  # unpadded, no newline (its fork hard-codes image_newline=None)
     supports_next: ClassVar[bool] = True
+    supports_onevision: ClassVar[bool] = True
 
     def layout_style(self, cfg):
         style, pins = super().layout_style(cfg)
-        if style == "cropped" and self.swapped_grid:
+        if style == "cropped" and self.swapped_grid in (None, True):
             style = "cropped_swapped"
         return style, pins
 
     def request(self, cfg):
         deep = resolve_layer(self.deep_layer, cfg, "deep_layer")
-        if cfg.model_type == "llava_next":
+        if cfg.model_type in ("llava_next", "llava_onevision"):
             shallow = resolve_layer(self.shallow_layer, cfg, "shallow_layer")
-            return TapRequest(cls_attention_layers=tuple(sorted({shallow, deep})))
+            layers = tuple(sorted({shallow, deep}))
+            if on_onevision(cfg):
+                return TapRequest(column_mean_layers=layers)
+            return TapRequest(cls_attention_layers=layers)
         return TapRequest(cls_attention_layers=(deep,))
+
+    def selects_per_tile(self, cfg):
+        return on_onevision(cfg)
+
+    def tile_packing(self, cfg):
+        return "cropped"
 
     def budget(self, cfg, num_tiles):
         n = cfg.tokens_per_image
         if num_tiles is None:
             return Budget(min(n, int(n * self.budget_rate)))
-        if num_tiles > 2 and n % (num_tiles - 1):
+        if not on_onevision(cfg) and num_tiles > 2 and n % (num_tiles - 1):
             raise ValueError(
                 f"hired: an image with {num_tiles - 1} sub-tiles splits the thumbnail's {n} tokens into "
                 f"{num_tiles - 1} raster bands (the original's allocation), which needs N divisible by "
@@ -252,30 +273,62 @@ class HiRED(_NextLayout, VisualPruner):
 
     def check(self, cfg):
         n = cfg.tokens_per_image
+        if on_onevision(cfg):
+            if self.layout == "official":
+                raise NotImplementedError(
+                    "hired with layout='official' on LLaVA-OneVision is not implemented: HF's official packing "
+                    "downsamples the unpadded grid (anyres_max) into blended tokens that no longer map to tile "
+                    "tokens; pass layout='reference' for HiRED's own packing (base, then the stitched grid inside "
+                    "the unpad crop, no newline, no downsampling; docs/methods.md §9.3.6)"
+                )
+            if self.swapped_grid:
+                raise ValueError(
+                    "hired: swapped_grid reproduces a quirk of the authors' LLaVA-NeXT fork and does not apply to "
+                    "LLaVA-OneVision; leave it at None (or False)"
+                )
+            if math.isqrt(n) ** 2 != n:
+                raise ValueError(f"hired: the footprint budget split needs a square token grid, got N = {n}")
         checks.check_float("budget_rate", self.budget_rate, lo=0.0, hi=1.0, lo_open=True, where=self.name)
         checks.check_float("alpha", self.alpha, lo=0.0, hi=1.0, where=self.name)
+        if self.swapped_grid is not None:
+            checks.check_bool("swapped_grid", self.swapped_grid, where=self.name)
         resolve_layer(self.shallow_layer, cfg, "shallow_layer")
         if min(n, int(n * self.budget_rate)) < 1:
             raise ValueError(f"hired: budget_rate={self.budget_rate} keeps int({n}·rate) = 0 tokens per image")
 
-    def prune(self, taps, ctx):
+    def _tiled(self, taps, ctx) -> HiredSelection:
+        """``hired_batched`` on every image's tiles: (NI, T, K_max). LLaVA-NeXT: CLS rows, the original's band
+        split; LLaVA-OneVision: received attention and the images' grids, the footprint split (see the class)."""
+        ov = on_onevision(ctx.config)
         if ctx.layout is None:
-            sel = hired_single(
-                taps.cls_attention(ctx.layer(self.deep_layer, "deep_layer")), budget_rate=self.budget_rate
-            )
-            return PruneResult(selection=sel)
+            raise ValueError("hired: tiled images need the layout in the PruneContext (the model provides it)")
         tile_valid = ctx.layout.tile_valid
         ni, t = tile_valid.shape
-        shallow = taps.cls_attention(ctx.layer(self.shallow_layer, "shallow_layer"))
-        deep = taps.cls_attention(ctx.layer(self.deep_layer, "deep_layer"))
+        tap = taps.received_attention if ov else taps.cls_attention
+        shallow = tap(ctx.layer(self.shallow_layer, "shallow_layer"))
+        deep = tap(ctx.layer(self.deep_layer, "deep_layer"))
         shape = (ni, t) + deep.shape[1:]
-        sel = hired_batched(
+        # OneVision: the plan's (rows, cols) per image -> hired's (cols, rows)
+        split = dict(variant="paper", grids=ctx.aux_array("tile_grid", self.name)[:, ::-1]) if ov else {}
+        return hired_batched(
             shallow.reshape(shape),
             deep.reshape(shape),
             jnp.sum(tile_valid, axis=1, dtype=jnp.int32),
             budget_rate=self.budget_rate,
             alpha=self.alpha,
+            **split,
         )
+
+    def prune(self, taps, ctx):
+        if ctx.layout is None and not on_onevision(ctx.config):
+            sel = hired_single(
+                taps.cls_attention(ctx.layer(self.deep_layer, "deep_layer")), budget_rate=self.budget_rate
+            )
+            return PruneResult(selection=sel)
+        sel = self._tiled(taps, ctx)
+        if on_onevision(ctx.config):  # per tile (selects_per_tile): (NI·T, K_max)
+            k = sel.indices.shape[-1]
+            return PruneResult(selection=Selection(indices=sel.indices.reshape(-1, k), valid=sel.valid.reshape(-1, k)))
         return PruneResult(selection=per_image(sel, ctx, taps.num_tokens))
 
 
@@ -333,6 +386,16 @@ class HERO(_NextLayout, VisualPruner):
         return HostNeeds(text=True, clip_path=self.clip_path)
 
     def validate(self, cfg):
+        if on_onevision(cfg):
+            raise NotImplementedError(
+                "hero on LLaVA-OneVision is not implemented (docs/methods.md §9.3.7): HERO's tile saliency and "
+                "thumbnail/tile selection read CLS states and CLS attention rows, which the "
+                f"{type(cfg.vision).__name__} tower lacks (the generalisation would use received attention and the "
+                "mean last hidden state); its text relevance needs a full SigLIP model with a text tower, which "
+                "vlmprune does not load (only CLIP's, for LLaVA-NeXT); and its geometry is CLIP-336's 576 tokens "
+                "(24 per side, 336-px tiles) where OneVision tiles hold "
+                f"{cfg.tokens_per_image} tokens"
+            )
         if cfg.model_type != "llava_next":
             raise ValueError(
                 "hero: HERO allocates budgets across LLaVA-NeXT tiles; LLaVA-1.5 has a single image "
