@@ -24,9 +24,9 @@ from vlmprune.anyres.onevision import (
     OnevisionBatch,
     PackTables,
     VideoBatch,
+    grid_table,
     onevision_batch,
     onevision_video_batch,
-    grid_table,
     spatial_ranks,
 )
 from vlmprune.pipeline.sequence import SequencePlan, VideoPlaceholders, plan_sequence

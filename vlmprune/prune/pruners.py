@@ -663,7 +663,7 @@ class VisionZip(VisualPruner):
 
     def prune(self, taps, ctx):
         res = self.merge(taps, ctx)
-        if ctx.layout is None:  # LLaVA-1.5, or OneVision's tiles (selects_per_tile)
+        if ctx.layout is None or on_onevision(ctx.config):  # LLaVA-1.5, or OneVision's tiles (selects_per_tile)
             return PruneResult(selection=res.selection, tokens=res.tokens, tokens_valid=res.valid)
         tile_valid = ctx.layout.tile_valid
         ni, t = tile_valid.shape
