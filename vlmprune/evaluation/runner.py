@@ -23,6 +23,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -38,6 +39,7 @@ from vlmprune.evaluation.tasks import (
     load_task_data,
 )
 from vlmprune.preprocess import ASPECTS, image_aspect
+from vlmprune.prune.base import PruneContext, VisualPruner, tokens_for_llm
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -116,17 +118,19 @@ def time_selection(model, pruner, pixel_values, repeats: int = 3) -> float | Non
     """Seconds one call of ``pruner``'s selection takes on these images' encoder outputs (jitted, after a warm-up
     call; the fastest of ``repeats``). None where the selection is not a separate step: no pruner, FastV (inside
     the LLM) and LLaVA-NeXT (selection fused with the tile packing)."""
-    if pruner is None or pruner.inside_llm or model.config.model_type != "llava":
+    if not isinstance(pruner, VisualPruner) or model.config.model_type != "llava":
         return None
-    import jax
-
-    enc = model.vision(pixel_values, **pruner.vision_request(model.config))
-    sel = jax.jit(lambda e: pruner.apply(e, lambda f: f))
-    jax.block_until_ready(sel(enc))
+    request = pruner.request(model.config)
+    taps = model.taps(pixel_values, request.replace(projected=False))
+    if request.projected:  # the selection alone: the features stand in for the projected embeddings
+        taps = taps.replace(embeddings=taps.features)
+    ctx = PruneContext(config=model.config)
+    sel = jax.jit(lambda t: tokens_for_llm(pruner.prune(t, ctx), t, lambda f: f))
+    jax.block_until_ready(sel(taps))
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(sel(enc))
+        jax.block_until_ready(sel(taps))
         best = min(best, time.perf_counter() - t)
     return best
 
