@@ -296,11 +296,13 @@ class KeptView:
 
     Attributes:
       label: the method name ("none" without pruning).
-      mask: bool (N,) for LLaVA-1.5, (tiles, N) for LLaVA-NeXT (base first, then the grid in raster order).
-      images: float RGB in [0, 1]: (S, S, 3), or (tiles, S, S, 3) for NeXT.
+      mask: bool (N,) for LLaVA-1.5, (tiles, N) for LLaVA-NeXT and LLaVA-OneVision (base first, then the grid in
+        raster order).
+      images: float RGB in [0, 1]: (S, S, 3), or (tiles, S, S, 3) for NeXT and OneVision.
       side: tokens per image side (N = side²).
-      grid: NeXT (rows, cols) of the tile grid; None for 1.5.
-      crop: NeXT (top, bottom, left, right) of the unpadded region in stitched-grid token units; None for 1.5.
+      grid: NeXT / OneVision (rows, cols) of the tile grid; None for 1.5.
+      crop: NeXT / OneVision (top, bottom, left, right) of the unpadded region in stitched-grid token units; None for
+        1.5 and for OneVision's per-tile views (their spatial-compat layout feeds every grid token).
       total: visual tokens the unpruned model feeds the LLM (image newlines excluded).
       cells: LLaVA-OneVision, no pruner or a pruner on the packed block: bool (oh, ow) kept cells of the packed
         grid map, drawn over the crop of the stitched tiles (one cell covers (uh / oh) x (uw / ow) tokens of the
