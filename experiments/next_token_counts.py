@@ -70,8 +70,14 @@ def count(pruner, hw, cfg, rng):
                 clip_text=jnp.asarray(rng.normal(size=(1, 1, 768)).astype(np.float32)),
                 hero_valid=jnp.asarray(valid),
             )
-        wanted = pruner.request(cfg).cls_attention_layers
-        taps = taps.replace(cls_attn={l: taps.cls_attn[l] for l in wanted})  # exactly the taps the model computes
+        req = pruner.request(cfg)
+        taps = taps.replace(cls_attn={l: taps.cls_attn[l] for l in req.cls_attention_layers})  # as the model taps
+        if req.key_layers:  # VisionZip's merge: keys and the feature layer's hidden state (CLS first), own draws
+            extra = np.random.default_rng(1)
+            taps = taps.replace(
+                keys={l: jnp.asarray(extra.normal(size=(t, N + 1, 8 * H)).astype(np.float32)) for l in req.key_layers},
+                feature_hidden=jnp.asarray(extra.normal(size=(t, N + 1, 64)).astype(np.float32)),
+            )
         ctx = PruneContext(layout=layout, aux=aux, config=cfg)
         keep = np.asarray(tile_keep_mask(pruner.prune(taps, ctx), ctx, N))
     keep = keep & tile_valid[..., None]
