@@ -3,7 +3,7 @@
 
 Counts of fixed-budget methods depend on the data only through the official layout's newlines (a row that keeps no
 token loses its newline) and through HiRED/HERO's data-dependent budgets: the attention rows and features here are
-seeded random draws fed to the model-facing pruners' own NeXT path (``tile_mask``), so every number comes from the
+seeded random draws fed to the model-facing pruners' own ``prune`` on the NeXT layout, so every number comes from the
 same code the model runs. HERO's CLIP embeddings are random too. Prints a markdown table and writes
 experiments/results/next_token_counts.md.
 
@@ -22,6 +22,8 @@ from vlmprune.anyres import batch_layout, hero_valid_mask, layout_keep, max_tile
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.text.llama import LlamaConfig
 from vlmprune.models.vision.clip import CLIPVisionConfig
+from vlmprune.prune.base import PruneContext, tile_keep_mask
+from vlmprune.types import NextLayout, VisionTaps
 
 PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # HF (height, width)
 IMAGES = {"672x672": (672, 672), "1008x336 (w x h)": (336, 1008)}  # (height, width)
@@ -34,50 +36,55 @@ def _cfg():
     )
 
 
-def _enc(t, rng):
+def _taps(t, rng):
     logits = rng.normal(size=(LAYERS, t, H, N + 1)) * 2
     attn = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    return {
-        "features": jnp.asarray(rng.normal(size=(t, N, 64)).astype(np.float32)),
-        "cls_attn": {l: jnp.asarray(attn[l, :, :, 1:].astype(np.float32)) for l in range(LAYERS)},
-        "hidden_states": {LAYERS: jnp.asarray(rng.normal(size=(t, N + 1, 32)).astype(np.float32))},
-    }
+    features = jnp.asarray(rng.normal(size=(t, N, 64)).astype(np.float32))
+    return VisionTaps(
+        features=features,
+        cls_attn={l: jnp.asarray(attn[l, :, :, 1:].astype(np.float32)) for l in range(LAYERS)},
+        hidden_states={LAYERS: jnp.asarray(rng.normal(size=(t, N + 1, 32)).astype(np.float32))},
+        embeddings=features,  # DivPrune's input (random, like the rest)
+    )
 
 
 def count(pruner, hw, cfg, rng):
-    style, pins = (
-        pruner.next_layout_style(cfg)
-        if hasattr(pruner, "next_layout_style")
-        else ("official", cfg.image_grid_pinpoints)
-    )
+    style, pins = ("official", cfg.image_grid_pinpoints) if pruner is None else pruner.layout_style(cfg)
     lay = batch_layout([hw], pins, tile_size=336, tokens_per_side=24, style=style)
     t = max_tiles(cfg.image_grid_pinpoints, 336)
     tile_valid = np.zeros((1, t), bool)
     tile_valid[0, : lay.layouts[0].num_tiles] = True
-    layout = {"tile_valid": jnp.asarray(tile_valid), "token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row)}
-    enc = _enc(t, rng)
-    enc["embeddings"] = enc["features"]  # DivPrune's input (random, like the rest)
+    layout = NextLayout(token=jnp.asarray(lay.token), row=jnp.asarray(lay.row), tile_valid=jnp.asarray(tile_valid))
+    taps = _taps(t, rng)
     if pruner is None:
         keep = np.ones((1, t, N), bool)
     else:
+        aux = {}
         if isinstance(pruner, prune.HERO):
             li = lay.layouts[0]
             k = li.grid_rows * li.grid_cols
             valid = np.zeros((1, t - 1, N), bool)
             valid[0, :k] = hero_valid_mask(hw, li.grid)
-            layout.update(
+            aux = dict(
                 clip_image=jnp.asarray(rng.normal(size=(1, t - 1, 768)).astype(np.float32)),
                 clip_text=jnp.asarray(rng.normal(size=(1, 1, 768)).astype(np.float32)),
                 hero_valid=jnp.asarray(valid),
             )
-        wanted = pruner.vision_request(cfg).get("cls_attention_layers", ())
-        enc["cls_attn"] = {l: enc["cls_attn"][l] for l in wanted}  # exactly the taps the model would compute
-        keep = np.asarray(pruner.tile_mask(enc, layout, cfg))
+        req = pruner.request(cfg)
+        taps = taps.replace(cls_attn={l: taps.cls_attn[l] for l in req.cls_attention_layers})  # as the model taps
+        if req.key_layers:  # VisionZip's merge: keys and the feature layer's hidden state (CLS first), own draws
+            extra = np.random.default_rng(1)
+            taps = taps.replace(
+                keys={l: jnp.asarray(extra.normal(size=(t, N + 1, 8 * H)).astype(np.float32)) for l in req.key_layers},
+                feature_hidden=jnp.asarray(extra.normal(size=(t, N + 1, 64)).astype(np.float32)),
+            )
+        ctx = PruneContext(layout=layout, aux=aux, config=cfg)
+        keep = np.asarray(tile_keep_mask(pruner.prune(taps, ctx), ctx, N))
     keep = keep & tile_valid[..., None]
     kept = layout_keep(jnp.asarray(keep.reshape(1, -1)), jnp.asarray(lay.token), jnp.asarray(lay.row))
     nl = int(np.asarray(kept & (jnp.asarray(lay.token) < 0)).sum())
     # tokens appended after the packed block (VisionZip: one CLS and `contextual` merged tokens per tile)
-    extra = pruner.extra_tokens_next(cfg, lay.layouts[0].num_tiles) if pruner is not None else 0
+    extra = pruner.budget(cfg, lay.layouts[0].num_tiles).appended if pruner is not None else 0
     return int(np.asarray(kept).sum()) + extra, nl
 
 

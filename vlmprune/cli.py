@@ -23,6 +23,7 @@ from vlmprune.io.checkpoint import ORBAX_CHECKPOINT, read_hf_config, save_model
 from vlmprune.io.safe_output import check_dir_target, check_file_target
 from vlmprune.models.llava import load_config
 from vlmprune.models.vision.clip import clip_configs
+from vlmprune.prune.base import slot_count
 from vlmprune.video_input import read_frames, video_prompt_inputs
 
 #: what the CLI calls each LLaVA model type in its messages
@@ -261,7 +262,7 @@ def cmd_generate(args) -> int:
     print(text)
     label = "none" if pruner is None else pruner.name
     if cfg.model_type == "llava":
-        kept = cfg.tokens_per_image if pruner is None else pruner.num_slots(cfg)
+        kept = slot_count(pruner, cfg, None, cfg.tokens_per_image, 0)
         print(
             f"[vlmprune] {label}: visual tokens: {kept}/{cfg.tokens_per_image}, {dt:.2f}s incl. compilation",
             file=sys.stderr,
@@ -321,7 +322,7 @@ def cmd_visualize(args) -> int:
     else:
         pruners = [pruner_from_args(args)]
     for p in pruners:
-        if p is not None and p.inside_llm:
+        if isinstance(p, prune.LLMPruner):
             raise ValueError(f"{p.name} prunes inside the LLM; visualize shows pruning before the LLM only")
         _validate_pruner(p, cfg)
     print(f"[vlmprune] loading {args.model} ...", file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ import vlmprune
 from vlmprune import prune
 from vlmprune.flops import prefill_macs
 from vlmprune.model import sample_token
+from vlmprune.prune.base import slot_count
 from vlmprune.tiny import demo_image, is_tiny_checkpoint, write_random_llava
 
 DEFAULT_DIR = os.path.join("checkpoints", "tiny-llava-1.5")
@@ -116,7 +117,7 @@ def run_demo(
     rows = []
     for label, pruner in methods:
         log(f"running {label} (compile + {3} timed runs) ...")
-        kept = model.config.tokens_per_image if pruner is None else pruner.num_slots(model.config)
+        kept = slot_count(pruner, model.config, None, model.config.tokens_per_image, 0)
         ttft, tps, out, _ = timed_generate(model, x, pruner=pruner, max_new_tokens=max_new_tokens)
         t = model.config.text
         macs = prefill_macs(n_text + kept, t.hidden_size, t.intermediate_size, t.num_hidden_layers)

@@ -1,14 +1,18 @@
 """Which visual tokens a pruner keeps, and pictures of them.
 
-``kept_mask(model, image, prompt, pruner)`` runs the model's own pure pieces (``model.vision`` with the pruner's
-``vision_request``, then the pruner's selection: the 1.5 ``apply``-side selection function, or ``tile_mask`` for
-LLaVA-NeXT) and returns a boolean mask over the patch tokens: (N,) for LLaVA-1.5, (tiles, N) for LLaVA-NeXT (base
-image first, then the grid tiles in raster order). Nothing in the model is changed and the LLM does not run.
+``kept_mask(model, image, prompt, pruner)`` runs the model's own pure pieces (the tower with exactly the taps the
+pruner's ``request`` names, then its ``prune``, with the context the model gives it) and returns a boolean mask
+over the patch tokens: (N,) for LLaVA-1.5, (tiles, N) for LLaVA-NeXT (base image first, then the grid tiles in
+raster order). LLaVA-OneVision: (tiles, N) for a pruner that selects per tile (the spatial-compat layout), else a
+mask over the image's packed slots, since a pruner there selects on the packed block the LLM receives
+(``vlmprune.pipeline.packed_selection``). Nothing in the model is changed and the LLM does not run.
 
 ``plot_kept`` draws that mask over the *preprocessed* image (the processor resizes and center-crops; the picture
 is ``pixel_values`` denormalised with the processor's ``image_mean``/``image_std``, so patches line up exactly):
-dropped patches dimmed, kept ones at full brightness, optional patch grid. LLaVA-NeXT gets two panels, the base
-image and the stitched tile grid (tile borders drawn, the region the official layout unpads away outlined).
+dropped patches dimmed, kept ones at full brightness, optional patch grid. LLaVA-NeXT and LLaVA-OneVision get two
+panels, the base image and the stitched tile grid (tile borders drawn, the region the official layout unpads away
+outlined). On OneVision a kept slot of the packed grid map is drawn as its cell of that map laid over the cropped
+region, so after anyres_max downsampling one cell spans several tile tokens.
 ``compare`` draws one panel per (method, budget), titled ``"method — k/N tokens"``.
 
 Budgets (``make_pruner`` / the CLI's ``--compare vispruner:64,fastervlm:64``): a token count for the keep-N
@@ -26,16 +30,18 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
-from vlmprune import prune
+from vlmprune import pipeline, prune
 from vlmprune.anyres import batch_layout, max_tiles
+from vlmprune.anyres.onevision import onevision_batch, pack_image_features
 from vlmprune.demo import prepare_inputs
 from vlmprune.io.safe_output import staged_file
-from vlmprune.models.llava import Llava
 from vlmprune.pipeline.plan import prepare_host
 from vlmprune.prune import spec as spec_mod
-from vlmprune.prune.base import LLMPruner, VisualPruner
+from vlmprune.prune.base import LLMPruner, PruneContext, VisualPruner, tile_keep_mask
+from vlmprune.types import VisionTaps
 
 DEFAULT_PROMPT = "What is in the image?"
 PANEL_INCHES = 3.0  # side of one image panel
@@ -90,7 +96,7 @@ def _resolve_pruner(model, pruner):
         return None
     if not isinstance(pruner, (VisualPruner, LLMPruner)):
         raise TypeError(f"pruner must be a vlmprune pruner, a spec like 'vispruner:64' or None, got {pruner!r}")
-    if pruner.inside_llm:
+    if isinstance(pruner, LLMPruner):
         raise ValueError(
             f"{pruner.name} prunes inside the LLM (by the text's attention after decoder layer "
             f"{getattr(pruner, 'layer', '?')}); kept_mask shows pruning before the LLM only"
@@ -147,21 +153,15 @@ def processor_stats(model) -> tuple[Any, Any]:
 # ----------------------------------------------------------------------------------------------- selection
 
 
-def encode(model, pixel_values, pruner) -> dict:
-    """``model.vision`` with exactly the taps the pruner asks for (its ``vision_request``)."""
-    req = pruner.vision_request(model.config) if pruner is not None else {}
-    return model.vision(
-        pixel_values,
-        cls_attention_layers=tuple(req.get("cls_attention_layers", ())),
-        key_layers=tuple(req.get("key_layers", ())),
-        hidden_state_layers=tuple(req.get("hidden_state_layers", ())),
-        post_layernorm=bool(req.get("post_layernorm", False)),
-    )
+def encode(model, pixel_values, pruner) -> VisionTaps:
+    """The tower's ``VisionTaps`` with exactly the taps the pruner requests (``pruner.request``; the projected
+    embeddings too when it asks for them). NeXT / OneVision tiles (NI, T, C, S, S) are encoded as NI·T images."""
+    return model.taps(pixel_values, pipeline.tap_request(model.config, pruner))
 
 
 def projector(model):
     """features (..., N, D_vision) -> LLM embeddings (..., N, D_llm): the model's multimodal projector."""
-    return lambda f: model.module.apply({"params": model.params}, f, method=Llava.project)
+    return lambda f: pipeline.project(model.module, model.params, f)
 
 
 def keep_mask_llava(model, pixel_values, pruner) -> np.ndarray:
@@ -169,8 +169,8 @@ def keep_mask_llava(model, pixel_values, pruner) -> np.ndarray:
     n = model.config.tokens_per_image
     if pruner is None:
         return np.ones((np.shape(pixel_values)[0], n), bool)
-    enc = encode(model, pixel_values, pruner)
-    return np.asarray(pruner.select(enc, projector(model)).mask(n))
+    taps = encode(model, pixel_values, pruner)
+    return np.asarray(pruner.prune(taps, PruneContext(config=model.config)).selection.mask(n))
 
 
 def next_layout(model, image_sizes):
@@ -195,13 +195,11 @@ def in_layout_mask(token: np.ndarray, num_tiles: int, n: int) -> np.ndarray:
 
 def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str] | None = None) -> list[np.ndarray]:
     """LLaVA-NeXT: per image, bool (tiles_i, N) over its base + grid tiles, True where the token reaches the LLM
-    (kept by the pruner's ``tile_mask`` and inside the official, unpadded layout).
+    (kept by the pruner and inside the official, unpadded layout).
 
     pixel_values (NI, T, C, S, S) as the processor returns them; image_sizes (NI, 2); text: the instruction per
     image for text-guided pruners (HERO).
     """
-    import jax.numpy as jnp
-
     c = model.config
     n = c.tokens_per_image
     lay = next_layout(model, image_sizes)
@@ -214,18 +212,79 @@ def keep_mask_next(model, pixel_values, image_sizes, pruner, text: Sequence[str]
     if pruner is None:
         keep = np.ones((ni, t_max, n), bool)
     else:
-        enc = encode(model, pix, pruner)
-        enc = {**enc, "embeddings": projector(model)(enc["features"])}  # as the model passes them (DivPrune)
-        layout = {
-            "token": jnp.asarray(lay.token),
-            "row": jnp.asarray(lay.row),
-            "tile_valid": jnp.asarray(lay.tile_valid),
-        }
+        taps = encode(model, pix, pruner)
         texts = list(text) if text is not None else [""] * ni
         extra = prepare_host(pruner, c, pix, lay.layouts, lambda: texts, model.auxiliary_clip)
-        layout.update({k: jnp.asarray(v) for k, v in extra.items()})
-        keep = np.asarray(pruner.tile_mask(enc, layout, c))
+        ctx = PruneContext(layout=lay.tables(), aux={k: jnp.asarray(v) for k, v in extra.items()}, config=c)
+        keep = np.asarray(tile_keep_mask(pruner.prune(taps, ctx), ctx, n))
     return [keep[i, : li.num_tiles] & in_layout_mask(li.token, li.num_tiles, n) for i, li in enumerate(lay.layouts)]
+
+
+@dataclasses.dataclass(frozen=True)
+class OnevisionKept:
+    """What one LLaVA-OneVision image feeds the LLM under a pruner.
+
+    Attributes:
+      layout: the image's ``vlmprune.anyres.onevision.ImageLayout`` (grid, crop, packed grid size ``out_hw``).
+      tiles: bool (tiles, N), a pruner that selects per tile (the spatial-compat layout: every tile token is a
+        candidate, no unpad): its kept tokens, base tile first, then the grid tiles in raster order. None otherwise.
+      slots: bool (V,) kept slots of the image's packed block (the base tile's N tokens, then the (oh, ow) grid
+        map row by row, each row followed by its newline slot): no pruner (all True) or a pruner that selects on
+        the packed block. None for a per-tile pruner.
+    """
+
+    layout: Any
+    tiles: np.ndarray | None = None
+    slots: np.ndarray | None = None
+
+    @property
+    def base(self) -> np.ndarray:
+        """bool (N,): kept base-tile tokens."""
+        n = self.layout.tokens_per_side**2
+        return self.tiles[0] if self.slots is None else self.slots[:n]
+
+    @property
+    def cells(self) -> np.ndarray:
+        """bool (oh, ow): kept cells of the packed grid map (packed-block selections only)."""
+        n = self.layout.tokens_per_side**2
+        oh, ow = self.layout.out_hw
+        return self.slots[n : n + oh * (ow + 1)].reshape(oh, ow + 1)[:, :ow]
+
+    @property
+    def newlines(self) -> int:
+        """Kept newline slots (packed-block selections only; 0 otherwise)."""
+        if self.slots is None:
+            return 0
+        n = self.layout.tokens_per_side**2
+        oh, ow = self.layout.out_hw
+        return int(self.slots[n : n + oh * (ow + 1)].reshape(oh, ow + 1)[:, ow].sum())
+
+
+def keep_onevision(model, pixel_values, image_sizes, pruner) -> OnevisionKept:
+    """LLaVA-OneVision: what the first image of pixel_values (NI, T, C, S, S) (image_sizes (NI, 2)) feeds the LLM
+    under ``pruner``, computed with the model's own stages: a per-tile pruner (``selects_per_tile``) selects on the
+    tiles' taps; any other selects on the packed block (``vlmprune.pipeline.packed_selection``)."""
+    c = model.config
+    n = c.tokens_per_image
+    pix, batch, _ = onevision_batch(c, np.asarray(pixel_values), image_sizes)
+    lay = batch.layouts[0]
+    t = pix.shape[1]
+    if pruner is None:
+        return OnevisionKept(lay, slots=np.asarray(batch.pack.valid[0, : lay.num_tokens]))
+    if pruner.selects_per_tile(c):
+        taps = encode(model, pix, pruner)
+        sel = pruner.prune(taps, PruneContext(config=c)).selection  # (NI·T, K) per tile, as the model runs it
+        keep = np.asarray(sel.mask(n)).reshape(-1, t, n)[0, : lay.num_tiles]
+        return OnevisionKept(lay, tiles=keep)
+    request = pipeline.tap_request(c, pruner).replace(projected=False)  # the packed block is projected below
+    taps = model.taps(pix, request)
+    tables = batch.tables()
+    emb = projector(model)(taps.features).reshape(pix.shape[0], t, n, -1)
+    newline = model.module.apply({"params": model.params}, method=lambda m: m.image_newline)
+    packed = pack_image_features(emb, newline, tables)
+    sel = pipeline.packed_selection(pruner, packed, taps, PruneContext(layout=tables, config=c))
+    slots = np.asarray(sel.mask(packed.shape[1]))[0]
+    return OnevisionKept(lay, slots=slots[: lay.num_tokens])
 
 
 # ----------------------------------------------------------------------------------------------- views
@@ -237,12 +296,18 @@ class KeptView:
 
     Attributes:
       label: the method name ("none" without pruning).
-      mask: bool (N,) for LLaVA-1.5, (tiles, N) for LLaVA-NeXT (base first, then the grid in raster order).
-      images: float RGB in [0, 1]: (S, S, 3), or (tiles, S, S, 3) for NeXT.
+      mask: bool (N,) for LLaVA-1.5, (tiles, N) for LLaVA-NeXT and LLaVA-OneVision (base first, then the grid in
+        raster order).
+      images: float RGB in [0, 1]: (S, S, 3), or (tiles, S, S, 3) for NeXT and OneVision.
       side: tokens per image side (N = side²).
-      grid: NeXT (rows, cols) of the tile grid; None for 1.5.
-      crop: NeXT (top, bottom, left, right) of the unpadded region in stitched-grid token units; None for 1.5.
+      grid: NeXT / OneVision (rows, cols) of the tile grid; None for 1.5.
+      crop: NeXT / OneVision (top, bottom, left, right) of the unpadded region in stitched-grid token units; None for
+        1.5 and for OneVision's per-tile views (their spatial-compat layout feeds every grid token).
       total: visual tokens the unpruned model feeds the LLM (image newlines excluded).
+      cells: LLaVA-OneVision, no pruner or a pruner on the packed block: bool (oh, ow) kept cells of the packed
+        grid map, drawn over the crop of the stitched tiles (one cell covers (uh / oh) x (uw / ow) tokens of the
+        unpadded map when it was downsampled); ``mask`` then holds the base tile's tokens and False grid rows.
+      newlines: kept newline slots (OneVision's packed block, where they are candidates like any token).
     """
 
     label: str
@@ -252,14 +317,17 @@ class KeptView:
     grid: tuple[int, int] | None = None
     crop: tuple[int, int, int, int] | None = None
     total: int = 0
+    cells: np.ndarray | None = None
+    newlines: int = 0
 
     @property
     def kept(self) -> int:
-        return int(self.mask.sum())
+        return int(self.mask.sum()) + (0 if self.cells is None else int(self.cells.sum()))
 
     @property
     def title(self) -> str:
         t = f"{self.label} — {self.kept}/{self.total} tokens"
+        t += f" (+{self.newlines} newlines)" if self.newlines else ""
         return t + (f"\n{_MERGE_NOTES[self.label]}" if self.label in _MERGE_NOTES else "")
 
 
@@ -287,8 +355,29 @@ def kept_view(model, x: dict, pruner, *, text: str | None = None) -> KeptView:
         return KeptView(
             label, mask, images, side, (li.grid_rows, li.grid_cols), (li.top, li.bottom, li.left, li.right), total
         )
+    if c.model_type == "llava_onevision":
+        return onevision_view(model, x, pruner, label, denormalize(px[0], mean, std))
     mask = keep_mask_llava(model, px, pruner)[0]
     return KeptView(label, mask, denormalize(px[0], mean, std), side, total=c.tokens_per_image)
+
+
+def onevision_view(model, x: dict, pruner, label: str, tiles: np.ndarray) -> KeptView:
+    """LLaVA-OneVision's KeptView of the first image of ``x`` (``tiles`` (T, S, S, 3) its denormalised tiles):
+    per tile for a per-tile pruner (the whole stitched grid is fed, no crop), else the packed block's kept cells
+    over the crop of the stitched grid (see ``KeptView.cells``)."""
+    if "image_sizes" not in x:
+        raise ValueError("LLaVA-OneVision inputs need image_sizes (use vlmprune.viz.preprocess)")
+    side = model.config.vision.image_size // model.config.vision.patch_size
+    k = keep_onevision(model, np.asarray(x["pixel_values"])[:1], np.asarray(x["image_sizes"])[:1], pruner)
+    lay = k.layout
+    images, grid, n = tiles[: lay.num_tiles], (lay.rows, lay.cols), side * side
+    if k.tiles is not None:
+        return KeptView(label, k.tiles, images, side, grid, None, lay.num_tiles * n)
+    oh, ow = lay.out_hw
+    mask = np.zeros((lay.num_tiles, n), bool)
+    mask[0] = k.base
+    crop = (lay.top, lay.bottom, lay.left, lay.right)
+    return KeptView(label, mask, images, side, grid, crop, n + oh * ow, cells=k.cells, newlines=k.newlines)
 
 
 def kept_mask(model, image, prompt: str = DEFAULT_PROMPT, pruner=None) -> np.ndarray:
@@ -303,9 +392,15 @@ def kept_mask(model, image, prompt: str = DEFAULT_PROMPT, pruner=None) -> np.nda
     Returns:
       bool (N,) for LLaVA-1.5 in raster order over the preprocessed image's patch grid; bool (tiles, N) for
       LLaVA-NeXT (base image, then the grid tiles in raster order; tokens the official layout unpads away are
-      False). All True without a pruner.
+      False). All True without a pruner. LLaVA-OneVision: bool (tiles, N) for a pruner that selects per tile;
+      otherwise bool (V,) over the image's packed slots (``OnevisionKept.slots``: base tile, then the possibly
+      downsampled grid map row by row, a newline slot after each row).
     """
-    return kept_view(model, preprocess(model, image, prompt), pruner, text=prompt).mask
+    x = preprocess(model, image, prompt)
+    if model.config.model_type == "llava_onevision":
+        k = keep_onevision(model, x["pixel_values"][:1], x["image_sizes"][:1], _resolve_pruner(model, pruner))
+        return k.slots if k.tiles is None else k.tiles
+    return kept_view(model, x, pruner, text=prompt).mask
 
 
 # ----------------------------------------------------------------------------------------------- drawing
@@ -342,14 +437,50 @@ def shade(image: np.ndarray, grid_mask: np.ndarray, dim: float = DIM) -> np.ndar
     return image * np.where(up, 1.0, float(dim))[..., None]
 
 
-def _draw(ax, image, grid_mask, *, grid_lines: bool, dim: float, tile_grid=None, crop=None):
-    """One axes: the shaded image, optional patch lines, tile borders and the unpadded region (NeXT)."""
+def cell_mask(shape_hw: tuple[int, int], cells: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """bool (H, W): the pixels of the kept ``cells`` (gh, gw) of a grid laid over the pixel box (top, bottom,
+    left, right) of an (H, W) image; False outside the box. Cell (i, j) covers the box pixels (y, x) (counted from
+    the box's corner) with ``y·gh // box_h == i`` and ``x·gw // box_w == j``."""
+    h, w = shape_hw
+    top, bottom, left, right = box
+    cells = np.asarray(cells, bool)
+    gh, gw = cells.shape
+    if not (0 <= top <= bottom <= h and 0 <= left <= right <= w):
+        raise ValueError(f"box {box} is not inside the {h}x{w} image")
+    out = np.zeros((h, w), bool)
+    bh, bw = bottom - top, right - left
+    if min(gh, gw, bh, bw) == 0:
+        return out
+    ry = (np.arange(bh) * gh) // bh
+    rx = (np.arange(bw) * gw) // bw
+    out[top:bottom, left:right] = cells[ry[:, None], rx[None, :]]
+    return out
+
+
+def _draw(ax, image, grid_mask, *, grid_lines: bool, dim: float, tile_grid=None, crop=None, cells=None):
+    """One axes: the shaded image, optional patch lines, tile borders and the unpadded region (NeXT).
+
+    ``cells`` (OneVision's packed grid map): shade by its cells laid over the crop instead of by ``grid_mask``
+    (which then only gives the token grid of the crop's pixel box); the patch lines are the cells' edges."""
     h, w = image.shape[:2]
     gh, gw = grid_mask.shape
-    ax.imshow(shade(image, grid_mask, dim), interpolation="nearest", extent=(0, w, h, 0))
-    if grid_lines:
+    if cells is None:
+        ax.imshow(shade(image, grid_mask, dim), interpolation="nearest", extent=(0, w, h, 0))
+    else:
+        top, bottom, left, right = crop
+        py, px = h // gh, w // gw
+        box = (top * py, bottom * py, left * px, right * px)
+        keep = cell_mask((h, w), cells, box)
+        ax.imshow(image * np.where(keep, 1.0, float(dim))[..., None], interpolation="nearest", extent=(0, w, h, 0))
+    if grid_lines and cells is None:
         ax.vlines(np.arange(1, gw) * (w / gw), 0, h, colors="white", linewidths=0.4, alpha=0.45)
         ax.hlines(np.arange(1, gh) * (h / gh), 0, w, colors="white", linewidths=0.4, alpha=0.45)
+    elif grid_lines:
+        ch, cw = cells.shape
+        y0, y1, x0, x1 = box
+        if ch and cw:
+            ax.vlines(x0 + np.arange(1, cw) * ((x1 - x0) / cw), y0, y1, colors="white", linewidths=0.4, alpha=0.45)
+            ax.hlines(y0 + np.arange(1, ch) * ((y1 - y0) / ch), x0, x1, colors="white", linewidths=0.4, alpha=0.45)
     if tile_grid is not None:
         rows, cols = tile_grid
         ax.vlines(np.arange(1, cols) * (w / cols), 0, h, colors="white", linewidths=1.6)
@@ -378,7 +509,7 @@ def _draw(ax, image, grid_mask, *, grid_lines: bool, dim: float, tile_grid=None,
 
 
 def draw_view(view: KeptView, axes, *, grid_lines: bool = True, dim: float = DIM) -> None:
-    """Draw a KeptView: one axes for LLaVA-1.5; two (base, tile grid) for LLaVA-NeXT."""
+    """Draw a KeptView: one axes for LLaVA-1.5; two (base, tile grid) for LLaVA-NeXT and LLaVA-OneVision."""
     axes = list(np.atleast_1d(axes))
     if view.grid is None:
         _draw(axes[0], view.images, token_grid(view.mask, view.side), grid_lines=grid_lines, dim=dim)
@@ -388,8 +519,23 @@ def draw_view(view: KeptView, axes, *, grid_lines: bool = True, dim: float = DIM
     axes[0].set_xlabel("base image", fontsize=8)
     grid_img = stitch(view.images[1:], rows, cols)
     grid_mask = stitch(view.mask[1:].reshape(-1, view.side, view.side), rows, cols)
-    _draw(axes[1], grid_img, grid_mask, grid_lines=grid_lines, dim=dim, tile_grid=(rows, cols), crop=view.crop)
-    axes[1].set_xlabel(f"{rows}x{cols} tiles", fontsize=8)
+    _draw(
+        axes[1],
+        grid_img,
+        grid_mask,
+        grid_lines=grid_lines,
+        dim=dim,
+        tile_grid=(rows, cols),
+        crop=view.crop,
+        cells=view.cells,
+    )
+    label = f"{rows}x{cols} tiles"
+    if view.cells is not None and view.crop is not None:
+        top, bottom, left, right = view.crop
+        (oh, ow), (uh, uw) = view.cells.shape, (bottom - top, right - left)
+        if (oh, ow) != (uh, uw):
+            label += f", {uh}x{uw} tokens downsampled to {oh}x{ow}"
+    axes[1].set_xlabel(label, fontsize=8)
 
 
 def figure(views: Sequence[KeptView], *, grid_lines: bool = True, dim: float = DIM):
@@ -531,12 +677,15 @@ def compare(
 __all__ = [
     "IMAGE_FORMATS",
     "KeptView",
+    "OnevisionKept",
+    "cell_mask",
     "compare",
     "denormalize",
     "figure",
     "image_format",
     "kept_mask",
     "kept_view",
+    "keep_onevision",
     "make_pruner",
     "parse_spec",
     "parse_specs",

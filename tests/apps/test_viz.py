@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import vlmprune
-from vlmprune import prune, viz
+from vlmprune import pipeline, prune, viz
+from vlmprune.prune.base import slot_count
 from vlmprune.tiny import demo_image
 
 pytest.importorskip("matplotlib")
@@ -64,20 +65,21 @@ def test_kept_mask_count_equals_budget(model, method, budget):
     pruner = viz.make_pruner(method, budget, num_tokens=model.config.tokens_per_image)
     mask = viz.kept_mask(model, demo_image(), "What is in the image?", pruner)
     assert mask.shape == (model.config.tokens_per_image,) and mask.dtype == bool
-    assert int(mask.sum()) == budget == pruner.num_slots(model.config)
+    assert int(mask.sum()) == budget == slot_count(pruner, model.config, None, model.config.tokens_per_image, 0)
 
 
 def _apply(model, pruner):
+    """What the model feeds the LLM for the demo image: (tokens, valid, every projected feature)."""
     x = viz.preprocess(model, demo_image())
-    enc = viz.encode(model, x["pixel_values"], pruner)
-    project = viz.projector(model)
-    tokens, valid = pruner.apply(enc, project)
-    return np.asarray(tokens), np.asarray(valid), np.asarray(project(enc["features"]))
+    taps = viz.encode(model, x["pixel_values"], pruner)
+    tokens, valid = pipeline.tokens_from_taps(model.module, model.params, taps, pruner)
+    return np.asarray(tokens), np.asarray(valid), np.asarray(viz.projector(model)(taps.features))
 
 
 @pytest.mark.parametrize("method,budget", GATHER)
 def test_kept_mask_is_what_apply_feeds_the_llm(model, method, budget):
-    """The kept rows of the projected features, in raster order, are exactly the tokens ``apply`` returns."""
+    """The kept rows of the projected features, in raster order, are exactly the tokens the model feeds the LLM
+    (``vlmprune.pipeline.tokens_from_taps``)."""
     pruner = viz.make_pruner(method, budget, num_tokens=model.config.tokens_per_image)
     mask = viz.kept_mask(model, demo_image(), pruner=pruner)
     tokens, valid, projected = _apply(model, pruner)
@@ -254,3 +256,162 @@ def test_next_masks_per_tile(next_model, tmp_path):
     assert len(fig.axes) == 4  # base image + tile grid per panel
     assert fig.axes[0].get_title() == "none — 64/64 tokens"
     assert os.path.isfile(tmp_path / "next.png")
+
+
+# ----------------------------------------------------------------------------------------------- LLaVA-OneVision
+
+
+@pytest.fixture(scope="module")
+def ov_dir(tmp_path_factory):
+    from reference.onevision_builders import build_hf_onevision_with_processor
+
+    d = tmp_path_factory.mktemp("viz_ov")
+    build_hf_onevision_with_processor(d, seed=3)  # 28-px tiles of 4x4 tokens, grids up to 3x3, anyres_max_2
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def ov_model(ov_dir):
+    return vlmprune.load(ov_dir)
+
+
+#: (width, height): a 1x2 grid whose 4x8 map is kept as is, and a 2x2 grid whose cropped map is downsampled
+OV_IMAGES = {"plain": (56, 28), "downsampled": (80, 60)}
+
+
+def _ov_inputs(model, size):
+    x = viz.preprocess(model, demo_image().resize(size))
+    from vlmprune.anyres.onevision import onevision_batch
+
+    _, batch, _ = onevision_batch(model.config, x["pixel_values"], x["image_sizes"])
+    return x, batch
+
+
+def _fed_rows(model, x, pruner):
+    """What the model feeds the LLM for image 0: (tokens (K, D) of the valid slots, the unpruned packed block
+    (V, D), every projected tile token (T·N, D)), through the model's own plan and ``visual_tokens``."""
+    plan = model.plan(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], pruner=pruner)
+    inputs = model.device_inputs(x["input_ids"], plan)
+    args = (model.module, model.params, inputs.pixel_values)
+    tok, valid = pipeline.visual_tokens(*args, pruner, inputs.layout, inputs.aux, plan.stride)
+    packed, pvalid = pipeline.visual_tokens(*args, None, inputs.layout, inputs.aux, None)
+    tiles = viz.projector(model)(viz.encode(model, inputs.pixel_values, None).features)
+    keep = np.asarray(valid[0])
+    return np.asarray(tok[0])[keep], np.asarray(packed[0])[np.asarray(pvalid[0])], np.asarray(tiles).reshape(-1, 32)
+
+
+def _rows_in(rows, table, repeated=None):
+    """Index into ``table`` of each row of ``rows``, each found exactly once (random features are distinct), except
+    the rows equal to ``table[repeated]`` (the newline slots of a packed block), returned as -1."""
+    hit = np.abs(rows[:, None, :] - table[None, :, :]).max(-1) < 1e-5  # float32 copies of the same computation
+    if repeated is not None:
+        other = hit[:, repeated].copy()
+        hit[other] = False
+    assert (hit.sum(1) == 1).all() if repeated is None else (hit[~other].sum(1) == 1).all()
+    return np.where(hit.any(1), np.argmax(hit, axis=1), -1)
+
+
+@pytest.mark.parametrize("image", sorted(OV_IMAGES))
+def test_onevision_packed_cells_are_the_kept_slots(ov_model, image):
+    """DivPrune selects on the packed block: the view's kept slots are the rows the LLM receives, the base tile's
+    kept tokens are marked on the base view, and each kept grid slot lights exactly its cell of the packed map,
+    found through the pack tables (the point its bilinear weights sample: the cell's centre)."""
+    m = ov_model
+    x, batch = _ov_inputs(m, OV_IMAGES[image])
+    lay, tables = batch.layouts[0], batch.pack
+    assert lay.downsampled == (image == "downsampled")
+    pruner = prune.get("divprune", num_keep=4)
+    k = viz.keep_onevision(m, x["pixel_values"], x["image_sizes"], pruner)
+    fed, packed, _ = _fed_rows(m, x, pruner)
+    newline = tables.newline[0, : lay.num_tokens]
+    found = _rows_in(fed, packed, repeated=np.nonzero(newline)[0][0])  # the newlines are one embedding
+    want = np.zeros(lay.num_tokens, bool)
+    want[found[found >= 0]] = True
+    np.testing.assert_array_equal(k.slots & ~newline, want)
+    assert (k.slots & newline).sum() == (found < 0).sum()
+    want = k.slots
+    np.testing.assert_array_equal(viz.kept_mask(m, demo_image().resize(OV_IMAGES[image]), pruner=pruner), want)
+
+    view = viz.kept_view(m, x, pruner)
+    n, p = 16, m.config.vision.patch_size
+    oh, ow = lay.out_hw
+    assert view.cells.shape == (oh, ow) and view.crop == (lay.top, lay.bottom, lay.left, lay.right)
+    np.testing.assert_array_equal(view.mask[0], want[:n])
+    assert not view.mask[1:].any()
+    assert view.cells.sum() == (want[n:] & ~newline[n:]).sum() and view.newlines == (want & newline).sum()
+    assert view.kept + view.newlines == len(fed) == min(4 * lay.num_tiles, lay.num_tokens)
+    assert view.total == n + oh * ow
+
+    # the grid panel's pixels: bright exactly over the kept cells, inside the crop
+    h, w = lay.rows * 28, lay.cols * 28
+    box = (lay.top * p, lay.bottom * p, lay.left * p, lay.right * p)
+    bright = viz.cell_mask((h, w), view.cells, box)
+    assert not bright[: box[0]].any() and not bright[box[1] :].any()
+    assert not bright[:, : box[2]].any() and not bright[:, box[3] :].any()
+    for j in np.nonzero(~newline[n:])[0] + n:
+        tile, patch = divmod(int(tables.src[0, j, 0]), n)
+        y = (tile - 1) // lay.cols * 4 + patch // 4 + float(tables.hw[0, j, 1])  # the blend's sample point
+        x_ = (tile - 1) % lay.cols * 4 + patch % 4 + float(tables.ww[0, j, 1])
+        assert bright[int((y + 0.5) * p), int((x_ + 0.5) * p)] == want[j], j
+    # pixels per kept slot: one p x p token block without downsampling; an (uh/oh) x (uw/ow) share of the crop
+    uh, uw = lay.unpadded_hw
+    rows_px = np.diff(np.ceil(np.arange(oh + 1) * (uh * p) / oh).astype(int))
+    cols_px = np.diff(np.ceil(np.arange(ow + 1) * (uw * p) / ow).astype(int))
+    assert bright.sum() == sum(rows_px[r] * cols_px[c] for r, c in zip(*np.nonzero(view.cells)))
+    if not lay.downsampled:
+        assert bright.sum() == view.cells.sum() * p * p
+
+
+@pytest.mark.parametrize("spec", ["uniform:4", "vispruner:4:layout=reference"])
+def test_onevision_per_tile_masks(ov_model, spec):
+    """A per-tile pruner (spatial-compat layout): a (tiles, N) mask, num_keep per tile, exactly the tile tokens
+    the LLM receives; the whole stitched grid is fed (no crop outline)."""
+    m = ov_model
+    x, batch = _ov_inputs(m, OV_IMAGES["downsampled"])
+    lay = batch.layouts[0]
+    pruner = prune.parse_spec(spec, num_tokens=16)
+    view = viz.kept_view(m, x, pruner)
+    assert view.mask.shape == (lay.num_tiles, 16) and view.cells is None and view.crop is None
+    np.testing.assert_array_equal(view.mask.sum(1), [4] * lay.num_tiles)
+    fed, _, tiles = _fed_rows(m, x, pruner)
+    want = np.zeros(tiles.shape[0], bool)
+    want[_rows_in(fed, tiles)] = True
+    np.testing.assert_array_equal(view.mask, want.reshape(-1, 16)[: lay.num_tiles])
+    assert view.title == f"{pruner.name} — {4 * lay.num_tiles}/{16 * lay.num_tiles} tokens"
+
+
+def test_onevision_figures_and_errors(ov_model, tmp_path):
+    m = ov_model
+    img = demo_image().resize(OV_IMAGES["downsampled"])
+    x, batch = _ov_inputs(m, OV_IMAGES["downsampled"])
+    lay = batch.layouts[0]
+    full = viz.kept_view(m, x, None)
+    assert full.cells.all() and full.mask[0].all() and full.kept == full.total == 16 + lay.out_hw[0] * lay.out_hw[1]
+    fig = viz.compare(m, img, "none,divprune:4,uniform:4", out=str(tmp_path / "ov.png"))
+    assert len(fig.axes) == 6 and os.path.isfile(tmp_path / "ov.png")  # base view + tile grid per panel
+    # every grid row's newline reaches the LLM too (on OneVision a pruner of the packed block may keep them)
+    assert fig.axes[0].get_title() == f"none — {full.total}/{full.total} tokens (+{lay.out_hw[0]} newlines)"
+    assert "downsampled to" in fig.axes[3].get_xlabel()
+    with pytest.raises(ValueError, match="inside the LLM"):
+        viz.kept_mask(m, img, pruner=prune.get("fastv", layer=1))
+    with pytest.raises(NotImplementedError, match="OneVision"):
+        viz.kept_mask(m, img, pruner="hired:0.25")
+
+
+def test_cli_visualize_onevision(ov_dir, tmp_path):
+    from PIL import Image
+
+    from vlmprune.cli import main
+
+    img = tmp_path / "img.png"
+    demo_image().resize(OV_IMAGES["downsampled"]).save(img)
+    out = tmp_path / "ov.png"
+    argv = ["visualize", "--model", ov_dir, "--image", str(img), "--out", str(out), "--dpi", "40"]
+    assert main(argv + ["--compare", "none,divprune:4,uniform:4"]) == 0
+    assert Image.open(out).size[0] == 3 * round(viz.PANEL_INCHES * 40)
+    assert main(argv + ["--method", "vispruner:4:layout=reference", "--overwrite"]) == 0
+    assert Image.open(out).size[0] == round(viz.PANEL_INCHES * 40)
+    with pytest.raises(SystemExit, match="error: .*OneVision"):
+        main(argv + ["--method", "hired", "--budget-rate", "0.25", "--overwrite"])
+    with pytest.raises(SystemExit, match="error: fastv prunes inside the LLM"):
+        main(argv + ["--method", "fastv", "--overwrite"])

@@ -453,16 +453,22 @@ def test_divprune_next_matches_hf_language_model(models):
 
 
 def _next_enc(model, x, pruner):
-    """Encoder outputs + post-projector embeddings and layout tables exactly as the model builds them."""
-    import jax.numpy as jnp
-
+    """Encoder taps + post-projector embeddings and the prune context (layout tables) exactly as the model builds
+    them."""
+    from vlmprune.prune.base import PruneContext
     from vlmprune.viz import encode, projector
 
     pix, lay, _ = model._next_layout(x["pixel_values"], x["image_sizes"], pruner)
-    enc = encode(model, pix, pruner)
-    enc = {**enc, "embeddings": projector(model)(enc["features"])}
-    layout = {"token": jnp.asarray(lay.token), "row": jnp.asarray(lay.row), "tile_valid": jnp.asarray(lay.tile_valid)}
-    return enc, layout, lay
+    taps = encode(model, pix, pruner)
+    taps = taps.replace(embeddings=projector(model)(taps.features))
+    return taps, PruneContext(layout=lay.tables(), config=model.config), lay
+
+
+def _tile_keep(pruner, taps, ctx):
+    """bool (NI, T, N): the pruner's keep mask over every tile's tokens."""
+    from vlmprune.prune.base import tile_keep_mask
+
+    return np.asarray(tile_keep_mask(pruner.prune(taps, ctx), ctx, taps.num_tokens))
 
 
 def test_divprune_next_whole_image_equals_divprune_when_all_tokens_are_candidates(models):
@@ -475,10 +481,10 @@ def test_divprune_next_whole_image_equals_divprune_when_all_tokens_are_candidate
     model, _ = models
     pruner = prune.DivPrune(num_keep=5)
     x = _inputs(model, [(100, 100)])
-    enc, layout, lay = _next_enc(model, x, pruner)
+    taps, ctx, lay = _next_enc(model, x, pruner)
     assert lay.layouts[0].num_tiles == 5 and lay.layouts[0].length == 16 + 8 * 9  # full 8x8 grid + 8 newlines
-    keep = np.asarray(pruner.tile_mask(enc, layout, model.config))[0]  # (T, N)
-    emb = enc["embeddings"].reshape(1, 5 * 16, -1)
+    keep = _tile_keep(pruner, taps, ctx)[0]  # (T, N)
+    emb = taps.embeddings.reshape(1, 5 * 16, -1)
     want = np.asarray(divprune(emb, num_keep=25).mask(80)).reshape(5, 16)
     np.testing.assert_array_equal(keep, want)
     # and the function itself, on random embeddings: all candidates + count = K  ==  divprune
@@ -522,8 +528,8 @@ def test_divprune_next_keeps_min_budget_candidates(models, num_keep):
     sizes = [(100, 100), (20, 120), (100, 60)]  # no crop; rows 1-2 of 4; columns 2-5 of 8
     pruner = prune.DivPrune(num_keep=num_keep)
     x = _inputs(model, sizes)
-    enc, layout, lay = _next_enc(model, x, pruner)
-    keep = np.asarray(pruner.tile_mask(enc, layout, model.config))
+    taps, ctx, lay = _next_enc(model, x, pruner)
+    keep = _tile_keep(pruner, taps, ctx)
     out = model(
         x["input_ids"],
         x["pixel_values"],
@@ -636,9 +642,9 @@ def test_hired_swapped_grid_layout_equals_the_forks_stitching(hw):
 def test_hired_reference_layout_uses_swapped_grid_by_default(models):
     model, _ = models
     cfg = model.config
-    assert prune.HiRED(layout="reference").next_layout_style(cfg)[0] == "cropped_swapped"
-    assert prune.HiRED(layout="reference", swapped_grid=False).next_layout_style(cfg)[0] == "cropped"
-    assert prune.HiRED().next_layout_style(cfg)[0] == "official"
+    assert prune.HiRED(layout="reference").layout_style(cfg)[0] == "cropped_swapped"
+    assert prune.HiRED(layout="reference", swapped_grid=False).layout_style(cfg)[0] == "cropped"
+    assert prune.HiRED().layout_style(cfg)[0] == "official"
 
 
 @pytest.mark.parametrize("hw", [(40, 90), (90, 40)])

@@ -1,6 +1,7 @@
 """HiRED's and HERO's golden masks, reproduced through the LLaVA-NeXT pipeline's own path: the model-facing
-pruners' ``tile_mask`` on encoder outputs laid out as the model lays them out (tiles padded to the largest grid,
-host layout tables), with the golden attention rows fed in place of the tower's."""
+pruners' ``prune`` (as a keep mask over the tiles, ``tile_keep_mask``) on encoder taps laid out as the model lays
+them out (tiles padded to the largest grid, host layout tables), with the golden attention rows fed in place of the
+tower's."""
 
 import json
 import os
@@ -15,6 +16,8 @@ from vlmprune.anyres import batch_layout, hero_valid_mask
 from vlmprune.models.llava_config import LlavaConfig
 from vlmprune.models.text.llama import LlamaConfig
 from vlmprune.models.vision.clip import CLIPVisionConfig
+from vlmprune.prune.base import PruneContext, tile_keep_mask
+from vlmprune.types import NextLayout, VisionTaps
 
 GOLDEN = GOLDEN_DIR
 CASES = json.load(open(os.path.join(GOLDEN, "cases_public.json")))
@@ -46,12 +49,13 @@ def test_hired_golden_through_next_path(case):
         shallow[i, :p] = g[f"c{case}_top_cls_attn"][off : off + p]
         deep[i, :p] = g[f"c{case}_bottom_cls_attn"][off : off + p]
         off += p
-    enc = {
-        "features": jnp.zeros((ni * t, 576, 1)),
-        "cls_attn": {0: jnp.asarray(shallow.reshape(ni * t, h, 576)), 22: jnp.asarray(deep.reshape(ni * t, h, 576))},
-    }
+    taps = VisionTaps(
+        features=jnp.zeros((ni * t, 576, 1)),
+        cls_attn={0: jnp.asarray(shallow.reshape(ni * t, h, 576)), 22: jnp.asarray(deep.reshape(ni * t, h, 576))},
+    )
     pruner = prune.HiRED(budget_rate=meta["token_budget_rate"], alpha=meta["alpha"], shallow_layer=0, deep_layer=22)
-    mask = np.asarray(pruner.tile_mask(enc, {"tile_valid": jnp.asarray(lay.tile_valid)}, cfg))
+    ctx = PruneContext(layout=NextLayout(token=None, row=None, tile_valid=jnp.asarray(lay.tile_valid)), config=cfg)
+    mask = np.asarray(tile_keep_mask(pruner.prune(taps, ctx), ctx, 576))
     for i, p in enumerate(meta["num_patches"]):
         np.testing.assert_array_equal(mask[i, :p], g[f"c{case}_mask{i}"])
         assert not mask[i, p:].any()
@@ -84,17 +88,19 @@ def test_hero_golden_through_next_path(case):
     valid = np.zeros((1, t - 1, 576), bool)
     valid[0, :k] = hero_valid_mask((h, w), li.grid)  # (height, width) on the (rows, cols) grid
     np.testing.assert_array_equal(valid[0, :k], g[f"c{case}_valid_mask"])
-    enc = {
-        "features": jnp.zeros((t, 576, 1)),
-        "cls_attn": {l: jnp.asarray(a) for l, a in attn.items()},
-        "hidden_states": {24: jnp.asarray(last)},
-    }
-    layout = {
-        "tile_valid": jnp.asarray(lay.tile_valid),
+    taps = VisionTaps(
+        features=jnp.zeros((t, 576, 1)),
+        cls_attn={l: jnp.asarray(a) for l, a in attn.items()},
+        hidden_states={24: jnp.asarray(last)},
+    )
+    aux = {
         "clip_image": jnp.asarray(img),
         "clip_text": jnp.asarray(g[f"c{case}_clip_text_embeds"][None]),
         "hero_valid": jnp.asarray(valid),
     }
+    ctx = PruneContext(
+        layout=NextLayout(token=None, row=None, tile_valid=jnp.asarray(lay.tile_valid)), aux=aux, config=cfg
+    )
     pruner = prune.HERO(
         keep_ratio=meta["R"],
         alpha=meta["alpha"],
@@ -104,6 +110,6 @@ def test_hero_golden_through_next_path(case):
         high_layers=tuple(meta["high_layers"]),
         clip_path="-",
     )
-    mask = np.asarray(pruner.tile_mask(enc, layout, cfg))[0]
+    mask = np.asarray(tile_keep_mask(pruner.prune(taps, ctx), ctx, 576))[0]
     np.testing.assert_array_equal(mask[: 1 + k], g[f"c{case}_mask"])
     assert not mask[1 + k :].any()

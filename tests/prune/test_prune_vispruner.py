@@ -14,8 +14,10 @@ from hypothesis import HealthCheck, given, settings
 
 from reference.paths import TESTS_DIR
 from vlmprune import prune
+from vlmprune.prune.base import PruneContext, tokens_for_llm
 from vlmprune.prune.ops import argsort_descending
 from vlmprune.prune.vispruner import _vispruner_jit, fastervlm, vispruner, vispruner_plan
+from vlmprune.types import VisionTaps
 
 GOLDEN = pathlib.Path(TESTS_DIR) / "golden"
 CASES = json.loads((GOLDEN / "cases_public.json").read_text())["vispruner"]
@@ -146,15 +148,16 @@ def test_golden_mask_parity(npz, case):
 
 @pytest.mark.parametrize("case", [_golden_param(c) for c in CASES])
 def test_golden_mask_parity_through_the_model_facing_pruner(npz, case):
-    """All 8 golden cases through ``prune.VisPruner`` as the model calls it: ``select`` on the encoder outputs
-    (features, CLS attention keyed by layer) and ``apply`` with a projector (identity here), which must hand the
-    LLM exactly the golden kept features in raster order."""
+    """All 8 golden cases through ``prune.VisPruner`` as the model calls it: ``prune`` on the taps (features, CLS
+    attention keyed by layer), then ``tokens_for_llm`` with a projector (identity here), which must hand the LLM
+    exactly the golden kept features in raster order."""
     features, cls_attn, golden = _inputs(npz, case)
     pruner = prune.VisPruner(num_keep=case["visual_token_num"], important_ratio=case["important_ratio"])
-    enc = {"features": jnp.asarray(features), "cls_attn": {-2: jnp.asarray(cls_attn)}}
-    mask = np.asarray(pruner.select(enc, None).mask(case["N"]))
+    taps = VisionTaps(features=jnp.asarray(features), cls_attn={-2: jnp.asarray(cls_attn)})
+    result = pruner.prune(taps, PruneContext())
+    mask = np.asarray(result.selection.mask(case["N"]))
     np.testing.assert_array_equal(mask, golden)
-    tokens, valid = pruner.apply(enc, lambda x: x)
+    tokens, valid = tokens_for_llm(result, taps, lambda x: x)
     assert np.asarray(valid).all()
     for b in range(case["B"]):
         np.testing.assert_array_equal(np.asarray(tokens[b]), features[b][golden[b]])

@@ -9,6 +9,7 @@ import torch
 import vlmprune
 from reference.hf_builders import build_hf_llava, demo_inputs
 from vlmprune import prune
+from vlmprune.prune.base import slot_count
 
 LOGITS_ATOL = 1e-4  # fp32 through the whole stack, as the unpruned parity test
 
@@ -103,7 +104,7 @@ def test_every_registered_method_runs_or_refuses_clearly(setup, name):
             model(x["input_ids"], x["pixel_values"], pruner=pruner)
         return
     out = model(x["input_ids"], x["pixel_values"], pruner=pruner)
-    k = pruner.kept_per_image(model.config) if name == "fastv" else pruner.num_slots(model.config)
+    k = pruner.kept_per_image(model.config) if name == "fastv" else slot_count(pruner, model.config, None, 64, 0)
     assert out.logits.shape[1] == x["input_ids"].shape[1] - 64 + k
     assert np.isfinite(np.asarray(out.logits)).all()
 

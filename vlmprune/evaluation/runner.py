@@ -23,27 +23,48 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
 import vlmprune
 from vlmprune.evaluation.metrics import score_task
 from vlmprune.evaluation.tasks import (
-    LLAVA_SYSTEM_PROMPT,
     TASKS,
     Task,
     TaskData,
     check_data_path,
+    default_system_prompt,
     get_task,
     load_task_data,
 )
 from vlmprune.preprocess import ASPECTS, image_aspect
+from vlmprune.prune.base import PruneContext, VisualPruner, tokens_for_llm
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
 RUN = "run.json"
 
 PredictFn = Callable[[Sequence[str], Sequence, Sequence[dict]], Sequence[str]]
+
+
+class FamilyDefault:
+    """The type of :data:`FAMILY_DEFAULT`."""
+
+    def __repr__(self) -> str:
+        return "FAMILY_DEFAULT"
+
+
+#: ``system_prompt`` default: the model family's own (``tasks.default_system_prompt``): LLaVA-1.5's vicuna_v1
+#: prompt for LLaVA-1.5 / NeXT, Qwen2's "You are a helpful assistant." for LLaVA-OneVision
+FAMILY_DEFAULT = FamilyDefault()
+
+
+def resolve_system_prompt(system_prompt, model) -> str | None:
+    """``system_prompt`` as given, or the family default of ``model`` (LLaVA-1.5's without a model)."""
+    if isinstance(system_prompt, FamilyDefault):
+        return default_system_prompt(None if model is None else model.config.model_type)
+    return system_prompt
 
 
 def log(msg: str) -> None:
@@ -116,17 +137,19 @@ def time_selection(model, pruner, pixel_values, repeats: int = 3) -> float | Non
     """Seconds one call of ``pruner``'s selection takes on these images' encoder outputs (jitted, after a warm-up
     call; the fastest of ``repeats``). None where the selection is not a separate step: no pruner, FastV (inside
     the LLM) and LLaVA-NeXT (selection fused with the tile packing)."""
-    if pruner is None or pruner.inside_llm or model.config.model_type != "llava":
+    if not isinstance(pruner, VisualPruner) or model.config.model_type != "llava":
         return None
-    import jax
-
-    enc = model.vision(pixel_values, **pruner.vision_request(model.config))
-    sel = jax.jit(lambda e: pruner.apply(e, lambda f: f))
-    jax.block_until_ready(sel(enc))
+    request = pruner.request(model.config)
+    taps = model.taps(pixel_values, request.replace(projected=False))
+    if request.projected:  # the selection alone: the features stand in for the projected embeddings
+        taps = taps.replace(embeddings=taps.features)
+    ctx = PruneContext(config=model.config)
+    sel = jax.jit(lambda t: tokens_for_llm(pruner.prune(t, ctx), t, lambda f: f))
+    jax.block_until_ready(sel(taps))
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        jax.block_until_ready(sel(enc))
+        jax.block_until_ready(sel(taps))
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -151,7 +174,7 @@ def model_predict_fn(
     pruner=None,
     max_new_tokens: int = 16,
     batch_size: int = 1,
-    system_prompt: str | None = LLAVA_SYSTEM_PROMPT,
+    system_prompt: str | None | FamilyDefault = FAMILY_DEFAULT,
     pad_multiple: int = 64,
     timing: dict | None = None,
 ) -> PredictFn:
@@ -166,6 +189,7 @@ def model_predict_fn(
     if model.processor is None:
         raise ValueError("this checkpoint has no processor/tokenizer files; evaluation needs them")
     proc = model.processor
+    system_prompt = resolve_system_prompt(system_prompt, model)
     tok = proc.tokenizer
     tok.padding_side = "left"
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else model.config.pad_token_id
@@ -326,7 +350,7 @@ def run_eval(
     limit: int | None = None,
     batch_size: int = 8,
     max_new_tokens: int | None = None,
-    system_prompt: str | None = LLAVA_SYSTEM_PROMPT,
+    system_prompt: str | None | FamilyDefault = FAMILY_DEFAULT,
     ocr: bool = True,
     predict_fn: PredictFn | None = None,
     pad_multiple: int = 64,
@@ -345,7 +369,8 @@ def run_eval(
       limit: only the first ``limit`` rows.
       batch_size: samples per ``generate`` call (left padded).
       max_new_tokens: default the task's (16; answers are a word or a letter).
-      system_prompt: LLaVA-1.5's vicuna_v1 system prompt by default; None or "" for none.
+      system_prompt: by default the model family's (``FAMILY_DEFAULT``: LLaVA-1.5's vicuna_v1 prompt, Qwen2's
+        for LLaVA-OneVision); None or "" for none.
       ocr: TextVQA: add LLaVA's "Reference OCR token: ..." line when the data has OCR tokens.
       predict_fn: ``(prompts, images, samples) -> texts`` instead of the model.
       run_info: extra settings recorded in run.json / summary.json (e.g. the model path); they take part in the
@@ -360,6 +385,7 @@ def run_eval(
     if predict_fn is None and model is None:
         raise ValueError("pass model=... (a LlavaModel) or predict_fn=...")
     check_options(batch_size=batch_size, limit=limit, max_new_tokens=max_new_tokens, pad_multiple=pad_multiple)
+    system_prompt = resolve_system_prompt(system_prompt, model)
     max_new_tokens = task.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
     td = (
         data
@@ -467,8 +493,9 @@ def add_eval_args(p) -> None:
     )
     p.add_argument(
         "--system-prompt",
-        default=LLAVA_SYSTEM_PROMPT,
-        help="system prompt before USER: (default LLaVA-1.5's vicuna_v1 one; '' for none)",
+        default=None,
+        help="system prompt before the user turn (default: the model family's: LLaVA-1.5's vicuna_v1 one, "
+        "\"You are a helpful assistant.\" on LLaVA-OneVision as its qwen_1_5 template; '' for none)",
     )
     p.add_argument("--no-ocr", action="store_true", help="TextVQA: leave out the 'Reference OCR token' line")
     p.add_argument("--overwrite", action="store_true", help="discard earlier predictions in --output-dir")
@@ -518,7 +545,7 @@ def run_from_args(args, pruner) -> dict:
         data_key=data_key,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
-        system_prompt=args.system_prompt,
+        system_prompt=FAMILY_DEFAULT if args.system_prompt is None else args.system_prompt,
         ocr=not args.no_ocr,
         pad_multiple=args.pad_multiple,
         progress=not args.no_progress,

@@ -34,6 +34,14 @@ LLAVA_SYSTEM_PROMPT = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
     "helpful, detailed, and polite answers to the human's questions."
 )
+# LLaVA-OneVision's conversation template ``qwen_1_5`` (Qwen2's chat format) starts with this one.
+ONEVISION_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def default_system_prompt(model_type: str | None) -> str:
+    """The system prompt the family's own conversation template starts with: OneVision's ``qwen_1_5``, else
+    LLaVA-1.5's ``vicuna_v1`` (LLaVA-NeXT included, and a run without a model)."""
+    return ONEVISION_SYSTEM_PROMPT if model_type == "llava_onevision" else LLAVA_SYSTEM_PROMPT
 
 
 @dataclasses.dataclass(frozen=True)

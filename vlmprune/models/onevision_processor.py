@@ -203,6 +203,8 @@ class OnevisionProcessor:
       tokenizer: the checkpoint's tokenizer.
       geometry: the model's :class:`OnevisionGeometry` (tile size, pinpoints, anyres_max).
       image_token: the placeholder string (``"<image>"``).
+      chat_template: the processor's own chat template (``chat_template.jinja``, else the ``chat_template`` of
+        ``chat_template.json``, as HF's processors read them), or None to use the tokenizer's.
     """
 
     def __init__(
@@ -213,6 +215,7 @@ class OnevisionProcessor:
         image_token: str = "<image>",
         video_facts: VideoProcessorFacts | None = None,
         video_token: str = "<video>",
+        chat_template: str | None = None,
     ):
         self.image_processor = image_processor
         self.tokenizer = tokenizer
@@ -231,19 +234,27 @@ class OnevisionProcessor:
         if self.video_facts is None:
             raise ValueError("this processor has no video processor settings")
         return preprocess_videos(videos, self.video_facts)
+        self.chat_template = chat_template
 
     def num_image_tokens(self, image_size_hw) -> int:
         """Placeholders one image of (height, width) pixels expands to."""
         return image_layout(image_size_hw, self.geometry).num_tokens
 
     def apply_chat_template(self, conversation, **kwargs) -> str:
-        """The tokenizer's chat template (``<image>`` where the conversation has an image), untokenized."""
+        """The processor's chat template, else the tokenizer's (``<image>`` where the conversation has an image),
+        untokenized."""
+        if self.chat_template is not None:
+            kwargs.setdefault("chat_template", self.chat_template)
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, **kwargs)
 
     def save_pretrained(self, directory: str) -> None:
-        """Write the image processor's and the tokenizer's files (what :func:`load_onevision_processor` reads)."""
+        """Write the image processor's and the tokenizer's files (what :func:`load_onevision_processor` reads),
+        and the processor's own chat template as ``chat_template.jinja``."""
         self.image_processor.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+        if self.chat_template is not None:
+            with open(os.path.join(directory, PROCESSOR_TEMPLATE), "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
 
     def __call__(
         self, images=None, text=None, *, videos=None, return_tensors: str = "np", padding: bool = False
@@ -312,6 +323,32 @@ class OnevisionProcessor:
         return out
 
 
+#: the processor-level chat template files HF reads, in its order of preference
+PROCESSOR_TEMPLATE = "chat_template.jinja"
+LEGACY_PROCESSOR_TEMPLATE = "chat_template.json"
+
+
+def read_chat_template(path: str) -> str | None:
+    """The processor-level chat template of a checkpoint directory (``chat_template.jinja``, else the
+    ``chat_template`` entry of ``chat_template.json``), or None. Raises ValueError naming a malformed file."""
+    jinja = os.path.join(path, PROCESSOR_TEMPLATE)
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    legacy = os.path.join(path, LEGACY_PROCESSOR_TEMPLATE)
+    if not os.path.isfile(legacy):
+        return None
+    with open(legacy, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{legacy} is not valid JSON ({e})") from e
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    if not isinstance(template, str):
+        raise ValueError(f"{legacy} must hold a string 'chat_template', got {type(template).__name__}")
+    return template
+
+
 def load_onevision_processor(path: str, geometry: OnevisionGeometry):
     """The processor of a OneVision checkpoint directory, or None when it ships no tokenizer.
 
@@ -337,4 +374,10 @@ def load_onevision_processor(path: str, geometry: OnevisionGeometry):
 
     image_processor = LlavaOnevisionImageProcessorPil.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return OnevisionProcessor(image_processor, tokenizer, geometry, video_facts=read_video_processor_facts(path))
+    return OnevisionProcessor(
+        image_processor,
+        tokenizer,
+        geometry,
+        video_facts=read_video_processor_facts(path),
+        chat_template=read_chat_template(path),
+    )

@@ -12,6 +12,7 @@ from vlmprune.pipeline.forward import (  # noqa: F401
     decoder_prefill,
     encode,
     forward,
+    packed_selection,
     prefill,
     project,
     prune,

@@ -31,6 +31,7 @@ from vlmprune.prune.base import (
     keep_all,
     tokens_for_llm,
 )
+from vlmprune.prune.selection import Selection
 from vlmprune.types import NO_TAPS, ModelOutput, NextLayout, PruneResult, TapRequest, VisionTaps
 
 Array = jax.Array
@@ -145,7 +146,7 @@ def tokens_from_taps(
         packed = pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout)
         if p is None:
             return packed, layout.valid
-        sel = p.prune(VisionTaps(features=packed, embeddings=packed), ctx).selection
+        sel = packed_selection(p, packed, taps, ctx)
         return jnp.take_along_axis(packed, sel.indices[..., None], axis=1), sel.valid
     if request.projected:
         taps = taps.replace(embeddings=flat_emb)
@@ -162,6 +163,16 @@ def tokens_from_taps(
         appended=appended,
         appended_valid=res.appended_valid,
     )
+
+
+def packed_selection(pruner: VisualPruner, packed: Array, taps: VisionTaps, ctx: PruneContext) -> Selection:
+    """LLaVA-OneVision: the pruner's selection on each image's packed block, Selection (NI, K) over its V slots.
+
+    packed (NI, V, D_llm): HF's packing of the projected tiles (``pack_image_features`` with ``ctx.layout``, the
+    ``PackTables``); taps: the tiles' own (NI·T tiles), for a method that scores on the tower's outputs (the
+    packed-block methods so far read the packed block only)."""
+    del taps
+    return pruner.prune(VisionTaps(features=packed, embeddings=packed), ctx).selection
 
 
 def spatial_tiles(

@@ -164,92 +164,8 @@ def check_family(name: str, cfg, supports_next: bool, supports_onevision: bool =
         raise NotImplementedError(f"{name} on {cfg.model_type} (anyres tiles) is not implemented yet")
 
 
-# ----------------------------------------------------------------------------------------------- legacy API
-
-
-def taps_from_dict(enc: dict) -> VisionTaps:
-    """``VisionTaps`` from the encoder-output dict of earlier versions (``features``, ``cls_attn``, ...)."""
-    return VisionTaps(
-        features=enc["features"],
-        feature_hidden=enc.get("feature_hidden"),
-        cls_attn=dict(enc.get("cls_attn", {})),
-        column_mean=dict(enc.get("column_mean", {})),
-        keys=dict(enc.get("keys", {})),
-        cls_query=dict(enc.get("cls_query", {})),
-        hidden_states=dict(enc.get("hidden_states", {})),
-        pooled=enc.get("pooled"),
-        embeddings=enc.get("embeddings"),
-    )
-
-
-class LegacyVisualAPI:
-    """The hooks of earlier versions (dict taps, ``num_slots``, ``apply``, ``tile_mask`` ...),
-    written on top of the protocol for callers not yet moved to it (``viz``, ``bench``, experiments).
-    New code uses ``request`` / ``budget`` / ``prune`` and the ``vlmprune.pipeline`` functions."""
-
-    inside_llm: ClassVar[bool] = False
-
-    def vision_request(self, cfg) -> dict:
-        r = self.request(cfg)
-        out = {
-            "cls_attention_layers": r.cls_attention_layers,
-            "key_layers": r.key_layers,
-            "hidden_state_layers": r.hidden_state_layers,
-            "post_layernorm": r.post_layernorm,
-        }
-        return {k: v for k, v in out.items() if v}
-
-    def num_slots(self, cfg) -> int:
-        b = self.budget(cfg, None)
-        return b.kept + b.appended
-
-    def max_tokens_next(self, cfg, num_tiles: int) -> int:
-        return self.budget(cfg, num_tiles).kept
-
-    def extra_tokens_next(self, cfg, num_tiles: int) -> int:
-        return self.budget(cfg, num_tiles).appended
-
-    def next_layout_style(self, cfg):
-        return self.layout_style(cfg)
-
-    def _legacy_taps(self, enc: dict, project) -> VisionTaps:
-        taps = taps_from_dict(enc)
-        if self.projects_all and taps.embeddings is None and project is not None:
-            taps = taps.replace(embeddings=project(taps.features))
-        return taps
-
-    def select(self, enc: dict, project=None) -> Selection:
-        """LLaVA-1.5: the kept (anchor) tokens of each image, Selection (NI, K)."""
-        return self.prune(self._legacy_taps(enc, project), PruneContext()).selection
-
-    def apply(self, enc: dict, project) -> tuple[Array, Array]:
-        """LLaVA-1.5: (tokens (NI, K, D_llm), valid (NI, K)) the LLM receives."""
-        taps = self._legacy_taps(enc, project)
-        return tokens_for_llm(self.prune(taps, PruneContext()), taps, project)
-
-    def _legacy_next(self, enc: dict, layout: dict, cfg):
-        tables = NextLayout(token=layout.get("token"), row=layout.get("row"), tile_valid=layout["tile_valid"])
-        aux = {k: v for k, v in layout.items() if k not in ("token", "row", "tile_valid")}
-        taps = taps_from_dict(enc)
-        res = self.prune(taps, PruneContext(layout=tables, aux=aux, config=cfg))
-        ni, t = tables.tile_valid.shape
-        n = taps.num_tokens
-        return image_keep_mask(res, t * n).reshape(ni, t, n), res
-
-    def tile_mask(self, enc: dict, layout: dict, cfg) -> Array:
-        """LLaVA-NeXT: keep mask bool (NI, T, N) over every tile's tokens."""
-        return self._legacy_next(enc, layout, cfg)[0]
-
-    def next_tokens(self, enc: dict, layout: dict, cfg, project):
-        keep, res = self._legacy_next(enc, layout, cfg)
-        if res.appended is None:
-            return keep, None
-        tail = res.appended if res.projected else project(res.appended)
-        return keep, (tail, res.appended_valid)
-
-
 @dataclasses.dataclass(frozen=True)
-class VisualPruner(LegacyVisualAPI, PrunerBase):
+class VisualPruner(PrunerBase):
     """Base class of pruners acting on the vision tokens. Subclasses implement ``request``, ``budget`` and
     ``prune`` (and ``check`` for their settings)."""
 
@@ -308,8 +224,6 @@ class LLMPruner(PrunerBase):
     """Base class of pruners acting inside the decoder through a per-layer hook."""
 
     supports_next: ClassVar[bool] = False
-    #: earlier versions' flag for pruners acting inside the LLM (kept for callers not yet moved to the protocol)
-    inside_llm: ClassVar[bool] = True
 
     def validate(self, cfg) -> None:
         check_family(self.name, cfg, self.supports_next, self.supports_onevision)
@@ -369,6 +283,13 @@ def tokens_for_llm(result: PruneResult, taps: VisionTaps, project: Callable[[Arr
 def image_keep_mask(result: PruneResult, size: int) -> Array:
     """bool (NI, size): dense keep mask of a NeXT result over the tile-token table."""
     return selection_mask(result.selection.indices, result.selection.valid, size)
+
+
+def tile_keep_mask(result: PruneResult, ctx: PruneContext, num_tokens: int) -> Array:
+    """LLaVA-NeXT: bool (NI, T, N) keep mask of a result over every tile's ``num_tokens`` tokens (``ctx.layout``
+    gives NI and T)."""
+    ni, t = ctx.layout.tile_valid.shape
+    return image_keep_mask(result, t * num_tokens).reshape(ni, t, num_tokens)
 
 
 def slot_count(pruner, cfg, num_tiles: int | None, layout_length: int, num_newlines: int) -> int:

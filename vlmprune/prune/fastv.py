@@ -108,9 +108,6 @@ class FastV(LLMPruner):
     name: ClassVar[str] = "fastv"
     supports_onevision: ClassVar[bool] = True
 
-    def num_slots(self, cfg) -> int:
-        return cfg.tokens_per_image  # nothing is removed before the LLM
-
     def kept_per_image(self, cfg) -> int:
         return int(self.keep_ratio * cfg.tokens_per_image)
 
