@@ -223,6 +223,7 @@ class OnevisionProcessor:
         self.image_token = image_token
         self.video_facts = video_facts
         self.video_token = video_token
+        self.chat_template = chat_template
 
     def num_video_tokens(self, num_frames: int) -> int:
         """Placeholders one video of ``num_frames`` frames expands to: ``F·ceil(n/2)² + 1``."""
@@ -234,7 +235,6 @@ class OnevisionProcessor:
         if self.video_facts is None:
             raise ValueError("this processor has no video processor settings")
         return preprocess_videos(videos, self.video_facts)
-        self.chat_template = chat_template
 
     def num_image_tokens(self, image_size_hw) -> int:
         """Placeholders one image of (height, width) pixels expands to."""
