@@ -298,7 +298,7 @@ def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> 
             raise NotImplementedError(
                 f"{pruner.name} on LLaVA-OneVision videos is not implemented: it selects tokens per tile, and a "
                 "video's frames are pooled 2x2 into its packed block before the LLM; use a method that selects on "
-                "the packed block (divprune) or inside the LLM (fastv)"
+                "the packed block or inside the LLM (see docs/methods.md §9.5)"
             )
         vpix, vid = onevision_video_batch(c, videos)
         vslots, vstride = list(vid.counts), vid.length
