@@ -294,3 +294,54 @@ def test_official_layout_matches_hf_language_model(models, method):
         assert ours.shape == tuple(ref.shape)
         print(name, method, "row", r, "visual", n_visual, "max |logits - HF LM|:", np.abs(ours - ref.numpy()).max())
         chex.assert_trees_all_close(ours, ref.numpy(), atol=LOGITS_ATOL, rtol=0)  # fp32, as the unpruned test
+
+
+def test_official_layout_greedy_matches_hf(models):
+    """VisPruner in the default (official) layout under ``generate``: greedy tokens equal HF's generate on the same
+    pruned sequence (HF's packed block at the independently computed kept slots), row by row."""
+    name, model, hf = models
+    settings = METHODS["vispruner"]
+    pruner = prune.get("vispruner", **settings)
+    max_num = int(model.config.vision_aspect_ratio.rsplit("_", 1)[1])
+    x, lays = _batch(model, seed=5)
+    ours = model.generate(**_call(model, x, pruner), max_new_tokens=8)
+    plan = model.plan(**_call(model, x, pruner))
+    t_max = plan.pixel_values.shape[1]
+    received_all = np.asarray(model.taps(plan.pixel_values, pruner.request(model.config)).received_attention())
+    for r, lay in enumerate(lays):
+        received = received_all[r * t_max : r * t_max + lay.num_tiles]
+        slots = _hf_kept_slots(hf, "vispruner", settings, x, r, lay, received, max_num)
+        embeds, img_slots, feats = _hf_row(hf, x, r)
+        start, end = int(img_slots[0]), int(img_slots[-1]) + 1
+        pruned = torch.cat(
+            [embeds[:, :start], feats[torch.from_numpy(slots.astype(np.int64))][None], embeds[:, end:]], 1
+        )
+        with torch.no_grad():
+            gen = hf.generate(
+                inputs_embeds=pruned,
+                attention_mask=torch.ones(pruned.shape[:2], dtype=torch.long),
+                max_new_tokens=8,
+                min_new_tokens=8,
+                do_sample=False,
+                pad_token_id=PAD,
+            )
+        np.testing.assert_array_equal(np.asarray(ours[r]), gen[0, -8:].numpy())
+
+
+@pytest.mark.parametrize(
+    "method, settings",
+    [
+        ("vispruner", dict(num_keep=0)),
+        ("fastervlm", dict(num_keep=10**6)),
+        ("vispruner", dict(num_keep=4, important_ratio=1.5)),
+        ("random", dict(num_keep=4, layout="spatial")),
+        ("uniform", dict(num_keep=0)),
+    ],
+)
+def test_official_layout_bad_settings_raise_before_compile(models, method, settings):
+    _, model, _ = models
+    x, _ = _batch(model, seed=0)
+    before = model.compile_counts()
+    with pytest.raises(ValueError):
+        model(**_call(model, x, prune.get(method, **settings)))
+    assert model.compile_counts() == before

@@ -29,6 +29,10 @@ the case on every stored golden input (tests/prune/test_prune_vispruner.py: all 
 
 Where the original crashes (§2.2, "Crash condition") we generalise; see :func:`vispruner_plan`. On every
 configuration the original runs, the plan is the original's and the output is identical.
+
+:func:`vispruner_masked` runs the same rule on a batch of lists of different lengths in one program (the packed
+grids of LLaVA-OneVision, docs/methods.md §9.4 mode B), one host plan per list; each list's result is the static
+function's on that list alone.
 """
 
 from __future__ import annotations
