@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
 
 import vlmprune
 from reference.onevision_builders import IMAGE, PAD, TILE, build_hf_onevision
@@ -100,8 +101,6 @@ def test_masked_vispruner_equals_static_on_packed_grids(max_num):
 def _hf_grid_map(tile_values, lay, image_size, max_num):
     """An image's packed grid map written with torch and HF's own unpad: stitch the grid tiles' (n, n, C) maps
     row-major, ``unpad_image``, bilinear ``F.interpolate`` (align_corners=False) at HF's size rule -> (oh·ow, C)."""
-    from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
-
     n, rows, cols = N_SIDE, lay.rows, lay.cols
     x = torch.from_numpy(tile_values[1 : 1 + rows * cols]).reshape(rows, cols, n, n, -1)
     x = x.permute(4, 0, 2, 1, 3).reshape(-1, rows * n, cols * n)  # (C, rows·n, cols·n)
