@@ -307,15 +307,16 @@ def ov_dir(tmp_path_factory):
     return str(d)
 
 
-# LLaVA-OneVision: what runs there (per-tile pruners in the spatial-compat layout, given by a spec) and what is
-# refused with a message naming the family, before the weights load
+# LLaVA-OneVision: what runs there (per-tile pruners in the official layout by default, or the spatial-compat one
+# given by a spec) and what is refused with a message naming the family, before the weights load
 OV_RUNS = {
     "none": [],
     "divprune": ["--method", "divprune", "--keep", "4"],
     "fastv": ["--method", "fastv", "--layer", "1", "--keep-ratio", "0.5"],
-    "vispruner": ["--method", "vispruner:4:layout=reference"],
+    "vispruner": ["--method", "vispruner", "--keep", "4"],
     "fastervlm": ["--method", "fastervlm:4:layout=reference"],
     "uniform": ["--method", "uniform", "--keep", "4"],
+    "uniform (spatial-compat)": ["--method", "uniform:4:layout=reference"],
     "visionzip": ["--method", "visionzip:6:layout=reference"],
     "prumerge_plus": ["--method", "prumerge_plus"],
     "hired": ["--method", "hired:0.25:layout=reference"],
@@ -324,7 +325,6 @@ OV_REFUSED = {
     "hired (official layout)": ["--method", "hired", "--budget-rate", "0.25"],
     "hero": ["--method", "hero", "--clip-path", "/nonexistent/clip"],
     "visionzip (official layout)": ["--method", "visionzip"],
-    "vispruner (official layout)": ["--method", "vispruner", "--keep", "4"],
 }
 
 

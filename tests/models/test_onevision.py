@@ -129,7 +129,7 @@ def test_visual_pruner_refused_before_compile(models):
             x["pixel_values"],
             image_sizes=x["image_sizes"],
             attention_mask=x["attention_mask"],
-            pruner=prune.get("vispruner", num_keep=4),
+            pruner=prune.get("hired"),
         )
     assert model.compile_counts()["forward"] == before
 
@@ -294,11 +294,12 @@ def test_divprune_on_packed_block_matches_hf_language_model(models):
 
 # ----------------------------------------------------------------------------------------------- per-tile pruners
 
-PER_TILE = {  # name -> settings; every one packed in the spatial-compat layout (docs/methods.md §9.4 mode A)
+PER_TILE = {  # name -> settings; every one packed in the spatial-compat layout (docs/methods.md §9.4 mode A; the
+    # official layout, mode B, is tested in tests/prune/test_onevision_official.py)
     "vispruner": dict(num_keep=5, important_ratio=0.5, layout="reference"),
     "fastervlm": dict(num_keep=5, layout="reference"),
-    "random": dict(num_keep=5, seed=3),
-    "uniform": dict(num_keep=4),
+    "random": dict(num_keep=5, seed=3, layout="reference"),
+    "uniform": dict(num_keep=4, layout="reference"),
 }
 
 
@@ -419,13 +420,11 @@ def test_per_tile_pruner_matches_hf_language_model(models, method):
 @pytest.mark.parametrize(
     "method, settings, error",
     [
-        ("vispruner", dict(num_keep=4), NotImplementedError),  # official layout: mode B not implemented
-        ("fastervlm", dict(num_keep=4, layout="official"), NotImplementedError),
         ("vispruner", dict(num_keep=0, layout="reference"), ValueError),
         ("fastervlm", dict(num_keep=10**6, layout="reference"), ValueError),
         ("vispruner", dict(num_keep=4, important_ratio=1.5, layout="reference"), ValueError),
         ("vispruner", dict(num_keep=4, layout="spatial"), ValueError),
-        ("uniform", dict(num_keep=0), ValueError),
+        ("uniform", dict(num_keep=0, layout="reference"), ValueError),
     ],
 )
 def test_per_tile_bad_settings_raise_before_compile(models, method, settings, error):
@@ -447,7 +446,7 @@ def test_per_tile_pruner_greedy_matches_hf(models):
     """A per-tile pruner (uniform, spatial-compat layout) under ``generate``: greedy tokens equal HF's generate on
     the same pruned sequence, row by row."""
     _, model, hf = models
-    pruner = prune.get("uniform", num_keep=3)
+    pruner = prune.get("uniform", num_keep=3, layout="reference")
     x, lays = _batch(model, seed=5)
     ours = model.generate(
         x["input_ids"],

@@ -121,7 +121,9 @@ def tokens_from_taps(
     in layout order (``vlmprune.anyres.pack``), appended tokens after each image's block, into ``stride`` slots.
     LLaVA-OneVision: ``layout`` is its ``PackTables`` (``vlmprune.anyres.onevision``): HF's packing (base, unpadded
     and possibly downsampled grid, a newline per row), every image's block padded to the tables' length; a pruner
-    that ``selects_per_tile`` selects on the tiles' taps instead, packed by :func:`spatial_tiles` (or
+    that ``selects_per_tile`` scores the tiles' taps instead: its kept slots of the packed block (docs/methods.md
+    §9.4 mode B, the first ``stride`` of its packed-order selection; the planner's stride bounds every image's kept
+    count) or, when it is ``spatial_compat``, its per-tile selections packed by :func:`spatial_tiles` (mode A; or
     :func:`tile_blocks` when it returns merged tokens).
     ``taps.embeddings`` is filled here when the pruner's request asks for it.
     """
@@ -137,15 +139,19 @@ def tokens_from_taps(
     flat_emb = project(module, params, taps.features)  # (NI·T, N, D): what the LLM receives
     p = visual_pruner(pruner)
     newline = module.apply({"params": params}, method=lambda m: m.image_newline)
-    if isinstance(layout, PackTables) and p is not None and p.selects_per_tile(cfg):
+    if isinstance(layout, PackTables) and p is not None and p.selects_per_tile(cfg) and p.spatial_compat(cfg):
         res = p.prune(taps, ctx)
         if res.tokens is not None:  # merged tokens: each tile's block in the method's order
             return tile_blocks(res.tokens if res.projected else project(module, params, res.tokens), res, layout)
         return spatial_tiles(flat_emb.reshape(ni, t * n, -1), res, layout, ctx, stride)
-    if isinstance(layout, PackTables):  # OneVision: the official packing; a pruner selects on the packed block
+    if isinstance(layout, PackTables):  # OneVision: the official packing; a pruner selects slots of the packed block
         packed = pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout)
         if p is None:
             return packed, layout.valid
+        if p.selects_per_tile(cfg):  # mode B: scored on the tiles' taps, kept slots first in packed order
+            sel = p.prune(taps, ctx).selection
+            width = sel.indices.shape[1] if stride is None else stride
+            return jnp.take_along_axis(packed, sel.indices[:, :width, None], axis=1), sel.valid[:, :width]
         sel = packed_selection(p, packed, taps, ctx)
         return jnp.take_along_axis(packed, sel.indices[..., None], axis=1), sel.valid
     if request.projected:

@@ -31,6 +31,7 @@ from vlmprune.anyres.onevision import (
 )
 from vlmprune.pipeline.sequence import SequencePlan, VideoPlaceholders, plan_sequence
 from vlmprune.prune.base import HostInputs, HostNeeds, VisualPruner, check_pruner, slot_count
+from vlmprune.prune.onevision_grid import official_slots
 from vlmprune.types import ModelInputs, NextLayout
 
 
@@ -268,9 +269,12 @@ def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> 
     """OneVision: the official packing computed on the host (``vlmprune.anyres.onevision``); every image's block
     gets the batch's largest length. A visual pruner (one whose ``validate`` accepts OneVision) selects on the packed
     block: image ``i`` gets ``min(budget(T_i), V_i)`` slots, the static stride is the budget of the largest grid.
-    A pruner that selects per tile (``selects_per_tile``) gets its whole budget (the spatial-compat layout), the
-    rank table of its declared ``tile_packing`` that orders its kept tokens (``aux["spatial_rank"]``,
-    ``vlmprune.anyres.onevision.spatial_ranks``) and the images' grids (``aux["tile_grid"]`` (NI, 2) rows, cols).
+    A pruner that selects per tile (``selects_per_tile``) either keeps the official layout (docs/methods.md §9.4
+    mode B: image ``i`` gets ``T + min(K_i·T, oh_i·ow_i) + oh_i`` slots at most, T = ``budget(1)``, the stride is the
+    batch's largest, and the pruner's ``prepare`` lists the grids) or, when ``spatial_compat``, gets its whole
+    budget (mode A), the rank table of its declared ``tile_packing`` that orders its kept tokens
+    (``aux["spatial_rank"]``, ``vlmprune.anyres.onevision.spatial_ranks``) and the images' grids
+    (``aux["tile_grid"]`` (NI, 2) rows, cols).
 
     Videos (``pixel_values_videos``, either kind of batch may be absent): frames take the tile axis, a visual
     pruner selects on each video's packed block with the budget of its frame count, ``min(budget(F), V)`` slots;
@@ -281,13 +285,18 @@ def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> 
     if pixel_values is not None:
         pix, lay, placeholders = onevision_batch(c, pixel_values, image_sizes)
         slots, stride = placeholders, lay.length
-        if isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c):
+        if isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c) and pruner.spatial_compat(c):
             slots = [pruner.budget(c, li.num_tiles).kept for li in lay.layouts]
             stride = pruner.budget(c, pix.shape[1]).kept
             aux = {
                 "spatial_rank": spatial_ranks(lay.layouts, pix.shape[1], pruner.tile_packing(c)),
                 "tile_grid": grid_table(lay.layouts),
             }
+        elif isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c):
+            per_tile = pruner.budget(c, 1).kept
+            slots = [official_slots(li, per_tile) for li in lay.layouts]
+            stride = max(slots)
+            aux = dict(pruner.prepare(HostInputs(c, pix, lay.layouts)))
         elif isinstance(pruner, VisualPruner):
             slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
             stride = min(pruner.budget(c, pix.shape[1]).kept, lay.length)

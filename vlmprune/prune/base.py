@@ -196,10 +196,18 @@ class VisualPruner(PrunerBase):
             )
 
     def selects_per_tile(self, cfg) -> bool:
-        """LLaVA-OneVision: True when ``prune`` selects on each tile's tower tokens (taps of the NI·T tiles, a
-        ``Selection`` (NI·T, K) per tile) and the kept tokens are packed in the spatial-compat layout
-        (docs/methods.md §9.4 mode A); False (default): ``prune`` selects on the image's packed block."""
+        """LLaVA-OneVision: True when ``prune`` scores each tile's tower tokens (taps of the NI·T tiles); the
+        result is then packed as :meth:`spatial_compat` says. False (default): ``prune`` selects on the image's
+        post-projector packed block (``taps.embeddings``)."""
         return False
+
+    def spatial_compat(self, cfg) -> bool:
+        """LLaVA-OneVision, for a pruner that ``selects_per_tile``: True when ``prune`` returns a ``Selection``
+        (NI·T, K) per tile, packed in the spatial-compat layout (docs/methods.md §9.4 mode A); False when it
+        returns a ``Selection`` (NI, V) of slots of HF's packed block (mode B, ``ctx.layout`` = the PackTables,
+        ``ctx.aux`` = its ``prepare`` arrays). Default True (a pruner that selects per tile and declares nothing
+        else is packed tile by tile)."""
+        return True
 
     def tile_packing(self, cfg) -> str:
         """LLaVA-OneVision, for a pruner that ``selects_per_tile``: how its kept tokens are packed, one of

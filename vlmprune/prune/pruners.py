@@ -48,10 +48,19 @@ from vlmprune.prune.baselines import (
 )
 from vlmprune.prune.hero import hero_padded
 from vlmprune.prune.hired import HiredSelection, hired_allocation, hired_batched, hired_single
+from vlmprune.prune.onevision_grid import (
+    grid_host_arrays,
+    grid_values,
+    listed_keep,
+    pack_tile_values,
+    packed_selection,
+    top_count,
+    uniform_grid_table,
+)
 from vlmprune.prune.ops import head_mean
 from vlmprune.prune.selection import Selection
-from vlmprune.prune.vispruner import fastervlm, vispruner
-from vlmprune.prune.vispruner_siglip import vispruner_siglip
+from vlmprune.prune.vispruner import fastervlm, vispruner, vispruner_masked, vispruner_masked_plans
+from vlmprune.prune.vispruner_siglip import siglip_score, vispruner_siglip
 from vlmprune.types import PruneResult, TapRequest, VisionTaps
 
 Array = jax.Array
@@ -92,16 +101,70 @@ def on_onevision(cfg) -> bool:
     return cfg is not None and cfg.model_type == "llava_onevision"
 
 
-def check_onevision_layout(pruner, cfg) -> None:
-    """OneVision packs per-tile selections in the spatial-compat layout only (``layout="reference"``); HF's official
-    layout is refused here, before any compile."""
-    if on_onevision(cfg) and pruner.layout == "official":
-        raise NotImplementedError(
-            f"{pruner.name} with layout='official' on LLaVA-OneVision is not implemented: the official layout "
-            "needs the per-tile scores resampled onto the unpadded, possibly downsampled packed grid "
-            "(docs/methods.md §9.4 mode B); pass layout='reference' for the spatial-compat layout (per-tile "
-            "selection, base then the stitched grid in raster order, no unpad, newline or downsampling)"
-        )
+class _OnevisionTiles:
+    """Per-tile selection on LLaVA-OneVision (``num_keep`` = T per tile, base included), packed in one of two
+    layouts (docs/methods.md §9.4):
+
+    * ``layout="official"`` (default), mode B [PROPOSED]: HF's packed block (base, unpadded and possibly
+      downsampled grid, a newline per row); the base keeps T tokens by the per-tile rule, the ``oh·ow`` grid slots
+      ``min(K·T, oh·ow)`` by the method's rule on scores resampled like the features
+      (``vlmprune.prune.onevision_grid``); kept slots in packed order, a row's newline kept iff the row keeps a
+      token: at most ``T + min(K·T, oh·ow) + oh`` tokens;
+    * ``layout="reference"``, mode A (spatial-compat): T per tile on every tile, base raster then the stitched grid
+      in global raster order, no unpad, newline or downsampling: exactly (1+K)·T tokens.
+    """
+
+    def selects_per_tile(self, cfg):
+        return on_onevision(cfg)
+
+    def spatial_compat(self, cfg):
+        return on_onevision(cfg) and self.layout == "reference"
+
+    def on_packed_grid(self, cfg) -> bool:
+        return on_onevision(cfg) and self.layout == "official"
+
+    def prepare(self, host: HostInputs) -> dict:
+        if not self.on_packed_grid(host.config):
+            return {}
+        if host.layouts is None:
+            raise ValueError(f"{self.name}: the official OneVision layout needs the images' layouts on the host")
+        arrays = grid_host_arrays(host.layouts, self.num_keep)
+        arrays.update(self.grid_prepare(host.layouts, arrays))
+        return arrays
+
+    def grid_prepare(self, layouts, arrays: dict) -> dict:
+        """Method-specific host arrays for the grid selection (default none)."""
+        return {}
+
+    def base_and_grid(self, taps: VisionTaps, ctx: PruneContext) -> tuple[Array, Array]:
+        """(base kept tokens int32 (NI, T), grid keep bool (NI, G) over ``aux["grid_slots"]``)."""
+        raise NotImplementedError
+
+    def prune_packed(self, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
+        """Mode B: a Selection (NI, V) of slots of the packed block (``ctx.layout``, the image's PackTables)."""
+        if not isinstance(ctx.layout, PackTables):
+            raise ValueError(
+                f"{self.name}: the official OneVision layout selects on the packed block and needs the images' "
+                "PackTables as PruneContext.layout"
+            )
+        base, grid_keep = self.base_and_grid(taps, ctx)
+        slots = ctx.aux_array("grid_slots", self.name)
+        return PruneResult(selection=packed_selection(base, grid_keep, slots, ctx.layout))
+
+    def grid_counts(self, ctx: PruneContext) -> tuple[Array, Array]:
+        return ctx.aux_array("grid_count", self.name), ctx.aux_array("grid_budget", self.name)
+
+
+def tiles_of(x: Array, ctx: PruneContext) -> Array:
+    """(NI·T, ...) per-tile arrays -> (NI, T, ...) with the batch's PackTables."""
+    ni, t = ctx.layout.tile_valid.shape
+    return x.reshape((ni, t) + x.shape[1:])
+
+
+def packed_grid_scores(score: Array, ctx: PruneContext) -> Array:
+    """Per-tile scores (NI·T, N) resampled onto the packed grid -> (NI, G) at ``aux["grid_slots"]``."""
+    packed = pack_tile_values(tiles_of(score, ctx)[..., None], ctx.layout)[..., 0]
+    return grid_values(packed, ctx.aux_array("grid_slots", "packed grid"))
 
 
 def received_attention_request(pruner, cfg) -> TapRequest:
@@ -114,7 +177,7 @@ def received_attention_request(pruner, cfg) -> TapRequest:
 
 @register
 @dataclasses.dataclass(frozen=True)
-class VisPruner(_NextLayout, _KeepN):
+class VisPruner(_OnevisionTiles, _NextLayout, _KeepN):
     """VisPruner (ICCV'25): T·ratio tokens by CLS attention, the rest by similarity-based dedup.
 
     On LLaVA-NeXT ``num_keep`` applies per tile (base image included). ``layout="reference"``: the paper's fixed
@@ -123,9 +186,12 @@ class VisPruner(_NextLayout, _KeepN):
     for a cheaper similarity matrix (see ``vlmprune.prune.vispruner``).
 
     LLaVA-OneVision: the authors' SigLIP rule (``vlmprune.prune.vispruner_siglip``) on the received attention of
-    ``layer`` (the feature layer, the tower's last), ``num_keep`` per tile (base included), packed in the
-    spatial-compat layout (``layout="reference"``, docs/methods.md §9.4 mode A): exactly (1+K)·T tokens for a
-    grid of K tiles. ``layout="official"`` is refused there (not implemented).
+    ``layer`` (the feature layer, the tower's last). ``layout="official"`` (default; docs/methods.md §9.4 mode B,
+    [PROPOSED]): the base tile keeps ``num_keep`` by that rule; the packed grid keeps ``min(K·T, oh·ow)`` by the
+    same rule on the head-mean scores and pre-projector features resampled like HF's packing
+    (``vispruner.vispruner_masked``, one plan per image: ``int(budget·ratio)`` by score, dedup rounds for the rest,
+    odd residuals by the project's generalisation). ``layout="reference"``: per tile, spatial-compat (mode A),
+    exactly (1+K)·T tokens for a grid of K tiles.
     """
 
     important_ratio: float = 0.5
@@ -141,16 +207,41 @@ class VisPruner(_NextLayout, _KeepN):
     def request(self, cfg):
         return received_attention_request(self, cfg)
 
-    def selects_per_tile(self, cfg):
-        return on_onevision(cfg)
-
     def check(self, cfg):
-        check_onevision_layout(self, cfg)
         super().check(cfg)
         checks.check_float("important_ratio", self.important_ratio, lo=0.0, hi=1.0, where=self.name)
         checks.check_bool("exact_similarity", self.exact_similarity, where=self.name)
 
+    def grid_prepare(self, layouts, arrays):
+        plans = vispruner_masked_plans(arrays["grid_count"], arrays["grid_budget"], self.important_ratio)
+        return {"vispruner_important": plans["important"], "vispruner_rounds": plans["rounds"]}
+
+    def base_and_grid(self, taps, ctx):
+        received = taps.received_attention(ctx.layer(self.layer, "layer"))
+        base = vispruner_siglip(
+            tiles_of(taps.features, ctx)[:, 0],
+            tiles_of(received, ctx)[:, 0],
+            num_keep=self.num_keep,
+            important_ratio=self.important_ratio,
+            exact_similarity=self.exact_similarity,
+        ).indices
+        slots = ctx.aux_array("grid_slots", self.name)
+        feats = grid_values(pack_tile_values(tiles_of(taps.features, ctx), ctx.layout), slots)
+        count, budget = self.grid_counts(ctx)
+        grid = vispruner_masked(
+            feats,
+            packed_grid_scores(siglip_score(received), ctx),
+            count,
+            budget,
+            ctx.aux_array("vispruner_important", self.name),
+            ctx.aux_array("vispruner_rounds", self.name),
+            exact_similarity=self.exact_similarity,
+        )
+        return base, grid
+
     def prune(self, taps: VisionTaps, ctx: PruneContext) -> PruneResult:
+        if self.on_packed_grid(ctx.config):
+            return self.prune_packed(taps, ctx)
         if on_onevision(ctx.config):  # per tile, scores = received attention
             sel = vispruner_siglip(
                 taps.features,
@@ -172,12 +263,13 @@ class VisPruner(_NextLayout, _KeepN):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class FasterVLM(_NextLayout, _KeepN):
+class FasterVLM(_OnevisionTiles, _NextLayout, _KeepN):
     """FasterVLM: top-T tokens by head-mean CLS attention (VisPruner with ratio 1). NeXT layouts as VisPruner.
 
     LLaVA-OneVision [PROPOSED] (no SigLIP original): VisPruner's SigLIP rule with ``important_ratio=1``, i.e. the
-    top-T of the head-mean received attention of ``layer``, per tile, in the spatial-compat layout
-    (``layout="reference"``; ``"official"`` is refused there).
+    top-T of the head-mean received attention of ``layer``. ``layout="official"`` (default, §9.4 mode B): top-T on
+    the base tile, top-``min(K·T, oh·ow)`` of the resampled scores on the packed grid (ties: lower slot first);
+    ``layout="reference"``: per tile, spatial-compat (mode A).
     """
 
     layer: int | None = None
@@ -191,14 +283,20 @@ class FasterVLM(_NextLayout, _KeepN):
     def request(self, cfg):
         return received_attention_request(self, cfg)
 
-    def selects_per_tile(self, cfg):
-        return on_onevision(cfg)
-
-    def check(self, cfg):
-        check_onevision_layout(self, cfg)
-        super().check(cfg)
+    def base_and_grid(self, taps, ctx):
+        received = taps.received_attention(ctx.layer(self.layer, "layer"))
+        base = vispruner_siglip(
+            tiles_of(taps.features, ctx)[:, 0],
+            tiles_of(received, ctx)[:, 0],
+            num_keep=self.num_keep,
+            important_ratio=1.0,
+        ).indices
+        count, budget = self.grid_counts(ctx)
+        return base, top_count(packed_grid_scores(siglip_score(received), ctx), count, budget)
 
     def prune(self, taps, ctx):
+        if self.on_packed_grid(ctx.config):
+            return self.prune_packed(taps, ctx)
         if on_onevision(ctx.config):
             received = taps.received_attention(ctx.layer(self.layer, "layer"))
             sel = vispruner_siglip(taps.features, received, num_keep=self.num_keep, important_ratio=1.0)
@@ -476,18 +574,29 @@ class HERO(_NextLayout, VisualPruner):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class RandomKeep(_KeepN):
-    """Uniformly random subset of ``num_keep`` tokens per image (seeded). LLaVA-OneVision [PROPOSED]: per tile,
-    in the spatial-compat layout (docs/methods.md §9.4 mode A)."""
+class RandomKeep(_OnevisionTiles, _KeepN):
+    """Uniformly random subset of ``num_keep`` tokens per image (seeded).
+
+    LLaVA-OneVision [PROPOSED]: ``layout="official"`` (default, docs/methods.md §9.4 mode B): ``num_keep`` random
+    base tokens and ``min(K·T, oh·ow)`` random slots of the packed grid (both from ``seed``); ``"reference"``: per
+    tile, spatial-compat (mode A). ``layout`` has no effect elsewhere."""
 
     seed: int = 0
+    layout: str = "official"
     name: ClassVar[str] = "random"
     supports_onevision: ClassVar[bool] = True
 
-    def selects_per_tile(self, cfg):
-        return on_onevision(cfg)
+    def base_and_grid(self, taps, ctx):
+        ni = ctx.layout.tile_valid.shape[0]
+        key_base, key_grid = jax.random.split(jax.random.PRNGKey(self.seed))
+        base = random_keep(key_base, taps.num_tokens, num_keep=self.num_keep, batch=ni).indices
+        slots = ctx.aux_array("grid_slots", self.name)
+        count, budget = self.grid_counts(ctx)
+        return base, top_count(jax.random.uniform(key_grid, slots.shape), count, budget)
 
     def prune(self, taps, ctx):
+        if self.on_packed_grid(ctx.config):
+            return self.prune_packed(taps, ctx)
         f = taps.features
         return PruneResult(
             selection=random_keep(jax.random.PRNGKey(self.seed), f.shape[1], num_keep=self.num_keep, batch=f.shape[0])
@@ -496,17 +605,29 @@ class RandomKeep(_KeepN):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Uniform(_KeepN):
-    """Spatially even grid of ``num_keep`` tokens. LLaVA-OneVision [PROPOSED]: per tile, in the spatial-compat
-    layout (docs/methods.md §9.4 mode A)."""
+class Uniform(_OnevisionTiles, _KeepN):
+    """Spatially even grid of ``num_keep`` tokens (``baselines.uniform``).
 
+    LLaVA-OneVision [PROPOSED]: ``layout="official"`` (default, docs/methods.md §9.4 mode B): ``num_keep`` on the
+    base tile and ``min(K·T, oh·ow)`` on the ``oh × ow`` packed grid map, both by ``uniform_grid_indices`` (host
+    computed); ``"reference"``: per tile, spatial-compat (mode A). ``layout`` has no effect elsewhere."""
+
+    layout: str = "official"
     name: ClassVar[str] = "uniform"
     supports_onevision: ClassVar[bool] = True
 
-    def selects_per_tile(self, cfg):
-        return on_onevision(cfg)
+    def grid_prepare(self, layouts, arrays):
+        return {"uniform_grid": uniform_grid_table(layouts, arrays["grid_budget"])}
+
+    def base_and_grid(self, taps, ctx):
+        ni = ctx.layout.tile_valid.shape[0]
+        base = jnp.broadcast_to(uniform(taps.num_tokens, num_keep=self.num_keep).indices, (ni, self.num_keep))
+        g = ctx.aux_array("grid_slots", self.name).shape[1]
+        return base, listed_keep(ctx.aux_array("uniform_grid", self.name), g)
 
     def prune(self, taps, ctx):
+        if self.on_packed_grid(ctx.config):
+            return self.prune_packed(taps, ctx)
         f = taps.features
         idx = jnp.broadcast_to(uniform(f.shape[1], num_keep=self.num_keep).indices, (f.shape[0], self.num_keep))
         return PruneResult(selection=Selection(indices=idx, valid=jnp.ones(idx.shape, bool)))

@@ -29,6 +29,10 @@ the case on every stored golden input (tests/prune/test_prune_vispruner.py: all 
 
 Where the original crashes (§2.2, "Crash condition") we generalise; see :func:`vispruner_plan`. On every
 configuration the original runs, the plan is the original's and the output is identical.
+
+:func:`vispruner_masked` runs the same rule on a batch of lists of different lengths in one program (the packed
+grids of LLaVA-OneVision, docs/methods.md §9.4 mode B), one host plan per list; each list's result is the static
+function's on that list alone.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vlmprune import checks
 from vlmprune.prune.ops import (
@@ -405,3 +410,133 @@ def fastervlm(cls_attn: jax.Array, *, num_keep: int) -> Selection:
     check_head_attention("cls_attn", cls_attn, where)
     num_keep = check_num_keep(num_keep, cls_attn.shape[2], where)
     return head_mean_top_k(cls_attn, num_keep=num_keep)
+
+
+# --------------------------------------------------------------------------------------------------------
+# VisPruner on lists of different lengths (LLaVA-OneVision's packed grids, docs/methods.md §9.4 mode B)
+# --------------------------------------------------------------------------------------------------------
+
+
+def vispruner_masked_plans(counts, budgets, important_ratio: float) -> dict[str, np.ndarray]:
+    """Host plans of :func:`vispruner_masked`: image i runs ``vispruner_plan(counts[i], budgets[i], ratio)``.
+
+    Args:
+      counts: ints (B,), the real tokens of each list (>= 0).
+      budgets: ints (B,), tokens to keep of each list, 0 <= budgets[i] <= counts[i].
+      important_ratio: float in [0, 1]; image i keeps ``int(budgets[i] * ratio)`` tokens by score.
+
+    Returns:
+      {"important": int32 (B,) T_imp per image, "rounds": int32 (B, R, 2) the (size, removed) of every dedup
+      round of each image's plan, R = the most rounds of any image; an image's unused rows are (0, 0)}.
+
+    Raises:
+      ValueError naming the image: negative counts, a budget outside [0, count], ratio outside [0, 1].
+    """
+    where = "vispruner_masked_plans"
+    counts = [int(c) for c in np.asarray(counts).reshape(-1)]
+    budgets = [int(b) for b in np.asarray(budgets).reshape(-1)]
+    if len(counts) != len(budgets):
+        raise ValueError(f"{where}: {len(counts)} counts for {len(budgets)} budgets")
+    ratio = checks.check_float("important_ratio", important_ratio, lo=0.0, hi=1.0, where=where)
+    plans = []
+    for i, (n, k) in enumerate(zip(counts, budgets)):
+        if n < 0 or not 0 <= k <= n:
+            raise ValueError(f"{where}: list {i} has {n} tokens and a budget of {k}; need 0 <= budget <= tokens")
+        plans.append(vispruner_plan(n, k, ratio))
+    width = max([len(p.rounds) for p in plans] + [0])
+    rounds = np.zeros((len(plans), width, 2), np.int32)
+    for i, p in enumerate(plans):
+        if p.rounds:
+            rounds[i, : len(p.rounds)] = np.asarray(p.rounds, np.int32)
+    important = np.asarray([p.num_important for p in plans], np.int32)
+    return {"important": important, "rounds": rounds}
+
+
+def _masked_list(features, scores, count, budget, important, rounds, exact: bool):
+    """One list of :func:`vispruner_masked`: keep bool (M,) over its buffer of M slots (first ``count`` real)."""
+    m = scores.shape[0]
+    pos = jnp.arange(m, dtype=jnp.int32)
+    real = pos < count
+    # stable descending order, padding last: the real tokens' order is the one the unpadded list gives
+    order = argsort_descending(jnp.where(real, scores, -jnp.inf)).astype(jnp.int32)
+    rank = jnp.zeros((m,), jnp.int32).at[order].set(pos)
+    keep = real & (rank < important)
+    if rounds.shape[0] == 0:  # no list has dedup rounds: the diverse part is the residual list's head
+        return keep | (real & (rank < budget))
+    residual = order[jnp.minimum(important + pos, m - 1)]  # the residual list, then padding (never read)
+    keys = similarity_keys(l2_normalize(features[residual]), exact)
+
+    def body(alive, plan_row):
+        size, removed = plan_row[0], plan_row[1]
+        return jnp.where(removed > 0, _dedup_round(alive, keys, size, removed), alive), None
+
+    alive, _ = jax.lax.scan(body, pos, rounds)
+    diverse = jnp.zeros((m,), bool).at[residual[alive]].max(pos < budget - important)
+    return keep | (real & diverse)
+
+
+@functools.partial(jax.jit, static_argnames=("exact_similarity",))
+def _vispruner_masked_jit(features, scores, count, budget, important, rounds, *, exact_similarity=True):
+    return map_tiles(
+        lambda f, s, n, k, t, r: _masked_list(f, s, n, k, t, r, exact_similarity),
+        features,
+        scores,
+        count,
+        budget,
+        important,
+        rounds,
+    )
+
+
+def vispruner_masked(
+    features: jax.Array,
+    scores: jax.Array,
+    count: jax.Array,
+    budget: jax.Array,
+    important: jax.Array,
+    rounds: jax.Array,
+    *,
+    exact_similarity: bool = True,
+) -> jax.Array:
+    """VisPruner's selection on B lists of different lengths padded to one static length M (jit-friendly).
+
+    List i holds ``count[i]`` real tokens in its first slots; the rest is padding that is never selected and
+    never changes the selection. Its result equals ``vispruner(features[i:i+1, :count[i]],
+    scores[i, None, None, :count[i]], num_keep=budget[i], important_ratio=ratio)`` (the rule, its tie-breaking,
+    its odd-residual generalisation and its float32 similarity numerics), given the host plans of
+    :func:`vispruner_masked_plans` for the same counts, budgets and ratio. The rounds run over the whole
+    M-slot buffer (no shrinking phases), so a long padded list costs more than the static function.
+
+    Args:
+      features: float (B, M, C), pre-projector features of the listed tokens (padding rows: any finite value).
+      scores: float (B, M), the ranking score (head mean already taken; padding: any value).
+      count: int32 (B,), real tokens per list (<= M).
+      budget: int32 (B,), tokens to keep per list (<= count).
+      important: int32 (B,) and rounds: int32 (B, R, 2), from :func:`vispruner_masked_plans`.
+      exact_similarity: as for :func:`vispruner`.
+
+    Returns:
+      bool (B, M): exactly ``budget[i]`` True entries in list i, all among its first ``count[i]`` slots.
+
+    Raises:
+      ValueError (before tracing): wrong ranks or mismatched shapes.
+    """
+    where = "vispruner_masked"
+    checks.check_rank("features", features, 3, where=where, dims="(B, M, C)")
+    checks.check_rank("scores", scores, 2, where=where, dims="(B, M)")
+    checks.check_rank("rounds", rounds, 3, where=where, dims="(B, R, 2)")
+    b, m, _ = features.shape
+    chex.assert_shape(scores, (b, m))
+    chex.assert_shape([count, budget, important], (b,))
+    chex.assert_shape(rounds, (b, None, 2))
+    checks.check_bool("exact_similarity", exact_similarity, where=where)
+    as_int = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    return _vispruner_masked_jit(
+        features,
+        scores,
+        as_int(count),
+        as_int(budget),
+        as_int(important),
+        as_int(rounds),
+        exact_similarity=exact_similarity,
+    )

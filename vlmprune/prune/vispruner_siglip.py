@@ -25,6 +25,10 @@ original does without raising (it deletes all R/2 A tokens; N = 729, T = 10, rat
 for ``r >= R/2 + 2`` the original raises (T = 2) and the same cap applies. On every budget the original runs,
 the output is the original's.
 
+In LLaVA-OneVision's official layout (docs/methods.md §9.4 mode B) the same rule, with the same generalisation,
+also runs on each image's packed grid (scores and features resampled like the packing;
+:func:`vlmprune.prune.vispruner.vispruner_masked`, one round plan per image).
+
 Tie-breaking and float32 numerics are those of :mod:`vlmprune.prune.vispruner` (stable orders: lower index
 first; near-exact float32 cosine similarities).
 """
