@@ -38,7 +38,7 @@ from vlmprune.anyres import batch_layout, max_tiles
 from vlmprune.anyres.onevision import onevision_batch, pack_image_features
 from vlmprune.demo import prepare_inputs
 from vlmprune.io.safe_output import staged_file
-from vlmprune.pipeline.plan import prepare_host
+from vlmprune.pipeline.plan import onevision_image_slots, prepare_host
 from vlmprune.prune import spec as spec_mod
 from vlmprune.prune.base import LLMPruner, PruneContext, VisualPruner, tile_keep_mask
 from vlmprune.types import VisionTaps
@@ -262,8 +262,9 @@ class OnevisionKept:
 
 def keep_onevision(model, pixel_values, image_sizes, pruner) -> OnevisionKept:
     """LLaVA-OneVision: what the first image of pixel_values (NI, T, C, S, S) (image_sizes (NI, 2)) feeds the LLM
-    under ``pruner``, computed with the model's own stages: a per-tile pruner (``selects_per_tile``) selects on the
-    tiles' taps; any other selects on the packed block (``vlmprune.pipeline.packed_selection``)."""
+    under ``pruner``, computed with the model's own stages and the planner's host arrays: a per-tile pruner
+    (``selects_per_tile``) in the spatial-compat layout gives a mask per tile; in the official layout (mode B) and
+    for a pruner on the packed block (``vlmprune.pipeline.packed_selection``) the kept slots of the packed block."""
     c = model.config
     n = c.tokens_per_image
     pix, batch, _ = onevision_batch(c, np.asarray(pixel_values), image_sizes)
@@ -271,18 +272,24 @@ def keep_onevision(model, pixel_values, image_sizes, pruner) -> OnevisionKept:
     t = pix.shape[1]
     if pruner is None:
         return OnevisionKept(lay, slots=np.asarray(batch.pack.valid[0, : lay.num_tokens]))
-    if pruner.selects_per_tile(c):
+    tables = batch.tables()
+    _, _, aux = onevision_image_slots(c, pruner, pix, batch)  # the host arrays the planner gives the pruner
+    ctx = PruneContext(layout=tables, aux=aux, config=c)
+    if pruner.selects_per_tile(c) and pruner.spatial_compat(c):
         taps = encode(model, pix, pruner)
-        sel = pruner.prune(taps, PruneContext(config=c)).selection  # (NI·T, K) per tile, as the model runs it
+        sel = pruner.prune(taps, ctx).selection  # (NI·T, K) per tile, as the model runs it
         keep = np.asarray(sel.mask(n)).reshape(-1, t, n)[0, : lay.num_tiles]
         return OnevisionKept(lay, tiles=keep)
     request = pipeline.tap_request(c, pruner).replace(projected=False)  # the packed block is projected below
     taps = model.taps(pix, request)
-    tables = batch.tables()
+    if pruner.selects_per_tile(c):  # the official layout (mode B): slots of the packed block, scored on the tiles
+        sel = pruner.prune(taps, ctx).selection
+        slots = np.asarray(sel.mask(batch.length))[0]
+        return OnevisionKept(lay, slots=slots[: lay.num_tokens])
     emb = projector(model)(taps.features).reshape(pix.shape[0], t, n, -1)
     newline = model.module.apply({"params": model.params}, method=lambda m: m.image_newline)
     packed = pack_image_features(emb, newline, tables)
-    sel = pipeline.packed_selection(pruner, packed, taps, PruneContext(layout=tables, config=c))
+    sel = pipeline.packed_selection(pruner, packed, taps, ctx)
     slots = np.asarray(sel.mask(packed.shape[1]))[0]
     return OnevisionKept(lay, slots=slots[: lay.num_tokens])
 

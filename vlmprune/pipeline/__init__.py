@@ -27,6 +27,7 @@ from vlmprune.pipeline.plan import (  # noqa: F401
     check_pixels,
     image_texts,
     next_layout,
+    onevision_image_slots,
     plan_inputs,
     prepare_host,
 )

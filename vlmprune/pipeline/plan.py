@@ -265,6 +265,28 @@ def plan_inputs(
     return Plan(seq, pix, lay, aux, stride)
 
 
+def onevision_image_slots(c, pruner, pix: np.ndarray, lay: OnevisionBatch) -> tuple[list[int], int, dict]:
+    """LLaVA-OneVision images under ``pruner``: (visual slots per image, the static stride, the host arrays
+    ``prune`` reads from ``ctx.aux``), as :func:`plan_inputs` plans them (see ``_plan_onevision``).
+
+    pix: (NI, T_max, C, S, S) and lay: :func:`vlmprune.anyres.onevision.onevision_batch`'s results."""
+    placeholders = [li.num_tokens for li in lay.layouts]
+    if not isinstance(pruner, VisualPruner):
+        return placeholders, lay.length, {}
+    if pruner.selects_per_tile(c) and pruner.spatial_compat(c):
+        aux = {
+            "spatial_rank": spatial_ranks(lay.layouts, pix.shape[1], pruner.tile_packing(c)),
+            "tile_grid": grid_table(lay.layouts),
+        }
+        return [pruner.budget(c, li.num_tiles).kept for li in lay.layouts], pruner.budget(c, pix.shape[1]).kept, aux
+    if pruner.selects_per_tile(c):
+        per_tile = pruner.budget(c, 1).kept
+        slots = [official_slots(li, per_tile) for li in lay.layouts]
+        return slots, max(slots), dict(pruner.prepare(HostInputs(c, pix, lay.layouts)))
+    slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
+    return slots, min(pruner.budget(c, pix.shape[1]).kept, lay.length), {}
+
+
 def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> Plan:
     """OneVision: the official packing computed on the host (``vlmprune.anyres.onevision``); every image's block
     gets the batch's largest length. A visual pruner (one whose ``validate`` accepts OneVision) selects on the packed
@@ -284,22 +306,7 @@ def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> 
     placeholders, slots, stride, aux = [], [], 0, {}
     if pixel_values is not None:
         pix, lay, placeholders = onevision_batch(c, pixel_values, image_sizes)
-        slots, stride = placeholders, lay.length
-        if isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c) and pruner.spatial_compat(c):
-            slots = [pruner.budget(c, li.num_tiles).kept for li in lay.layouts]
-            stride = pruner.budget(c, pix.shape[1]).kept
-            aux = {
-                "spatial_rank": spatial_ranks(lay.layouts, pix.shape[1], pruner.tile_packing(c)),
-                "tile_grid": grid_table(lay.layouts),
-            }
-        elif isinstance(pruner, VisualPruner) and pruner.selects_per_tile(c):
-            per_tile = pruner.budget(c, 1).kept
-            slots = [official_slots(li, per_tile) for li in lay.layouts]
-            stride = max(slots)
-            aux = dict(pruner.prepare(HostInputs(c, pix, lay.layouts)))
-        elif isinstance(pruner, VisualPruner):
-            slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
-            stride = min(pruner.budget(c, pix.shape[1]).kept, lay.length)
+        slots, stride, aux = onevision_image_slots(c, pruner, pix, lay)
     vpix = vid = None
     vplace = VideoPlaceholders(c.video_token_id, (), (), 0)  # no videos: a stray <video> id is refused
     if videos is not None:
