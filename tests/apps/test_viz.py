@@ -311,16 +311,18 @@ def _rows_in(rows, table, repeated=None):
     return np.where(hit.any(1), np.argmax(hit, axis=1), -1)
 
 
+@pytest.mark.parametrize("method", ["divprune", "vispruner"])
 @pytest.mark.parametrize("image", sorted(OV_IMAGES))
-def test_onevision_packed_cells_are_the_kept_slots(ov_model, image):
-    """DivPrune selects on the packed block: the view's kept slots are the rows the LLM receives, the base tile's
-    kept tokens are marked on the base view, and each kept grid slot lights exactly its cell of the packed map,
-    found through the pack tables (the point its bilinear weights sample: the cell's centre)."""
+def test_onevision_packed_cells_are_the_kept_slots(ov_model, image, method):
+    """DivPrune selects on the packed block, VisPruner in the official layout (mode B) on its slots: the view's kept
+    slots are the rows the LLM receives, the base tile's kept tokens are marked on the base view, and each kept
+    grid slot lights exactly its cell of the packed map, found through the pack tables (the point its bilinear
+    weights sample: the cell's centre)."""
     m = ov_model
     x, batch = _ov_inputs(m, OV_IMAGES[image])
     lay, tables = batch.layouts[0], batch.pack
     assert lay.downsampled == (image == "downsampled")
-    pruner = prune.get("divprune", num_keep=4)
+    pruner = prune.get(method, num_keep=4)
     k = viz.keep_onevision(m, x["pixel_values"], x["image_sizes"], pruner)
     fed, packed, _ = _fed_rows(m, x, pruner)
     newline = tables.newline[0, : lay.num_tokens]
@@ -339,7 +341,11 @@ def test_onevision_packed_cells_are_the_kept_slots(ov_model, image):
     np.testing.assert_array_equal(view.mask[0], want[:n])
     assert not view.mask[1:].any()
     assert view.cells.sum() == (want[n:] & ~newline[n:]).sum() and view.newlines == (want & newline).sum()
-    assert view.kept + view.newlines == len(fed) == min(4 * lay.num_tiles, lay.num_tokens)
+    if method == "divprune":  # min(num_keep·T, V) of the packed block, newlines among the candidates
+        assert view.kept + view.newlines == len(fed) == min(4 * lay.num_tiles, lay.num_tokens)
+    else:  # mode B: T of the base, min(K·T, oh·ow) of the grid, the newline of every row that keeps a token
+        assert view.kept == 4 + min(4 * (lay.num_tiles - 1), oh * ow) and view.kept + view.newlines == len(fed)
+        assert view.newlines == view.cells.any(axis=1).sum()
     assert view.total == n + oh * ow
 
     # the grid panel's pixels: bright exactly over the kept cells, inside the crop
@@ -362,7 +368,7 @@ def test_onevision_packed_cells_are_the_kept_slots(ov_model, image):
         assert bright.sum() == view.cells.sum() * p * p
 
 
-@pytest.mark.parametrize("spec", ["uniform:4", "vispruner:4:layout=reference"])
+@pytest.mark.parametrize("spec", ["uniform:4:layout=reference", "vispruner:4:layout=reference"])
 def test_onevision_per_tile_masks(ov_model, spec):
     """A per-tile pruner (spatial-compat layout): a (tiles, N) mask, num_keep per tile, exactly the tile tokens
     the LLM receives; the whole stitched grid is fed (no crop outline)."""
