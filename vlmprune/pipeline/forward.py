@@ -138,7 +138,7 @@ def tokens_from_taps(
     if isinstance(layout, PackTables) and p is not None and p.selects_per_tile(cfg):
         return spatial_tiles(flat_emb.reshape(ni, t * n, -1), p.prune(taps, PruneContext(config=cfg)), layout, ctx)
     if isinstance(layout, PackTables):  # OneVision: the official packing; a pruner selects on the packed block
-        packed = pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout)
+        packed = packed_block(module, params, flat_emb, layout)
         if p is None:
             return packed, layout.valid
         sel = p.prune(VisionTaps(features=packed, embeddings=packed), ctx).selection
@@ -160,6 +160,14 @@ def tokens_from_taps(
     )
 
 
+def packed_block(module: Llava, params, tile_embeddings: Array, tables: PackTables) -> Array:
+    """OneVision: HF's packed visual block (NI, V, D) of projected tile tokens (NI·T, N, D) (base, unpadded and
+    possibly downsampled grid, a newline per row; ``vlmprune.anyres.onevision.pack_image_features``)."""
+    ni, t = tables.tile_valid.shape
+    newline = module.apply({"params": params}, method=lambda m: m.image_newline)
+    return pack_image_features(tile_embeddings.reshape(ni, t, tile_embeddings.shape[1], -1), newline, tables)
+
+
 def spatial_tiles(emb: Array, result: PruneResult, tables: PackTables, ctx: PruneContext) -> tuple[Array, Array]:
     """OneVision's spatial-compat layout (docs/methods.md §9.4 mode A) of per-tile selections.
 
@@ -167,16 +175,21 @@ def spatial_tiles(emb: Array, result: PruneResult, tables: PackTables, ctx: Prun
     int32 (NI, T·N) (``vlmprune.anyres.onevision.spatial_ranks``). Returns (tokens (NI, T·K, D), valid (NI, T·K)):
     each image's kept tokens of its own tiles sorted by rank (base in raster order, then the stitched grid in global
     raster order), the padding tiles' slots last and invalid."""
+    idx, valid = spatial_order(result, tables, ctx, emb.shape[1] // tables.tile_valid.shape[1])
+    return jnp.take_along_axis(emb, idx[..., None], axis=1), valid
+
+
+def spatial_order(result: PruneResult, tables: PackTables, ctx: PruneContext, n: int) -> tuple[Array, Array]:
+    """The tile tokens :func:`spatial_tiles` hands the LLM: (indices int32 (NI, T·K) into each image's T·N tile
+    tokens (``tile · n + patch``), in the LLM's order, valid bool (NI, T·K)); n = tokens per tile."""
     ni, t = tables.tile_valid.shape
-    n = emb.shape[1] // t
     sel = result.selection
     k = sel.indices.shape[-1]
     idx = (sel.indices.reshape(ni, t, k) + n * jnp.arange(t, dtype=jnp.int32)[:, None]).reshape(ni, t * k)
     valid = (sel.valid.reshape(ni, t, k) & tables.tile_valid[..., None]).reshape(ni, t * k)
     rank = jnp.take_along_axis(ctx.aux_array("spatial_rank", "spatial-compat layout"), idx, axis=1)
     order = jnp.argsort(jnp.where(valid, rank, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
-    idx, valid = jnp.take_along_axis(idx, order, axis=1), jnp.take_along_axis(valid, order, axis=1)
-    return jnp.take_along_axis(emb, idx[..., None], axis=1), valid
+    return jnp.take_along_axis(idx, order, axis=1), jnp.take_along_axis(valid, order, axis=1)
 
 
 def visual_tokens(
