@@ -91,8 +91,8 @@ _QWEN2_7B = dict(
     text_vocab_size=152128,
     tie_word_embeddings=False,
 )
-#: the OneVision real-shape presets' image: a 3:4 photo, a 2x3 grid + base = 7 tiles, cropped to 54 x 72 tokens
-#: (not downsampled): 729 + 54·73 = 4671 packed visual tokens
+#: the OneVision real-shape presets' image: a 3:4 photo, a 2x3 grid + base = 7 tiles, cropped to 54 x 73 tokens
+#: (not downsampled): 729 + 54·74 = 4725 packed visual tokens
 _OV_IMAGE_HW = (768, 1024)
 
 
@@ -214,7 +214,7 @@ PRESETS: dict[str, Preset] = {
         dict(_SIGLIP_SO400M, **_QWEN2_05B, **_OV_PINPOINTS),
         True,
         "LLaVA-OneVision-0.5B shapes (SigLIP so400m 26 layers + Qwen2-0.5B, tied; anyres_max_9, 36 pinpoints; "
-        "a 768x1024 image = 2x3 grid + base, 4671 packed tokens; random weights)",
+        "a 768x1024 image = 2x3 grid + base, 4725 packed tokens; random weights)",
         gpu_only=True,
         onevision=True,
         image_hw=_OV_IMAGE_HW,
@@ -224,7 +224,7 @@ PRESETS: dict[str, Preset] = {
         dict(_SIGLIP_SO400M, **_QWEN2_7B, **_OV_PINPOINTS),
         True,
         "LLaVA-OneVision-7B shapes (SigLIP so400m 26 layers + Qwen2-7B, untied; anyres_max_9, 36 pinpoints; "
-        "a 768x1024 image = 2x3 grid + base, 4671 packed tokens; random weights)",
+        "a 768x1024 image = 2x3 grid + base, 4725 packed tokens; random weights)",
         gpu_only=True,
         onevision=True,
         image_hw=_OV_IMAGE_HW,
