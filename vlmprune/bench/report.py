@@ -371,7 +371,15 @@ def merge_outputs(paths: list[str], out_dir: str, tag: str, *, plots: bool = Tru
         compare_torch=any(o["meta"].get("compare_torch") for o in outs),
     )
     for o in outs[1:]:
-        for k in ("torch", "transformers", "torch_threads", "torch_device", "torch_attn", "omp_wait_policy"):
+        for k in (
+            "torch",
+            "transformers",
+            "torch_threads",
+            "torch_device",
+            "torch_attn",
+            "omp_wait_policy",
+            "torch_model",
+        ):
             meta.setdefault(k, o["meta"].get(k))
     order = [r["label"] for o in outs for r in o["runs"]]
     results = [runs[lab] for lab in dict.fromkeys(order)]
