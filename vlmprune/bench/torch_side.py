@@ -6,8 +6,9 @@
 LLaVA-OneVision: HF encodes each image's own tiles (its processor's output, no padding tiles) and packs them with
 its ``get_image_features``, where JAX's tower runs the static tile axis (the largest grid + base: 37 tiles for the
 llava-hf pinpoints, zero tiles past an image's own; ``vlmprune.anyres.onevision.onevision_batch``), so the vision
-times differ by that ratio unless the image fills the largest grid; a method that selects per tile is fed HF's projected tile tokens at JAX's kept tile
-indices (in JAX's spatial-compat order), one that selects on the packed block HF's packed block at JAX's kept slots.
+times differ by that ratio unless the image fills the largest grid. A method that selects per tile is fed HF's
+projected tile tokens at JAX's kept tile indices (in JAX's spatial-compat order), one that selects on the packed
+block HF's packed block at JAX's kept slots.
 """
 
 from __future__ import annotations
