@@ -1,7 +1,9 @@
 """Full efficiency tables (issue #5): a thin driver of ``vlmprune.bench`` for every preset the backend can run.
 
     python experiments/efficiency.py                 # CPU: cpu-small fp32 with --compare-torch -> efficiency_cpu.*
+    python experiments/efficiency.py --suite cpu-ov  # CPU: cpu-small-ov (LLaVA-OneVision) -> efficiency_cpu-ov.*
     python experiments/efficiency.py --suite gpu     # GPU/TPU: llava-1.5-7b / 13b / next-7b in bfloat16
+    python experiments/efficiency.py --suite gpu-ov  # GPU/TPU: llava-onevision-0.5b / 7b in bfloat16
     python experiments/efficiency.py --suite cpu --repeats 5 --threads 1
 
 Results go to ``experiments/results/efficiency_<tag>.{json,md}`` plus ``_ttft.png`` / ``_flops.png``; the CPU
@@ -25,9 +27,23 @@ CPU_METHODS = _METHODS + ("vispruner:64:exact_similarity=False",)
 GPU_METHODS = _METHODS + ("fastv:0.25",)
 #: LLaVA-NeXT budgets are per tile (up to 5 tiles of 576)
 NEXT_METHODS = ("none", "vispruner:64,128", "fastervlm:64", "hired:0.2")
+#: LLaVA-OneVision: the methods that run on it today, budgets per tile of 729 (VisPruner / FasterVLM / random in
+#: the spatial-compat layout, ``layout=reference``; DivPrune on the packed block; FastV inside the Qwen2 decoder)
+OV_METHODS = (
+    "none",
+    "vispruner:64,128:layout=reference",
+    "fastervlm:64:layout=reference",
+    "divprune:64",
+    "fastv:0.25",
+    "random:64",
+)
 
 SUITES = {
     "cpu": [dict(preset="cpu-small", dtype="float32", methods=CPU_METHODS, compare_torch=True, tag="cpu")],
+    # the larger batch at 2: the unpruned block is 2214 visual tokens, four rows of it dominate a 2-core run
+    "cpu-ov": [
+        dict(preset="cpu-small-ov", dtype="float32", methods=OV_METHODS, compare_torch=True, tag="cpu-ov", batch=2)
+    ],
     "gpu": [
         dict(preset="llava-1.5-7b", dtype="bfloat16", methods=GPU_METHODS, compare_torch=True, tag="gpu-llava-1.5-7b"),
         dict(
@@ -35,18 +51,31 @@ SUITES = {
         ),
         dict(preset="llava-next-7b", dtype="bfloat16", methods=NEXT_METHODS, tag="gpu-llava-next-7b"),
     ],
+    "gpu-ov": [
+        dict(
+            preset=f"llava-onevision-{size}",
+            dtype="bfloat16",
+            methods=OV_METHODS,
+            compare_torch=True,
+            tag=f"gpu-llava-onevision-{size}",
+        )
+        for size in ("0.5b", "7b")
+    ],
 }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--suite", choices=["auto", *SUITES], default="auto", help="auto: gpu when JAX sees a GPU/TPU, else cpu"
+        "--suite",
+        choices=["auto", *SUITES],
+        default="auto",
+        help="auto: gpu when JAX sees a GPU/TPU, else cpu (the OneVision suites, cpu-ov / gpu-ov, are run by name)",
     )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=None, help="the larger decode batch (default: the suite's, else 4)")
     ap.add_argument("--threads", type=int, choices=[1], default=None)
     ap.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
@@ -77,7 +106,7 @@ def main(argv=None) -> int:
             repeats=args.repeats,
             warmup=args.warmup,
             max_new_tokens=args.max_new_tokens,
-            batch=args.batch,
+            batch=args.batch if args.batch is not None else spec.get("batch", 4),
             out_dir=args.out_dir,
             threads=args.threads,
         )

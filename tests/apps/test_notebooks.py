@@ -70,8 +70,9 @@ def _errors(nb) -> list[str]:
         ("method_comparison.ipynb", {}, 4),  # input image, TTFT/FLOPs plot, one picture row per budget
         ("benchmark.ipynb", {}, 0),
         ("benchmark.ipynb", {"VLMPRUNE_USE_BENCH": "0"}, 0),
+        ("onevision.ipynb", {}, 1),  # builds its tiny OneVision checkpoint under the checkpoint root; the image
     ],
-    ids=["quickstart", "method_comparison", "benchmark", "benchmark_fallback"],
+    ids=["quickstart", "method_comparison", "benchmark", "benchmark_fallback", "onevision"],
 )
 def test_notebook_runs(name, env, min_images, checkpoint_root, tmp_path, monkeypatch):
     monkeypatch.setenv("VLMPRUNE_SKIP_INSTALL", "1")
@@ -82,6 +83,7 @@ def test_notebook_runs(name, env, min_images, checkpoint_root, tmp_path, monkeyp
     monkeypatch.delenv("VLMPRUNE_MODEL", raising=False)
     monkeypatch.delenv("VLMPRUNE_IMAGE", raising=False)
     monkeypatch.delenv("VLMPRUNE_BENCH_PRESET", raising=False)
+    monkeypatch.delenv("VLMPRUNE_OV_MODEL", raising=False)
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     for k, v in env.items():
         if v is None:
@@ -104,12 +106,17 @@ def test_notebook_runs(name, env, min_images, checkpoint_root, tmp_path, monkeyp
     assert "backend: cpu" in text
     if name == "benchmark.ipynb" and env.get("VLMPRUNE_USE_BENCH") == "0":
         assert "falling back" in text and "vispruner@16" in text
+    if name == "onevision.ipynb":  # every method ran and pruned: fewer kept than packed visual tokens
+        assert os.path.isdir(os.path.join(checkpoint_root, "tiny-llava-onevision"))
+        for spec in ("vispruner:4:layout=reference", "divprune:4", "fastv:0.5:layer=1", "random:4"):
+            assert f"{spec:<32}" in text and "% pruned)" in text, spec
+        assert "(0% pruned)" in text  # the unpruned baseline
 
 
 def test_notebooks_are_clean():
     """Committed without outputs, with an install cell that is skipped when vlmprune is importable."""
     names = sorted(f for f in os.listdir(COLAB) if f.endswith(".ipynb"))
-    assert names == ["benchmark.ipynb", "method_comparison.ipynb", "quickstart.ipynb"]
+    assert names == ["benchmark.ipynb", "method_comparison.ipynb", "onevision.ipynb", "quickstart.ipynb"]
     for name in names:
         nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
         nbformat.validate(nb)

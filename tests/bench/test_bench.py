@@ -55,6 +55,89 @@ def test_bench_tiny_end_to_end(tmp_path):
     assert out["files"][0].endswith("efficiency_smoke.json")
 
 
+#: LLaVA-OneVision methods that run today (per-tile ones in the spatial-compat layout), tiny budgets per 16-token tile
+OV_SPECS = ("none", "vispruner:4:layout=reference", "divprune:4", "fastv:0.5:layer=1")
+#: both sides run float32 on the CPU: the same tower, projector, packing and decoder differ by summation order
+#: only (measured ~4e-7 relative)
+FP32_REL = 1e-5
+
+
+def test_bench_tiny_onevision_end_to_end(tmp_path):
+    """tiny-ov with the PyTorch side: every figure finite, HF's LLM fed the same kept tokens (tile tokens for
+    VisPruner, packed-block slots for DivPrune, the whole packed block unpruned), logits agreeing."""
+    import math
+
+    from vlmprune.anyres.onevision import geometry, image_layout
+
+    cfg = bench.BenchConfig(
+        preset="tiny-ov",
+        methods=OV_SPECS,
+        repeats=1,
+        warmup=0,
+        batch=2,
+        max_new_tokens=3,
+        compare_torch=True,
+        plots=False,
+        out_dir=str(tmp_path / "out"),
+        tag="ov",
+        checkpoint_root=str(tmp_path / "ckpt"),
+    )
+    out = bench.run_bench(cfg)
+    meta = out["meta"]
+    assert meta["model_type"] == "llava_onevision" and meta["torch_model"] == "LlavaOnevisionForConditionalGeneration"
+    model = bench.build_model("tiny-ov", root=str(tmp_path / "ckpt"))[0]
+    lay = image_layout(bench.PRESETS["tiny-ov"].image_hw, geometry(model.config))
+    v = lay.num_tokens  # the packed block of the preset's image (base + unpadded grid + newlines)
+    assert meta["visual_tokens_unpruned"] == v and meta["image_size_hw"] == list(bench.PRESETS["tiny-ov"].image_hw)
+    runs = {r["label"]: r for r in out["runs"]}
+    assert list(runs) == ["none", "vispruner@4(layout=reference)", "divprune@4", "fastv@0.5(layer=1)"]
+    for label, r in runs.items():
+        assert "error" not in r, (label, r.get("error"))
+        for k in ("vision_ms", "select_project_ms", "llm_prefill_ms", "ttft_ms", "decode_tok_s_b1", "decode_tok_s_b2"):
+            assert math.isfinite(r["jax"][k]["median"]) and r["jax"][k]["median"] > 0, (label, k)
+    assert runs["none"]["visual_tokens"] == v
+    assert runs["vispruner@4(layout=reference)"]["visual_tokens"] == 4 * lay.num_tiles  # per tile, base included
+    assert runs["divprune@4"]["visual_tokens"] == min(4 * lay.num_tiles, v)
+    assert runs["fastv@0.5(layer=1)"]["visual_tokens"] == int(0.5 * v)  # floor(ratio·V) of the packed block
+    assert "LlavaOnevision" in runs["fastv@0.5(layer=1)"]["torch_skipped"]
+    for label in ("none", "vispruner@4(layout=reference)", "divprune@4"):
+        r = runs[label]
+        for k in ("vision_ms", "llm_prefill_ms", "ttft_ms", "decode_tok_s_b1", "decode_tok_s_b2"):
+            assert math.isfinite(r["torch"][k]["median"]) and r["torch"][k]["median"] > 0, (label, k)
+            assert math.isfinite(r["ratio"][k]) and r["ratio"][k] > 0, (label, k)
+        print(label, "tokens vs torch:", r["tokens_vs_torch"], "logits vs torch:", r["logits_vs_torch"])
+        assert r["tokens_vs_torch"]["rel_l2"] < FP32_REL, label  # the same kept tokens reach both LLMs
+        assert r["logits_vs_torch"]["rel_l2"] < FP32_REL and r["logits_vs_torch"]["top1_agree"] == 1.0, label
+    assert runs["none"]["torch_tokens"] == "hf-packed"
+    assert runs["vispruner@4(layout=reference)"]["torch_tokens"] == "hf-at-kept-tiles-indices"
+    assert runs["divprune@4"]["torch_tokens"] == "hf-at-kept-packed-indices"
+    assert 0 < runs["vispruner@4(layout=reference)"]["reduction_vs_none"]["analytic_2ndm"] < 1
+    md = (tmp_path / "out" / "efficiency_ov.md").read_text()
+    assert "LlavaOnevisionForConditionalGeneration" in md and "Same kept tokens on both sides" in md
+    assert f"packs into {v}" in md
+
+
+@pytest.mark.parametrize("preset", ["llava-onevision-0.5b", "llava-onevision-7b"])
+def test_onevision_real_presets_build_and_are_refused_on_cpu(tmp_path, preset):
+    """The real OneVision shapes: SigLIP so400m at 384 px / patch 14 (27 x 27 tokens per tile), the llava-hf
+    anyres_max_9 canvases, Qwen2 tied (0.5B) or untied (7B); refused on CPU with the size they need."""
+    from vlmprune.anyres.onevision import CLASS_DEFAULT_PINPOINTS, geometry
+    from vlmprune.bench import model_access as access
+
+    p = bench.PRESETS[preset]
+    _, hf, proc = bench.hf_config(p)
+    cfg = access.LlavaConfig.from_hf(hf)
+    g = geometry(cfg)
+    assert cfg.model_type == "llava_onevision" and (g.tile_size, g.tokens_per_side, g.max_num) == (384, 27, 9)
+    assert g.pinpoints == tuple(CLASS_DEFAULT_PINPOINTS) and cfg.vision.num_hidden_layers == 26
+    assert cfg.text.tie_word_embeddings == (preset.endswith("0.5b"))
+    assert cfg.text.vocab_size > hf.video_token_index > hf.image_token_index
+    assert proc.num_image_tokens(p.image_hw) > cfg.tokens_per_image  # the preset's image is tiled
+    with pytest.raises(bench.BenchError, match=rf"{preset} \(\d+\.\d+ B params\) needs about .*GPU/TPU"):
+        bench.build_model(preset, "bfloat16", root=str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
 def test_parse_methods():
     runs = bench.parse_methods(
         ["none", "vispruner:64,128", "hired:0.2", "visionzip:64", "vispruner:32:important_ratio=0.25"]
@@ -137,15 +220,22 @@ def test_kept_indices_from_the_typed_selection():
     assert kept_indices(res.replace(appended=feats[:, :1], appended_valid=sel.valid[:, :1])) is None
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_torch_side_from_params_equals_checkpoint(tmp_path, dtype):
+@pytest.mark.parametrize(
+    "dtype,kind", [("float32", "llava"), ("bfloat16", "llava"), ("float32", "ov-tied"), ("bfloat16", "ov-untied")]
+)
+def test_torch_side_from_params_equals_checkpoint(tmp_path, dtype, kind):
     """The real presets' PyTorch side: HF model built from the JAX params holds exactly the checkpoint's tensors
-    (bfloat16: both sides round the same float32 file to nearest-even, so still exact)."""
+    (bfloat16: both sides round the same float32 file to nearest-even, so still exact); LLaVA-OneVision with a
+    tied LM head (0.5B) and an untied one (7B)."""
     import torch
 
     import vlmprune
+    from vlmprune import tiny
 
-    d = bench.ensure_checkpoint("tiny", root=str(tmp_path))
+    if kind == "llava":
+        d = bench.ensure_checkpoint("tiny", root=str(tmp_path))
+    else:
+        d = tiny.write_random_onevision(str(tmp_path / kind), tie_word_embeddings=kind == "ov-tied")
     model = vlmprune.load(d, dtype=dtype)
     loaded = bench.TorchSide(d, dtype).model.state_dict()
     built = bench.TorchSide(None, dtype, model=model).model.state_dict()

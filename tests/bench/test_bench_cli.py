@@ -76,6 +76,36 @@ def test_every_next_method_runs_and_unsupported_ones_are_named(tmp_path, clip_di
     assert hero["settings"]["clip_path"] == clip_dir
 
 
+def test_onevision_unsupported_specs_are_named(tmp_path, capsys):
+    """On LLaVA-OneVision a method without a OneVision form (HiRED) and VisPruner's official layout fail by name
+    (before any compile), the runnable ones still run, and the command exits 1."""
+    out = str(tmp_path / "out")
+    rc = main(
+        [
+            "bench",
+            "--preset",
+            "tiny-ov",
+            "--methods",
+            "uniform:4",
+            "vispruner:4",
+            "hired:0.2",
+            "--checkpoint-root",
+            str(tmp_path / "ckpt"),
+            "--out-dir",
+            out,
+            "--tag",
+            "ov",
+            *FAST,
+        ]
+    )
+    assert rc == 1
+    assert "2 of 3 runs failed" in capsys.readouterr().err
+    runs = _runs(out, "ov")
+    assert "error" not in runs["uniform@4"] and runs["uniform@4"]["visual_tokens"] > 0
+    assert "layout='reference'" in runs["vispruner@4"]["error"]
+    assert "LLaVA-OneVision is not implemented" in runs["hired@0.2"]["error"]
+
+
 def test_hero_without_clip_path_fails_by_name_and_exits_nonzero(tmp_path, capsys):
     rc = main(
         ["bench", "--preset", "tiny-next", "--methods", "hero:0.2", "--out-dir", str(tmp_path), "--tag", "h", *FAST]

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--preset",
         default="cpu-small",
         choices=list(PRESETS),
-        help="model shapes: tiny, cpu-small (CPU, minutes), llava-1.5-7b/13b, llava-next-7b (GPU/TPU)",
+        help="model shapes: tiny, cpu-small (CPU, minutes), llava-1.5-7b/13b, llava-next-7b (GPU/TPU); "
+        "LLaVA-OneVision: tiny-ov, cpu-small-ov (CPU), llava-onevision-0.5b/7b (GPU/TPU)",
     )
     p.add_argument(
         "--model",
@@ -52,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compare-torch",
         action="store_true",
-        help="also run the HF PyTorch model (same weights, same kept tokens) and print JAX/PyTorch ratios",
+        help="also run the HF PyTorch model (same weights, same kept tokens) and print JAX/PyTorch ratios "
+        "(LLaVA-1.5 and LLaVA-OneVision)",
     )
     p.add_argument("--out-dir", default=os.path.join("experiments", "results"))
     p.add_argument("--tag", default=None, help="output name efficiency_<tag>.* (default <backend>-<preset>-<dtype>)")

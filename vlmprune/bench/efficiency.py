@@ -28,7 +28,14 @@ from vlmprune.bench import report, targets
 from vlmprune.bench.config import BenchConfig, BenchError, MethodRun, log, parse_methods
 from vlmprune.bench.presets import PRESETS, bench_inputs, build_model
 from vlmprune.bench.timing import SELECTION_REPEATS, load_average, machine_info, measure, median
-from vlmprune.bench.torch_side import TorchSide, compare_logits, torch_mode, torch_selection
+from vlmprune.bench.torch_side import (
+    TorchSide,
+    compare_logits,
+    compare_tokens,
+    torch_mode,
+    torch_selection,
+    torch_selection_onevision,
+)
 from vlmprune.flops import prefill_macs
 
 
@@ -95,7 +102,9 @@ def _vision(r: _Run) -> None:
     st["plan"] = planned.sequence
     vis_fn = r.pieces.vision_fn(p, planned.inputs.pixel_values)  # the pixels the model encodes (NeXT: padded grid)
     st["pix_t"] = r.ts.t(r.x1["pixel_values"], r.ts.dtype) if r.ts else None
-    tfn = (lambda: r.ts.features(st["pix_t"])) if r.ts else None
+    sizes = r.x1.get("image_sizes")
+    st["sizes_t"] = r.ts.t(sizes, r.ts.torch.long) if (r.ts and sizes is not None) else None
+    tfn = (lambda: r.ts.features(st["pix_t"], st["sizes_t"])) if r.ts else None
     r.jx["vision_ms"], r.th["vision_ms"] = r.measure(vis_fn, tfn)
     st["enc"] = vis_fn()
 
@@ -140,8 +149,30 @@ def _selection_llava(r: _Run) -> None:
     st["tokens"], st["valid"] = st["select_project"]()
 
 
+def _selection_onevision(r: _Run) -> None:
+    """LLaVA-OneVision: the selection alone on the tiles' taps (per-tile methods) or on the precomputed projected
+    packed block (DivPrune); its kept indices in the LLM's order feed the PyTorch side."""
+    p, st = r.run.pruner, r.st
+    sp = r.pieces.select_project_fn(None if r.inside_llm else p, st["planned"])
+    st["select_project"] = lambda: sp(st["enc"])
+    st["project_first"] = False
+    st["result"] = st["kept"] = None
+    r.jx["selection_ms"] = None
+    if p is not None and not r.inside_llm:
+        prepare, select = r.pieces.onevision_select_fn(p, st["planned"])
+        sel_in = prepare(st["enc"])
+        r.jx["selection_ms"], _ = r.measure(lambda: select(sel_in), repeats=max(r.repeats, SELECTION_REPEATS))
+        st["result"], (idx, valid) = select(sel_in)
+        where = "tiles" if p.selects_per_tile(r.model.config) else "packed"
+        st["kept"] = {"where": where, "idx": idx, "valid": valid}
+    st["tokens"], st["valid"] = st["select_project"]()
+
+
+_SELECTION = {"llava_next": _selection_next, "llava_onevision": _selection_onevision}
+
+
 def _selection(r: _Run) -> None:
-    (_selection_next if r.model.config.model_type == "llava_next" else _selection_llava)(r)
+    _SELECTION.get(r.model.config.model_type, _selection_llava)(r)
     r.jx["select_project_ms"], _ = r.measure(r.st["select_project"])
     valid = r.st["valid"]
     r.res["visual_tokens"] = float(np.asarray(valid).sum(-1).mean())
@@ -158,7 +189,10 @@ def _analytic(r: _Run) -> None:
     n_valid = res["visual_tokens"]
     fkw = {}
     if r.inside_llm:
-        kept = p.kept_per_image(r.model.config) * plan.num_images
+        if r.model.config.model_type == "llava_onevision":  # FastV keeps floor(ratio·V) of each row's V
+            kept = int(np.floor(np.float32(p.keep_ratio) * np.float32(n_valid)))
+        else:
+            kept = p.kept_per_image(r.model.config) * plan.num_images
         fkw = dict(drop_after_layer=p.layer, dropped=int(round(n_valid)) - kept)
         res["visual_tokens"] = kept
         res["visual_tokens_before_drop"] = n_valid
@@ -172,16 +206,21 @@ def _analytic(r: _Run) -> None:
 def _torch_inputs(r: _Run) -> None:
     """The PyTorch side's kept tokens and assembled sequence (the same plan as JAX's)."""
     ts, st = r.ts, r.st
-    st["tsel"] = tsel = torch_selection(ts, st["result"], st["tokens"], st["project_first"])
-    r.res["torch_tokens"] = "jax-merged" if (tsel and tsel["tokens"] is not None) else "hf-at-kept-indices"
+    if ts.onevision:
+        st["tsel"] = tsel = torch_selection_onevision(ts, st["kept"], int(st["valid"].shape[1]))
+        r.res["torch_tokens"] = "hf-packed" if st["kept"] is None else f"hf-at-kept-{st['kept']['where']}-indices"
+    else:
+        st["tsel"] = tsel = torch_selection(ts, st["result"], st["tokens"], st["project_first"])
+        r.res["torch_tokens"] = "jax-merged" if (tsel and tsel["tokens"] is not None) else "hf-at-kept-indices"
     plan = st["plan"]
     st["plan_t"] = tuple(ts.t(a) for a in (plan.text_src, plan.vis_src, plan.text_mask)) + (
         ts.t(np.asarray(st["valid"])),
     )
     st["ids_t"] = ts.t(r.x1["input_ids"], ts.torch.long)
     with torch_mode(ts):
-        vis_t = ts.visual_tokens(st["pix_t"], tsel)
+        vis_t = ts.visual_tokens(st["pix_t"], tsel, st["sizes_t"])
         st["emb_t"] = ts.assemble(st["ids_t"], vis_t, st["plan_t"])
+    r.res["tokens_vs_torch"] = compare_tokens(st["tokens"], vis_t, st["valid"])
 
 
 def _llm_prefill(r: _Run) -> None:
@@ -212,12 +251,19 @@ def _torch_ttft(r: _Run):
     def run():
         if p is None:
             m = ts.t(r.x1["attention_mask"])
+            extra = {} if st["sizes_t"] is None else {"image_sizes": st["sizes_t"]}
             out = ts.model(
-                input_ids=st["ids_t"], pixel_values=st["pix_t"], attention_mask=m, use_cache=True, logits_to_keep=1
+                input_ids=st["ids_t"],
+                pixel_values=st["pix_t"],
+                attention_mask=m,
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
             )
             pos = m.long().sum(1)
         else:
-            e, m, ps = ts.assemble(st["ids_t"], ts.visual_tokens(st["pix_t"], st["tsel"]), st["plan_t"])
+            vis = ts.visual_tokens(st["pix_t"], st["tsel"], st["sizes_t"])
+            e, m, ps = ts.assemble(st["ids_t"], vis, st["plan_t"])
             out = ts.model(inputs_embeds=e, attention_mask=m, position_ids=ps, use_cache=True, logits_to_keep=1)
             pos = m.sum(1)
         tok = out.logits[:, -1].argmax(-1)
@@ -336,7 +382,7 @@ def run_one(
         r.res["load_average_1min"] = load[0]
     if r.inside_llm and torch_side is not None:
         r.ts = None  # HF has no in-LLM pruning to feed the same tokens to
-        r.res["torch_skipped"] = "method prunes inside the LLM; HF LLaVA has no equivalent"
+        r.res["torch_skipped"] = f"method prunes inside the LLM; HF {torch_side.hf_class} has no equivalent"
     tick = time.perf_counter()
     for name, stage in STAGES:
         progress(f"  {run.label}: {name} ({time.perf_counter() - tick:.1f}s)")
@@ -380,7 +426,9 @@ def check_config(bc: BenchConfig) -> list[MethodRun]:
     if bc.model is None and bc.preset not in PRESETS:
         raise BenchError(f"unknown preset {bc.preset!r}; choose from {', '.join(PRESETS)}")
     if bc.compare_torch and bc.model is None and PRESETS[bc.preset].next_model:
-        raise BenchError(f"--compare-torch supports the LLaVA-1.5 presets; {bc.preset} is a LLaVA-NeXT model")
+        raise BenchError(
+            f"--compare-torch supports the LLaVA-1.5 and LLaVA-OneVision presets; {bc.preset} is a LLaVA-NeXT model"
+        )
     return runs
 
 
@@ -426,15 +474,19 @@ def run_bench(bc: BenchConfig) -> dict:
     )
     torch_side = None
     if bc.compare_torch:
-        if model.config.model_type != "llava":
-            raise BenchError(f"--compare-torch supports LLaVA-1.5 models; {bc.model} is {model.config.model_type}")
+        if model.config.model_type not in ("llava", "llava_onevision"):
+            raise BenchError(
+                f"--compare-torch supports LLaVA-1.5 and LLaVA-OneVision models; {bc.model} is "
+                f"{model.config.model_type}"
+            )
         log(
             f"loading the HF PyTorch model from {directory} ..."
             if directory
             else f"building the HF PyTorch model with the same {bc.dtype} weights ..."
         )
         torch_side = TorchSide(directory, bc.dtype, model=model)
-    x1, xb = bench_inputs(model, 1), bench_inputs(model, bc.batch)
+    image_hw = PRESETS[bc.preset].image_hw if bc.model is None else None
+    x1, xb = bench_inputs(model, 1, image_hw), bench_inputs(model, bc.batch, image_hw)
     meta = _meta(bc, model, info, x1, torch_side)
     pieces = access.JaxPieces(model)
     results = []
@@ -501,6 +553,8 @@ def _meta(bc, model, info, x1, torch_side) -> dict:
         "tokens_per_image": c.tokens_per_image,
         "model_type": c.model_type,
         "input_tokens": int(x1["input_ids"].shape[1]),
+        "image_size_hw": [int(v) for v in x1["image_sizes"][0]] if "image_sizes" in x1 else None,
+        "visual_tokens_unpruned": int((x1["input_ids"][0] == c.image_token_id).sum()),
         "vision": dataclasses.asdict(c.vision),
         "text": {k: v for k, v in dataclasses.asdict(c.text).items() if k != "rope_scaling"},
         "threads": bc.threads or "default",
@@ -518,6 +572,7 @@ def _meta(bc, model, info, x1, torch_side) -> dict:
             transformers=transformers.__version__,
             torch_threads=torch.get_num_threads(),
             torch_device=torch_side.device,
+            torch_model=torch_side.hf_class,
             torch_attn="sdpa",
             omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         )

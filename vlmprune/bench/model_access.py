@@ -169,6 +169,39 @@ class JaxPieces:
         jitted = jax.jit(go)
         return lambda taps: jitted(taps, ctx)
 
+    def onevision_select_fn(self, pruner, planned: Planned):
+        """LLaVA-OneVision: (``prepare``: taps -> what the selection reads, ``select``: that input -> (PruneResult,
+        (kept indices int32 (NI, K), valid bool (NI, K)) in the order the LLM receives them)), ``select`` jitted.
+
+        A pruner that selects per tile (``selects_per_tile``) reads the NI·T tiles' taps and its indices are tile
+        tokens (``tile · N + patch``, sorted into the spatial-compat layout); one that selects on the packed block
+        (DivPrune) reads the projected packed block (precomputed by ``prepare``) and its indices are its slots."""
+        cfg, m, params = self.model.config, self.model.module, self.model.params
+        ctx = planned.context(cfg)
+        if pruner.selects_per_tile(cfg):
+            tile_ctx = PruneContext(config=cfg)
+
+            def go(taps: VisionTaps, ctx: PruneContext):
+                res = pipeline.prune(pruner, taps, tile_ctx)
+                return res, pipeline.spatial_order(res, ctx.layout, ctx, taps.num_tokens)
+
+            def prepare(taps: VisionTaps) -> VisionTaps:
+                return taps
+        else:
+
+            def go(taps: VisionTaps, ctx: PruneContext):
+                res = pipeline.prune(pruner, taps, ctx)
+                return res, (res.selection.indices, res.selection.valid)
+
+            block = jax.jit(lambda p, f, tables: pipeline.packed_block(m, p, pipeline.project(m, p, f), tables))
+
+            def prepare(taps: VisionTaps) -> VisionTaps:
+                packed = block(params, taps.features, ctx.layout)
+                return VisionTaps(features=packed, embeddings=packed)
+
+        jitted = jax.jit(go)
+        return prepare, lambda x: jitted(x, ctx)
+
     def select_project_fn(self, pruner, planned: Planned):
         """A closure: taps -> (tokens (NI, K, D_llm), valid (NI, K)) the LLM receives (``tokens_from_taps``: the
         pruner's selection and the projection, NeXT packing included)."""

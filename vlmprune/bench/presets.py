@@ -1,8 +1,12 @@
 """Model presets: random HF-format checkpoints on disk (``tiny``, ``cpu-small``) or real shapes built on the device.
 
-``tiny`` and ``cpu-small`` are random HF checkpoints written once under ``checkpoints/bench-<preset>/``; the real
-shapes (``llava-1.5-7b``, ``llava-1.5-13b``, ``llava-next-7b``) and ``tiny-next`` are initialised directly on the
-device in the requested dtype (never written to disk); the real shapes are refused on CPU.
+``tiny``, ``cpu-small``, ``tiny-ov`` and ``cpu-small-ov`` are random HF checkpoints written once under
+``checkpoints/bench-<preset>/``; the real shapes (``llava-1.5-7b``, ``llava-1.5-13b``, ``llava-next-7b``,
+``llava-onevision-0.5b``, ``llava-onevision-7b``) and ``tiny-next`` are initialised directly on the device in the
+requested dtype (never written to disk); the real shapes are refused on CPU.
+
+The LLaVA-OneVision presets benchmark one fixed image size (``Preset.image_hw``, the demo image resized to it),
+so that the packed block, and with it every figure, is the same on every run.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import vlmprune
 from vlmprune import tiny
+from vlmprune.anyres.onevision import CLASS_DEFAULT_PINPOINTS, geometry, image_layout
 from vlmprune.bench import model_access as access
 from vlmprune.bench.config import PROMPT, BenchError, log
 from vlmprune.demo import prepare_inputs
@@ -49,6 +54,46 @@ _VICUNA_13B = dict(
     text_num_attention_heads=40,
     text_num_key_value_heads=40,
 )
+#: SigLIP so400m-patch14-384 as LLaVA-OneVision uses it: 26 layers (the 27th dropped), no pooling head;
+#: 27 x 27 = 729 tokens per 384-px tile
+_SIGLIP_SO400M = dict(
+    vision_hidden_size=1152,
+    vision_intermediate_size=4304,
+    vision_num_hidden_layers=26,
+    vision_num_attention_heads=16,
+    vision_image_size=384,
+    vision_patch_size=14,
+)
+#: the llava-hf OneVision checkpoints' anyres_max_9 canvases: (384a, 384b), a, b in 1..6, (height, width)
+_OV_PINPOINTS = dict(
+    image_grid_pinpoints=[list(p) for p in CLASS_DEFAULT_PINPOINTS], vision_aspect_ratio="anyres_max_9"
+)
+#: Qwen2-0.5B-Instruct with the converter's vocabulary (151936 + <image>, <video>, padded to a multiple of 64)
+_QWEN2_05B = dict(
+    text_hidden_size=896,
+    text_intermediate_size=4864,
+    text_num_hidden_layers=24,
+    text_num_attention_heads=14,
+    text_num_key_value_heads=2,
+    text_vocab_size=152000,
+    text_max_position_embeddings=32768,
+    text_rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+#: Qwen2-7B-Instruct (152064 + 2, padded to a multiple of 64), untied LM head
+_QWEN2_7B = dict(
+    _QWEN2_05B,
+    text_hidden_size=3584,
+    text_intermediate_size=18944,
+    text_num_hidden_layers=28,
+    text_num_attention_heads=28,
+    text_num_key_value_heads=4,
+    text_vocab_size=152128,
+    tie_word_embeddings=False,
+)
+#: the OneVision real-shape presets' image: a 3:4 photo, a 2x3 grid + base = 7 tiles, cropped to 54 x 73 tokens
+#: (not downsampled): 729 + 54·74 = 4725 packed visual tokens
+_OV_IMAGE_HW = (768, 1024)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +104,8 @@ class Preset:
     description: str
     next_model: bool = False
     gpu_only: bool = False  # refused on the CPU backend (real shapes)
+    onevision: bool = False  # a LLaVA-OneVision model (SigLIP + Qwen2)
+    image_hw: tuple[int, int] | None = None  # OneVision: the benchmark image's (height, width)
 
 
 PRESETS: dict[str, Preset] = {
@@ -130,6 +177,58 @@ PRESETS: dict[str, Preset] = {
         next_model=True,
         gpu_only=True,
     ),
+    "tiny-ov": Preset(
+        "tiny-ov",
+        {},
+        False,
+        "tiny LLaVA-OneVision (SigLIP 4x4 tokens per tile, 1x2 grid + base = 52 packed tokens), 2-layer Qwen2: "
+        "smoke tests only",
+        onevision=True,
+        image_hw=(56, 112),
+    ),
+    "cpu-small-ov": Preset(
+        "cpu-small-ov",
+        dict(
+            vision_image_size=384,
+            vision_patch_size=14,
+            vision_hidden_size=384,
+            vision_intermediate_size=1536,
+            vision_num_hidden_layers=6,
+            vision_num_attention_heads=6,
+            text_hidden_size=512,
+            text_intermediate_size=1536,
+            text_num_hidden_layers=4,
+            text_num_attention_heads=8,
+            text_num_key_value_heads=2,
+            text_vocab_size=16384,
+            text_max_position_embeddings=8192,
+        ),
+        False,
+        "LLaVA-OneVision at the real 27x27 = 729 tokens per 384-px tile: SigLIP-like 6-layer d384 tower + 4-layer "
+        "d512 Qwen2 (GQA 8/2, tied, 16k vocab); a 384x768 image = 1x2 grid + base, 729 + 27·55 = 2214 packed tokens",
+        onevision=True,
+        image_hw=(384, 768),
+    ),
+    "llava-onevision-0.5b": Preset(
+        "llava-onevision-0.5b",
+        dict(_SIGLIP_SO400M, **_QWEN2_05B, **_OV_PINPOINTS),
+        True,
+        "LLaVA-OneVision-0.5B shapes (SigLIP so400m 26 layers + Qwen2-0.5B, tied; anyres_max_9, 36 pinpoints; "
+        "a 768x1024 image = 2x3 grid + base, 4725 packed tokens; random weights)",
+        gpu_only=True,
+        onevision=True,
+        image_hw=_OV_IMAGE_HW,
+    ),
+    "llava-onevision-7b": Preset(
+        "llava-onevision-7b",
+        dict(_SIGLIP_SO400M, **_QWEN2_7B, **_OV_PINPOINTS),
+        True,
+        "LLaVA-OneVision-7B shapes (SigLIP so400m 26 layers + Qwen2-7B, untied; anyres_max_9, 36 pinpoints; "
+        "a 768x1024 image = 2x3 grid + base, 4725 packed tokens; random weights)",
+        gpu_only=True,
+        onevision=True,
+        image_hw=_OV_IMAGE_HW,
+    ),
 }
 
 
@@ -142,6 +241,11 @@ def preset_dir(preset: str, root: str = "checkpoints") -> str:
 
 def hf_config(preset: Preset):
     """(tokenizer, HF config, processor) for an in-memory preset."""
+    if preset.onevision:
+        tok = tiny.build_onevision_tokenizer()
+        ids = (len(tok), tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("<video>"), tok.pad_token_id)
+        cfg = tiny.tiny_onevision_config(*ids, **preset.overrides)
+        return tok, cfg, tiny.build_onevision_processor(tok, cfg)
     tok = tiny.build_tokenizer()
     ids = (len(tok), tok.convert_tokens_to_ids("<image>"), tok.pad_token_id)
     if preset.next_model:
@@ -152,14 +256,14 @@ def hf_config(preset: Preset):
 
 
 def ensure_checkpoint(preset: str, root: str = "checkpoints", seed: int = 0) -> str:
-    """Write the preset's random HF checkpoint once (tiny / cpu-small); reuse it afterwards."""
+    """Write the preset's random HF checkpoint once (tiny, cpu-small, tiny-ov, cpu-small-ov); reuse it afterwards."""
     p = PRESETS[preset]
     d = preset_dir(preset, root)
     if os.path.exists(os.path.join(d, "model.safetensors")):
         return d
     log(f"writing random {preset} checkpoint (HF format) to {d} ...")
     t = time.perf_counter()
-    tiny.write_random_llava(d, seed=seed, **p.overrides)
+    (tiny.write_random_onevision if p.onevision else tiny.write_random_llava)(d, seed=seed, **p.overrides)
     log(f"written in {time.perf_counter() - t:.1f}s")
     return d
 
@@ -258,8 +362,10 @@ def build_model(
     except (ValueError, NotImplementedError) as e:
         raise BenchError(f"{preset}: this vlmprune cannot build the model: {e}") from e
     n_params = param_count(abstract)
-    tiles = 5 if p.next_model else 1  # NeXT: base image + up to a 2x2 grid
-    vis = cfg.tokens_per_image * tiles
+    if p.onevision:  # the packed block of the preset's image
+        vis = image_layout(p.image_hw, geometry(cfg)).num_tokens
+    else:
+        vis = cfg.tokens_per_image * (5 if p.next_model else 1)  # NeXT: base image + up to a 2x2 grid
     est = memory_estimate(cfg, n_params, nbytes, seq_len=vis + 96 + max_new_tokens, batch=batch)
     need = (
         f"{preset} ({n_params / 1e9:.2f} B params) needs about {est['total'] / GiB:.1f} GiB of device memory "
@@ -285,7 +391,12 @@ def build_model(
     return model, None, {"params": n_params, "memory_estimate": est}
 
 
-def bench_inputs(model, batch: int = 1):
-    """Processor outputs (numpy) for the demo image and PROMPT, the same pair repeated ``batch`` times."""
-    x = prepare_inputs(model, [tiny.demo_image()], [PROMPT])
+def bench_inputs(model, batch: int = 1, image_hw: tuple[int, int] | None = None):
+    """Processor outputs (numpy) for the demo image and PROMPT, the same pair repeated ``batch`` times.
+
+    image_hw: (height, width) the demo image is resized to first (the OneVision presets' fixed image size)."""
+    image = tiny.demo_image()
+    if image_hw is not None:
+        image = image.resize((int(image_hw[1]), int(image_hw[0])))
+    x = prepare_inputs(model, [image], [PROMPT])
     return {k: np.concatenate([v] * batch) for k, v in x.items()}

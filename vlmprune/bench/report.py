@@ -41,12 +41,22 @@ def _fmt_g(x) -> str:
     return "n/a" if x is None else f"{x / 1e9:.2f}"
 
 
+def _visual(meta: dict) -> str:
+    if meta.get("model_type") == "llava_onevision" and meta.get("image_size_hw"):
+        h, w = meta["image_size_hw"]
+        return (
+            f"{meta['tokens_per_image']} visual tokens per tile, the {h}x{w} image packs into "
+            f"{meta.get('visual_tokens_unpruned')}"
+        )
+    return f"{meta['tokens_per_image']} visual tokens per image"
+
+
 def _header(meta: dict) -> list[str]:
     return [
         f"# Efficiency: {meta['preset']} ({meta['dtype']}) on {meta['backend']} ({meta['device']})",
         "",
-        f"{meta['preset_description']}; {meta['params'] / 1e6:.0f} M params, {meta['tokens_per_image']} visual tokens "
-        f"per image, {meta['input_tokens']} input tokens. Median ± half range over {meta['repeats']} timed runs after "
+        f"{meta['preset_description']}; {meta['params'] / 1e6:.0f} M params, {_visual(meta)}, "
+        f"{meta['input_tokens']} input tokens. Median ± half range over {meta['repeats']} timed runs after "
         f"{meta['warmup']} warm-up run(s); decode = {meta['max_new_tokens']} greedy tokens (EOS disabled). "
         f"jax {meta['jax']}"
         + (
@@ -133,10 +143,10 @@ def _batch_table(runs: list[dict], meta: dict, b: int) -> list[str]:
     return lines
 
 
-def _torch_table(runs: list[dict], b: int) -> list[str]:
+def _torch_table(runs: list[dict], b: int, hf_class: str) -> list[str]:
     lines = [
         "",
-        "## JAX vs PyTorch (HF `LlavaForConditionalGeneration`, SDPA, same weights, same kept tokens)",
+        f"## JAX vs PyTorch (HF `{hf_class}`, SDPA, same weights, same kept tokens)",
         "",
         "Each cell: JAX / PyTorch (ratio JAX÷PyTorch). Times in ms (lower is better), decode in tokens/s "
         "(higher is better). PyTorch TTFT uses JAX's precomputed kept indices (its selection is not run); "
@@ -181,6 +191,13 @@ def _targets_list(runs: list[dict], tg: dict) -> list[str]:
             "Same model on both sides: last-token logits of the two LLM prefills, relative L2 error / "
             "top-1 agreement: " + ", ".join(lc) + ".",
         ]
+    tc = [f"{r['label']} {r['tokens_vs_torch']['rel_l2']:.1e}" for r in runs if r.get("tokens_vs_torch")]
+    if tc:
+        lines += [
+            "",
+            "Same kept tokens on both sides: the visual tokens the two LLMs receive, relative L2 error over the "
+            "valid slots: " + ", ".join(tc) + ".",
+        ]
     if tg:
         lines += ["", "## Targets", ""]
         for k, v in tg.items():
@@ -196,7 +213,7 @@ def markdown(out: dict) -> str:
     b = meta["decode_batch"]
     lines = _header(meta) + _jax_table(runs, b) + _batch_table(runs, meta, b)
     if meta.get("compare_torch"):
-        lines += _torch_table(runs, b)
+        lines += _torch_table(runs, b, meta.get("torch_model", "LlavaForConditionalGeneration"))
     lines += _targets_list(runs, out.get("targets") or {})
     lines.append("")
     return "\n".join(lines)
@@ -354,7 +371,15 @@ def merge_outputs(paths: list[str], out_dir: str, tag: str, *, plots: bool = Tru
         compare_torch=any(o["meta"].get("compare_torch") for o in outs),
     )
     for o in outs[1:]:
-        for k in ("torch", "transformers", "torch_threads", "torch_device", "torch_attn", "omp_wait_policy"):
+        for k in (
+            "torch",
+            "transformers",
+            "torch_threads",
+            "torch_device",
+            "torch_attn",
+            "omp_wait_policy",
+            "torch_model",
+        ):
             meta.setdefault(k, o["meta"].get(k))
     order = [r["label"] for o in outs for r in o["runs"]]
     results = [runs[lab] for lab in dict.fromkeys(order)]

@@ -214,7 +214,9 @@ def check_sizes(hf, where: str) -> None:
             f"{where}: vision_config.hidden_size={v.hidden_size} is not a multiple of "
             f"num_attention_heads={v.num_attention_heads}"
         )
-    if v.image_size % v.patch_size:
+    # SigLIP's strided patch convolution leaves the border pixels outside every patch unused, as HF's does
+    # (OneVision's 384 / 14: 27 x 27 patches, 6 pixels); CLIP needs whole patches
+    if v.image_size % v.patch_size and getattr(v, "model_type", "") != "siglip_vision_model":
         raise ValueError(
             f"{where}: vision_config.image_size={v.image_size} is not a multiple of patch_size={v.patch_size}"
         )

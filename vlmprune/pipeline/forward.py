@@ -145,7 +145,7 @@ def tokens_from_taps(
             return tile_blocks(res.tokens if res.projected else project(module, params, res.tokens), res, layout)
         return spatial_tiles(flat_emb.reshape(ni, t * n, -1), res, layout, ctx, stride)
     if isinstance(layout, PackTables):  # OneVision: the official packing; a pruner selects slots of the packed block
-        packed = pack_image_features(flat_emb.reshape(ni, t, n, -1), newline, layout)
+        packed = packed_block(module, params, flat_emb, layout)
         if p is None:
             return packed, layout.valid
         if p.selects_per_tile(cfg):  # mode B: scored on the tiles' taps, kept slots first in packed order
@@ -181,6 +181,14 @@ def packed_selection(pruner: VisualPruner, packed: Array, taps: VisionTaps, ctx:
     return pruner.prune(VisionTaps(features=packed, embeddings=packed), ctx).selection
 
 
+def packed_block(module: Llava, params, tile_embeddings: Array, tables: PackTables) -> Array:
+    """OneVision: HF's packed visual block (NI, V, D) of projected tile tokens (NI·T, N, D) (base, unpadded and
+    possibly downsampled grid, a newline per row; ``vlmprune.anyres.onevision.pack_image_features``)."""
+    ni, t = tables.tile_valid.shape
+    newline = module.apply({"params": params}, method=lambda m: m.image_newline)
+    return pack_image_features(tile_embeddings.reshape(ni, t, tile_embeddings.shape[1], -1), newline, tables)
+
+
 def spatial_tiles(
     emb: Array, result: PruneResult, tables: PackTables, ctx: PruneContext, stride: int | None = None
 ) -> tuple[Array, Array]:
@@ -192,8 +200,21 @@ def spatial_tiles(
     (tokens (NI, S, D), valid (NI, S)) with S = ``stride`` (default T·K): each image's kept tokens of its own tiles
     sorted by rank (base in raster order, then the stitched grid in global raster order), invalid slots last. A
     stride shorter than T·K must still hold every image's valid tokens (the pruner's budget guarantees it)."""
+    idx, valid = spatial_order(result, tables, ctx, emb.shape[1] // tables.tile_valid.shape[1])
+    tk = idx.shape[1]
+    s = tk if stride is None else stride
+    if s > tk:  # pad with invalid slots
+        idx = jnp.pad(idx, ((0, 0), (0, s - tk)))
+        valid = jnp.pad(valid, ((0, 0), (0, s - tk)))
+    idx, valid = idx[:, :s], valid[:, :s]
+    return jnp.take_along_axis(emb, idx[..., None], axis=1), valid
+
+
+def spatial_order(result: PruneResult, tables: PackTables, ctx: PruneContext, n: int) -> tuple[Array, Array]:
+    """The tile tokens :func:`spatial_tiles` hands the LLM: (indices int32 (NI, T·K) into each image's T·N tile
+    tokens (``tile · n + patch``), in the LLM's order, valid bool (NI, T·K)); n = tokens per tile. A token whose
+    rank is -1 (dropped by the packing) is invalid."""
     ni, t = tables.tile_valid.shape
-    n = emb.shape[1] // t
     sel = result.selection
     k = sel.indices.shape[-1]
     idx = (sel.indices.reshape(ni, t, k) + n * jnp.arange(t, dtype=jnp.int32)[:, None]).reshape(ni, t * k)
@@ -201,13 +222,7 @@ def spatial_tiles(
     rank = jnp.take_along_axis(ctx.aux_array("spatial_rank", "spatial-compat layout"), idx, axis=1)
     valid = valid & (rank >= 0)
     order = jnp.argsort(jnp.where(valid, rank, jnp.iinfo(jnp.int32).max), axis=1, stable=True)
-    idx, valid = jnp.take_along_axis(idx, order, axis=1), jnp.take_along_axis(valid, order, axis=1)
-    s = t * k if stride is None else stride
-    if s > t * k:  # pad with invalid slots
-        idx = jnp.pad(idx, ((0, 0), (0, s - t * k)))
-        valid = jnp.pad(valid, ((0, 0), (0, s - t * k)))
-    idx, valid = idx[:, :s], valid[:, :s]
-    return jnp.take_along_axis(emb, idx[..., None], axis=1), valid
+    return jnp.take_along_axis(idx, order, axis=1), jnp.take_along_axis(valid, order, axis=1)
 
 
 def tile_blocks(tokens: Array, result: PruneResult, tables: PackTables) -> tuple[Array, Array]:
