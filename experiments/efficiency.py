@@ -27,12 +27,14 @@ CPU_METHODS = _METHODS + ("vispruner:64:exact_similarity=False",)
 GPU_METHODS = _METHODS + ("fastv:0.25",)
 #: LLaVA-NeXT budgets are per tile (up to 5 tiles of 576)
 NEXT_METHODS = ("none", "vispruner:64,128", "fastervlm:64", "hired:0.2")
-#: LLaVA-OneVision: the methods that run on it today, budgets per tile of 729 (VisPruner / FasterVLM / random in
-#: the spatial-compat layout, ``layout=reference``; DivPrune on the packed block; FastV inside the Qwen2 decoder)
+#: LLaVA-OneVision, budgets per tile of 729: VisPruner / FasterVLM in the official layout (mode B, the default) and
+#: VisPruner in the spatial-compat one (``layout=reference``, mode A); DivPrune on the packed block; FastV inside the
+#: Qwen2 decoder; random (mode B)
 OV_METHODS = (
     "none",
-    "vispruner:64,128:layout=reference",
-    "fastervlm:64:layout=reference",
+    "vispruner:64,128",
+    "vispruner:64:layout=reference",
+    "fastervlm:64",
     "divprune:64",
     "fastv:0.25",
     "random:64",

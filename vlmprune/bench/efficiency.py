@@ -163,7 +163,8 @@ def _selection_onevision(r: _Run) -> None:
         sel_in = prepare(st["enc"])
         r.jx["selection_ms"], _ = r.measure(lambda: select(sel_in), repeats=max(r.repeats, SELECTION_REPEATS))
         st["result"], (idx, valid) = select(sel_in)
-        where = "tiles" if p.selects_per_tile(r.model.config) else "packed"
+        cfg = r.model.config
+        where = "tiles" if p.selects_per_tile(cfg) and p.spatial_compat(cfg) else "packed"
         st["kept"] = {"where": where, "idx": idx, "valid": valid}
     st["tokens"], st["valid"] = st["select_project"]()
 

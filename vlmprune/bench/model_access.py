@@ -173,17 +173,25 @@ class JaxPieces:
         """LLaVA-OneVision: (``prepare``: taps -> what the selection reads, ``select``: that input -> (PruneResult,
         (kept indices int32 (NI, K), valid bool (NI, K)) in the order the LLM receives them)), ``select`` jitted.
 
-        A pruner that selects per tile (``selects_per_tile``) reads the NI·T tiles' taps and its indices are tile
-        tokens (``tile · N + patch``, sorted into the spatial-compat layout); one that selects on the packed block
-        (DivPrune) reads the projected packed block (precomputed by ``prepare``) and its indices are its slots."""
+        A pruner that selects per tile (``selects_per_tile``) reads the NI·T tiles' taps; in the spatial-compat
+        layout its indices are tile tokens (``tile · N + patch``, sorted into that layout), in the official layout
+        (mode B) slots of the packed block. One that selects on the packed block (DivPrune) reads the projected
+        packed block (precomputed by ``prepare``) and its indices are its slots."""
         cfg, m, params = self.model.config, self.model.module, self.model.params
         ctx = planned.context(cfg)
-        if pruner.selects_per_tile(cfg):
-            tile_ctx = PruneContext(config=cfg)
+        if pruner.selects_per_tile(cfg) and pruner.spatial_compat(cfg):
 
             def go(taps: VisionTaps, ctx: PruneContext):
-                res = pipeline.prune(pruner, taps, tile_ctx)
+                res = pipeline.prune(pruner, taps, ctx)
                 return res, pipeline.spatial_order(res, ctx.layout, ctx, taps.num_tokens)
+
+            def prepare(taps: VisionTaps) -> VisionTaps:
+                return taps
+        elif pruner.selects_per_tile(cfg):  # the official layout (mode B): tiles' taps in, packed-block slots out
+
+            def go(taps: VisionTaps, ctx: PruneContext):
+                res = pipeline.prune(pruner, taps, ctx)
+                return res, (res.selection.indices, res.selection.valid)
 
             def prepare(taps: VisionTaps) -> VisionTaps:
                 return taps
