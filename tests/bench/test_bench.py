@@ -56,7 +56,7 @@ def test_bench_tiny_end_to_end(tmp_path):
 
 
 #: LLaVA-OneVision methods that run today (per-tile ones in the spatial-compat layout), tiny budgets per 16-token tile
-OV_SPECS = ("none", "vispruner:4:layout=reference", "divprune:4", "fastv:0.5:layer=1")
+OV_SPECS = ("none", "vispruner:4:layout=reference", "vispruner:4", "divprune:4", "fastv:0.5:layer=1")
 #: both sides run float32 on the CPU: the same tower, projector, packing and decoder differ by summation order
 #: only (measured ~4e-7 relative)
 FP32_REL = 1e-5
@@ -90,7 +90,7 @@ def test_bench_tiny_onevision_end_to_end(tmp_path):
     v = lay.num_tokens  # the packed block of the preset's image (base + unpadded grid + newlines)
     assert meta["visual_tokens_unpruned"] == v and meta["image_size_hw"] == list(bench.PRESETS["tiny-ov"].image_hw)
     runs = {r["label"]: r for r in out["runs"]}
-    assert list(runs) == ["none", "vispruner@4(layout=reference)", "divprune@4", "fastv@0.5(layer=1)"]
+    assert list(runs) == ["none", "vispruner@4(layout=reference)", "vispruner@4", "divprune@4", "fastv@0.5(layer=1)"]
     for label, r in runs.items():
         assert "error" not in r, (label, r.get("error"))
         for k in ("vision_ms", "select_project_ms", "llm_prefill_ms", "ttft_ms", "decode_tok_s_b1", "decode_tok_s_b2"):
@@ -98,9 +98,12 @@ def test_bench_tiny_onevision_end_to_end(tmp_path):
     assert runs["none"]["visual_tokens"] == v
     assert runs["vispruner@4(layout=reference)"]["visual_tokens"] == 4 * lay.num_tiles  # per tile, base included
     assert runs["divprune@4"]["visual_tokens"] == min(4 * lay.num_tiles, v)
+    oh, ow = lay.out_hw  # mode B: 4 of the base, min(4·K, oh·ow) of the grid, at most one newline per grid row
+    grid_kept = 4 + min(4 * (lay.num_tiles - 1), oh * ow)
+    assert grid_kept <= runs["vispruner@4"]["visual_tokens"] <= grid_kept + oh
     assert runs["fastv@0.5(layer=1)"]["visual_tokens"] == int(0.5 * v)  # floor(ratio·V) of the packed block
     assert "LlavaOnevision" in runs["fastv@0.5(layer=1)"]["torch_skipped"]
-    for label in ("none", "vispruner@4(layout=reference)", "divprune@4"):
+    for label in ("none", "vispruner@4(layout=reference)", "vispruner@4", "divprune@4"):
         r = runs[label]
         for k in ("vision_ms", "llm_prefill_ms", "ttft_ms", "decode_tok_s_b1", "decode_tok_s_b2"):
             assert math.isfinite(r["torch"][k]["median"]) and r["torch"][k]["median"] > 0, (label, k)
@@ -111,6 +114,7 @@ def test_bench_tiny_onevision_end_to_end(tmp_path):
     assert runs["none"]["torch_tokens"] == "hf-packed"
     assert runs["vispruner@4(layout=reference)"]["torch_tokens"] == "hf-at-kept-tiles-indices"
     assert runs["divprune@4"]["torch_tokens"] == "hf-at-kept-packed-indices"
+    assert runs["vispruner@4"]["torch_tokens"] == "hf-at-kept-packed-indices"
     assert 0 < runs["vispruner@4(layout=reference)"]["reduction_vs_none"]["analytic_2ndm"] < 1
     md = (tmp_path / "out" / "efficiency_ov.md").read_text()
     assert "LlavaOnevisionForConditionalGeneration" in md and "Same kept tokens on both sides" in md

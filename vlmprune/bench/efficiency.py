@@ -167,6 +167,9 @@ def _selection_onevision(r: _Run) -> None:
         where = "tiles" if p.selects_per_tile(cfg) and p.spatial_compat(cfg) else "packed"
         st["kept"] = {"where": where, "idx": idx, "valid": valid}
     st["tokens"], st["valid"] = st["select_project"]()
+    if st.get("kept") is not None:  # the LLM gets the first `stride` entries (mode B: kept slots come first)
+        w = int(st["valid"].shape[1])
+        st["kept"] = dict(st["kept"], idx=st["kept"]["idx"][:, :w], valid=st["kept"]["valid"][:, :w])
 
 
 _SELECTION = {"llava_next": _selection_next, "llava_onevision": _selection_onevision}
