@@ -35,6 +35,7 @@ from vlmprune.io.weights import Rules, abstract_params, identity, load_params, p
 from vlmprune.models.activations import activation
 from vlmprune.models.attention import attention
 from vlmprune.models.family import VISION, Family
+from vlmprune.models.vision.taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
@@ -167,11 +168,17 @@ class CLIPEncoderLayer(nn.Module):
         return x + h, cls_attn, k
 
 
-def _layer_index(layer: int, num_layers: int) -> int:
-    idx = layer + num_layers if layer < 0 else layer
-    if not 0 <= idx < num_layers:
-        raise ValueError(f"layer index {layer} out of range for {num_layers} encoder layers")
-    return idx
+def encoder_layer(c: CLIPVisionConfig | CLIPTextConfig, dtype, i: int) -> CLIPEncoderLayer:
+    """Encoder layer ``layers_{i}`` of either tower, shaped by its config (built inside a compact method)."""
+    return CLIPEncoderLayer(
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.layer_norm_eps,
+        c.hidden_act,
+        dtype=dtype,
+        name=f"layers_{i}",
+    )
 
 
 class CLIPVisionTransformer(nn.Module):
@@ -213,13 +220,14 @@ class CLIPVisionTransformer(nn.Module):
         """
         c = self.config
         L = c.num_hidden_layers
-        hs_idx = tuple(sorted({_layer_index(i, L + 1) for i in hidden_state_layers}))
-        attn_idx = tuple(sorted({_layer_index(i, L) for i in cls_attention_layers}))
-        key_idx = tuple(sorted({_layer_index(i, L) for i in key_layers}))
-        need = max([0, *hs_idx] + [i + 1 for i in attn_idx + key_idx])
-        if output_hidden_states or post_layernorm:
-            need = L
-        n_run = need if num_layers is None else num_layers
+        hs_idx, idx, n_run = resolve_requests(
+            "CLIPVisionTransformer",
+            L,
+            hidden_state_layers,
+            {"cls_attention_layers": cls_attention_layers, "key_layers": key_layers},
+            num_layers,
+            run_all=output_hidden_states or post_layernorm,
+        )
 
         b, ch, hgt, wid = pixel_values.shape
         p = c.patch_size
@@ -234,31 +242,16 @@ class CLIPVisionTransformer(nn.Module):
         x = x + pos.astype(self.dtype)[None]
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="pre_layrnorm")(x)
 
-        hidden, cls_attn, keys, cls_query = {}, {}, {}, {}
-        if output_hidden_states or 0 in hs_idx:
-            hidden[0] = x
-        for i in range(L):
-            layer = CLIPEncoderLayer(
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_attention_heads,
-                c.layer_norm_eps,
-                c.hidden_act,
-                dtype=self.dtype,
-                name=f"layers_{i}",
-            )
-            if i >= n_run:
-                # Instantiate the params (so init builds the full tree) without running the layer.
-                if self.is_initializing():
-                    layer(x)
-                continue
-            x, a, k = layer(x, cls_row=i in attn_idx, keys=i in key_idx)
-            if a is not None:
-                cls_attn[i] = a[:, :, 1:]
-            if k is not None:
-                keys[i], cls_query[i] = k
-            if output_hidden_states or (i + 1) in hs_idx:
-                hidden[i + 1] = x
+        def make_layer(i):
+            return encoder_layer(c, self.dtype, i)
+
+        flags = {"cls_row": idx["cls_attention_layers"], "keys": idx["key_layers"]}
+        x, hidden, extras = run_layers(
+            self, x, make_layer, L, n_run, hs_idx, flags, output_hidden_states=output_hidden_states
+        )
+        cls_attn = {i: a[:, :, 1:] for i, a in extras["cls_row"].items()}
+        keys = {i: k for i, (k, _) in extras["keys"].items()}
+        cls_query = {i: q for i, (_, q) in extras["keys"].items()}
         post = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")
         out = {"hidden_states": hidden, "cls_attn": cls_attn, "keys": keys, "cls_query": cls_query}
         if post_layernorm or self.is_initializing():
@@ -286,15 +279,7 @@ class CLIPTextTransformer(nn.Module):
         if attention_mask is not None:
             causal = causal & attention_mask.astype(bool)[:, None, None, :]
         for i in range(c.num_hidden_layers):
-            x, _, _ = CLIPEncoderLayer(
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_attention_heads,
-                c.layer_norm_eps,
-                c.hidden_act,
-                dtype=self.dtype,
-                name=f"layers_{i}",
-            )(x, causal_mask=causal)
+            x, _, _ = encoder_layer(c, self.dtype, i)(x, causal_mask=causal)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
         if c.eos_token_id == 2:
             # Legacy configs: HF pools at the highest token id (the EOT token of the original vocabulary).

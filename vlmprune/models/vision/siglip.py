@@ -41,6 +41,7 @@ from vlmprune.io.weights import Rules, identity, patch_conv, prefix_rules, trans
 from vlmprune.models.activations import activation
 from vlmprune.models.attention import QUERY_BLOCK, attention
 from vlmprune.models.family import VISION, Family
+from vlmprune.models.vision.taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
@@ -306,28 +307,6 @@ class SiglipPoolingHead(nn.Module):
         return (h + y)[:, 0]
 
 
-def _resolve_requests(
-    L: int, hidden_state_layers, received_attention_layers, key_layers, query_layers, num_layers, *, run_all: bool
-):
-    """The tower's requests as sorted 0-based indices and the number of layers to run (ValueError naming a bad
-    index or ``num_layers``)."""
-    hs_idx = tuple(sorted({resolve_layer("hidden_state_layers", i, L + 1) for i in hidden_state_layers}))
-    rec_idx = tuple(sorted({resolve_layer("received_attention_layers", i, L) for i in received_attention_layers}))
-    key_idx = tuple(sorted({resolve_layer("key_layers", i, L) for i in key_layers}))
-    qry_idx = tuple(sorted({resolve_layer("query_layers", i, L) for i in query_layers}))
-    need = L if run_all else max([0, *hs_idx] + [i + 1 for i in rec_idx + key_idx + qry_idx])
-    if num_layers is None:
-        return hs_idx, rec_idx, key_idx, qry_idx, need
-    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
-        raise ValueError(f"SiglipVisionTransformer: num_layers must be a Python int, got {num_layers!r}")
-    if not need <= num_layers <= L:
-        raise ValueError(
-            f"SiglipVisionTransformer: num_layers {num_layers} must be in [{need}, {L}] "
-            f"(the requested outputs need {need} layers)"
-        )
-    return hs_idx, rec_idx, key_idx, qry_idx, int(num_layers)
-
-
 def _patches(pixel_values: Array, p: int, g: int) -> Array:
     """(B, C, S, S) pixels -> (B, g*g, C*p*p) flattened (C, p, p) patches in raster order, the input of the patch
     conv as a matmul (kernel layout (C*p*p, D)). HF's stride-p "valid" conv never reads the pixels past g * p."""
@@ -335,19 +314,6 @@ def _patches(pixel_values: Array, p: int, g: int) -> Array:
     x = pixel_values[:, :, : g * p, : g * p]
     x = x.reshape(b, ch, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
     return x.reshape(b, g * g, ch * p * p)
-
-
-def resolve_layer(name: str, layer, num_layers: int) -> int:
-    """A (possibly negative) Python int layer index -> 0-based index in ``[0, num_layers)``, or a ValueError
-    naming the request and the valid range."""
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-        raise ValueError(f"SiglipVisionTransformer: {name} must hold Python ints, got {layer!r}")
-    idx = int(layer) + num_layers if layer < 0 else int(layer)
-    if not 0 <= idx < num_layers:
-        raise ValueError(
-            f"SiglipVisionTransformer: {name} index {layer} is out of range [-{num_layers}, {num_layers - 1}]"
-        )
-    return idx
 
 
 def check_pixels(pixel_values, config: SiglipVisionConfig) -> None:
@@ -429,12 +395,15 @@ class SiglipVisionTransformer(nn.Module):
         L = c.num_hidden_layers
         check_pixels(pixel_values, c)
         _check_block(self.query_block)
-        hs_idx, rec_idx, key_idx, qry_idx, n_run = _resolve_requests(
+        hs_idx, idx, n_run = resolve_requests(
+            "SiglipVisionTransformer",
             L,
             hidden_state_layers,
-            received_attention_layers,
-            key_layers,
-            query_layers,
+            {
+                "received_attention_layers": received_attention_layers,
+                "key_layers": key_layers,
+                "query_layers": query_layers,
+            },
             num_layers,
             run_all=output_hidden_states or post_layernorm,
         )
@@ -443,11 +412,8 @@ class SiglipVisionTransformer(nn.Module):
         pos = self.param("position_embedding", nn.initializers.normal(0.02), (c.num_patches, c.hidden_size))
         x = x + pos.astype(self.dtype)[None]
 
-        hidden, received, keys, queries = {}, {}, {}, {}
-        if output_hidden_states or 0 in hs_idx:
-            hidden[0] = x
-        for i in range(L):
-            layer = SiglipEncoderLayer(
+        def make_layer(i):
+            return SiglipEncoderLayer(
                 c.hidden_size,
                 c.intermediate_size,
                 c.num_attention_heads,
@@ -457,19 +423,16 @@ class SiglipVisionTransformer(nn.Module):
                 dtype=self.dtype,
                 name=f"layers_{i}",
             )
-            if i >= n_run:
-                if self.is_initializing():  # build the full param tree without running the layer
-                    layer(x)
-                continue
-            x, r, k, q = layer(x, received=i in rec_idx, keys=i in key_idx, queries=i in qry_idx)
-            if r is not None:
-                received[i] = r
-            if k is not None:
-                keys[i] = k
-            if q is not None:
-                queries[i] = q
-            if output_hidden_states or (i + 1) in hs_idx:
-                hidden[i + 1] = x
+
+        flags = {
+            "received": idx["received_attention_layers"],
+            "keys": idx["key_layers"],
+            "queries": idx["query_layers"],
+        }
+        x, hidden, extras = run_layers(
+            self, x, make_layer, L, n_run, hs_idx, flags, output_hidden_states=output_hidden_states
+        )
+        received, keys, queries = extras["received"], extras["keys"], extras["queries"]
         out = {"hidden_states": hidden, "received_attn": received, "keys": keys, "queries": queries}
         if post_layernorm or self.is_initializing():
             last = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(x)
