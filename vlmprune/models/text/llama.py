@@ -44,7 +44,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()  # sorted (key, value) items of HF's rope parameters other than rope_theta
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q/k/v and o_proj (HF's ``attention_bias``)
+    qkv_bias: bool = False  # biases on q/k/v only, none on o_proj (Qwen2); HF's LLaMA configs never set it
     mlp_bias: bool = False
     hidden_act: str = "silu"
 
@@ -234,7 +235,8 @@ class LlamaAttention(nn.Module):
         """
         c = self.cfg
         b, t, _ = x.shape
-        dense = lambda n, name: nn.Dense(n, use_bias=c.attention_bias, dtype=self.dtype, name=name)  # noqa: E731
+        qkv_bias = c.attention_bias or c.qkv_bias
+        dense = lambda n, name: nn.Dense(n, use_bias=qkv_bias, dtype=self.dtype, name=name)  # noqa: E731
         q = dense(c.num_attention_heads * c.head_dim, "q_proj")(x).reshape(b, t, c.num_attention_heads, c.head_dim)
         k = dense(c.num_key_value_heads * c.head_dim, "k_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = dense(c.num_key_value_heads * c.head_dim, "v_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
