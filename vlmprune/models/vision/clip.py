@@ -34,7 +34,7 @@ from vlmprune.io.dtypes import parse_dtype
 from vlmprune.io.weights import Rules, abstract_params, identity, load_params, patch_conv, prefix_rules, transpose
 from vlmprune.models.activations import activation
 from vlmprune.models.attention import attention
-from vlmprune.models.family import VISION, Family
+from vlmprune.models.family import VISION, Family, fields_from_hf
 from vlmprune.models.vision.taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
@@ -69,18 +69,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_hf(cls, c) -> CLIPVisionConfig:
-        return cls(
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            image_size=c.image_size,
-            patch_size=c.patch_size,
-            num_channels=c.num_channels,
-            layer_norm_eps=c.layer_norm_eps,
-            hidden_act=c.hidden_act,
-            projection_dim=getattr(c, "projection_dim", 768),
-        )
+        return fields_from_hf(cls, c, projection_dim=getattr(c, "projection_dim", 768))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,18 +87,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_hf(cls, c) -> CLIPTextConfig:
-        return cls(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            max_position_embeddings=c.max_position_embeddings,
-            layer_norm_eps=c.layer_norm_eps,
-            hidden_act=c.hidden_act,
-            eos_token_id=c.eos_token_id,
-            projection_dim=getattr(c, "projection_dim", 768),
-        )
+        return fields_from_hf(cls, c, projection_dim=getattr(c, "projection_dim", 768))
 
 
 class CLIPAttention(nn.Module):

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from vlmprune.io.weights import Rules, identity, patch_conv, prefix_rules, transpose
 from vlmprune.models.activations import activation
 from vlmprune.models.attention import QUERY_BLOCK, attention
-from vlmprune.models.family import VISION, Family
+from vlmprune.models.family import VISION, Family, fields_from_hf
 from vlmprune.models.vision.taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
@@ -101,18 +101,7 @@ class SiglipVisionConfig:
     @classmethod
     def from_hf(cls, c) -> SiglipVisionConfig:
         """From a ``transformers.SiglipVisionConfig`` (or any object with its attribute names)."""
-        return cls(
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            image_size=c.image_size,
-            patch_size=c.patch_size,
-            num_channels=c.num_channels,
-            layer_norm_eps=c.layer_norm_eps,
-            hidden_act=c.hidden_act,
-            use_head=bool(getattr(c, "vision_use_head", True)),  # HF's default is True
-        )
+        return fields_from_hf(cls, c, use_head=bool(getattr(c, "vision_use_head", True)))  # HF's default is True
 
 
 # --------------------------------------------------------------------------------------------------------
