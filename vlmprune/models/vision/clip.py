@@ -32,9 +32,9 @@ from vlmprune import checks
 from vlmprune.io.checkpoint import read_hf_config
 from vlmprune.io.dtypes import parse_dtype
 from vlmprune.io.weights import Rules, abstract_params, identity, load_params, patch_conv, prefix_rules, transpose
-from vlmprune.models.activations import activation
 from vlmprune.models.attention import attention
 from vlmprune.models.family import VISION, Family, fields_from_hf
+from vlmprune.models.vision.encoder import ENCODER_RULES, ENCODER_SHARDING_RULES, mlp_residual
 from vlmprune.models.vision.taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
@@ -138,12 +138,8 @@ class CLIPEncoderLayer(nn.Module):
         h, cls_attn, k = CLIPAttention(self.hidden_size, self.num_heads, dtype=self.dtype, name="self_attn")(
             h, causal_mask=causal_mask, cls_row=cls_row, keys=keys
         )
-        x = x + h
-        h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(x)
-        h = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(h)
-        h = activation(self.act)(h)
-        h = nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(h)
-        return x + h, cls_attn, k
+        x = mlp_residual(x + h, self.hidden_size, self.intermediate_size, self.eps, self.act, self.dtype)
+        return x, cls_attn, k
 
 
 def encoder_layer(c: CLIPVisionConfig | CLIPTextConfig, dtype, i: int) -> CLIPEncoderLayer:
@@ -304,15 +300,6 @@ def clip_configs(hf) -> tuple[CLIPVisionConfig, CLIPTextConfig, int]:
 # ---------------------------------------------------------------------------------------------- weights, sharding
 
 # HF ``CLIPEncoderLayer`` i -> ``layers_i`` (shared by both towers).
-_LAYER = r"encoder\.layers\.(\d+)\."
-ENCODER_RULES: Rules = [
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight", r"layers_\1/self_attn/\2/kernel", transpose),
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", r"layers_\1/self_attn/\2/bias", identity),
-    (_LAYER + r"(layer_norm1|layer_norm2)\.weight", r"layers_\1/\2/scale", identity),
-    (_LAYER + r"(layer_norm1|layer_norm2)\.bias", r"layers_\1/\2/bias", identity),
-    (_LAYER + r"mlp\.(fc1|fc2)\.weight", r"layers_\1/\2/kernel", transpose),
-    (_LAYER + r"mlp\.(fc1|fc2)\.bias", r"layers_\1/\2/bias", identity),
-]
 
 # HF ``CLIPVisionTransformer`` keys -> :class:`CLIPVisionTransformer` params.
 WEIGHT_RULES: Rules = [
@@ -342,13 +329,7 @@ CLIP_RULES: Rules = [
 ]
 
 # Tensor parallel over heads and MLP width: q/k/v and fc1 split by columns, out_proj and fc2 by rows.
-SHARDING_RULES: ShardingRules = [
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
-    (r"layers_\d+/fc1/kernel", (None, "model")),
-    (r"layers_\d+/fc1/bias", ("model",)),
-    (r"layers_\d+/(self_attn/out_proj|fc2)/kernel", ("model", None)),
-]
+SHARDING_RULES: ShardingRules = ENCODER_SHARDING_RULES
 
 FAMILY = Family(
     name="CLIP",

@@ -41,6 +41,7 @@ from vlmprune.io.weights import Rules, identity, patch_conv, prefix_rules, trans
 from vlmprune.models.activations import activation
 from vlmprune.models.attention import QUERY_BLOCK, attention
 from vlmprune.models.family import VISION, Family, fields_from_hf
+from vlmprune.models.vision.encoder import ENCODER_RULES, ENCODER_SHARDING_RULES, mlp_residual
 from vlmprune.models.vision.taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
@@ -257,12 +258,8 @@ class SiglipEncoderLayer(nn.Module):
         h, r, k, q = SiglipAttention(
             self.hidden_size, self.num_heads, self.query_block, dtype=self.dtype, name="self_attn"
         )(h, received=received, keys=keys, queries=queries)
-        x = x + h
-        h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(x)
-        h = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(h)
-        h = activation(self.act)(h)
-        h = nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(h)
-        return x + h, r, k, q
+        x = mlp_residual(x + h, self.hidden_size, self.intermediate_size, self.eps, self.act, self.dtype)
+        return x, r, k, q
 
 
 class SiglipPoolingHead(nn.Module):
@@ -461,19 +458,13 @@ def siglip_vision_rules(src: str = "", dst: str = "") -> Rules:
 # HF ``SiglipVisionModel`` keys (transformers 5.x layout, no ``vision_model.`` level) -> tower params. The pooling
 # head's rules are included; a config without the head has no such params, so a checkpoint carrying them is
 # reported as unexpected by the loader.
-_LAYER = r"encoder\.layers\.(\d+)\."
 WEIGHT_RULES: Rules = [
     (r"embeddings\.patch_embedding\.weight", "patch_embedding/kernel", patch_conv),
     (r"embeddings\.patch_embedding\.bias", "patch_embedding/bias", identity),
     (r"embeddings\.position_embedding\.weight", "position_embedding", identity),
     (r"post_layernorm\.weight", "post_layernorm/scale", identity),
     (r"post_layernorm\.bias", "post_layernorm/bias", identity),
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight", r"layers_\1/self_attn/\2/kernel", transpose),
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", r"layers_\1/self_attn/\2/bias", identity),
-    (_LAYER + r"(layer_norm1|layer_norm2)\.weight", r"layers_\1/\2/scale", identity),
-    (_LAYER + r"(layer_norm1|layer_norm2)\.bias", r"layers_\1/\2/bias", identity),
-    (_LAYER + r"mlp\.(fc1|fc2)\.weight", r"layers_\1/\2/kernel", transpose),
-    (_LAYER + r"mlp\.(fc1|fc2)\.bias", r"layers_\1/\2/bias", identity),
+    *ENCODER_RULES,
     (r"head\.probe", "head/probe", identity),
     (r"head\.attention\.in_proj_weight", "head/in_proj/kernel", transpose),
     (r"head\.attention\.in_proj_bias", "head/in_proj/bias", identity),
@@ -496,14 +487,7 @@ def siglip_vision_renames(src: str = "") -> list[tuple[str, str]]:
 #: Megatron-style tensor parallelism over mesh axis "model" (same format as ``vlmprune.sharding.RULES``): the
 #: q/k/v and fc1 projections split their output columns (whole heads when heads divide the axis), out_proj
 #: and fc2 their input rows. Embeddings, norms and the pooling head (one probe token) stay replicated.
-SHARDING_RULES: ShardingRules = [
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
-    (r"layers_\d+/self_attn/out_proj/kernel", ("model", None)),
-    (r"layers_\d+/fc1/kernel", (None, "model")),
-    (r"layers_\d+/fc1/bias", ("model",)),
-    (r"layers_\d+/fc2/kernel", ("model", None)),
-]
+SHARDING_RULES: ShardingRules = ENCODER_SHARDING_RULES
 
 SIGLIP_SHARDING_RULES = SHARDING_RULES  # the name the standalone tests used
 
