@@ -80,7 +80,7 @@ def test_mixed_grid_batch_and_generation_match_hf(models):
     m = x["attention_mask"].astype(bool)
     chex.assert_trees_all_close(np.asarray(out.logits)[m], ref[m], atol=LOGITS_ATOL, rtol=0)
     ours = model_generate(model, x, max_new_tokens=10)
-    np.testing.assert_array_equal(ours, hf_greedy(hf, x, 10, model.config.pad_token_id))
+    np.testing.assert_array_equal(ours, hf_greedy(hf, 10, model.config.pad_token_id, **torch_batch(x)))
 
 
 def test_one_compile_serves_every_grid(models):

@@ -1,4 +1,4 @@
-"""One processor batch through a loaded vlmprune model and through its HF twin, as the anyres parity tests call them.
+"""One processor batch through a loaded vlmprune model, and HF's greedy generation, as the parity tests call them.
 
 A batch ``x`` is a dict of numpy arrays: ``input_ids`` and ``attention_mask`` (B, T), ``pixel_values`` and
 ``image_sizes`` (B, 2), what the HF processor returns with ``return_tensors="np"``.
@@ -27,14 +27,16 @@ def model_generate(model, x: dict, **kw):
     )
 
 
-def hf_greedy(hf, x: dict, max_new_tokens: int, pad_token_id: int) -> np.ndarray:
-    """HF's greedy ``generate`` of exactly ``max_new_tokens`` tokens per row: the new tokens (B, max_new_tokens)."""
+def hf_greedy(hf, max_new_tokens: int, pad_token_id: int, **inputs) -> np.ndarray:
+    """HF's greedy ``generate`` of exactly ``max_new_tokens`` tokens per row from ``inputs`` (torch tensors:
+    ``input_ids`` or ``inputs_embeds``, ``attention_mask``, pixels, ... and any other generate option): the new
+    tokens as numpy (B, max_new_tokens)."""
     with torch.no_grad():
         gen = hf.generate(
-            **torch_batch(x),
+            **inputs,
             max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad_token_id,
         )
-    return gen[:, x["input_ids"].shape[1] :].numpy()
+    return gen[:, -max_new_tokens:].numpy()
