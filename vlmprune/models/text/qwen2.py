@@ -22,7 +22,6 @@ do not enable it, and a config that does is refused by :meth:`Qwen2Config.from_h
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import jax
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from transformers import AutoConfig
 
-from vlmprune.io.weights import Rules, identity, load_params, transpose
+from vlmprune.io.weights import Rules, load_params
 from vlmprune.models.family import TEXT, Family
 from vlmprune.models.text import llama
 from vlmprune.models.text.llama import LlamaConfig, LlamaForCausalLM, rope_frequencies
@@ -173,17 +172,7 @@ def weight_rules(src: str = "model.", dst: str = "", lm_head: str = "lm_head.") 
     unexpected tensor instead of being dropped. A tied model has no ``lm_head`` param, so a stored
     ``lm_head.weight`` is reported too.
     """
-    s, d = re.escape(src), dst
-    layer = s + r"layers\.(\d+)\."
-    return [
-        (s + r"embed_tokens\.weight", f"{d}embed_tokens/embedding", identity),
-        (s + r"norm\.weight", f"{d}norm/weight", identity),
-        (layer + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", d + r"layers_\1/self_attn/\2/kernel", transpose),
-        (layer + r"self_attn\.(q_proj|k_proj|v_proj)\.bias", d + r"layers_\1/self_attn/\2/bias", identity),
-        (layer + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", d + r"layers_\1/mlp/\2/kernel", transpose),
-        (layer + r"(input_layernorm|post_attention_layernorm)\.weight", d + r"layers_\1/\2/weight", identity),
-        (re.escape(lm_head) + r"weight", f"{d}lm_head/kernel", transpose),
-    ]
+    return llama.weight_rules(src, dst, lm_head, biased="q_proj|k_proj|v_proj", mlp_bias=False)
 
 
 def load(directory: str, *, dtype=jnp.float32) -> tuple[Qwen2Config, Qwen2ForCausalLM, dict]:
