@@ -40,12 +40,12 @@ ENCODER_RULES: Rules = [
     (_LAYER + r"mlp\.(fc1|fc2)\.bias", r"layers_\1/\2/bias", identity),
 ]
 
+_COLUMNS = r"layers_\d+/(self_attn/(q_proj|k_proj|v_proj)|fc1)"  # the column-parallel projections
+
 #: Megatron-style tensor parallelism over mesh axis "model": q/k/v and fc1 split their output columns (whole heads
 #: when heads divide the axis), out_proj and fc2 their input rows; everything else stays replicated.
 ENCODER_SHARDING_RULES: ShardingRules = [
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
-    (r"layers_\d+/fc1/kernel", (None, "model")),
-    (r"layers_\d+/fc1/bias", ("model",)),
+    (_COLUMNS + "/kernel", (None, "model")),
+    (_COLUMNS + "/bias", ("model",)),
     (r"layers_\d+/(self_attn/out_proj|fc2)/kernel", ("model", None)),
 ]
