@@ -191,6 +191,10 @@ class CLIPVisionTransformer(nn.Module):
           ``hidden_states``: {hf_index: (B, 1+P, D)} for the requested indices (all if output_hidden_states),
           ``cls_attn``: {layer: float32 (B, H, P)}, ``keys``: {layer: (B, 1+P, D)}, ``cls_query``: {layer: (B, D)},
           and ``pooled`` (B, D).
+
+        Raises:
+          ValueError (at trace time, before any compile): a layer index out of range or not an int; num_layers
+            outside [needed, L] (:func:`vlmprune.models.vision.taps.resolve_requests`).
         """
         c = self.config
         L = c.num_hidden_layers
