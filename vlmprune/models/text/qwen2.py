@@ -31,8 +31,9 @@ from transformers import AutoConfig
 
 from vlmprune.io.weights import Rules, load_params
 from vlmprune.models.family import TEXT, Family
-from vlmprune.models.text import llama
+from vlmprune.models.text.llama import SHARDING_RULES as LLAMA_SHARDING_RULES
 from vlmprune.models.text.llama import LlamaConfig, LlamaForCausalLM, rope_frequencies
+from vlmprune.models.text.llama import weight_rules as llama_weight_rules
 from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
@@ -172,7 +173,7 @@ def weight_rules(src: str = "model.", dst: str = "", lm_head: str = "lm_head.") 
     unexpected tensor instead of being dropped. A tied model has no ``lm_head`` param, so a stored
     ``lm_head.weight`` is reported too.
     """
-    return llama.weight_rules(src, dst, lm_head, biased="q_proj|k_proj|v_proj", mlp_bias=False)
+    return llama_weight_rules(src, dst, lm_head, biased="q_proj|k_proj|v_proj", mlp_bias=False)
 
 
 def load(directory: str, *, dtype=jnp.float32) -> tuple[Qwen2Config, Qwen2ForCausalLM, dict]:
@@ -200,7 +201,7 @@ def load(directory: str, *, dtype=jnp.float32) -> tuple[Qwen2Config, Qwen2ForCau
 #: their output features (column-parallel; the q/k/v biases with them), o_proj and down_proj their input features
 #: (row-parallel), the embedding its vocabulary rows, an untied LM head its vocabulary columns. With GQA the k/v
 #: width is ``kv_heads · head_dim`` (128 on OV-0.5B): a mesh whose size does not divide it leaves k/v replicated.
-SHARDING_RULES: ShardingRules = llama.SHARDING_RULES  # its MLP-bias rule matches nothing in a Qwen2 tree
+SHARDING_RULES: ShardingRules = LLAMA_SHARDING_RULES  # its MLP-bias rule matches nothing in a Qwen2 tree
 
 # HF ``Qwen2ForCausalLM`` keys (``model.*``, ``lm_head.*``) -> :class:`Qwen2ForCausalLM` params.
 WEIGHT_RULES: Rules = weight_rules()

@@ -34,8 +34,8 @@ from vlmprune.io.dtypes import parse_dtype
 from vlmprune.io.weights import Rules, abstract_params, identity, load_params, patch_conv, prefix_rules, transpose
 from vlmprune.models.attention import attention
 from vlmprune.models.family import VISION, Family, fields_from_hf
-from vlmprune.models.vision.encoder import ENCODER_RULES, ENCODER_SHARDING_RULES, mlp_residual
-from vlmprune.models.vision.taps import resolve_requests, run_layers
+from vlmprune.models.vit_encoder import ENCODER_RULES, ENCODER_SHARDING_RULES, mlp_residual
+from vlmprune.models.vit_taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
@@ -194,7 +194,7 @@ class CLIPVisionTransformer(nn.Module):
 
         Raises:
           ValueError (at trace time, before any compile): a layer index out of range or not an int; num_layers
-            outside [needed, L] (:func:`vlmprune.models.vision.taps.resolve_requests`).
+            outside [needed, L] (:func:`vlmprune.models.vit_taps.resolve_requests`).
         """
         c = self.config
         L = c.num_hidden_layers

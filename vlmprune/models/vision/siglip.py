@@ -41,8 +41,8 @@ from vlmprune.io.weights import Rules, identity, patch_conv, prefix_rules, trans
 from vlmprune.models.activations import activation
 from vlmprune.models.attention import QUERY_BLOCK, attention
 from vlmprune.models.family import VISION, Family, fields_from_hf
-from vlmprune.models.vision.encoder import ENCODER_RULES, ENCODER_SHARDING_RULES, mlp_residual
-from vlmprune.models.vision.taps import resolve_requests, run_layers
+from vlmprune.models.vit_encoder import ENCODER_RULES, ENCODER_SHARDING_RULES, mlp_residual
+from vlmprune.models.vit_taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
