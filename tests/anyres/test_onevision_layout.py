@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reference.onevision_builders import build_hf_onevision
 from vlmprune.anyres.onevision import (
     OnevisionGeometry,
     anyres_max,
@@ -50,55 +51,13 @@ SIZES_N4 = [
 SIZES_N27 = [(54, 54), (40, 90), (161, 107), (99, 160), (108, 55), (37, 150)]
 
 
-def build_hf_onevision(directory, seed, tile, patch, aspect, kv, tied):
-    import torch
-    from transformers import (
-        LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
-    )
-
-    vision = dict(
-        model_type="siglip_vision_model",
-        image_size=tile,
-        patch_size=patch,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vision_use_head=False,
-    )
-    text = dict(
-        model_type="qwen2",
-        vocab_size=120,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=kv,
-        max_position_embeddings=9000,
-        rope_theta=1e6,
-        tie_word_embeddings=tied,
-    )
-    cfg = LlavaOnevisionConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=100,
-        video_token_index=101,
-        image_grid_pinpoints=[[tile * a, tile * b] for a in (1, 2, 3) for b in (1, 2, 3)],
-        vision_aspect_ratio=aspect,
-    )
-    torch.manual_seed(seed)
-    model = LlavaOnevisionForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
-    model.save_pretrained(directory)
-    return model
-
-
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def ov_model(request, tmp_path_factory):
     from transformers import AutoConfig
 
     d = tmp_path_factory.mktemp(request.param)
-    hf = build_hf_onevision(d, 0, *MODELS[request.param])
+    tile, patch, aspect, kv, tied = MODELS[request.param]
+    hf = build_hf_onevision(d, aspect, tied, tile=tile, patch=patch, kv_heads=kv)
     geom = OnevisionGeometry.from_hf(AutoConfig.from_pretrained(str(d)))
     return request.param, hf, geom
 

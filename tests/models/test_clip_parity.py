@@ -6,42 +6,25 @@ import pytest
 import torch
 
 import vlmprune
+from reference.hf_builders import build_hf_clip
 
 ATOL = 1e-5  # fp32: a few layers of rounding on O(1) activations
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
-    cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=99,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=20,
-            eos_token_id=98,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=28,
-            patch_size=14,
-        ),
-        projection_dim=24,
+    d = build_hf_clip(
+        tmp_path_factory.mktemp("clip"),
+        image_size=28,
+        seed=0,
+        with_tokenizer=False,
+        noise=0.02,
+        max_position_embeddings=20,
+        eos_token_id=98,
     )
-    torch.manual_seed(0)
-    model = CLIPModel(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    d = tmp_path_factory.mktemp("clip")
-    model.save_pretrained(d)
-    return str(d), model
+    return d, CLIPModel.from_pretrained(d).eval()
 
 
 def test_image_and_text_embeddings_match_hf(clip_dir):

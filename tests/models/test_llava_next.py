@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import vlmprune
+from reference.batch_calls import hf_greedy, model_call, model_generate, torch_batch
 from reference.hf_builders import build_hf_clip, build_hf_llava_next
 from vlmprune import prune
 from vlmprune.anyres import Grid, grid_for
@@ -58,14 +59,14 @@ def test_sizes_select_every_grid(models):
 
 def _hf_logits(hf, x):
     with torch.no_grad():
-        return hf(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()}).logits.numpy()
+        return hf(**torch_batch(x)).logits.numpy()
 
 
 @pytest.mark.parametrize("hw", sorted(SIZES))
 def test_logits_match_hf_for_every_grid(models, hw):
     model, hf = models
     x = _inputs(model, [hw])
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    out = model_call(model, x)
     ref = _hf_logits(hf, x)
     print(hw, "max |logits - HF|:", np.abs(np.asarray(out.logits) - ref).max())
     chex.assert_trees_all_close(np.asarray(out.logits), ref, atol=LOGITS_ATOL, rtol=0)
@@ -74,26 +75,12 @@ def test_logits_match_hf_for_every_grid(models, hw):
 def test_mixed_grid_batch_and_generation_match_hf(models):
     model, hf = models
     x = _inputs(model, [(100, 100), (30, 120)], ["What is in the image?", "How many objects are there?"])
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    out = model_call(model, x)
     ref = _hf_logits(hf, x)
     m = x["attention_mask"].astype(bool)
     chex.assert_trees_all_close(np.asarray(out.logits)[m], ref[m], atol=LOGITS_ATOL, rtol=0)
-    ours = model.generate(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        max_new_tokens=10,
-    )
-    with torch.no_grad():
-        gen = hf.generate(
-            **{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()},
-            max_new_tokens=10,
-            min_new_tokens=10,
-            do_sample=False,
-            pad_token_id=model.config.pad_token_id,
-        )
-    np.testing.assert_array_equal(ours, gen[:, x["input_ids"].shape[1] :].numpy())
+    ours = model_generate(model, x, max_new_tokens=10)
+    np.testing.assert_array_equal(ours, hf_greedy(hf, 10, model.config.pad_token_id, **torch_batch(x)))
 
 
 def test_one_compile_serves_every_grid(models):
@@ -146,15 +133,9 @@ def test_pruned_next_matches_hf_language_model(models):
 def test_other_per_tile_methods_run_on_next(models, pruner):
     model, _ = models
     x = _inputs(model, [(90, 40), (100, 100)])  # 1 and 4 sub-tiles... and a 2-tile grid: N=16 splits evenly
-    out = model(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        pruner=pruner,
-    )
+    out = model_call(model, x, pruner=pruner)
     assert np.isfinite(np.asarray(out.logits)).all()
-    full = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    full = model_call(model, x)
     assert np.asarray(out.mask).sum() < np.asarray(full.mask).sum()
 
 
@@ -187,14 +168,7 @@ def test_hero_on_next_equals_per_image_reference(models, tiny_clip_dir):
     )
     sizes = [(100, 100), (30, 120)]
     x = _inputs(model, sizes, ["What is in the image?", "Is there a cat?"])
-    out = model(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        pruner=pruner,
-        text=["What is in the image?", "Is there a cat?"],
-    )
+    out = model_call(model, x, pruner=pruner, text=["What is in the image?", "Is there a cat?"])
     assert np.isfinite(np.asarray(out.logits)).all()
     # Reference: the unpadded per-image hero() on the model's own tower outputs and the same CLIP embeddings.
     from vlmprune.anyres import hero_valid_mask, image_layout
@@ -426,13 +400,7 @@ def test_divprune_next_matches_hf_language_model(models):
     model, hf = models
     num_keep = 3
     x = _inputs(model, TWO_GRIDS, TWO_PROMPTS)
-    out = model(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        pruner=prune.DivPrune(num_keep=num_keep),
-    )
+    out = model_call(model, x, pruner=prune.DivPrune(num_keep=num_keep))
     refs = []
     for r, hw in enumerate(TWO_GRIDS):
         _, _, _, proj, (rows, cols) = _hf_tiles(hf, x, r)
@@ -530,13 +498,7 @@ def test_divprune_next_keeps_min_budget_candidates(models, num_keep):
     x = _inputs(model, sizes)
     taps, ctx, lay = _next_enc(model, x, pruner)
     keep = _tile_keep(pruner, taps, ctx)
-    out = model(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        pruner=pruner,
-    )
+    out = model_call(model, x, pruner=pruner)
     for i, li in enumerate(lay.layouts):
         in_layout = np.zeros(keep.shape[1] * 16, bool)
         in_layout[li.token[li.token >= 0]] = True
@@ -572,13 +534,7 @@ def test_visionzip_next_matches_hf_language_model(models):
     model, hf = models
     dominant, contextual = 5, 2
     x = _inputs(model, TWO_GRIDS, TWO_PROMPTS)
-    out = model(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        pruner=prune.VisionZip(dominant=dominant, contextual=contextual),
-    )
+    out = model_call(model, x, pruner=prune.VisionZip(dominant=dominant, contextual=contextual))
     refs, dropped = [], 0
     for r, hw in enumerate(TWO_GRIDS):
         hidden, attn, keys, proj, (rows, cols) = _hf_tiles(hf, x, r)

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 import vlmprune
+from reference.batch_calls import hf_greedy, torch_batch
 from reference.hf_builders import demo_inputs
 
 # fp32 tolerances: components see one or a few layers of fp32 rounding (~1e-6 relative) -> 1e-5;
@@ -57,16 +58,7 @@ def test_greedy_generation_token_identical_to_hf(hf_llava_dir):
     assert (x["attention_mask"] == 0).any(), "prompts of different lengths must be left padded"
     ours = model.generate(x["input_ids"], x["pixel_values"], attention_mask=x["attention_mask"], max_new_tokens=16)
     hf = _hf(hf_llava_dir)
-    with torch.no_grad():
-        ref = hf.generate(
-            **{k: torch.from_numpy(v) for k, v in x.items()},
-            max_new_tokens=16,
-            do_sample=False,
-            min_new_tokens=16,
-            pad_token_id=model.config.pad_token_id,
-        )
-    ref_new = ref[:, x["input_ids"].shape[1] :].numpy()
-    np.testing.assert_array_equal(ours, ref_new)
+    np.testing.assert_array_equal(ours, hf_greedy(hf, 16, model.config.pad_token_id, **torch_batch(x)))
 
 
 def test_prefill_and_decode_compile_once_per_shape(mha_dir):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import vlmprune
+from reference.batch_calls import hf_greedy, model_call, model_generate, torch_batch
 from reference.onevision_builders import IMAGE, PAD, TILE, build_hf_onevision, build_hf_onevision_with_processor
 from vlmprune import prune
 from vlmprune.anyres.onevision import geometry, image_layout
@@ -61,10 +62,6 @@ def _batch(model, seed=0):
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pix, image_sizes=np.array(sizes, np.int64)), lays
 
 
-def _torch(x):
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in x.items()}
-
-
 def test_loads_as_onevision(models):
     _, model, _ = models
     c = model.config
@@ -93,11 +90,11 @@ def test_layout_counts_match_hf(models):
 def test_logits_match_hf_left_padded_mixed_sizes(models):
     name, model, hf = models
     x, _ = _batch(model)
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    out = model_call(model, x)
     m = x["attention_mask"].astype(bool)
     pos = np.maximum(np.cumsum(m, 1) - 1, 0)  # HF positions of a left-padded batch count real tokens only
     with torch.no_grad():
-        ref = hf(**_torch(x), position_ids=torch.from_numpy(pos)).logits.numpy()
+        ref = hf(**torch_batch(x), position_ids=torch.from_numpy(pos)).logits.numpy()
     ours = np.asarray(out.logits)
     err = np.abs(ours[m] - ref[m]).max()
     print(name, "max |logits - HF|:", err)
@@ -107,16 +104,8 @@ def test_logits_match_hf_left_padded_mixed_sizes(models):
 def test_greedy_generation_matches_hf(models):
     _, model, hf = models
     x, _ = _batch(model, seed=1)
-    ours = model.generate(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        max_new_tokens=16,
-    )
-    with torch.no_grad():
-        gen = hf.generate(**_torch(x), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=PAD)
-    np.testing.assert_array_equal(ours, gen[:, x["input_ids"].shape[1] :].numpy())
+    ours = model_generate(model, x, max_new_tokens=16)
+    np.testing.assert_array_equal(ours, hf_greedy(hf, 16, PAD, **torch_batch(x)))
 
 
 def test_visual_pruner_refused_before_compile(models):
@@ -124,13 +113,7 @@ def test_visual_pruner_refused_before_compile(models):
     x, _ = _batch(model)
     before = model.compile_counts()["forward"]
     with pytest.raises(NotImplementedError, match="not implemented"):
-        model(
-            x["input_ids"],
-            x["pixel_values"],
-            image_sizes=x["image_sizes"],
-            attention_mask=x["attention_mask"],
-            pruner=prune.get("hired"),
-        )
+        model_call(model, x, pruner=prune.get("hired"))
     assert model.compile_counts()["forward"] == before
 
 
@@ -158,11 +141,11 @@ def test_processor_from_checkpoint_files_matches_hf(with_processor):
     ]
     x = proc(images=imgs, text=texts, padding=True)
     assert x["attention_mask"][1, 0] == 0  # left padded: the two images pack into different lengths
-    out = model(x["input_ids"], x["pixel_values"], image_sizes=x["image_sizes"], attention_mask=x["attention_mask"])
+    out = model_call(model, x)
     m = x["attention_mask"].astype(bool)
     pos = np.maximum(np.cumsum(m, 1) - 1, 0)
     with torch.no_grad():  # HF raises if the placeholder counts differ from its packed features
-        ref = hf(**_torch(x), position_ids=torch.from_numpy(pos)).logits.numpy()
+        ref = hf(**torch_batch(x), position_ids=torch.from_numpy(pos)).logits.numpy()
     err = np.abs(np.asarray(out.logits)[m] - ref[m]).max()
     print("processor batch max |logits - HF|:", err)
     chex.assert_trees_all_close(np.asarray(out.logits)[m], ref[m], atol=LOGITS_ATOL, rtol=0)
@@ -197,27 +180,10 @@ def test_fastv_on_qwen2_matches_hf_layers(models):
     name, model, hf = models
     pruner = prune.FastV(layer=1, keep_ratio=0.3)
     x, lays = _batch(model, seed=2)
-    out = model(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        pruner=pruner,
-    )
+    out = model_call(model, x, pruner=pruner)
     logits, mask = np.asarray(out.logits), np.asarray(out.mask)
     for r, lay in enumerate(lays):
-        m = x["attention_mask"][r].astype(bool)
-        ids = torch.from_numpy(x["input_ids"][r][m])[None]
-        with torch.no_grad():
-            embeds = hf.model.get_input_embeddings()(ids)
-            feats = hf.model.get_image_features(
-                torch.from_numpy(x["pixel_values"][r : r + 1]),
-                torch.from_numpy(x["image_sizes"][r : r + 1]),
-                vision_aspect_ratio=hf.config.vision_aspect_ratio,
-            )
-            feats = getattr(feats, "pooler_output", feats)[0]
-            img_slots = (ids[0] == IMAGE).nonzero()[:, 0]
-            embeds[0, img_slots] = feats
+        embeds, img_slots, _ = _hf_row_embeds(hf, x, r)
         keep = int(0.3 * lay.num_tokens)
         ref = _fastv_reference(hf, embeds, img_slots, 1, keep)
         ours = logits[r][mask[r]]
@@ -269,13 +235,7 @@ def test_divprune_on_packed_block_matches_hf_language_model(models):
     name, model, hf = models
     pruner = prune.get("divprune", num_keep=3)
     x, lays = _batch(model, seed=3)
-    out = model(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        pruner=pruner,
-    )
+    out = model_call(model, x, pruner=pruner)
     logits, mask = np.asarray(out.logits), np.asarray(out.mask)
     for r, lay in enumerate(lays):
         embeds, img_slots, feats = _hf_row_embeds(hf, x, r)
@@ -385,13 +345,7 @@ def test_per_tile_pruner_matches_hf_language_model(models, method):
     ours_mask = np.zeros((taps.features.shape[0], n), bool)
     np.put_along_axis(ours_mask, np.asarray(ours_sel.indices), True, axis=1)
     ours_mask = ours_mask.reshape(len(lays), t_max, n)
-    out = model(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        pruner=pruner,
-    )
+    out = model_call(model, x, pruner=pruner)
     logits, valid = np.asarray(out.logits), np.asarray(out.mask)
     k = settings["num_keep"]
     for r, lay in enumerate(lays):
@@ -432,13 +386,7 @@ def test_per_tile_bad_settings_raise_before_compile(models, method, settings, er
     x, _ = _batch(model)
     before = model.compile_counts()
     with pytest.raises(error):
-        model(
-            x["input_ids"],
-            x["pixel_values"],
-            image_sizes=x["image_sizes"],
-            attention_mask=x["attention_mask"],
-            pruner=prune.get(method, **settings),
-        )
+        model_call(model, x, pruner=prune.get(method, **settings))
     assert model.compile_counts() == before
 
 
@@ -448,27 +396,13 @@ def test_per_tile_pruner_greedy_matches_hf(models):
     _, model, hf = models
     pruner = prune.get("uniform", num_keep=3, layout="reference")
     x, lays = _batch(model, seed=5)
-    ours = model.generate(
-        x["input_ids"],
-        x["pixel_values"],
-        image_sizes=x["image_sizes"],
-        attention_mask=x["attention_mask"],
-        pruner=pruner,
-        max_new_tokens=8,
-    )
+    ours = model_generate(model, x, pruner=pruner, max_new_tokens=8)
     n = model.config.tokens_per_image
     for r, lay in enumerate(lays):
         mask = np.zeros((lay.num_tiles, n), bool)
         mask[:, np.asarray(uniform(n, num_keep=3).indices)] = True
         pix = np.asarray(x["pixel_values"][r, : lay.num_tiles], np.float32)
         pruned = _pruned_hf_embeds(hf, x, r, mask, lay, pix)
-        with torch.no_grad():
-            gen = hf.generate(
-                inputs_embeds=pruned,
-                attention_mask=torch.ones(pruned.shape[:2], dtype=torch.long),
-                max_new_tokens=8,
-                min_new_tokens=8,
-                do_sample=False,
-                pad_token_id=PAD,
-            )
-        np.testing.assert_array_equal(np.asarray(ours[r]), gen[0, -8:].numpy())
+        ones = torch.ones(pruned.shape[:2], dtype=torch.long)
+        gen = hf_greedy(hf, 8, PAD, inputs_embeds=pruned, attention_mask=ones)
+        np.testing.assert_array_equal(np.asarray(ours[r]), gen[0])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from reference.batch_calls import hf_greedy
 from vlmprune.io.weights import CheckpointError
 from vlmprune.models.text.llama import KVCache
 from vlmprune.models.text.qwen2 import (
@@ -121,17 +122,8 @@ def test_cached_greedy_decode_matches_hf_generate(qwen2_pair):
     _, hf, cfg, module, params = qwen2_pair
     ids, mask = _batch()
     new = 16
-    with torch.no_grad():
-        out = hf.generate(
-            input_ids=torch.tensor(ids),
-            attention_mask=torch.tensor(mask.astype(np.int64)),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    ref = out[:, ids.shape[1] :].numpy()
+    inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask.astype(np.int64)))
+    ref = hf_greedy(hf, new, 0, **inputs, eos_token_id=None)
 
     b, t = ids.shape
     apply = jax.jit(module.apply, static_argnames=("method", "last_only"))

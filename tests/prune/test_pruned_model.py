@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vlmprune
+from reference.batch_calls import hf_greedy
 from reference.hf_builders import build_hf_llava, demo_inputs
 from vlmprune import prune
 from vlmprune.prune.base import slot_count
@@ -65,16 +66,9 @@ def test_pruned_logits_and_generation_match_hf_language_model(setup, method):
     chex.assert_trees_all_close(np.asarray(out.logits), ref, atol=LOGITS_ATOL, rtol=0)
 
     ours = model.generate(x["input_ids"], x["pixel_values"], pruner=pruner, max_new_tokens=12)
-    with torch.no_grad():
-        gen = hf.generate(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
-            max_new_tokens=12,
-            min_new_tokens=12,
-            do_sample=False,
-            pad_token_id=model.config.pad_token_id,
-        )
-    np.testing.assert_array_equal(ours, gen[:, -12:].numpy())
+    ones = torch.ones(embeds.shape[:2], dtype=torch.long)
+    gen = hf_greedy(hf, 12, model.config.pad_token_id, inputs_embeds=embeds, attention_mask=ones)
+    np.testing.assert_array_equal(ours, gen)
 
 
 def test_pruned_batch_with_left_padding_matches_rows_run_alone(setup):

@@ -7,8 +7,10 @@ TILE = 28  # 7-px patches: 4 x 4 tokens per tile
 
 
 def build_hf_onevision(
-    directory, aspect, tied, seed=0, vocab=VOCAB, image=IMAGE, video=101, pad=PAD, tile=TILE, patch=7
+    directory, aspect, tied, seed=0, vocab=VOCAB, image=IMAGE, video=101, pad=PAD, tile=TILE, patch=7, kv_heads=2
 ):
+    """Save a seeded random ``LlavaOnevisionForConditionalGeneration`` (eager attention, every weight perturbed)
+    to ``directory`` and return it; ``kv_heads`` < 4 makes the Qwen2 attention grouped-query."""
     from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
     vision = dict(
@@ -28,7 +30,7 @@ def build_hf_onevision(
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=4096,
         rope_theta=1e6,
         tie_word_embeddings=tied,

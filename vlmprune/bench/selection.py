@@ -210,18 +210,23 @@ class CaseInputs:
         return self.inp.features.shape[:2]
 
 
+def _case(f, args: tuple, torch_fn, compare, label: str, note: str = "", extra_check=None, *, static_argnums=()):
+    """A :class:`Case` timing ``f(*args)`` jitted (``static_argnums`` as ``jax.jit`` takes them) and eagerly."""
+    jf = jax.jit(f, static_argnums=static_argnums)
+    return Case(lambda: jf(*args), lambda: f(*args), torch_fn, compare, label, note, extra_check)
+
+
 def _vispruner(p, c: CaseInputs, label: str) -> Case:
     j, t, k, ratio = c.j, c.t, p.num_keep, p.important_ratio
     f = functools.partial(P.vispruner, num_keep=k, important_ratio=ratio)
-    jf = jax.jit(f)
 
     def exact_check(o):
         normalized = np.asarray(jax.jit(l2_normalize)(j["features"]))
         return sets_equal(o.indices, T.exact_vispruner(normalized, c.inp.cls_attn, k, ratio))
 
-    return Case(
-        lambda: jf(j["features"], j["cls_attn"]),
-        lambda: f(j["features"], j["cls_attn"]),
+    return _case(
+        f,
+        (j["features"], j["cls_attn"]),
         lambda: T.torch_vispruner(t["features"], t["cls_attn"], k, ratio),
         lambda o, r: sets_equal(o.indices, r),
         label,
@@ -230,29 +235,21 @@ def _vispruner(p, c: CaseInputs, label: str) -> Case:
     )
 
 
+def _cls_attn_case(f, torch_fn, c: CaseInputs, label: str, note: str = "") -> Case:
+    """A selection of index sets from the CLS attention alone: ``f(cls_attn)`` against ``torch_fn(cls_attn)``."""
+    return _case(
+        f, (c.j["cls_attn"],), lambda: torch_fn(c.t["cls_attn"]), lambda o, r: sets_equal(o.indices, r), label, note
+    )
+
+
 def _fastervlm(p, c: CaseInputs, label: str) -> Case:
     f = functools.partial(P.fastervlm, num_keep=p.num_keep)
-    jf = jax.jit(f)
-    return Case(
-        lambda: jf(c.j["cls_attn"]),
-        lambda: f(c.j["cls_attn"]),
-        lambda: T.torch_fastervlm(c.t["cls_attn"], p.num_keep),
-        lambda o, r: sets_equal(o.indices, r),
-        label,
-    )
+    return _cls_attn_case(f, lambda a: T.torch_fastervlm(a, p.num_keep), c, label)
 
 
 def _hired_single(p, c: CaseInputs, label: str) -> Case:
     f = functools.partial(P.hired_single, budget_rate=p.budget_rate)
-    jf = jax.jit(f)
-    return Case(
-        lambda: jf(c.j["cls_attn"]),
-        lambda: f(c.j["cls_attn"]),
-        lambda: T.torch_hired_single(c.t["cls_attn"], p.budget_rate),
-        lambda o, r: sets_equal(o.indices, r),
-        label,
-        "LLaVA-1.5 (one partition)",
-    )
+    return _cls_attn_case(f, lambda a: T.torch_hired_single(a, p.budget_rate), c, label, "LLaVA-1.5 (one partition)")
 
 
 def _hired(p, c: CaseInputs, label: str) -> Case:
@@ -265,10 +262,9 @@ def _hired(p, c: CaseInputs, label: str) -> Case:
             P.hired_batched, num_tiles=np.full((bsz,), 5, np.int32), budget_rate=p.budget_rate, alpha=p.alpha
         )
         args = (j["nx_shallow"], j["nx_deep"])
-    jf = jax.jit(f)
-    return Case(
-        lambda: jf(*args),
-        lambda: f(*args),
+    return _case(
+        f,
+        args,
         lambda: T.torch_hired(c.t["nx_shallow"], c.t["nx_deep"], p.budget_rate, p.alpha),
         lambda o, r: masks_equal(o.mask(n).reshape(r.shape), r),
         label,
@@ -289,16 +285,15 @@ def _hero(p, c: CaseInputs, label: str) -> Case:
     else:
         f = functools.partial(hero_batched, **kw, tokens_per_side=side)
         args = tuple(j[k] for k in _HERO_INPUTS)
-    jf = jax.jit(f)
     targs = tuple(c.t[k] for k in _HERO_INPUTS)
 
     def exact_check(o):  # HERO's double-softmax scores sit within a few float32 ulps of each other
         ref = T.torch_hero(*(x.double() if x.is_floating_point() else x for x in targs), **kw)
         return masks_equal(o.mask(n).reshape(ref.shape), ref)
 
-    return Case(
-        lambda: jf(*args),
-        lambda: f(*args),
+    return _case(
+        f,
+        args,
         lambda: T.torch_hero(*targs, **kw),
         lambda o, r: masks_equal(o.mask(n).reshape(r.shape), r),
         label,
@@ -308,11 +303,9 @@ def _hero(p, c: CaseInputs, label: str) -> Case:
 
 
 def _divprune(p, c: CaseInputs, label: str) -> Case:
-    f = functools.partial(BL.divprune, num_keep=p.num_keep)
-    jf = jax.jit(f)
-    return Case(
-        lambda: jf(c.j["emb"]),
-        lambda: f(c.j["emb"]),
+    return _case(
+        functools.partial(BL.divprune, num_keep=p.num_keep),
+        (c.j["emb"],),
         lambda: T.torch_divprune(c.t["emb"], p.num_keep),
         lambda o, r: sets_equal(o.indices, r),
         label,
@@ -324,12 +317,9 @@ def _visionzip(p, c: CaseInputs, label: str) -> Case:
     (bsz, n), heads = c.shape, c.inp.cls_attn.shape[1]
     kj = c.j["keys"].reshape(bsz, n + 1, heads, -1)
     kt = c.t["keys"].reshape(bsz, n + 1, heads, -1)
-    f = functools.partial(BL.visionzip, dominant=p.dominant, contextual=p.contextual)
-    jf = jax.jit(f)
-    hj, aj = c.j["hidden_full"], c.j["cls_attn"]
-    return Case(
-        lambda: jf(hj, aj, kj),
-        lambda: f(hj, aj, kj),
+    return _case(
+        functools.partial(BL.visionzip, dominant=p.dominant, contextual=p.contextual),
+        (c.j["hidden_full"], c.j["cls_attn"], kj),
         lambda: T.torch_visionzip(c.t["hidden_full"], c.t["cls_attn"], kt, p.dominant, p.contextual),
         lambda o, r: tokens_close(np.asarray(o.tokens)[np.asarray(o.valid)].reshape(r.shape), r),
         label,
@@ -347,14 +337,12 @@ def _prumerge_cmp(o, r):
 
 
 def _prumerge_plus(p, c: CaseInputs, label: str) -> Case:
-    j, keys = c.j, c.j["keys"][:, 1:]
-    f = functools.partial(BL.prumerge_plus, plus=p.plus)
-    jf = jax.jit(f)
+    j = c.j
     if not p.plus:
         raise ValueError("the PyTorch reference implements PruMerge+ (plus=true) only")
-    return Case(
-        lambda: jf(j["features"], j["single_attn"], keys),
-        lambda: f(j["features"], j["single_attn"], keys),
+    return _case(
+        functools.partial(BL.prumerge_plus, plus=p.plus),
+        (j["features"], j["single_attn"], j["keys"][:, 1:]),
         lambda: T.torch_prumerge_plus(c.t["features"], c.t["single_attn"], c.t["keys"][:, 1:]),
         _prumerge_cmp,
         "adaptive",
@@ -364,28 +352,26 @@ def _prumerge_plus(p, c: CaseInputs, label: str) -> Case:
 
 def _random_keep(p, c: CaseInputs, label: str) -> Case:
     (bsz, n), key = c.shape, jax.random.PRNGKey(c.seed)
-    f = functools.partial(BL.random_keep, num_keep=p.num_keep, batch=bsz)
-    jf = jax.jit(f, static_argnums=1)
-    return Case(
-        lambda: jf(key, n),
-        lambda: f(key, n),
+    return _case(
+        functools.partial(BL.random_keep, num_keep=p.num_keep, batch=bsz),
+        (key, n),
         lambda: T.torch_random(n, p.num_keep, bsz, c.seed),
         lambda o, r: (None, "n/a: different RNGs"),
         label,
+        static_argnums=1,
     )
 
 
 def _uniform(p, c: CaseInputs, label: str) -> Case:
     bsz, n = c.shape
-    f = functools.partial(BL.uniform, num_keep=p.num_keep)
-    jf = jax.jit(f, static_argnums=0)
-    return Case(
-        lambda: jf(n),
-        lambda: f(n),
+    return _case(
+        functools.partial(BL.uniform, num_keep=p.num_keep),
+        (n,),
         lambda: T.torch_uniform(n, p.num_keep, bsz),
         lambda o, r: sets_equal(np.broadcast_to(np.asarray(o.indices), r.shape), r),
         label,
         "data-independent constant grid",
+        static_argnums=0,
     )
 
 

@@ -56,3 +56,11 @@ class Family:
     def __post_init__(self):
         if self.kind not in (VISION, TEXT):
             raise ValueError(f"family kind must be {VISION!r} or {TEXT!r}, got {self.kind!r}")
+
+
+def fields_from_hf(cls, hf, **computed):
+    """``cls(...)`` (a config dataclass) with every field read from the same-named attribute of the HF config
+    ``hf`` except those given in ``computed`` (renamed, defaulted or converted ones). A field ``hf`` lacks raises
+    AttributeError."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in computed]
+    return cls(**{name: getattr(hf, name) for name in names}, **computed)

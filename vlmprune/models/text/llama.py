@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -44,7 +45,8 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: tuple = ()  # sorted (key, value) items of HF's rope parameters other than rope_theta
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q/k/v and o_proj (HF's ``attention_bias``)
+    qkv_bias: bool = False  # biases on q/k/v only, none on o_proj (Qwen2); HF's LLaMA configs never set it
     mlp_bias: bool = False
     hidden_act: str = "silu"
 
@@ -234,7 +236,8 @@ class LlamaAttention(nn.Module):
         """
         c = self.cfg
         b, t, _ = x.shape
-        dense = lambda n, name: nn.Dense(n, use_bias=c.attention_bias, dtype=self.dtype, name=name)  # noqa: E731
+        qkv_bias = c.attention_bias or c.qkv_bias
+        dense = lambda n, name: nn.Dense(n, use_bias=qkv_bias, dtype=self.dtype, name=name)  # noqa: E731
         q = dense(c.num_attention_heads * c.head_dim, "q_proj")(x).reshape(b, t, c.num_attention_heads, c.head_dim)
         k = dense(c.num_key_value_heads * c.head_dim, "k_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = dense(c.num_key_value_heads * c.head_dim, "v_proj")(x).reshape(b, t, c.num_key_value_heads, c.head_dim)
@@ -416,18 +419,47 @@ def _fill_cache(cache: KVCache, kv_early, kv_late, slots, full_mask, kept_mask, 
 
 # ---------------------------------------------------------------------------------------------- weights, sharding
 
+
+def weight_rules(
+    src: str = "model.",
+    dst: str = "",
+    lm_head: str = "lm_head.",
+    *,
+    biased: str = "q_proj|k_proj|v_proj|o_proj",
+    mlp_bias: bool = True,
+) -> Rules:
+    """``(regex over the HF key, param path template, transform)`` for one LLaMA-style decoder.
+
+    Args:
+      src: HF prefix of the decoder body (``"model."`` for ``*ForCausalLM``).
+      dst: param-path prefix of the decoder in the caller's tree (``""`` = root).
+      lm_head: HF prefix of the LM head.
+      biased: the attention projections (regex alternatives) that may carry a bias.
+      mlp_bias: whether the MLP projections may carry a bias.
+
+    A bias outside those has no rule, so a checkpoint holding one reports it as an unexpected tensor.
+    """
+    s, d = re.escape(src), dst
+    layer = s + r"layers\.(\d+)\."
+    mlp = "gate_proj|up_proj|down_proj"
+    rules = [
+        (s + r"embed_tokens\.weight", f"{d}embed_tokens/embedding", identity),
+        (s + r"norm\.weight", f"{d}norm/weight", identity),
+        (layer + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", d + r"layers_\1/self_attn/\2/kernel", transpose),
+        (layer + rf"self_attn\.({biased})\.bias", d + r"layers_\1/self_attn/\2/bias", identity),
+        (layer + rf"mlp\.({mlp})\.weight", d + r"layers_\1/mlp/\2/kernel", transpose),
+    ]
+    if mlp_bias:
+        rules.append((layer + rf"mlp\.({mlp})\.bias", d + r"layers_\1/mlp/\2/bias", identity))
+    return [
+        *rules,
+        (layer + r"(input_layernorm|post_attention_layernorm)\.weight", d + r"layers_\1/\2/weight", identity),
+        (re.escape(lm_head) + r"weight", f"{d}lm_head/kernel", transpose),
+    ]
+
+
 # HF ``LlamaForCausalLM`` keys -> :class:`LlamaForCausalLM` params.
-_LAYER = r"model\.layers\.(\d+)\."
-WEIGHT_RULES: Rules = [
-    (r"model\.embed_tokens\.weight", "embed_tokens/embedding", identity),
-    (r"model\.norm\.weight", "norm/weight", identity),
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", r"layers_\1/self_attn/\2/kernel", transpose),
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.bias", r"layers_\1/self_attn/\2/bias", identity),
-    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", r"layers_\1/mlp/\2/kernel", transpose),
-    (_LAYER + r"mlp\.(gate_proj|up_proj|down_proj)\.bias", r"layers_\1/mlp/\2/bias", identity),
-    (_LAYER + r"(input_layernorm|post_attention_layernorm)\.weight", r"layers_\1/\2/weight", identity),
-    (r"lm_head\.weight", "lm_head/kernel", transpose),
-]
+WEIGHT_RULES: Rules = weight_rules()
 
 # Tensor parallel over heads and MLP width (Megatron style); the vocabulary splits the embedding and the LM head.
 SHARDING_RULES: ShardingRules = [

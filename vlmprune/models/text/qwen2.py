@@ -1,14 +1,16 @@
 """Qwen2 decoder (flax.linen), matching HF ``Qwen2ForCausalLM``; the language model of LLaVA-OneVision.
 
-Qwen2 is the LLaMA decoder with three differences, held here as this family's own config and modules:
-  * the q/k/v projections carry a bias, the output projection does not (LLaMA: one flag for all four);
+Qwen2 is the LLaMA decoder with three differences, all of them held in this family's config:
+  * the q/k/v projections carry a bias, the output projection does not (``qkv_bias``, which the LLaMA
+    attention reads; LLaMA's own ``attention_bias`` puts a bias on all four);
   * grouped-query attention is the rule (OV-0.5B: 14 query / 2 key-value heads; OV-7B: 28 / 4);
   * the 0.5B checkpoint ties the LM head to the token embedding; the 7B one does not.
-RoPE (rotate-half, 1-D positions, θ from the config), RMSNorm (float32 variance), the SwiGLU MLP, the
-preallocated heads-first :class:`~vlmprune.models.text.llama.KVCache` and the prefill / decode contract (explicit
-positions that count only real tokens, a key mask for padding slots, FastV's in-LLM drop) are the LLaMA ones,
-reused through their public names: :class:`Qwen2ForCausalLM` is a :class:`~vlmprune.models.text.llama.LlamaForCausalLM`
-built from Qwen2 layers, so ``__call__`` (prefill) and ``decode_step`` are the same code.
+The modules are the LLaMA ones, reused through their public names: RoPE (rotate-half, 1-D positions, θ from the
+config), RMSNorm (float32 variance), the attention, the SwiGLU MLP, the preallocated heads-first
+:class:`~vlmprune.models.text.llama.KVCache` and the prefill / decode contract (explicit positions that count only
+real tokens, a key mask for padding slots, FastV's in-LLM drop). :class:`Qwen2ForCausalLM` is a
+:class:`~vlmprune.models.text.llama.LlamaForCausalLM` on a :class:`Qwen2Config`, so ``__call__`` (prefill) and
+``decode_step`` are the same code.
 
 Also in this file: the HF-key -> param-path table (:func:`weight_rules`, the style of ``vlmprune.io.weights``) and the
 tensor-parallel partition rules (:data:`SHARDING_RULES`, the style of ``vlmprune.sharding``).
@@ -20,26 +22,18 @@ do not enable it, and a config that does is refused by :meth:`Qwen2Config.from_h
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from transformers import AutoConfig
 
-from vlmprune.io.weights import Rules, identity, load_params, transpose
-from vlmprune.models.attention import attention, cached_attention
+from vlmprune.io.weights import Rules, load_params
 from vlmprune.models.family import TEXT, Family
-from vlmprune.models.text.llama import (
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaMLP,
-    RMSNorm,
-    apply_rope,
-    rope_frequencies,
-)
+from vlmprune.models.text.llama import SHARDING_RULES as LLAMA_SHARDING_RULES
+from vlmprune.models.text.llama import LlamaConfig, LlamaForCausalLM, rope_frequencies
+from vlmprune.models.text.llama import weight_rules as llama_weight_rules
 from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
@@ -96,7 +90,9 @@ class Qwen2Config:
         if self.hidden_act != "silu":
             raise ValueError(f"{where}: hidden_act {self.hidden_act!r} is not supported (Qwen2's MLP uses 'silu')")
 
-    # Qwen2's MLP has no bias; the shared LLaMA MLP module reads this field.
+    # Read by the shared LLaMA modules: biases on q/k/v only (none on o_proj), none in the MLP.
+    attention_bias = False
+    qkv_bias = True
     mlp_bias = False
 
     @classmethod
@@ -142,56 +138,6 @@ class Qwen2Config:
         return rope_frequencies(self.head_dim, self.rope_theta, dict(self.rope_scaling), self.max_position_embeddings)
 
 
-class Qwen2Attention(nn.Module):
-    """Grouped-query self-attention with biased q/k/v and an unbiased output projection.
-
-    Same call contract as :class:`~vlmprune.models.text.llama.LlamaAttention`: x (B, T, D); ``rope`` the
-    :func:`~vlmprune.models.text.llama.rope_tables` at this call's positions; ``mask`` bool (B, 1, T, S).
-    ``kv`` None (prefill: attend to this call's own keys) or this layer's caches (B, KVH, S, hd), written in
-    place at ``write_at``. Returns (out (B, T, D), (k, v), q (B, T, H, hd) with RoPE applied).
-    """
-
-    cfg: Qwen2Config
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, rope, mask, kv=None, write_at=None):
-        c = self.cfg
-        b, t, _ = x.shape
-        h, kvh, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        q = nn.Dense(h * hd, use_bias=True, dtype=self.dtype, name="q_proj")(x).reshape(b, t, h, hd)
-        k = nn.Dense(kvh * hd, use_bias=True, dtype=self.dtype, name="k_proj")(x).reshape(b, t, kvh, hd)
-        v = nn.Dense(kvh * hd, use_bias=True, dtype=self.dtype, name="v_proj")(x).reshape(b, t, kvh, hd)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if kv is None:
-            out = attention(q, k, v, mask=mask, causal=True)
-        else:
-            kc, vc = kv
-            kc = jax.lax.dynamic_update_slice(kc, jnp.swapaxes(k, 1, 2).astype(kc.dtype), (0, 0, write_at, 0))
-            vc = jax.lax.dynamic_update_slice(vc, jnp.swapaxes(v, 1, 2).astype(vc.dtype), (0, 0, write_at, 0))
-            out = cached_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask=mask)
-            k, v = kc, vc
-        out = nn.Dense(c.hidden_size, use_bias=False, dtype=self.dtype, name="o_proj")(out.reshape(b, t, h * hd))
-        return out, (k, v), q
-
-
-class Qwen2DecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``; returns (x, (k, v), q) like LLaMA's."""
-
-    cfg: Qwen2Config
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, *, rope, mask, kv=None, write_at=None):
-        h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        h, kv_out, q = Qwen2Attention(self.cfg, self.dtype, name="self_attn")(
-            h, rope=rope, mask=mask, kv=kv, write_at=write_at
-        )
-        x = x + h
-        h = RMSNorm(self.cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + LlamaMLP(self.cfg, self.dtype, name="mlp")(h), kv_out, q
-
-
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2 decoder + LM head. Param tree: embed_tokens, layers_{i}, norm, lm_head (absent when tied).
 
@@ -201,14 +147,6 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
     cfg: Qwen2Config
     dtype: Any = jnp.float32
-
-    def setup(self):
-        c = self.cfg
-        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype)
-        self.layers = [Qwen2DecoderLayer(c, self.dtype, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
-        self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
-        if not c.tie_word_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype)
 
     def forward_ids(self, input_ids: Array, positions: Array, key_mask: Array, cache=None, last_only: bool = False):
         """Prefill from token ids (a text-only sequence): ``embed`` then ``__call__``; same returns.
@@ -235,17 +173,7 @@ def weight_rules(src: str = "model.", dst: str = "", lm_head: str = "lm_head.") 
     unexpected tensor instead of being dropped. A tied model has no ``lm_head`` param, so a stored
     ``lm_head.weight`` is reported too.
     """
-    s, d = re.escape(src), dst
-    layer = s + r"layers\.(\d+)\."
-    return [
-        (s + r"embed_tokens\.weight", f"{d}embed_tokens/embedding", identity),
-        (s + r"norm\.weight", f"{d}norm/weight", identity),
-        (layer + r"self_attn\.(q_proj|k_proj|v_proj|o_proj)\.weight", d + r"layers_\1/self_attn/\2/kernel", transpose),
-        (layer + r"self_attn\.(q_proj|k_proj|v_proj)\.bias", d + r"layers_\1/self_attn/\2/bias", identity),
-        (layer + r"mlp\.(gate_proj|up_proj|down_proj)\.weight", d + r"layers_\1/mlp/\2/kernel", transpose),
-        (layer + r"(input_layernorm|post_attention_layernorm)\.weight", d + r"layers_\1/\2/weight", identity),
-        (re.escape(lm_head) + r"weight", f"{d}lm_head/kernel", transpose),
-    ]
+    return llama_weight_rules(src, dst, lm_head, biased="q_proj|k_proj|v_proj", mlp_bias=False)
 
 
 def load(directory: str, *, dtype=jnp.float32) -> tuple[Qwen2Config, Qwen2ForCausalLM, dict]:
@@ -273,14 +201,7 @@ def load(directory: str, *, dtype=jnp.float32) -> tuple[Qwen2Config, Qwen2ForCau
 #: their output features (column-parallel; the q/k/v biases with them), o_proj and down_proj their input features
 #: (row-parallel), the embedding its vocabulary rows, an untied LM head its vocabulary columns. With GQA the k/v
 #: width is ``kv_heads · head_dim`` (128 on OV-0.5B): a mesh whose size does not divide it leaves k/v replicated.
-SHARDING_RULES: ShardingRules = [
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
-    (r"layers_\d+/mlp/(gate_proj|up_proj)/kernel", (None, "model")),
-    (r"layers_\d+/(self_attn/o_proj|mlp/down_proj)/kernel", ("model", None)),
-    (r"embed_tokens/embedding", ("model", None)),
-    (r"lm_head/kernel", (None, "model")),
-]
+SHARDING_RULES: ShardingRules = LLAMA_SHARDING_RULES  # its MLP-bias rule matches nothing in a Qwen2 tree
 
 # HF ``Qwen2ForCausalLM`` keys (``model.*``, ``lm_head.*``) -> :class:`Qwen2ForCausalLM` params.
 WEIGHT_RULES: Rules = weight_rules()

@@ -32,9 +32,10 @@ from vlmprune import checks
 from vlmprune.io.checkpoint import read_hf_config
 from vlmprune.io.dtypes import parse_dtype
 from vlmprune.io.weights import Rules, abstract_params, identity, load_params, patch_conv, prefix_rules, transpose
-from vlmprune.models.activations import activation
 from vlmprune.models.attention import attention
-from vlmprune.models.family import VISION, Family
+from vlmprune.models.family import VISION, Family, fields_from_hf
+from vlmprune.models.vit_encoder import ENCODER_RULES, ENCODER_SHARDING_RULES, mlp_residual
+from vlmprune.models.vit_taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
@@ -68,18 +69,7 @@ class CLIPVisionConfig:
 
     @classmethod
     def from_hf(cls, c) -> CLIPVisionConfig:
-        return cls(
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            image_size=c.image_size,
-            patch_size=c.patch_size,
-            num_channels=c.num_channels,
-            layer_norm_eps=c.layer_norm_eps,
-            hidden_act=c.hidden_act,
-            projection_dim=getattr(c, "projection_dim", 768),
-        )
+        return fields_from_hf(cls, c, projection_dim=getattr(c, "projection_dim", 768))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,18 +87,7 @@ class CLIPTextConfig:
 
     @classmethod
     def from_hf(cls, c) -> CLIPTextConfig:
-        return cls(
-            vocab_size=c.vocab_size,
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            max_position_embeddings=c.max_position_embeddings,
-            layer_norm_eps=c.layer_norm_eps,
-            hidden_act=c.hidden_act,
-            eos_token_id=c.eos_token_id,
-            projection_dim=getattr(c, "projection_dim", 768),
-        )
+        return fields_from_hf(cls, c, projection_dim=getattr(c, "projection_dim", 768))
 
 
 class CLIPAttention(nn.Module):
@@ -159,19 +138,21 @@ class CLIPEncoderLayer(nn.Module):
         h, cls_attn, k = CLIPAttention(self.hidden_size, self.num_heads, dtype=self.dtype, name="self_attn")(
             h, causal_mask=causal_mask, cls_row=cls_row, keys=keys
         )
-        x = x + h
-        h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(x)
-        h = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(h)
-        h = activation(self.act)(h)
-        h = nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(h)
-        return x + h, cls_attn, k
+        x = mlp_residual(x + h, self.hidden_size, self.intermediate_size, self.eps, self.act, self.dtype)
+        return x, cls_attn, k
 
 
-def _layer_index(layer: int, num_layers: int) -> int:
-    idx = layer + num_layers if layer < 0 else layer
-    if not 0 <= idx < num_layers:
-        raise ValueError(f"layer index {layer} out of range for {num_layers} encoder layers")
-    return idx
+def encoder_layer(c: CLIPVisionConfig | CLIPTextConfig, dtype, i: int) -> CLIPEncoderLayer:
+    """Encoder layer ``layers_{i}`` of either tower, shaped by its config (built inside a compact method)."""
+    return CLIPEncoderLayer(
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.layer_norm_eps,
+        c.hidden_act,
+        dtype=dtype,
+        name=f"layers_{i}",
+    )
 
 
 class CLIPVisionTransformer(nn.Module):
@@ -210,16 +191,21 @@ class CLIPVisionTransformer(nn.Module):
           ``hidden_states``: {hf_index: (B, 1+P, D)} for the requested indices (all if output_hidden_states),
           ``cls_attn``: {layer: float32 (B, H, P)}, ``keys``: {layer: (B, 1+P, D)}, ``cls_query``: {layer: (B, D)},
           and ``pooled`` (B, D).
+
+        Raises:
+          ValueError (at trace time, before any compile): a layer index out of range or not an int; num_layers
+            outside [needed, L] (:func:`vlmprune.models.vit_taps.resolve_requests`).
         """
         c = self.config
         L = c.num_hidden_layers
-        hs_idx = tuple(sorted({_layer_index(i, L + 1) for i in hidden_state_layers}))
-        attn_idx = tuple(sorted({_layer_index(i, L) for i in cls_attention_layers}))
-        key_idx = tuple(sorted({_layer_index(i, L) for i in key_layers}))
-        need = max([0, *hs_idx] + [i + 1 for i in attn_idx + key_idx])
-        if output_hidden_states or post_layernorm:
-            need = L
-        n_run = need if num_layers is None else num_layers
+        hs_idx, idx, n_run = resolve_requests(
+            "CLIPVisionTransformer",
+            L,
+            hidden_state_layers,
+            {"cls_attention_layers": cls_attention_layers, "key_layers": key_layers},
+            num_layers,
+            run_all=output_hidden_states or post_layernorm,
+        )
 
         b, ch, hgt, wid = pixel_values.shape
         p = c.patch_size
@@ -234,31 +220,16 @@ class CLIPVisionTransformer(nn.Module):
         x = x + pos.astype(self.dtype)[None]
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="pre_layrnorm")(x)
 
-        hidden, cls_attn, keys, cls_query = {}, {}, {}, {}
-        if output_hidden_states or 0 in hs_idx:
-            hidden[0] = x
-        for i in range(L):
-            layer = CLIPEncoderLayer(
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_attention_heads,
-                c.layer_norm_eps,
-                c.hidden_act,
-                dtype=self.dtype,
-                name=f"layers_{i}",
-            )
-            if i >= n_run:
-                # Instantiate the params (so init builds the full tree) without running the layer.
-                if self.is_initializing():
-                    layer(x)
-                continue
-            x, a, k = layer(x, cls_row=i in attn_idx, keys=i in key_idx)
-            if a is not None:
-                cls_attn[i] = a[:, :, 1:]
-            if k is not None:
-                keys[i], cls_query[i] = k
-            if output_hidden_states or (i + 1) in hs_idx:
-                hidden[i + 1] = x
+        def make_layer(i):
+            return encoder_layer(c, self.dtype, i)
+
+        flags = {"cls_row": idx["cls_attention_layers"], "keys": idx["key_layers"]}
+        x, hidden, extras = run_layers(
+            self, x, make_layer, L, n_run, hs_idx, flags, output_hidden_states=output_hidden_states
+        )
+        cls_attn = {i: a[:, :, 1:] for i, a in extras["cls_row"].items()}
+        keys = {i: k for i, (k, _) in extras["keys"].items()}
+        cls_query = {i: q for i, (_, q) in extras["keys"].items()}
         post = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")
         out = {"hidden_states": hidden, "cls_attn": cls_attn, "keys": keys, "cls_query": cls_query}
         if post_layernorm or self.is_initializing():
@@ -286,15 +257,7 @@ class CLIPTextTransformer(nn.Module):
         if attention_mask is not None:
             causal = causal & attention_mask.astype(bool)[:, None, None, :]
         for i in range(c.num_hidden_layers):
-            x, _, _ = CLIPEncoderLayer(
-                c.hidden_size,
-                c.intermediate_size,
-                c.num_attention_heads,
-                c.layer_norm_eps,
-                c.hidden_act,
-                dtype=self.dtype,
-                name=f"layers_{i}",
-            )(x, causal_mask=causal)
+            x, _, _ = encoder_layer(c, self.dtype, i)(x, causal_mask=causal)
         x = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="final_layer_norm")(x)
         if c.eos_token_id == 2:
             # Legacy configs: HF pools at the highest token id (the EOT token of the original vocabulary).
@@ -341,15 +304,6 @@ def clip_configs(hf) -> tuple[CLIPVisionConfig, CLIPTextConfig, int]:
 # ---------------------------------------------------------------------------------------------- weights, sharding
 
 # HF ``CLIPEncoderLayer`` i -> ``layers_i`` (shared by both towers).
-_LAYER = r"encoder\.layers\.(\d+)\."
-ENCODER_RULES: Rules = [
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight", r"layers_\1/self_attn/\2/kernel", transpose),
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", r"layers_\1/self_attn/\2/bias", identity),
-    (_LAYER + r"(layer_norm1|layer_norm2)\.weight", r"layers_\1/\2/scale", identity),
-    (_LAYER + r"(layer_norm1|layer_norm2)\.bias", r"layers_\1/\2/bias", identity),
-    (_LAYER + r"mlp\.(fc1|fc2)\.weight", r"layers_\1/\2/kernel", transpose),
-    (_LAYER + r"mlp\.(fc1|fc2)\.bias", r"layers_\1/\2/bias", identity),
-]
 
 # HF ``CLIPVisionTransformer`` keys -> :class:`CLIPVisionTransformer` params.
 WEIGHT_RULES: Rules = [
@@ -379,13 +333,7 @@ CLIP_RULES: Rules = [
 ]
 
 # Tensor parallel over heads and MLP width: q/k/v and fc1 split by columns, out_proj and fc2 by rows.
-SHARDING_RULES: ShardingRules = [
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
-    (r"layers_\d+/fc1/kernel", (None, "model")),
-    (r"layers_\d+/fc1/bias", ("model",)),
-    (r"layers_\d+/(self_attn/out_proj|fc2)/kernel", ("model", None)),
-]
+SHARDING_RULES: ShardingRules = ENCODER_SHARDING_RULES
 
 FAMILY = Family(
     name="CLIP",

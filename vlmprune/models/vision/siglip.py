@@ -40,7 +40,9 @@ import jax.numpy as jnp
 from vlmprune.io.weights import Rules, identity, patch_conv, prefix_rules, transpose
 from vlmprune.models.activations import activation
 from vlmprune.models.attention import QUERY_BLOCK, attention
-from vlmprune.models.family import VISION, Family
+from vlmprune.models.family import VISION, Family, fields_from_hf
+from vlmprune.models.vit_encoder import ENCODER_RULES, ENCODER_SHARDING_RULES, mlp_residual
+from vlmprune.models.vit_taps import resolve_requests, run_layers
 from vlmprune.sharding import ShardingRules
 
 Array = jax.Array
@@ -100,18 +102,7 @@ class SiglipVisionConfig:
     @classmethod
     def from_hf(cls, c) -> SiglipVisionConfig:
         """From a ``transformers.SiglipVisionConfig`` (or any object with its attribute names)."""
-        return cls(
-            hidden_size=c.hidden_size,
-            intermediate_size=c.intermediate_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            image_size=c.image_size,
-            patch_size=c.patch_size,
-            num_channels=c.num_channels,
-            layer_norm_eps=c.layer_norm_eps,
-            hidden_act=c.hidden_act,
-            use_head=bool(getattr(c, "vision_use_head", True)),  # HF's default is True
-        )
+        return fields_from_hf(cls, c, use_head=bool(getattr(c, "vision_use_head", True)))  # HF's default is True
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -267,12 +258,8 @@ class SiglipEncoderLayer(nn.Module):
         h, r, k, q = SiglipAttention(
             self.hidden_size, self.num_heads, self.query_block, dtype=self.dtype, name="self_attn"
         )(h, received=received, keys=keys, queries=queries)
-        x = x + h
-        h = nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, name="layer_norm2")(x)
-        h = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(h)
-        h = activation(self.act)(h)
-        h = nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(h)
-        return x + h, r, k, q
+        x = mlp_residual(x + h, self.hidden_size, self.intermediate_size, self.eps, self.act, self.dtype)
+        return x, r, k, q
 
 
 class SiglipPoolingHead(nn.Module):
@@ -306,28 +293,6 @@ class SiglipPoolingHead(nn.Module):
         return (h + y)[:, 0]
 
 
-def _resolve_requests(
-    L: int, hidden_state_layers, received_attention_layers, key_layers, query_layers, num_layers, *, run_all: bool
-):
-    """The tower's requests as sorted 0-based indices and the number of layers to run (ValueError naming a bad
-    index or ``num_layers``)."""
-    hs_idx = tuple(sorted({resolve_layer("hidden_state_layers", i, L + 1) for i in hidden_state_layers}))
-    rec_idx = tuple(sorted({resolve_layer("received_attention_layers", i, L) for i in received_attention_layers}))
-    key_idx = tuple(sorted({resolve_layer("key_layers", i, L) for i in key_layers}))
-    qry_idx = tuple(sorted({resolve_layer("query_layers", i, L) for i in query_layers}))
-    need = L if run_all else max([0, *hs_idx] + [i + 1 for i in rec_idx + key_idx + qry_idx])
-    if num_layers is None:
-        return hs_idx, rec_idx, key_idx, qry_idx, need
-    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
-        raise ValueError(f"SiglipVisionTransformer: num_layers must be a Python int, got {num_layers!r}")
-    if not need <= num_layers <= L:
-        raise ValueError(
-            f"SiglipVisionTransformer: num_layers {num_layers} must be in [{need}, {L}] "
-            f"(the requested outputs need {need} layers)"
-        )
-    return hs_idx, rec_idx, key_idx, qry_idx, int(num_layers)
-
-
 def _patches(pixel_values: Array, p: int, g: int) -> Array:
     """(B, C, S, S) pixels -> (B, g*g, C*p*p) flattened (C, p, p) patches in raster order, the input of the patch
     conv as a matmul (kernel layout (C*p*p, D)). HF's stride-p "valid" conv never reads the pixels past g * p."""
@@ -335,19 +300,6 @@ def _patches(pixel_values: Array, p: int, g: int) -> Array:
     x = pixel_values[:, :, : g * p, : g * p]
     x = x.reshape(b, ch, g, p, g, p).transpose(0, 2, 4, 1, 3, 5)
     return x.reshape(b, g * g, ch * p * p)
-
-
-def resolve_layer(name: str, layer, num_layers: int) -> int:
-    """A (possibly negative) Python int layer index -> 0-based index in ``[0, num_layers)``, or a ValueError
-    naming the request and the valid range."""
-    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-        raise ValueError(f"SiglipVisionTransformer: {name} must hold Python ints, got {layer!r}")
-    idx = int(layer) + num_layers if layer < 0 else int(layer)
-    if not 0 <= idx < num_layers:
-        raise ValueError(
-            f"SiglipVisionTransformer: {name} index {layer} is out of range [-{num_layers}, {num_layers - 1}]"
-        )
-    return idx
 
 
 def check_pixels(pixel_values, config: SiglipVisionConfig) -> None:
@@ -429,12 +381,15 @@ class SiglipVisionTransformer(nn.Module):
         L = c.num_hidden_layers
         check_pixels(pixel_values, c)
         _check_block(self.query_block)
-        hs_idx, rec_idx, key_idx, qry_idx, n_run = _resolve_requests(
+        hs_idx, idx, n_run = resolve_requests(
+            "SiglipVisionTransformer",
             L,
             hidden_state_layers,
-            received_attention_layers,
-            key_layers,
-            query_layers,
+            {
+                "received_attention_layers": received_attention_layers,
+                "key_layers": key_layers,
+                "query_layers": query_layers,
+            },
             num_layers,
             run_all=output_hidden_states or post_layernorm,
         )
@@ -443,11 +398,8 @@ class SiglipVisionTransformer(nn.Module):
         pos = self.param("position_embedding", nn.initializers.normal(0.02), (c.num_patches, c.hidden_size))
         x = x + pos.astype(self.dtype)[None]
 
-        hidden, received, keys, queries = {}, {}, {}, {}
-        if output_hidden_states or 0 in hs_idx:
-            hidden[0] = x
-        for i in range(L):
-            layer = SiglipEncoderLayer(
+        def make_layer(i):
+            return SiglipEncoderLayer(
                 c.hidden_size,
                 c.intermediate_size,
                 c.num_attention_heads,
@@ -457,19 +409,16 @@ class SiglipVisionTransformer(nn.Module):
                 dtype=self.dtype,
                 name=f"layers_{i}",
             )
-            if i >= n_run:
-                if self.is_initializing():  # build the full param tree without running the layer
-                    layer(x)
-                continue
-            x, r, k, q = layer(x, received=i in rec_idx, keys=i in key_idx, queries=i in qry_idx)
-            if r is not None:
-                received[i] = r
-            if k is not None:
-                keys[i] = k
-            if q is not None:
-                queries[i] = q
-            if output_hidden_states or (i + 1) in hs_idx:
-                hidden[i + 1] = x
+
+        flags = {
+            "received": idx["received_attention_layers"],
+            "keys": idx["key_layers"],
+            "queries": idx["query_layers"],
+        }
+        x, hidden, extras = run_layers(
+            self, x, make_layer, L, n_run, hs_idx, flags, output_hidden_states=output_hidden_states
+        )
+        received, keys, queries = extras["received"], extras["keys"], extras["queries"]
         out = {"hidden_states": hidden, "received_attn": received, "keys": keys, "queries": queries}
         if post_layernorm or self.is_initializing():
             last = nn.LayerNorm(epsilon=c.layer_norm_eps, dtype=self.dtype, name="post_layernorm")(x)
@@ -509,19 +458,13 @@ def siglip_vision_rules(src: str = "", dst: str = "") -> Rules:
 # HF ``SiglipVisionModel`` keys (transformers 5.x layout, no ``vision_model.`` level) -> tower params. The pooling
 # head's rules are included; a config without the head has no such params, so a checkpoint carrying them is
 # reported as unexpected by the loader.
-_LAYER = r"encoder\.layers\.(\d+)\."
 WEIGHT_RULES: Rules = [
     (r"embeddings\.patch_embedding\.weight", "patch_embedding/kernel", patch_conv),
     (r"embeddings\.patch_embedding\.bias", "patch_embedding/bias", identity),
     (r"embeddings\.position_embedding\.weight", "position_embedding", identity),
     (r"post_layernorm\.weight", "post_layernorm/scale", identity),
     (r"post_layernorm\.bias", "post_layernorm/bias", identity),
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.weight", r"layers_\1/self_attn/\2/kernel", transpose),
-    (_LAYER + r"self_attn\.(q_proj|k_proj|v_proj|out_proj)\.bias", r"layers_\1/self_attn/\2/bias", identity),
-    (_LAYER + r"(layer_norm1|layer_norm2)\.weight", r"layers_\1/\2/scale", identity),
-    (_LAYER + r"(layer_norm1|layer_norm2)\.bias", r"layers_\1/\2/bias", identity),
-    (_LAYER + r"mlp\.(fc1|fc2)\.weight", r"layers_\1/\2/kernel", transpose),
-    (_LAYER + r"mlp\.(fc1|fc2)\.bias", r"layers_\1/\2/bias", identity),
+    *ENCODER_RULES,
     (r"head\.probe", "head/probe", identity),
     (r"head\.attention\.in_proj_weight", "head/in_proj/kernel", transpose),
     (r"head\.attention\.in_proj_bias", "head/in_proj/bias", identity),
@@ -544,14 +487,7 @@ def siglip_vision_renames(src: str = "") -> list[tuple[str, str]]:
 #: Megatron-style tensor parallelism over mesh axis "model" (same format as ``vlmprune.sharding.RULES``): the
 #: q/k/v and fc1 projections split their output columns (whole heads when heads divide the axis), out_proj
 #: and fc2 their input rows. Embeddings, norms and the pooling head (one probe token) stay replicated.
-SHARDING_RULES: ShardingRules = [
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/kernel", (None, "model")),
-    (r"layers_\d+/self_attn/(q_proj|k_proj|v_proj)/bias", ("model",)),
-    (r"layers_\d+/self_attn/out_proj/kernel", ("model", None)),
-    (r"layers_\d+/fc1/kernel", (None, "model")),
-    (r"layers_\d+/fc1/bias", ("model",)),
-    (r"layers_\d+/fc2/kernel", ("model", None)),
-]
+SHARDING_RULES: ShardingRules = ENCODER_SHARDING_RULES
 
 SIGLIP_SHARDING_RULES = SHARDING_RULES  # the name the standalone tests used
 
