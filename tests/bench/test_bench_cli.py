@@ -77,8 +77,8 @@ def test_every_next_method_runs_and_unsupported_ones_are_named(tmp_path, clip_di
 
 
 def test_onevision_unsupported_specs_are_named(tmp_path, capsys):
-    """On LLaVA-OneVision a method without a OneVision form (HiRED) and VisPruner's official layout fail by name
-    (before any compile), the runnable ones still run, and the command exits 1."""
+    """On LLaVA-OneVision the methods without an official-layout form there (HiRED, VisionZip) fail by name with
+    their default layout (before any compile), the runnable ones still run, and the command exits 1."""
     out = str(tmp_path / "out")
     rc = main(
         [
@@ -87,7 +87,7 @@ def test_onevision_unsupported_specs_are_named(tmp_path, capsys):
             "tiny-ov",
             "--methods",
             "uniform:4",
-            "vispruner:4",
+            "visionzip:4",
             "hired:0.2",
             "--checkpoint-root",
             str(tmp_path / "ckpt"),
@@ -102,8 +102,8 @@ def test_onevision_unsupported_specs_are_named(tmp_path, capsys):
     assert "2 of 3 runs failed" in capsys.readouterr().err
     runs = _runs(out, "ov")
     assert "error" not in runs["uniform@4"] and runs["uniform@4"]["visual_tokens"] > 0
-    assert "layout='reference'" in runs["vispruner@4"]["error"]
-    assert "LLaVA-OneVision is not implemented" in runs["hired@0.2"]["error"]
+    assert "layout='reference'" in runs["visionzip@4"]["error"]
+    assert "layout='official' on LLaVA-OneVision is not implemented" in runs["hired@0.2"]["error"]
 
 
 def test_hero_without_clip_path_fails_by_name_and_exits_nonzero(tmp_path, capsys):
