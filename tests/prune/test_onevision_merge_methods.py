@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import vlmprune
+from reference.batch_calls import hf_greedy
 from reference.onevision_builders import IMAGE, PAD, TILE, build_hf_onevision
 from vlmprune import prune
 from vlmprune.anyres.onevision import geometry, image_layout
@@ -241,16 +242,10 @@ def test_merge_method_matches_hf_language_model(models, method):
         chex.assert_trees_all_close(ours, ref.numpy(), atol=LOGITS_ATOL, rtol=0)  # fp32, as the unpruned test
         if not greedy:
             continue
-        with torch.no_grad():
-            want = hf.generate(
-                inputs_embeds=pruned,
-                attention_mask=torch.ones(pruned.shape[:2], dtype=torch.long),
-                max_new_tokens=6,
-                min_new_tokens=6,
-                do_sample=False,
-                pad_token_id=PAD,
-            )
-        np.testing.assert_array_equal(np.asarray(gen[r]), want[0, -6:].numpy())
+        want = hf_greedy(
+            hf, 6, PAD, inputs_embeds=pruned, attention_mask=torch.ones(pruned.shape[:2], dtype=torch.long)
+        )
+        np.testing.assert_array_equal(np.asarray(gen[r]), want[0])
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from transformers.models.llava_onevision.modeling_llava_onevision import unpad_image
 
 import vlmprune
+from reference.batch_calls import hf_greedy
 from reference.onevision_builders import IMAGE, PAD, TILE, build_hf_onevision
 from vlmprune import prune
 from vlmprune.anyres.onevision import OnevisionGeometry, image_layout, pack_tables
@@ -315,16 +316,10 @@ def test_official_layout_greedy_matches_hf(models):
         pruned = torch.cat(
             [embeds[:, :start], feats[torch.from_numpy(slots.astype(np.int64))][None], embeds[:, end:]], 1
         )
-        with torch.no_grad():
-            gen = hf.generate(
-                inputs_embeds=pruned,
-                attention_mask=torch.ones(pruned.shape[:2], dtype=torch.long),
-                max_new_tokens=8,
-                min_new_tokens=8,
-                do_sample=False,
-                pad_token_id=PAD,
-            )
-        np.testing.assert_array_equal(np.asarray(ours[r]), gen[0, -8:].numpy())
+        want = hf_greedy(
+            hf, 8, PAD, inputs_embeds=pruned, attention_mask=torch.ones(pruned.shape[:2], dtype=torch.long)
+        )
+        np.testing.assert_array_equal(np.asarray(ours[r]), want[0])
 
 
 @pytest.mark.parametrize(
