@@ -35,7 +35,7 @@ import numpy as np
 
 from vlmprune import pipeline, prune
 from vlmprune.anyres import batch_layout, max_tiles
-from vlmprune.anyres.onevision import onevision_batch, pack_image_features
+from vlmprune.anyres.onevision import onevision_batch
 from vlmprune.demo import prepare_inputs
 from vlmprune.io.safe_output import staged_file
 from vlmprune.pipeline.plan import onevision_image_slots, prepare_host
@@ -286,9 +286,7 @@ def keep_onevision(model, pixel_values, image_sizes, pruner) -> OnevisionKept:
         sel = pruner.prune(taps, ctx).selection
         slots = np.asarray(sel.mask(batch.length))[0]
         return OnevisionKept(lay, slots=slots[: lay.num_tokens])
-    emb = projector(model)(taps.features).reshape(pix.shape[0], t, n, -1)
-    newline = model.module.apply({"params": model.params}, method=lambda m: m.image_newline)
-    packed = pack_image_features(emb, newline, tables)
+    packed = pipeline.packed_block(model.module, model.params, projector(model)(taps.features), tables)
     sel = pipeline.packed_selection(pruner, packed, taps, ctx)
     slots = np.asarray(sel.mask(packed.shape[1]))[0]
     return OnevisionKept(lay, slots=slots[: lay.num_tokens])

@@ -159,12 +159,10 @@ def _selection_onevision(r: _Run) -> None:
     st["result"] = st["kept"] = None
     r.jx["selection_ms"] = None
     if p is not None and not r.inside_llm:
-        prepare, select = r.pieces.onevision_select_fn(p, st["planned"])
+        prepare, select, where = r.pieces.onevision_select_fn(p, st["planned"])
         sel_in = prepare(st["enc"])
         r.jx["selection_ms"], _ = r.measure(lambda: select(sel_in), repeats=max(r.repeats, SELECTION_REPEATS))
         st["result"], (idx, valid) = select(sel_in)
-        cfg = r.model.config
-        where = "tiles" if p.selects_per_tile(cfg) and p.spatial_compat(cfg) else "packed"
         st["kept"] = {"where": where, "idx": idx, "valid": valid}
     st["tokens"], st["valid"] = st["select_project"]()
     if st.get("kept") is not None:  # the LLM gets the first `stride` entries (mode B: kept slots come first)

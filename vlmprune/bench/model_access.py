@@ -171,7 +171,8 @@ class JaxPieces:
 
     def onevision_select_fn(self, pruner, planned: Planned):
         """LLaVA-OneVision: (``prepare``: taps -> what the selection reads, ``select``: that input -> (PruneResult,
-        (kept indices int32 (NI, K), valid bool (NI, K)) in the order the LLM receives them)), ``select`` jitted.
+        (kept indices int32 (NI, K), valid bool (NI, K)) in the order the LLM receives them), ``select`` jitted;
+        ``where``: "tiles" or "packed", what the indices point into).
 
         A pruner that selects per tile (``selects_per_tile``) reads the NI·T tiles' taps; in the spatial-compat
         layout its indices are tile tokens (``tile · N + patch``, sorted into that layout), in the official layout
@@ -179,28 +180,19 @@ class JaxPieces:
         packed block (precomputed by ``prepare``) and its indices are its slots."""
         cfg, m, params = self.model.config, self.model.module, self.model.params
         ctx = planned.context(cfg)
-        if pruner.selects_per_tile(cfg) and pruner.spatial_compat(cfg):
+        tile_tokens = pruner.selects_per_tile(cfg) and pruner.spatial_compat(cfg)
 
-            def go(taps: VisionTaps, ctx: PruneContext):
-                res = pipeline.prune(pruner, taps, ctx)
+        def go(taps: VisionTaps, ctx: PruneContext):
+            res = pipeline.prune(pruner, taps, ctx)
+            if tile_tokens:
                 return res, pipeline.spatial_order(res, ctx.layout, ctx, taps.num_tokens)
+            return res, (res.selection.indices, res.selection.valid)
 
-            def prepare(taps: VisionTaps) -> VisionTaps:
-                return taps
-        elif pruner.selects_per_tile(cfg):  # the official layout (mode B): tiles' taps in, packed-block slots out
-
-            def go(taps: VisionTaps, ctx: PruneContext):
-                res = pipeline.prune(pruner, taps, ctx)
-                return res, (res.selection.indices, res.selection.valid)
+        if pruner.selects_per_tile(cfg):  # both layouts read the tiles' own taps
 
             def prepare(taps: VisionTaps) -> VisionTaps:
                 return taps
         else:
-
-            def go(taps: VisionTaps, ctx: PruneContext):
-                res = pipeline.prune(pruner, taps, ctx)
-                return res, (res.selection.indices, res.selection.valid)
-
             block = jax.jit(lambda p, f, tables: pipeline.packed_block(m, p, pipeline.project(m, p, f), tables))
 
             def prepare(taps: VisionTaps) -> VisionTaps:
@@ -208,7 +200,7 @@ class JaxPieces:
                 return VisionTaps(features=packed, embeddings=packed)
 
         jitted = jax.jit(go)
-        return prepare, lambda x: jitted(x, ctx)
+        return prepare, lambda x: jitted(x, ctx), "tiles" if tile_tokens else "packed"
 
     def select_project_fn(self, pruner, planned: Planned):
         """A closure: taps -> (tokens (NI, K, D_llm), valid (NI, K)) the LLM receives (``tokens_from_taps``: the

@@ -283,8 +283,16 @@ def onevision_image_slots(c, pruner, pix: np.ndarray, lay: OnevisionBatch) -> tu
         per_tile = pruner.budget(c, 1).kept
         slots = [official_slots(li, per_tile) for li in lay.layouts]
         return slots, max(slots), dict(pruner.prepare(HostInputs(c, pix, lay.layouts)))
-    slots = [min(pruner.budget(c, li.num_tiles).kept, v) for li, v in zip(lay.layouts, placeholders)]
-    return slots, min(pruner.budget(c, pix.shape[1]).kept, lay.length), {}
+    slots, stride = packed_block_slots(c, pruner, [li.num_tiles for li in lay.layouts], placeholders, pix.shape[1])
+    return slots, min(stride, lay.length), {}
+
+
+def packed_block_slots(c, pruner, units, counts, max_units: int) -> tuple[list[int], int]:
+    """A visual pruner that selects on each packed block (images: tiles; videos: frames): block ``i`` of
+    ``counts[i]`` tokens and ``units[i]`` tiles or frames gets ``min(budget(units[i]), counts[i])`` slots; the
+    stride is the budget of ``max_units``."""
+    slots = [min(pruner.budget(c, u).kept, v) for u, v in zip(units, counts)]
+    return slots, pruner.budget(c, max_units).kept
 
 
 def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> Plan:
@@ -319,8 +327,8 @@ def _plan_onevision(c, ids, mask, pixel_values, image_sizes, videos, pruner) -> 
         vpix, vid = onevision_video_batch(c, videos)
         vslots, vstride = list(vid.counts), vid.length
         if isinstance(pruner, VisualPruner):
-            vslots = [min(pruner.budget(c, f).kept, v) for f, v in zip(vid.num_frames, vid.counts)]
-            vstride = min(pruner.budget(c, max(vid.num_frames)).kept, vid.length)
+            vslots, vstride = packed_block_slots(c, pruner, vid.num_frames, vid.counts, max(vid.num_frames))
+            vstride = min(vstride, vid.length)
         vplace = VideoPlaceholders(c.video_token_id, vid.counts, tuple(vslots), vstride)
     seq = plan_sequence(
         ids,
